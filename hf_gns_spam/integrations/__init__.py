@@ -1,0 +1,1 @@
+"""Glue between hf_gns_spam and the Hugging Face libraries."""
