@@ -82,7 +82,7 @@ def _take_from_optim_args(args: Any, optim_args: dict[str, Any], key: str, train
     return value
 
 
-def _make_handler(fixed_kwargs: dict[str, Any]):  # noqa: ANN202 - returns a transformers OptimizerHandler
+def _make_handler(fixed_kwargs: dict[str, Any]):
     def stable_spam_handler(ctx: Any) -> tuple[type[StableSPAM], dict[str, Any]]:
         """``ctx`` is ``transformers.trainer_optimizer.OptimizerContext``."""
         args = ctx.args

@@ -101,9 +101,7 @@ def parse_hyperparameters_text(options: dict[str, str], *, allowed: set[str]) ->
     """
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(
-            f"StableSPAM: unknown optim_args key(s) {unknown}; valid keys are {sorted(allowed)}."
-        )
+        raise ValueError(f"StableSPAM: unknown optim_args key(s) {unknown}; valid keys are {sorted(allowed)}.")
     typed: dict[str, Any] = {}
     for name, text in options.items():
         spec = HYPERPARAMETERS[name]

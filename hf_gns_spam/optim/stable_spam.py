@@ -163,7 +163,7 @@ class StableSPAM(torch.optim.Optimizer):
                     self.state[param][key] = value.detach().to(device=param.device, copy=True)
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201 - the torch.optim.Optimizer signature
+    def step(self, closure=None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
