@@ -29,9 +29,11 @@ still updates with the old moments (with step-1 bias corrections) and the zeroed
 step; a zero-norm gradient is not rescaled but still enters the Adam moments; and
 ``s(t) = eta_min + (1 − eta_min)·(1 + cos(π·t/(T + 1)))/2``, periodic past T as in the official code.
 
-The step has no host synchronisation per tensor: per-tensor maxima and norms are computed with multi-tensor
-(``torch._foreach_*``) reductions, their small per-tensor arithmetic runs on stacked vectors, and every choice that
-depends on a tensor value (clip or not, zero norm or not) is a ``torch.where``.
+The step has no host synchronisation: the per-tensor max|g|, ‖g̃‖ and the AdaClip/AdaGN statistics stay 0-dim
+tensors on the parameter's device, and every choice that depends on a tensor value (clip an entry or not, zero norm
+or not) is a ``torch.where``. Tensors are processed one after another through one scratch buffer the size of the
+largest tensor, so a step allocates no per-tensor temporaries (on CPU it runs at about the speed of torch's foreach
+AdamW; see ``benchmarks/optimizer_step.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -196,108 +199,135 @@ class StableSPAM(torch.optim.Optimizer):
         return state
 
     def _step_tensors(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """One step for parameters that share a device and a dtype."""
+        """One step for parameters that share a device and a dtype, one tensor after another.
+
+        A single scratch buffer, as large as the largest tensor, holds |g|, then the clipped gradient g̃, then ĝ,
+        then Adam's denominator, so the step allocates no per-tensor temporaries.
+        """
         t = group["step"]
         faithful = group["mode"] == "faithful"
-        beta1, beta2 = group["betas"]
-        gamma1 = beta1 if group["gamma1"] == -1 else group["gamma1"]
-        gamma2, gamma3, eps, lr = group["gamma2"], group["gamma3"], group["eps"], group["lr"]
         s = momentum_decay_factor(t, group["total_steps"], group["eta_min"], group["mode"])
-        beta1, gamma1 = beta1 * s, gamma1 * s
         reset_interval = group["reset_interval"]
-        is_reset_step = reset_interval > 0 and t % reset_interval == 0
+        hyper = _StepHyperparameters(
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            beta1=group["betas"][0] * s,
+            beta2=group["betas"][1],
+            gamma1=(group["betas"][0] if group["gamma1"] == -1 else group["gamma1"]) * s,
+            gamma2=group["gamma2"],
+            gamma3=group["gamma3"],
+            eps=group["eps"],
+            faithful=faithful,
+            is_reset_step=reset_interval > 0 and t % reset_interval == 0,
+        )
+        # clean mode: bias corrections of AdaClip/AdaGN on the global step, Adam's step restarts at each reset
+        clean_adam_step = t if (reset_interval == 0 or t < reset_interval) else t % reset_interval + 1
 
-        states = [self._init_state(p, group) for p in params]
-        device = params[0].device
-        compute_dtype = states[0][_NORM_EMA].dtype
+        compute_dtype = torch.promote_types(params[0].dtype, torch.float32)
+        largest = max(p.numel() for p in params)
+        scratch = torch.empty(largest, dtype=compute_dtype, device=params[0].device)
+        spikes = torch.empty(largest, dtype=torch.bool, device=params[0].device)
+        for param in params:
+            state = self._init_state(param, group)
+            if faithful:  # the official per-tensor counter k, set back to 1 at a reset
+                stat_step = state["step"] + 1
+                state["step"] = adam_step = 1 if hyper.is_reset_step else stat_step
+            else:
+                stat_step, adam_step = t, clean_adam_step
+            n = param.numel()
+            _update_tensor(
+                param, state, scratch[:n].view(param.shape), spikes[:n].view(param.shape), hyper, stat_step, adam_step
+            )
 
-        # Bias-correction step counts: k for AdaClip/AdaGN, k_adam for Adam (one per tensor).
-        if faithful:
-            stat_steps = [state["step"] + 1 for state in states]
-            adam_steps = [1 if is_reset_step else k for k in stat_steps]
-            for state, k in zip(states, adam_steps, strict=True):
-                state["step"] = k
-        else:
-            adam_step = t if (reset_interval == 0 or t < reset_interval) else t % reset_interval + 1
-            stat_steps = [t] * len(params)
-            adam_steps = [adam_step] * len(params)
 
-        def per_tensor(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=compute_dtype, device=device)
+@dataclass(frozen=True)
+class _StepHyperparameters:
+    """The hyperparameters of one group at one step, with s(t) already applied to β1 and γ1."""
 
-        def scalar(value: float) -> torch.Tensor:  # keeps torch.where in compute_dtype (Python scalars give float32)
-            return torch.tensor(value, dtype=compute_dtype, device=device)
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    gamma1: float
+    gamma2: float
+    gamma3: float
+    eps: float
+    faithful: bool
+    is_reset_step: bool
 
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
 
-        grads = [p.grad.to(compute_dtype) for p in params]  # a copy only when the dtype differs; never written
+def _update_tensor(
+    param: torch.Tensor,
+    state: dict[str, Any],
+    work: torch.Tensor,
+    spikes: torch.Tensor,
+    hp: _StepHyperparameters,
+    stat_step: int,
+    adam_step: int,
+) -> None:
+    """Weight decay, AdaClip, AdaGN, MoRet and Adam for one tensor (formulas in the module docstring).
 
-        # AdaClip: per-tensor max|g| and its EMA; entries above the bias-corrected threshold are rescaled.
-        grad_max = torch.stack(torch._foreach_norm(grads, math.inf))
-        clip_max_ema = torch.stack([state[_CLIP_MAX_EMA] for state in states])
-        clip_max_ema = gamma3 * clip_max_ema + (1.0 - gamma3) * grad_max
-        threshold = clip_max_ema / per_tensor([_bias_correction(gamma3, k) for k in stat_steps])
-        clip_ratio = torch.where(grad_max > 0, threshold / torch.where(grad_max > 0, grad_max, 1.0), 1.0)
-        clipped = [
-            torch.where(g.abs() > thr, g * ratio, g)
-            for g, thr, ratio in zip(grads, threshold.unbind(), clip_ratio.unbind(), strict=True)
-        ]
+    ``work`` and ``spikes`` are scratch buffers of the parameter's shape. Every value-dependent choice is a
+    ``torch.where`` on 0-dim tensors, so nothing is read back to the host.
+    """
+    grad = param.grad.to(work.dtype)  # a copy only when the dtype differs; never written
+    if hp.weight_decay != 0:
+        param.mul_(1.0 - hp.lr * hp.weight_decay)
 
-        # AdaGN: EMAs of the clipped norm and squared norm; rescale to unit direction × μ̂ / (√ν̂ + ε).
-        norm = torch.stack(torch._foreach_norm(clipped))
-        has_norm = norm > 0
-        norm_ema = torch.stack([state[_NORM_EMA] for state in states])
-        norm_sq_ema = torch.stack([state[_NORM_SQ_EMA] for state in states])
-        new_norm_ema = gamma1 * norm_ema + (1.0 - gamma1) * norm
-        new_norm_sq_ema = gamma2 * norm_sq_ema + (1.0 - gamma2) * norm.square()
-        if not faithful:  # clean: a zero-norm tensor leaves its statistics untouched
-            new_norm_ema = torch.where(has_norm, new_norm_ema, norm_ema)
-            new_norm_sq_ema = torch.where(has_norm, new_norm_sq_ema, norm_sq_ema)
-        norm_ema_hat = new_norm_ema / per_tensor([_bias_correction(gamma1, k) for k in stat_steps])
-        norm_sq_ema_hat = new_norm_sq_ema / per_tensor([_bias_correction(gamma2, k) for k in stat_steps])
-        adagn_scale = norm_ema_hat / (norm_sq_ema_hat.sqrt() + eps)
-        grad_scale = torch.where(has_norm, adagn_scale / torch.where(has_norm, norm, 1.0), 1.0)
-        torch._foreach_mul_(clipped, list(grad_scale.unbind()))
-        scaled_grads = clipped
+    # AdaClip: T ← γ3·T + (1−γ3)·max|g|;  entries with |g| > T̂ = T/(1−γ3^k) become g·T̂/max|g|.
+    torch.abs(grad, out=work)
+    grad_max = work.amax()
+    clip_max_ema = state[_CLIP_MAX_EMA]
+    clip_max_ema.mul_(hp.gamma3).add_(grad_max, alpha=1.0 - hp.gamma3)
+    threshold = clip_max_ema / _bias_correction(hp.gamma3, stat_step)
+    has_max = grad_max > 0
+    clip_ratio = torch.where(has_max, threshold / torch.where(has_max, grad_max, 1.0), 1.0)
+    torch.gt(work, threshold, out=spikes)
+    torch.where(spikes, clip_ratio, torch.ones_like(clip_ratio), out=work)
+    work.mul_(grad)  # g̃
 
-        torch._foreach_copy_([state[_CLIP_MAX_EMA] for state in states], list(clip_max_ema.unbind()))
-        torch._foreach_copy_([state[_NORM_EMA] for state in states], list(new_norm_ema.unbind()))
-        torch._foreach_copy_([state[_NORM_SQ_EMA] for state in states], list(new_norm_sq_ema.unbind()))
+    # AdaGN: μ ← γ1·μ + (1−γ1)·n,  ν ← γ2·ν + (1−γ2)·n²,  ĝ = g̃/n · μ̂/(√ν̂ + ε).
+    norm = torch.linalg.vector_norm(work)
+    has_norm = norm > 0
+    norm_ema, norm_sq_ema = state[_NORM_EMA], state[_NORM_SQ_EMA]
+    new_norm_ema = hp.gamma1 * norm_ema + (1.0 - hp.gamma1) * norm
+    new_norm_sq_ema = hp.gamma2 * norm_sq_ema + (1.0 - hp.gamma2) * norm.square()
+    if hp.faithful:
+        norm_ema.copy_(new_norm_ema)
+        norm_sq_ema.copy_(new_norm_sq_ema)
+    else:  # clean: a zero-norm tensor is skipped, its statistics stay
+        norm_ema.copy_(torch.where(has_norm, new_norm_ema, norm_ema))
+        norm_sq_ema.copy_(torch.where(has_norm, new_norm_sq_ema, norm_sq_ema))
+    norm_ema_hat = norm_ema / _bias_correction(hp.gamma1, stat_step)
+    norm_sq_ema_hat = norm_sq_ema / _bias_correction(hp.gamma2, stat_step)
+    adagn_scale = norm_ema_hat / (norm_sq_ema_hat.sqrt() + hp.eps)
+    work.mul_(torch.where(has_norm, adagn_scale / torch.where(has_norm, norm, 1.0), 1.0))  # ĝ
 
-        # MoRet + Adam.
-        exp_avgs = [state["exp_avg"] for state in states]
-        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-        if is_reset_step and not faithful:
-            torch._foreach_zero_(exp_avgs)
-            torch._foreach_zero_(exp_avg_sqs)
-        stored_low_precision = exp_avgs[0].dtype != compute_dtype
-        m = [x.to(compute_dtype) for x in exp_avgs] if stored_low_precision else exp_avgs
-        v = [x.to(compute_dtype) for x in exp_avg_sqs] if stored_low_precision else exp_avg_sqs
+    # MoRet + Adam:  m ← β1·m + (1−β1)·ĝ,  v ← β2·v + (1−β2)·ĝ²,  W ← W − lr/bc1 · m/(√v/√bc2 + ε)
+    # computed as W ← W − (lr·√bc2/bc1) · m/(√v + ε·√bc2).
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    if hp.is_reset_step and not hp.faithful:
+        exp_avg.zero_()
+        exp_avg_sq.zero_()
+    m = exp_avg.to(work.dtype)  # bf16 states (state_bits=16) are updated in the compute dtype
+    v = exp_avg_sq.to(work.dtype)
+    sqrt_bc2 = math.sqrt(_bias_correction(hp.beta2, adam_step))
+    if hp.faithful:
+        m.lerp_(work, 1.0 - hp.beta1)
+        v.mul_(hp.beta2)
+        denominator_eps: float | torch.Tensor = hp.eps * sqrt_bc2
+    else:  # a skipped tensor keeps m and v (ĝ is 0, so weight 0 and decay 1) and an infinite denominator
+        m.lerp_(work, torch.where(has_norm, norm.new_full((), 1.0 - hp.beta1), 0.0))
+        v.mul_(torch.where(has_norm, norm.new_full((), hp.beta2), 1.0))
+        denominator_eps = torch.where(has_norm, norm.new_full((), hp.eps * sqrt_bc2), math.inf)
+    v.addcmul_(work, work, value=1.0 - hp.beta2)
+    torch.sqrt(v, out=work)
+    work.add_(denominator_eps)
+    param.addcdiv_(m, work, value=-hp.lr * sqrt_bc2 / _bias_correction(hp.beta1, adam_step))
 
-        if faithful:
-            torch._foreach_lerp_(m, scaled_grads, 1.0 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, scaled_grads, scaled_grads, 1.0 - beta2)
-            denom_eps = [eps] * len(params)
-        else:
-            # A skipped (zero-norm) tensor keeps its moments (its scaled gradient is 0, so decay 1 keeps them)
-            # and gets no update (an infinite denominator turns m / denom into 0).
-            torch._foreach_mul_(m, list(torch.where(has_norm, scalar(beta1), 1.0).unbind()))
-            torch._foreach_add_(m, scaled_grads, alpha=1.0 - beta1)
-            torch._foreach_mul_(v, list(torch.where(has_norm, scalar(beta2), 1.0).unbind()))
-            torch._foreach_addcmul_(v, scaled_grads, scaled_grads, 1.0 - beta2)
-            denom_eps = list(torch.where(has_norm, scalar(eps), math.inf).unbind())
-
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [math.sqrt(_bias_correction(beta2, k)) for k in adam_steps])
-        torch._foreach_add_(denom, denom_eps)
-        step_sizes = [-lr / _bias_correction(beta1, k) for k in adam_steps]
-        torch._foreach_addcdiv_(params, m, denom, step_sizes)
-
-        if is_reset_step and faithful:  # the official reset step used the old moments; zero them for the next step
-            torch._foreach_zero_(exp_avgs)
-            torch._foreach_zero_(exp_avg_sqs)
-        elif stored_low_precision:
-            torch._foreach_copy_(exp_avgs, m)
-            torch._foreach_copy_(exp_avg_sqs, v)
+    if hp.is_reset_step and hp.faithful:  # the official reset step used the old moments; zero them now
+        exp_avg.zero_()
+        exp_avg_sq.zero_()
+    elif m is not exp_avg:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)

@@ -1,0 +1,129 @@
+"""Optimizer step time of StableSPAM against torch AdamW and pytorch-optimizer's StableSPAM.
+
+The parameters are those of LLaMA-style decoder layers (q, k, v, o, gate, up, down, two RMSNorm weights) of
+hidden size d, so that the tensor count and shapes are realistic. Each optimizer steps on fixed random gradients;
+the table gives the median time per step and the ratios against the alternatives measured in the same run.
+
+    python benchmarks/optimizer_step.py                 # CPU sizes
+    python benchmarks/optimizer_step.py --device cuda   # GPU sizes
+
+Targets (issue 2): within 2x of torch's foreach AdamW on CPU; on a GPU within 1.3x of torch's fused AdamW and at
+least 3x faster than pytorch-optimizer's StableSPAM. Absolute times mean something only on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from hf_gns_spam import StableSPAM
+
+
+def decoder_parameters(hidden: int, layers: int, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The weights of ``layers`` LLaMA decoder layers of width ``hidden`` (MLP width 8/3·hidden)."""
+    inner = int(8 * hidden / 3) // 64 * 64 or 64
+    shapes = []
+    for _ in range(layers):
+        shapes += [(hidden, hidden)] * 4 + [(inner, hidden), (inner, hidden), (hidden, inner)] + [(hidden,)] * 2
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
+    return params
+
+
+def optimizer_builders(device: str) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    builders: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+        "stable_spam": lambda ps: StableSPAM(ps, lr=1e-4, reset_interval=1000),
+        "stable_spam_bf16_states": lambda ps: StableSPAM(ps, lr=1e-4, state_bits=16),
+        "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+    }
+    try:
+        import pytorch_optimizer
+
+        builders["pytorch_optimizer_stable_spam"] = lambda ps: pytorch_optimizer.StableSPAM(ps, lr=1e-4)
+        builders["pytorch_optimizer_stable_spam_foreach"] = lambda ps: pytorch_optimizer.StableSPAM(
+            ps, lr=1e-4, foreach=True
+        )
+    except ImportError:
+        print("pytorch-optimizer not installed: its StableSPAM is left out")
+    return builders
+
+
+def time_steps(optimizer: torch.optim.Optimizer, device: str, warmup: int, repeats: int) -> float:
+    """Median seconds per optimizer.step()."""
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        optimizer.step()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        optimizer.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--sizes", default=None, help="comma-separated hidden:layers pairs")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    on_gpu = args.device.startswith("cuda")
+    sizes = args.sizes or ("1024:4,2048:4,4096:4" if on_gpu else "256:2,512:4,1024:4")
+    repeats = args.repeats or (50 if on_gpu else 10)
+    dtype = getattr(torch, args.dtype)
+
+    builders = optimizer_builders(args.device)
+    print(f"device={args.device} dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
+    rows = []
+    for pair in sizes.split(","):
+        hidden, layers = (int(x) for x in pair.split(":"))
+        timings = {}
+        for name, build in builders.items():
+            params = decoder_parameters(hidden, layers, args.device, dtype)
+            try:
+                optimizer = build(params)
+                timings[name] = time_steps(optimizer, args.device, warmup=3, repeats=repeats)
+            except (RuntimeError, ValueError) as error:  # e.g. a fused kernel missing for this device/dtype
+                print(f"{name}: skipped at d={hidden} ({error.__class__.__name__}: {str(error)[:80]})")
+        rows.append((sum(p.numel() for p in params), len(params), timings))
+
+    names = list(builders)
+    header = f"{'params':>12} {'tensors':>8} " + " ".join(f"{n[:24]:>24}" for n in names)
+    print("\nmilliseconds per step (median)")
+    print(header)
+    for numel, count, timings in rows:
+        cells = " ".join(f"{1e3 * timings[n]:>24.3f}" if n in timings else f"{'-':>24}" for n in names)
+        print(f"{numel:>12,} {count:>8} {cells}")
+
+    print("\nratios (>1 means stable_spam is slower than the alternative)")
+    comparisons = [
+        ("stable_spam / adamw_foreach", "stable_spam", "adamw_foreach"),
+        ("stable_spam / adamw_fused", "stable_spam", "adamw_fused"),
+        ("bf16 states / adamw_foreach", "stable_spam_bf16_states", "adamw_foreach"),
+        ("pytorch_optimizer / stable_spam", "pytorch_optimizer_stable_spam", "stable_spam"),
+        ("pytorch_optimizer foreach / stable_spam", "pytorch_optimizer_stable_spam_foreach", "stable_spam"),
+    ]
+    print(f"{'params':>12} " + " ".join(f"{label:>40}" for label, _, _ in comparisons))
+    for numel, _, timings in rows:
+        cells = []
+        for _, a, b in comparisons:
+            cells.append(f"{timings[a] / timings[b]:>40.2f}" if a in timings and b in timings else f"{'-':>40}")
+        print(f"{numel:>12,} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
