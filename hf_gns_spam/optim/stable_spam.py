@@ -227,6 +227,7 @@ class StableSPAM(torch.optim.Optimizer):
         largest = max(p.numel() for p in params)
         scratch = torch.empty(largest, dtype=compute_dtype, device=params[0].device)
         spikes = torch.empty(largest, dtype=torch.bool, device=params[0].device)
+        one = torch.ones((), dtype=compute_dtype, device=params[0].device)
         for param in params:
             state = self._init_state(param, group)
             if faithful:  # the official per-tensor counter k, set back to 1 at a reset
@@ -236,7 +237,14 @@ class StableSPAM(torch.optim.Optimizer):
                 stat_step, adam_step = t, clean_adam_step
             n = param.numel()
             _update_tensor(
-                param, state, scratch[:n].view(param.shape), spikes[:n].view(param.shape), hyper, stat_step, adam_step
+                param,
+                state,
+                scratch[:n].view(param.shape),
+                spikes[:n].view(param.shape),
+                hyper,
+                stat_step,
+                adam_step,
+                one,
             )
 
 
@@ -264,11 +272,12 @@ def _update_tensor(
     hp: _StepHyperparameters,
     stat_step: int,
     adam_step: int,
+    one: torch.Tensor,
 ) -> None:
     """Weight decay, AdaClip, AdaGN, MoRet and Adam for one tensor (formulas in the module docstring).
 
-    ``work`` and ``spikes`` are scratch buffers of the parameter's shape. Every value-dependent choice is a
-    ``torch.where`` on 0-dim tensors, so nothing is read back to the host.
+    ``work`` and ``spikes`` are scratch buffers of the parameter's shape; ``one`` is a 0-dim 1.0 in the compute
+    dtype. Every value-dependent choice is a ``torch.where`` on 0-dim tensors, so nothing is read back to the host.
     """
     grad = param.grad.to(work.dtype)  # a copy only when the dtype differs; never written
     if hp.weight_decay != 0:
@@ -277,31 +286,26 @@ def _update_tensor(
     # AdaClip: T ← γ3·T + (1−γ3)·max|g|;  entries with |g| > T̂ = T/(1−γ3^k) become g·T̂/max|g|.
     torch.abs(grad, out=work)
     grad_max = work.amax()
-    clip_max_ema = state[_CLIP_MAX_EMA]
-    clip_max_ema.mul_(hp.gamma3).add_(grad_max, alpha=1.0 - hp.gamma3)
+    clip_max_ema = state[_CLIP_MAX_EMA].lerp_(grad_max, 1.0 - hp.gamma3)
     threshold = clip_max_ema / _bias_correction(hp.gamma3, stat_step)
-    has_max = grad_max > 0
-    clip_ratio = torch.where(has_max, threshold / torch.where(has_max, grad_max, 1.0), 1.0)
     torch.gt(work, threshold, out=spikes)
-    torch.where(spikes, clip_ratio, torch.ones_like(clip_ratio), out=work)
+    # threshold/max|g| is inf or nan only when max|g| = 0, and then no entry exceeds the threshold
+    torch.where(spikes, threshold / grad_max, one, out=work)
     work.mul_(grad)  # g̃
 
     # AdaGN: μ ← γ1·μ + (1−γ1)·n,  ν ← γ2·ν + (1−γ2)·n²,  ĝ = g̃/n · μ̂/(√ν̂ + ε).
     norm = torch.linalg.vector_norm(work)
     has_norm = norm > 0
-    norm_ema, norm_sq_ema = state[_NORM_EMA], state[_NORM_SQ_EMA]
-    new_norm_ema = hp.gamma1 * norm_ema + (1.0 - hp.gamma1) * norm
-    new_norm_sq_ema = hp.gamma2 * norm_sq_ema + (1.0 - hp.gamma2) * norm.square()
     if hp.faithful:
-        norm_ema.copy_(new_norm_ema)
-        norm_sq_ema.copy_(new_norm_sq_ema)
-    else:  # clean: a zero-norm tensor is skipped, its statistics stay
-        norm_ema.copy_(torch.where(has_norm, new_norm_ema, norm_ema))
-        norm_sq_ema.copy_(torch.where(has_norm, new_norm_sq_ema, norm_sq_ema))
-    norm_ema_hat = norm_ema / _bias_correction(hp.gamma1, stat_step)
-    norm_sq_ema_hat = norm_sq_ema / _bias_correction(hp.gamma2, stat_step)
-    adagn_scale = norm_ema_hat / (norm_sq_ema_hat.sqrt() + hp.eps)
-    work.mul_(torch.where(has_norm, adagn_scale / torch.where(has_norm, norm, 1.0), 1.0))  # ĝ
+        norm_ema = state[_NORM_EMA].lerp_(norm, 1.0 - hp.gamma1)
+        norm_sq_ema = state[_NORM_SQ_EMA].lerp_(norm.square(), 1.0 - hp.gamma2)
+    else:  # clean: a zero-norm tensor is skipped, its statistics stay (an EMA weight of 0)
+        active = has_norm.to(work.dtype)
+        norm_ema = state[_NORM_EMA].lerp_(norm, active * (1.0 - hp.gamma1))
+        norm_sq_ema = state[_NORM_SQ_EMA].lerp_(norm.square(), active * (1.0 - hp.gamma2))
+    norm_sq_ema_hat_sqrt = (norm_sq_ema / _bias_correction(hp.gamma2, stat_step)).sqrt_()
+    adagn_scale = (norm_ema / _bias_correction(hp.gamma1, stat_step)).div_(norm_sq_ema_hat_sqrt.add_(hp.eps))
+    work.mul_(torch.where(has_norm, adagn_scale.div_(torch.where(has_norm, norm, one)), one))  # ĝ
 
     # MoRet + Adam:  m ← β1·m + (1−β1)·ĝ,  v ← β2·v + (1−β2)·ĝ²,  W ← W − lr/bc1 · m/(√v/√bc2 + ε)
     # computed as W ← W − (lr·√bc2/bc1) · m/(√v + ε·√bc2).
@@ -316,10 +320,10 @@ def _update_tensor(
         m.lerp_(work, 1.0 - hp.beta1)
         v.mul_(hp.beta2)
         denominator_eps: float | torch.Tensor = hp.eps * sqrt_bc2
-    else:  # a skipped tensor keeps m and v (ĝ is 0, so weight 0 and decay 1) and an infinite denominator
-        m.lerp_(work, torch.where(has_norm, norm.new_full((), 1.0 - hp.beta1), 0.0))
-        v.mul_(torch.where(has_norm, norm.new_full((), hp.beta2), 1.0))
-        denominator_eps = torch.where(has_norm, norm.new_full((), hp.eps * sqrt_bc2), math.inf)
+    else:  # a skipped tensor keeps m and v (ĝ is 0: EMA weight 0, decay 1) and gets an infinite denominator
+        m.lerp_(work, active * (1.0 - hp.beta1))
+        v.mul_(torch.where(has_norm, one * hp.beta2, one))
+        denominator_eps = torch.where(has_norm, one * (hp.eps * sqrt_bc2), math.inf)
     v.addcmul_(work, work, value=1.0 - hp.beta2)
     torch.sqrt(v, out=work)
     work.add_(denominator_eps)
