@@ -46,8 +46,8 @@ def optimizer_builders(device: str) -> dict[str, Callable[[list[torch.Tensor]], 
     try:
         import pytorch_optimizer
 
-        builders["pytorch_optimizer_stable_spam"] = lambda ps: pytorch_optimizer.StableSPAM(ps, lr=1e-4)
-        builders["pytorch_optimizer_stable_spam_foreach"] = lambda ps: pytorch_optimizer.StableSPAM(
+        builders["pyopt_stable_spam"] = lambda ps: pytorch_optimizer.StableSPAM(ps, lr=1e-4)
+        builders["pyopt_stable_spam_foreach"] = lambda ps: pytorch_optimizer.StableSPAM(
             ps, lr=1e-4, foreach=True
         )
     except ImportError:
@@ -114,8 +114,8 @@ def main() -> None:
         ("stable_spam / adamw_foreach", "stable_spam", "adamw_foreach"),
         ("stable_spam / adamw_fused", "stable_spam", "adamw_fused"),
         ("bf16 states / adamw_foreach", "stable_spam_bf16_states", "adamw_foreach"),
-        ("pytorch_optimizer / stable_spam", "pytorch_optimizer_stable_spam", "stable_spam"),
-        ("pytorch_optimizer foreach / stable_spam", "pytorch_optimizer_stable_spam_foreach", "stable_spam"),
+        ("pyopt_stable_spam / stable_spam", "pyopt_stable_spam", "stable_spam"),
+        ("pyopt_stable_spam_foreach / stable_spam", "pyopt_stable_spam_foreach", "stable_spam"),
     ]
     print(f"{'params':>12} " + " ".join(f"{label:>40}" for label, _, _ in comparisons))
     for numel, _, timings in rows:
