@@ -2,7 +2,8 @@
 
 The parameters are those of LLaMA-style decoder layers (q, k, v, o, gate, up, down, two RMSNorm weights) of
 hidden size d, so that the tensor count and shapes are realistic. Each optimizer steps on fixed random gradients;
-the table gives the median time per step and the ratios against the alternatives measured in the same run.
+the optimizers step in turn, and the table gives each one's median time per step and the ratios against the
+alternatives measured in the same run.
 
     python benchmarks/optimizer_step.py                 # CPU sizes
     python benchmarks/optimizer_step.py --device cuda   # GPU sizes
@@ -47,31 +48,33 @@ def optimizer_builders(device: str) -> dict[str, Callable[[list[torch.Tensor]], 
         import pytorch_optimizer
 
         builders["pyopt_stable_spam"] = lambda ps: pytorch_optimizer.StableSPAM(ps, lr=1e-4)
-        builders["pyopt_stable_spam_foreach"] = lambda ps: pytorch_optimizer.StableSPAM(
-            ps, lr=1e-4, foreach=True
-        )
+        builders["pyopt_stable_spam_foreach"] = lambda ps: pytorch_optimizer.StableSPAM(ps, lr=1e-4, foreach=True)
     except ImportError:
         print("pytorch-optimizer not installed: its StableSPAM is left out")
     return builders
 
 
-def time_steps(optimizer: torch.optim.Optimizer, device: str, warmup: int, repeats: int) -> float:
-    """Median seconds per optimizer.step()."""
+def time_steps_interleaved(
+    optimizers: dict[str, torch.optim.Optimizer], device: str, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median seconds per optimizer.step(), stepping the optimizers in turn so that machine noise hits all alike."""
 
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        optimizer.step()
+    for optimizer in optimizers.values():
+        for _ in range(warmup):
+            optimizer.step()
     sync()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(repeats):
-        start = time.perf_counter()
-        optimizer.step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def main() -> None:
@@ -91,15 +94,18 @@ def main() -> None:
     rows = []
     for pair in sizes.split(","):
         hidden, layers = (int(x) for x in pair.split(":"))
-        timings = {}
+        optimizers = {}
         for name, build in builders.items():
             params = decoder_parameters(hidden, layers, args.device, dtype)
             try:
-                optimizer = build(params)
-                timings[name] = time_steps(optimizer, args.device, warmup=3, repeats=repeats)
+                optimizers[name] = build(params)
+                optimizers[name].step()
             except (RuntimeError, ValueError) as error:  # e.g. a fused kernel missing for this device/dtype
                 print(f"{name}: skipped at d={hidden} ({error.__class__.__name__}: {str(error)[:80]})")
+                optimizers.pop(name, None)
+        timings = time_steps_interleaved(optimizers, args.device, warmup=3, repeats=repeats)
         rows.append((sum(p.numel() for p in params), len(params), timings))
+        del optimizers
 
     names = list(builders)
     header = f"{'params':>12} {'tensors':>8} " + " ".join(f"{n[:24]:>24}" for n in names)
