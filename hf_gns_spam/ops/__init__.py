@@ -1,0 +1,1 @@
+"""Operators: the GNS-aware normalization (pure-torch reference, Triton dispatch, torch.library registration)."""
