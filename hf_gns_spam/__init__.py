@@ -5,9 +5,21 @@ Importing the package registers ``optim="stable_spam"`` with ``transformers.Trai
 
 from hf_gns_spam.integrations.trainer_optimizer import TrainerIntegrationError, register_trainer_optimizers
 from hf_gns_spam.optim import StableSPAM
+from hf_gns_spam.patching import PatchReport, patch_model, unpatch_model
+from hf_gns_spam.stats import PerExampleStats, per_example_grad_stats, reset_per_example_grad_stats
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["StableSPAM", "TrainerIntegrationError", "__version__"]
+__all__ = [
+    "PatchReport",
+    "PerExampleStats",
+    "StableSPAM",
+    "TrainerIntegrationError",
+    "__version__",
+    "patch_model",
+    "per_example_grad_stats",
+    "reset_per_example_grad_stats",
+    "unpatch_model",
+]
 
 register_trainer_optimizers()

@@ -1,0 +1,186 @@
+"""The GNS-aware normalization as a ``torch.library`` custom operator with autograd.
+
+``gns_norm(x, weight, bias, spec, statistics)`` returns what the original normalization module returns. Its
+backward returns the usual dx, dw, db and, as the gradient of ``statistics`` (a float32 leaf tensor of shape [3]
+with ``requires_grad=True``), the per-example statistics of this backward pass::
+
+    statistics.grad += [Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B]
+
+where G_w[b] (G_b[b]) is the contribution of example b to the weight (bias) gradient. Because autograd accumulates
+leaf gradients, successive backward passes (gradient accumulation, gradient checkpointing's recomputation) add up
+until the leaf's ``.grad`` is reset, with no side effects inside the backward: ``torch.compile`` traces it as one
+opaque operator in the forward graph and one in the backward graph. ``statistics=None`` (a frozen weight) computes
+no statistics at all.
+
+Dispatch: CUDA tensors use the Triton kernels (:mod:`hf_gns_spam.kernels.gns_norm`) when Triton is installed; other
+devices use the pure-torch reference (:mod:`hf_gns_spam.ops.norm_reference`). :func:`norm_backend` forces either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+
+import torch
+
+from hf_gns_spam.ops import norm_reference
+from hf_gns_spam.ops.norm_reference import NormSpec, output_dtype
+
+__all__ = ["NormSpec", "gns_norm", "norm_backend"]
+
+_BACKENDS = ("auto", "torch", "triton")
+_backend = "auto"
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+@contextlib.contextmanager
+def norm_backend(name: str) -> Iterator[None]:
+    """Force the implementation inside the block: ``"torch"``, ``"triton"`` (also for CPU tensors, e.g. under
+    ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors, torch otherwise)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"norm backend must be one of {_BACKENDS}, got {name!r}")
+    if name == "triton" and not _TRITON_AVAILABLE:
+        raise RuntimeError("norm backend 'triton' requested but triton is not installed (pip install triton)")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def _implementation(x: torch.Tensor):
+    if _backend == "triton" or (_backend == "auto" and x.is_cuda and _TRITON_AVAILABLE):
+        from hf_gns_spam.kernels import gns_norm as triton_implementation
+
+        return triton_implementation, "triton"
+    return norm_reference, "torch"
+
+
+def _spec(kind: str, eps: float, offset: float, rounding: str) -> NormSpec:
+    return NormSpec(kind=kind, eps=eps, offset=offset, rounding=rounding)
+
+
+@torch.library.custom_op("hf_gns_spam::gns_norm_forward", mutates_args=())
+def _gns_norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    statistics: torch.Tensor | None,
+    kind: str,
+    eps: float,
+    offset: float,
+    rounding: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd); ``statistics`` is only an autograd handle for the backward's statistics."""
+    implementation, _ = _implementation(x)
+    if implementation is norm_reference:
+        return norm_reference.norm_forward(_spec(kind, eps, offset, rounding), x, weight, bias)
+    return implementation.gns_norm_forward(_spec(kind, eps, offset, rounding), x, weight, bias)
+
+
+@_gns_norm_forward.register_fake
+def _(x, weight, bias, statistics, kind, eps, offset, rounding):
+    out_dtype = output_dtype(_spec(kind, eps, offset, rounding), x.dtype, None if weight is None else weight.dtype)
+    row_shape = x.shape[:-1]
+    return (
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty(row_shape, dtype=torch.float32),
+        x.new_empty(row_shape, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("hf_gns_spam::gns_norm_backward", mutates_args=())
+def _gns_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    kind: str,
+    eps: float,
+    offset: float,
+    rounding: str,
+    need_input_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db, statistics); a gradient that is not needed comes back as an empty tensor."""
+    implementation, _ = _implementation(x)
+    backward = norm_reference.norm_backward if implementation is norm_reference else implementation.gns_norm_backward
+    dx, dw, db, statistics = backward(
+        _spec(kind, eps, offset, rounding),
+        dy,
+        x,
+        weight,
+        bias,
+        mean,
+        rstd,
+        need_input_grad,
+        need_weight_grad,
+        need_bias_grad,
+    )
+    empty = x.new_empty(0)
+    return (
+        empty if dx is None else dx,
+        empty if dw is None else dw,
+        empty.clone() if db is None else db,
+        statistics,
+    )
+
+
+@_gns_norm_backward.register_fake
+def _(dy, x, weight, bias, mean, rstd, kind, eps, offset, rounding, need_input_grad, need_weight_grad, need_bias_grad):
+    return (
+        x.new_empty(x.shape) if need_input_grad else x.new_empty(0),
+        weight.new_empty(weight.shape) if need_weight_grad else x.new_empty(0),
+        bias.new_empty(bias.shape) if need_bias_grad else x.new_empty(0),
+        x.new_empty(3, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, statistics, kind, eps, offset, rounding = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.spec_args = (kind, eps, offset, rounding)
+    ctx.has_statistics = statistics is not None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    dx, dw, db, statistics = torch.ops.hf_gns_spam.gns_norm_backward(
+        dy.contiguous(), x, weight, bias, mean, rstd, *ctx.spec_args, need_input, need_weight, need_bias
+    )
+    return (
+        dx if need_input else None,
+        dw if need_weight else None,
+        db if need_bias else None,
+        statistics if ctx.has_statistics else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("hf_gns_spam::gns_norm_forward", _backward, setup_context=_setup_context)
+
+
+def gns_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    spec: NormSpec,
+    statistics: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Normalize ``x`` over its last dimension as ``spec`` says; see the module docstring for ``statistics``."""
+    if x.dim() < 2:
+        raise ValueError(f"gns_norm needs an input of shape [batch, ..., features], got shape {tuple(x.shape)}")
+    y, _, _ = torch.ops.hf_gns_spam.gns_norm_forward(
+        x, weight, bias, statistics, spec.kind, spec.eps, spec.offset, spec.rounding
+    )
+    return y

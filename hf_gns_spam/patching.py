@@ -1,0 +1,297 @@
+"""``patch_model``: put GNS-aware normalization into any PyTorch / Hugging Face model, and take it out again.
+
+A module is patched in place by switching its class to a subclass of its own class whose ``forward`` calls
+:func:`hf_gns_spam.ops.gns_norm.gns_norm`. The module keeps its ``nn.Parameter`` objects (optimizer groups, peft,
+tied weights and state-dict keys stay valid), ``isinstance(module, nn.LayerNorm)`` stays true for LayerNorms (the
+Trainer's weight-decay grouping uses it) and the class name keeps its "LayerNorm"/"RMSNorm" part (``_init_weights``
+uses it): ``LlamaRMSNorm`` becomes ``GNSLlamaRMSNorm``.
+
+Modules are recognised by structure and by a numerical probe, not by class name, so ``trust_remote_code`` models
+work too:
+
+* ``type(m) is nn.LayerNorm`` (or a subclass that does not override ``forward``) over the last dimension;
+* otherwise a leaf module with a 1-D ``weight`` (and optionally a ``bias``), an epsilon attribute and a one-input
+  ``forward``, whose output on random inputs matches one supported formula (RMSNorm with ``w`` or ``1 + w``, or a
+  LayerNorm written by hand), in float32 and, to find how it rounds, in bfloat16.
+
+Everything else that looks like a normalization layer is reported as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hf_gns_spam.ops.gns_norm import gns_norm
+from hf_gns_spam.ops.norm_reference import NormSpec, norm_forward, output_dtype
+
+__all__ = ["PatchReport", "PatchedModule", "SkippedModule", "is_patched", "patch_model", "unpatch_model"]
+
+EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon", "layer_norm_eps")
+
+
+@dataclass(frozen=True)
+class PatchedModule:
+    name: str
+    original_class: str
+    kind: str  # e.g. "rms_norm(1+w), rounding fp32"
+    spec: NormSpec
+
+
+@dataclass(frozen=True)
+class SkippedModule:
+    name: str
+    class_name: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch_model` did: every patched module and every norm-like module it left alone, with why."""
+
+    patched: list[PatchedModule] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"patched {len(self.patched)} normalization module(s), skipped {len(self.skipped)}"]
+        lines += [f"  patched  {p.name}: {p.original_class} -> {p.kind}" for p in self.patched]
+        lines += [f"  skipped  {s.name}: {s.class_name} ({s.reason})" for s in self.skipped]
+        return "\n".join(lines)
+
+
+class _GNSNormMixin:
+    """The forward of every patched normalization module."""
+
+    _gns_original_class: type[nn.Module]
+    _gns_spec: NormSpec
+    _gns_statistics: torch.Tensor
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight: torch.Tensor = self.weight
+        bias: torch.Tensor | None = getattr(self, "bias", None)
+        statistics = None
+        if torch.is_grad_enabled() and weight.requires_grad:
+            if self._gns_statistics.device != weight.device:  # the model moved after patching
+                self._gns_statistics = _new_statistics(weight.device)
+            statistics = self._gns_statistics
+        if self._gns_spec.kind == "layer_norm" and torch.is_autocast_enabled(hidden_states.device.type):
+            # F.layer_norm runs in float32 under autocast; do as it does
+            hidden_states, weight = hidden_states.float(), weight.float()
+            bias = None if bias is None else bias.float()
+        return gns_norm(hidden_states, weight, bias, self._gns_spec, statistics)
+
+
+_PATCHED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _patched_class(original: type[nn.Module]) -> type[nn.Module]:
+    if original not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[original] = type(
+            f"GNS{original.__name__}",
+            (_GNSNormMixin, original),
+            {"_gns_original_class": original, "__module__": __name__},
+        )
+    return _PATCHED_CLASSES[original]
+
+
+def _new_statistics(device: torch.device) -> torch.Tensor:
+    """The autograd leaf whose ``.grad`` accumulates [Σ‖G_w[b]‖², Σ‖G_b[b]‖², examples]."""
+    return torch.zeros(3, dtype=torch.float32, device=device, requires_grad=True)
+
+
+def is_patched(module: nn.Module) -> bool:
+    return isinstance(module, _GNSNormMixin)
+
+
+def _epsilon(module: nn.Module) -> float | None:
+    for attribute in EPS_ATTRIBUTES:
+        value = getattr(module, attribute, None)
+        if isinstance(value, (float, int)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _looks_like_a_norm(name: str, module: nn.Module) -> bool:
+    """Worth a line in the report if left alone."""
+    leaf_name = name.rsplit(".", 1)[-1].lower()
+    return "norm" in type(module).__name__.lower() or "norm" in leaf_name or leaf_name.startswith("ln")
+
+
+def _forward_inputs(module: nn.Module) -> int:
+    """How many positional inputs ``forward`` accepts (``*args`` counts as many)."""
+    parameters = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return 2
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+
+
+_RMS_CANDIDATES = {
+    "rms_norm(w)": {"kind": "rms_norm", "offset": 0.0},
+    "rms_norm(1+w)": {"kind": "rms_norm", "offset": 1.0},
+    "layer_norm": {"kind": "layer_norm", "offset": 0.0},
+}
+_PROBE_CACHE: dict[tuple[type[nn.Module], bool], tuple[str, NormSpec] | str] = {}
+
+
+def _probe(module: nn.Module, eps: float) -> tuple[str, NormSpec] | str:
+    """Find the formula and rounding of a leaf normalization module numerically; a string says why none fits.
+
+    The probe runs on a float copy of the module (the real one is never touched) with random weights, on inputs
+    small enough that eps matters. The rounding (where x̂ is cast before or after the multiplication by the weight)
+    is the candidate that reproduces the most bfloat16 outputs exactly, for bfloat16 and for float32 weights.
+    """
+    features = module.weight.shape[0]
+    has_bias = getattr(module, "bias", None) is not None
+    generator = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(features, generator=generator))
+        if has_bias:
+            probe.bias.copy_(torch.randn(features, generator=generator))
+    x = torch.randn(2, 3, features, generator=generator) * torch.logspace(-3.5, 0.5, 3).view(1, 3, 1) + 0.1
+
+    def reference(spec: NormSpec, inputs: torch.Tensor, module_copy: nn.Module) -> torch.Tensor:
+        bias = module_copy.bias if has_bias else None
+        return norm_forward(spec, inputs, module_copy.weight, bias)[0]
+
+    with torch.no_grad():
+        try:
+            y = probe(x)
+        except Exception as error:
+            return f"probe forward failed ({type(error).__name__})"
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            return "output is not a tensor of the input's shape"
+        errors = {}
+        for label, fields in _RMS_CANDIDATES.items():
+            if has_bias and fields["kind"] != "layer_norm":
+                continue
+            spec = NormSpec(eps=eps, rounding="fp32", **fields)
+            errors[label] = ((y - reference(spec, x, probe)).abs().max() / y.abs().max()).item()
+        label = min(errors, key=errors.get)
+        if errors[label] > 1e-5:
+            return "output matches no supported normalization formula"
+        fields = _RMS_CANDIDATES[label]
+
+        best_rounding, best_agreement = None, -1.0
+        for rounding in ("llama", "fp32", "t5") if fields["kind"] == "rms_norm" else ("fp32",):
+            spec = NormSpec(eps=eps, rounding=rounding, **fields)
+            agreement = 1.0
+            for weight_dtype in (torch.bfloat16, torch.float32):
+                module_copy = copy.deepcopy(probe).to(weight_dtype)
+                y = module_copy(x.bfloat16())
+                expected = reference(spec, x.bfloat16(), module_copy)
+                if y.dtype != output_dtype(spec, torch.bfloat16, weight_dtype):
+                    agreement = 0.0
+                    break
+                agreement = min(agreement, (y == expected).float().mean().item())
+            if agreement > best_agreement:
+                best_rounding, best_agreement = rounding, agreement
+        if best_agreement < 0.95:
+            return "its bfloat16 rounding matches no supported variant"
+    spec = NormSpec(eps=eps, rounding=best_rounding, **fields)
+    return f"{label}, rounding {best_rounding}", spec
+
+
+def _classify(module: nn.Module) -> tuple[str, NormSpec] | str:
+    """(description, spec) for a module patch_model can take over, else the reason it cannot."""
+    if isinstance(module, nn.LayerNorm):
+        if type(module).forward is not nn.LayerNorm.forward:
+            return "nn.LayerNorm subclass that overrides forward"
+        if len(module.normalized_shape) != 1:
+            return "normalizes over more than the last dimension"
+        if not module.elementwise_affine:
+            return "weightless (no parameters to measure)"
+        return "layer_norm", NormSpec(kind="layer_norm", eps=module.eps, rounding="layer_norm")
+    if list(module.children()):
+        return "has child modules"
+    parameters = dict(module.named_parameters(recurse=False))
+    weight = parameters.get("weight")
+    if weight is None:
+        return "weightless (no parameters to measure)"
+    if set(parameters) - {"weight", "bias"}:
+        return f"unexpected parameters {sorted(set(parameters) - {'weight', 'bias'})}"
+    if weight.dim() != 1:
+        return f"{weight.dim()}-D weight (per-head norm)"
+    if weight.device.type == "meta" or not weight.dtype.is_floating_point:
+        return "weight is on the meta device or quantized"
+    if _forward_inputs(module) != 1:
+        return "forward takes more than one input (gated norm)"
+    eps = _epsilon(module)
+    if eps is None:
+        eps = 1e-6 if isinstance(module, nn.RMSNorm) and module.eps is None else None
+    if eps is None:
+        return "no epsilon attribute (variance_epsilon/eps/epsilon)"
+    cache_key = (type(module), getattr(module, "bias", None) is not None)
+    if cache_key not in _PROBE_CACHE:
+        _PROBE_CACHE[cache_key] = _probe(module, eps)
+    result = _PROBE_CACHE[cache_key]
+    if isinstance(result, str):
+        return result
+    description, spec = result
+    return description, NormSpec(kind=spec.kind, eps=eps, offset=spec.offset, rounding=spec.rounding)
+
+
+def _selected(name: str, include: Iterable[str] | None, exclude: Iterable[str] | None) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+        return False
+    return not (exclude is not None and any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude))
+
+
+def patch_model(
+    model: nn.Module, include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None
+) -> PatchReport:
+    """Swap every supported normalization module of ``model`` for its GNS-aware twin, in place.
+
+    Args:
+        model: any ``nn.Module`` (a Hugging Face model, a peft model, ...). Patch it before the optimizer is built.
+        include: glob pattern(s) over module names (``"model.layers.*.input_layernorm"``); only these are patched.
+        exclude: glob pattern(s) of module names to leave alone.
+
+    Returns:
+        A :class:`PatchReport`. Patching twice is harmless: already patched modules are listed as patched again.
+    """
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude
+    report = PatchReport()
+    for name, module in model.named_modules():
+        if is_patched(module):
+            report.patched.append(
+                PatchedModule(name, module._gns_original_class.__name__, module._gns_spec.kind, module._gns_spec)
+            )
+            continue
+        candidate = isinstance(module, nn.LayerNorm) or _looks_like_a_norm(name, module)
+        if not candidate and (list(module.children()) or not hasattr(module, "weight") or _epsilon(module) is None):
+            continue
+        if not _selected(name, include, exclude):
+            if candidate:
+                report.skipped.append(SkippedModule(name, type(module).__name__, "excluded by include/exclude"))
+            continue
+        result = _classify(module)
+        if isinstance(result, str):
+            if candidate:
+                report.skipped.append(SkippedModule(name, type(module).__name__, result))
+            continue
+        description, spec = result
+        original = type(module)
+        module.__class__ = _patched_class(original)
+        module._gns_spec = spec
+        module._gns_statistics = _new_statistics(module.weight.device)
+        report.patched.append(PatchedModule(name, original.__name__, description, spec))
+    return report
+
+
+def unpatch_model(model: nn.Module) -> int:
+    """Restore the original class of every patched module; returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        if is_patched(module):
+            module.__class__ = module._gns_original_class
+            del module._gns_spec, module._gns_statistics
+            restored += 1
+    return restored

@@ -1,0 +1,56 @@
+"""Per-example gradient statistics of the patched normalization layers.
+
+For every parameter p of every patched module, since the last reset:
+
+    sum_sq = Σ_b ‖G_p[b]‖²     over every example b of every backward pass,
+    count  = number of examples seen,
+
+where G_p[b] is the contribution of example b to ``p.grad`` (so that Σ_b G_p[b] is the gradient). With a loss that
+weights example b by a_b (1/B for a mean over examples, n_b/N for a mean over label tokens), the gradient of example
+b's own loss is G_p[b] / a_b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hf_gns_spam.patching import is_patched
+
+__all__ = ["PerExampleStats", "per_example_grad_stats", "reset_per_example_grad_stats"]
+
+
+@dataclass(frozen=True)
+class PerExampleStats:
+    """``sum_sq`` and ``count`` as 0-dim float32 tensors on the parameter's device (reading them does not sync)."""
+
+    sum_sq: torch.Tensor
+    count: torch.Tensor
+
+
+def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
+    """Statistics of every parameter of every patched module, keyed by its name in ``model.named_parameters()``.
+
+    A parameter whose module saw no backward pass since the last reset (or whose weight is frozen) reports zeros.
+    """
+    stats: dict[str, PerExampleStats] = {}
+    for module_name, module in model.named_modules():
+        if not is_patched(module):
+            continue
+        accumulated = module._gns_statistics.grad
+        if accumulated is None:
+            accumulated = torch.zeros(3, dtype=torch.float32, device=module._gns_statistics.device)
+        prefix = f"{module_name}." if module_name else ""
+        stats[prefix + "weight"] = PerExampleStats(accumulated[0], accumulated[2])
+        if getattr(module, "bias", None) is not None:
+            stats[prefix + "bias"] = PerExampleStats(accumulated[1], accumulated[2])
+    return stats
+
+
+def reset_per_example_grad_stats(model: nn.Module) -> None:
+    """Zero the statistics of every patched module (start of a new optimizer step)."""
+    for module in model.modules():
+        if is_patched(module):
+            module._gns_statistics.grad = None
