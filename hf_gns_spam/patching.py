@@ -65,6 +65,25 @@ class PatchReport:
         return "\n".join(lines)
 
 
+# Examples in the batch of the latest forward of a patched model (set by a pre-hook on the model's root module).
+# Some models flatten [B, T, D] to [B·T, D] before a norm (OPT's MLP); such an input is viewed as [B, T, D] again
+# so that an example stays an example. Kept after the forward: gradient checkpointing re-runs the norms during
+# the backward of the same batch.
+_batch_size: int | None = None
+
+
+def _record_batch_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    global _batch_size
+    for name in ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features"):
+        if isinstance(kwargs.get(name), torch.Tensor):
+            _batch_size = kwargs[name].shape[0]
+            return
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            _batch_size = value.shape[0]
+            return
+
+
 class _GNSNormMixin:
     """The forward of every patched normalization module."""
 
@@ -84,6 +103,11 @@ class _GNSNormMixin:
             # F.layer_norm runs in float32 under autocast; do as it does
             hidden_states, weight = hidden_states.float(), weight.float()
             bias = None if bias is None else bias.float()
+        rows = hidden_states.shape[0]
+        if _batch_size is not None and rows != _batch_size and rows % _batch_size == 0:
+            unflattened = hidden_states.reshape(_batch_size, -1, hidden_states.shape[-1])
+            output = gns_norm(unflattened, weight, bias, self._gns_spec, statistics)
+            return output.reshape(hidden_states.shape)
         return gns_norm(hidden_states, weight, bias, self._gns_spec, statistics)
 
 
@@ -283,6 +307,8 @@ def patch_model(
         module._gns_spec = spec
         module._gns_statistics = _new_statistics(module.weight.device)
         report.patched.append(PatchedModule(name, original.__name__, description, spec))
+    if report.patched and getattr(model, "_gns_batch_size_hook", None) is None:
+        model._gns_batch_size_hook = model.register_forward_pre_hook(_record_batch_size, with_kwargs=True)
     return report
 
 
@@ -294,4 +320,8 @@ def unpatch_model(model: nn.Module) -> int:
             module.__class__ = module._gns_original_class
             del module._gns_spec, module._gns_statistics
             restored += 1
+    hook = getattr(model, "_gns_batch_size_hook", None)
+    if hook is not None:
+        hook.remove()
+        del model._gns_batch_size_hook
     return restored

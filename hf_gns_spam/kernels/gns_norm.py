@@ -1,0 +1,629 @@
+"""Fused Triton forward and backward of a normalization layer that also returns per-example gradient statistics.
+
+The contract, the maths and every rounding are those of the pure-torch reference
+:mod:`hf_gns_spam.ops.norm_reference`; these kernels compute the same thing in fewer passes over memory.
+
+Shapes: ``x`` is viewed as ``[N, D]`` rows, ``N = B·R``: B examples (dimension 0), R rows per example (the product
+of the middle dimensions, 1 for a ``[B, D]`` input), D features. Rows ``b·R … b·R + R − 1`` belong to example b.
+
+Forward (one program per ``BLOCK_ROWS`` rows), per row in float32 (``offset`` is 1 for Gemma's ``(1 + w)``)::
+
+    layer_norm: μ = Σx / D,  r = 1/√(Σ(x − μ)² / D + eps),  x̂ = (x − μ)·r
+    rms_norm:   μ = 0,       r = 1/√(Σx² / D + eps),        x̂ = x·r
+    rounding "layer_norm" / "fp32":  y = x̂ ⊙ (offset + w) + b          (float32, then cast to the output dtype)
+    rounding "llama" / "t5":         y = w ⊙ x̂'                         (x̂' = x̂ rounded, see below)
+    no affine:                       y = x̂
+
+μ and r are saved in float32. x̂' is x̂ rounded through a half-precision dtype and back: x's dtype for "llama",
+w's dtype for "t5" when w is half precision, no rounding otherwise. The product of two such values is exact in
+float32, so computing it in float32 and casting once reproduces the module's half-precision multiply.
+
+Backward over a grid of (example b, tile of rows of that example), with ĝ = dy ⊙ (offset + w) (ĝ = dy without
+affine), all in float32::
+
+    dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂))          (the mean(ĝ) term only for layer_norm)
+    partial_w[b, t] = Σ_{rows of tile t of b} dy ⊙ x̂'     partial_b[b, t] = Σ_{rows of tile t of b} dy
+
+The launcher then reduces in torch (deterministic, no atomics)::
+
+    G_w[b] = Σ_t partial_w[b, t]     dw = Σ_b G_w[b]     statistics[0] = Σ_b ‖G_w[b]‖²
+    G_b[b] = Σ_t partial_b[b, t]     db = Σ_b G_b[b]     statistics[1] = Σ_b ‖G_b[b]‖²
+    statistics[2] = B
+
+Rows whose D exceeds ``max_block_d`` are processed in ``BLOCK_D`` chunks: the forward makes one pass for the sums
+(two for layer_norm: the mean, then the centred sum of squares) and one for the outputs; the backward makes one pass
+per row for mean(ĝ) and mean(ĝ ⊙ x̂) (kept in a float32 scratch buffer) and one pass, chunk by chunk, for dx and the
+per-example partial sums. Results are deterministic: the launch configuration depends only on the shapes and on
+the device's number of SMs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hf_gns_spam.ops.norm_reference import HALF_DTYPES, NormSpec, output_dtype
+
+__all__ = ["MAX_BLOCK_D", "gns_norm_backward", "gns_norm_forward"]
+
+#: Largest row block kept in registers; wider rows are processed in chunks of this many features.
+MAX_BLOCK_D = 8192
+#: Elements per program the launcher aims at when several short rows share a program.
+_FORWARD_TILE_ELEMENTS = 2048
+_BACKWARD_TILE_ELEMENTS = 2048
+#: Backward: aim for this many programs per SM, but give each at least this many rows.
+_PROGRAMS_PER_SM = 2
+_MIN_ROWS_PER_TILE = 8
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# affine modes (constexpr)
+_AFFINE_NONE = 0
+_AFFINE_SCALE_SHIFT = 1  # y = x̂ ⊙ (offset + w) + b in float32 ("layer_norm", "fp32")
+_AFFINE_MULTIPLY = 2  # y = w ⊙ x̂' ("llama", "t5")
+# rounding of x̂ before the multiplication by w (constexpr)
+_ROUND_NONE = 0
+_ROUND_X_DTYPE = 1
+_ROUND_W_DTYPE = 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cast(v, DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """float32 ``v`` rounded to nearest even in DTYPE.
+
+    With MANUAL_BF16 the bfloat16 rounding is done on the bits: the Triton interpreter truncates float32 to
+    bfloat16, whereas GPUs (and torch) round to nearest even. On a GPU the native conversion is used.
+    """
+    if MANUAL_BF16 and DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = tl.where(v != v, v.to(tl.bfloat16), out)  # keep NaNs NaN
+    else:
+        out = v.to(DTYPE)
+    return out
+
+
+@triton.jit
+def _round_normalized(x_hat, X, W, ROUND: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """x̂' in float32: x̂ rounded through x's (ROUND == 1) or w's (ROUND == 2) dtype and back."""
+    if ROUND == 1:
+        x_hat = _cast(x_hat, X.dtype.element_ty, MANUAL_BF16).to(tl.float32)
+    elif ROUND == 2:
+        x_hat = _cast(x_hat, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
+    return x_hat
+
+
+@triton.jit
+def _affine(
+    x_hat,
+    w,
+    bias,
+    offset,
+    X,
+    W,
+    AFFINE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROUND: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
+):
+    """y in float32 from x̂ (float32) and the loaded weight and bias rows (broadcastable to x̂)."""
+    if AFFINE == 0:
+        y = x_hat
+    elif AFFINE == 1:
+        y = x_hat * (offset + w.to(tl.float32))
+        if HAS_BIAS:
+            y = y + bias.to(tl.float32)
+    else:
+        y = w.to(tl.float32) * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
+    return y
+
+
+@triton.jit
+def _gns_norm_fwd_kernel(
+    X,
+    W,
+    Bias,
+    Y,
+    Mean,
+    Rstd,
+    n_rows,
+    D,
+    d_float,
+    eps,
+    offset,
+    IS_LAYER_NORM: tl.constexpr,
+    AFFINE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROUND: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
+):
+    """y, μ, r for BLOCK_ROWS consecutive rows of the contiguous [n_rows, D] input."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    row_off = rows.to(tl.int64) * D
+    cols = tl.arange(0, BLOCK_D)
+    if NUM_CHUNKS == 1:
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        ptr = row_off[:, None] + cols[None, :]
+        x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+        if IS_LAYER_NORM:
+            mean = tl.div_rn(tl.sum(x, axis=1), d_float)
+            centred = tl.where(mask, x - mean[:, None], 0.0)
+        else:
+            mean = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+            centred = x
+        var = tl.div_rn(tl.sum(centred * centred, axis=1), d_float)
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        x_hat = centred * rstd[:, None]
+        w = 0.0
+        bias = 0.0
+        if AFFINE != 0:
+            w = tl.load(W + cols, mask=col_mask, other=0.0)[None, :]
+            if HAS_BIAS:
+                bias = tl.load(Bias + cols, mask=col_mask, other=0.0)[None, :]
+        y = _affine(x_hat, w, bias, offset, X, W, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
+        tl.store(Y + ptr, _cast(y, Y.dtype.element_ty, MANUAL_BF16), mask=mask)
+    else:
+        # pass 1 (and 2 for layer_norm): row statistics, accumulated chunk-wise in a [BLOCK_ROWS, BLOCK_D] tile
+        acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        if IS_LAYER_NORM:
+            for chunk in range(NUM_CHUNKS):
+                c = chunk * BLOCK_D + cols
+                mask = row_mask[:, None] & (c < D)[None, :]
+                acc += tl.load(X + row_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            mean = tl.div_rn(tl.sum(acc, axis=1), d_float)
+            acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        else:
+            mean = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+        for chunk in range(NUM_CHUNKS):
+            c = chunk * BLOCK_D + cols
+            mask = row_mask[:, None] & (c < D)[None, :]
+            x = tl.load(X + row_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            centred = tl.where(mask, x - mean[:, None], 0.0)
+            acc += centred * centred
+        var = tl.div_rn(tl.sum(acc, axis=1), d_float)
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        # last pass: outputs
+        for chunk in range(NUM_CHUNKS):
+            c = chunk * BLOCK_D + cols
+            col_mask = c < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            ptr = row_off[:, None] + c[None, :]
+            x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+            x_hat = (x - mean[:, None]) * rstd[:, None]
+            w = 0.0
+            bias = 0.0
+            if AFFINE != 0:
+                w = tl.load(W + c, mask=col_mask, other=0.0)[None, :]
+                if HAS_BIAS:
+                    bias = tl.load(Bias + c, mask=col_mask, other=0.0)[None, :]
+            y = _affine(x_hat, w, bias, offset, X, W, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
+            tl.store(Y + ptr, _cast(y, Y.dtype.element_ty, MANUAL_BF16), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_mask)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _gns_norm_bwd_kernel(
+    DY,
+    X,
+    W,
+    Mean,
+    Rstd,
+    DX,
+    PartialW,
+    PartialB,
+    ScratchG,
+    ScratchGX,
+    rows_per_example,
+    D,
+    d_float,
+    n_tiles,
+    rows_per_tile,
+    offset,
+    IS_LAYER_NORM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ROUND: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
+):
+    """dx for the rows of tile t of example b, and that tile's partial sums of dy ⊙ x̂' and dy ([D] each).
+
+    Program ``pid = b·n_tiles + t`` owns rows ``[b·R + t·rows_per_tile, min(b·R + (t + 1)·rows_per_tile, (b + 1)·R))``
+    and writes row ``pid`` of the ``[B·n_tiles, D]`` partial buffers.
+    """
+    pid = tl.program_id(0)
+    example = pid // n_tiles
+    tile = pid - example * n_tiles
+    example_start = example * rows_per_example
+    row_start = example_start + tile * rows_per_tile
+    row_end = tl.minimum(row_start + rows_per_tile, example_start + rows_per_example)
+    partial_off = pid.to(tl.int64) * D
+    cols = tl.arange(0, BLOCK_D)
+    if NUM_CHUNKS == 1:
+        col_mask = cols < D
+        w = 1.0
+        if NEED_DX and HAS_WEIGHT:
+            w = offset + tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc_w = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        for first in range(row_start, row_end, BLOCK_ROWS):
+            rows = first + tl.arange(0, BLOCK_ROWS)
+            row_mask = rows < row_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            ptr = rows.to(tl.int64)[:, None] * D + cols[None, :]
+            dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+            if NEED_DX or NEED_DW:
+                x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+                if IS_LAYER_NORM:
+                    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+                    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                else:
+                    x_hat = x * rstd[:, None]
+                if NEED_DX:
+                    g = dy * w
+                    mean_gx = tl.div_rn(tl.sum(g * x_hat, axis=1), d_float)
+                    correction = mean_gx[:, None] * x_hat
+                    if IS_LAYER_NORM:
+                        correction = correction + tl.div_rn(tl.sum(g, axis=1), d_float)[:, None]
+                    dx = (g - correction) * rstd[:, None]
+                    tl.store(DX + ptr, _cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
+                if NEED_DW:
+                    acc_w += dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
+            if NEED_DB:
+                acc_b += dy
+        if NEED_DW:
+            tl.store(PartialW + partial_off + cols, tl.sum(acc_w, axis=0), mask=col_mask)
+        if NEED_DB:
+            tl.store(PartialB + partial_off + cols, tl.sum(acc_b, axis=0), mask=col_mask)
+    else:
+        if NEED_DX:
+            # pass 1, row by row: mean(ĝ) and mean(ĝ ⊙ x̂), kept in the float32 scratch buffers
+            for first in range(row_start, row_end, BLOCK_ROWS):
+                rows = first + tl.arange(0, BLOCK_ROWS)
+                row_mask = rows < row_end
+                row_off = rows.to(tl.int64) * D
+                rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+                mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+                acc_g = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+                acc_gx = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+                for chunk in range(NUM_CHUNKS):
+                    c = chunk * BLOCK_D + cols
+                    col_mask = c < D
+                    mask = row_mask[:, None] & col_mask[None, :]
+                    ptr = row_off[:, None] + c[None, :]
+                    dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+                    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                    g = dy
+                    if HAS_WEIGHT:
+                        g = dy * (offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :])
+                    acc_g += g
+                    acc_gx += g * x_hat
+                tl.store(ScratchG + rows, tl.div_rn(tl.sum(acc_g, axis=1), d_float), mask=row_mask)
+                tl.store(ScratchGX + rows, tl.div_rn(tl.sum(acc_gx, axis=1), d_float), mask=row_mask)
+            # make the scratch values written by some threads visible to all threads of the program
+            tl.debug_barrier()
+        # pass 2, chunk by chunk: dx and the partial sums of this chunk of features
+        for chunk in range(NUM_CHUNKS):
+            c = chunk * BLOCK_D + cols
+            col_mask = c < D
+            w = 1.0
+            if NEED_DX and HAS_WEIGHT:
+                w = offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            acc_w = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+            acc_b = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+            for first in range(row_start, row_end, BLOCK_ROWS):
+                rows = first + tl.arange(0, BLOCK_ROWS)
+                row_mask = rows < row_end
+                mask = row_mask[:, None] & col_mask[None, :]
+                ptr = rows.to(tl.int64)[:, None] * D + c[None, :]
+                dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+                if NEED_DX or NEED_DW:
+                    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+                    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+                    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+                    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                    if NEED_DX:
+                        g = dy * w
+                        correction = tl.load(ScratchGX + rows, mask=row_mask, other=0.0)[:, None] * x_hat
+                        if IS_LAYER_NORM:
+                            correction = correction + tl.load(ScratchG + rows, mask=row_mask, other=0.0)[:, None]
+                        dx = (g - correction) * rstd[:, None]
+                        tl.store(DX + ptr, _cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
+                    if NEED_DW:
+                        acc_w += dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
+                if NEED_DB:
+                    acc_b += dy
+            if NEED_DW:
+                tl.store(PartialW + partial_off + c, tl.sum(acc_w, axis=0), mask=col_mask)
+            if NEED_DB:
+                tl.store(PartialB + partial_off + c, tl.sum(acc_b, axis=0), mask=col_mask)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    """Whether kernels run in the Triton interpreter (which truncates float32 to bfloat16 instead of rounding)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _num_warps(elements: int) -> int:
+    """Warps for a program handling ``elements`` values per pass (Liger-Kernel's ``calculate_settings`` rule)."""
+    if elements >= 32768:
+        return 32
+    if elements >= 8192:
+        return 16
+    if elements >= 2048:
+        return 8
+    return 4
+
+
+def _block_d(d: int, max_block_d: int | None) -> tuple[int, int]:
+    """(BLOCK_D, number of chunks) for rows of ``d`` features."""
+    limit = MAX_BLOCK_D if max_block_d is None else max_block_d
+    if limit < 1 or limit & (limit - 1):
+        raise ValueError(f"max_block_d must be a positive power of two, got {limit}")
+    block = min(triton.next_power_of_2(d), limit)
+    return block, triton.cdiv(d, block)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # CPU (Triton interpreter): any small number
+
+
+def _rounding_mode(spec: NormSpec, x_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> int:
+    """The ROUND constexpr: how x̂ is rounded before the multiplication by w (see ``rounded_normalized``)."""
+    if spec.rounding == "llama" and x_dtype != torch.float32:
+        return _ROUND_X_DTYPE
+    if spec.rounding == "t5" and weight_dtype in HALF_DTYPES:
+        return _ROUND_W_DTYPE
+    return _ROUND_NONE
+
+
+def _check(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"x must be at least 2-D ([B, ..., D]), got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported input dtype {x.dtype}; expected one of {_SUPPORTED_DTYPES}")
+    d = x.shape[-1]
+    if d == 0:
+        raise ValueError("the normalized dimension must not be empty")
+    if weight is None and bias is not None:
+        raise ValueError("bias without weight is not supported")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"unsupported {name} dtype {p.dtype}; expected one of {_SUPPORTED_DTYPES}")
+        if p.shape != (d,):
+            raise ValueError(f"{name} must have shape ({d},), got {tuple(p.shape)}")
+
+
+def gns_norm_forward(
+    spec: NormSpec,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    max_block_d: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize ``x`` over its last dimension; same contract as :func:`norm_reference.norm_forward`.
+
+    Args:
+        spec: what the module computes (kind, eps, offset, rounding).
+        x: input ``[B, ..., D]`` (float32, bfloat16 or float16; any strides).
+        weight: ``[D]`` or None (no affine; then ``bias`` must be None too).
+        bias: ``[D]`` or None.
+        max_block_d: largest feature block held at once (power of two); wider rows are processed in chunks.
+            Defaults to :data:`MAX_BLOCK_D`; tests lower it to exercise the chunked path.
+
+    Returns:
+        ``(y, mean, rstd)``: y with x's shape and dtype ``output_dtype(spec, x.dtype, weight.dtype)``; mean and rstd
+        float32 of shape ``x.shape[:-1]`` (mean is zeros for rms_norm).
+    """
+    _check(x, weight, bias)
+    d = x.shape[-1]
+    weight_dtype = None if weight is None else weight.dtype
+    out_dtype = output_dtype(spec, x.dtype, weight_dtype)
+    x2 = x.contiguous().view(-1, d)
+    n_rows = x2.shape[0]
+    y = torch.empty((n_rows, d), dtype=out_dtype, device=x.device)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows > 0:
+        block_d, num_chunks = _block_d(d, max_block_d)
+        block_rows = 1
+        if num_chunks == 1:
+            block_rows = max(1, min(_FORWARD_TILE_ELEMENTS // block_d, triton.next_power_of_2(n_rows)))
+        if weight is None:
+            affine = _AFFINE_NONE
+        elif spec.rounding in ("layer_norm", "fp32"):
+            affine = _AFFINE_SCALE_SHIFT
+        else:
+            affine = _AFFINE_MULTIPLY
+        has_bias = bias is not None and affine == _AFFINE_SCALE_SHIFT
+        w = x2 if weight is None else weight.contiguous()
+        b = w if bias is None else bias.contiguous()
+        grid = (triton.cdiv(n_rows, block_rows),)
+        _gns_norm_fwd_kernel[grid](
+            x2,
+            w,
+            b,
+            y,
+            mean,
+            rstd,
+            n_rows,
+            d,
+            float(d),
+            float(spec.eps),
+            float(spec.offset),
+            IS_LAYER_NORM=spec.kind == "layer_norm",
+            AFFINE=affine,
+            HAS_BIAS=has_bias,
+            ROUND=_rounding_mode(spec, x.dtype, weight_dtype),
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+            NUM_CHUNKS=num_chunks,
+            num_warps=_num_warps(block_rows * block_d),
+            MANUAL_BF16=_interpreting(),
+        enable_fp_fusion=False,  # separate multiply and add, as the torch reference rounds them
+        )
+    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+def _plan_tiles(num_examples: int, rows_per_example: int, sm_count: int, rows_per_tile: int | None) -> tuple[int, int]:
+    """(rows per tile, tiles per example) for the backward grid of ``num_examples · tiles`` programs."""
+    if rows_per_tile is None:
+        target_tiles = triton.cdiv(_PROGRAMS_PER_SM * sm_count, num_examples)
+        tiles = max(1, min(target_tiles, rows_per_example // _MIN_ROWS_PER_TILE))
+        rows_per_tile = triton.cdiv(rows_per_example, tiles)
+    rows_per_tile = max(1, min(rows_per_tile, rows_per_example))
+    return rows_per_tile, triton.cdiv(rows_per_example, rows_per_tile)
+
+
+def gns_norm_backward(
+    spec: NormSpec,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    need_input_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+    *,
+    max_block_d: int | None = None,
+    rows_per_tile: int | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
+    """Gradients and per-example gradient statistics; same contract as :func:`norm_reference.norm_backward`.
+
+    Args:
+        spec: what the module computes.
+        dy: upstream gradient, x's shape (any supported dtype, any strides).
+        x, weight, bias: the forward's inputs.
+        mean, rstd: float32 ``x.shape[:-1]``, as returned by :func:`gns_norm_forward`.
+        need_input_grad, need_weight_grad, need_bias_grad: which gradients to compute; work for the others is
+            skipped (no per-example buffers for a frozen weight or bias).
+        max_block_d: largest feature block held at once (power of two); defaults to :data:`MAX_BLOCK_D`.
+        rows_per_tile: rows of one example handled by one program; defaults to a value that gives about
+            two programs per SM. Changing it changes the summation order of dw, db and the statistics.
+
+    Returns:
+        ``(dx, dw, db, statistics)``: dx in x's dtype, dw and db in the parameters' dtypes (None when not needed);
+        statistics float32 ``[Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B]`` with G the per-example gradients.
+    """
+    _check(x, weight, bias)
+    if need_weight_grad and weight is None:
+        raise ValueError("need_weight_grad without a weight")
+    if need_bias_grad and bias is None:
+        raise ValueError("need_bias_grad without a bias")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    device = x.device
+    num_examples, d = x.shape[0], x.shape[-1]
+    x2 = x.contiguous().view(-1, d)
+    n_rows = x2.shape[0]
+    rows_per_example = n_rows // num_examples if num_examples else 0
+    statistics = torch.zeros(3, dtype=torch.float32, device=device)
+    statistics[2] = num_examples
+    if n_rows == 0:
+        dx = torch.zeros_like(x) if need_input_grad else None
+        dw = torch.zeros_like(weight) if need_weight_grad else None
+        db = torch.zeros_like(bias) if need_bias_grad else None
+        return dx, dw, db, statistics
+    if not (need_input_grad or need_weight_grad or need_bias_grad):
+        return None, None, None, statistics
+
+    dy2 = dy.contiguous().view(-1, d)
+    mean1 = mean.reshape(-1).to(torch.float32).contiguous()
+    rstd1 = rstd.reshape(-1).to(torch.float32).contiguous()
+    block_d, num_chunks = _block_d(d, max_block_d)
+    rows_per_tile, n_tiles = _plan_tiles(num_examples, rows_per_example, _sm_count(device), rows_per_tile)
+    block_rows = 1
+    if num_chunks == 1:
+        block_rows = max(1, min(_BACKWARD_TILE_ELEMENTS // block_d, triton.next_power_of_2(rows_per_tile)))
+    n_programs = num_examples * n_tiles
+
+    dx2 = torch.empty((n_rows, d), dtype=x.dtype, device=device) if need_input_grad else None
+    partial_w = torch.empty((n_programs, d), dtype=torch.float32, device=device) if need_weight_grad else None
+    partial_b = torch.empty((n_programs, d), dtype=torch.float32, device=device) if need_bias_grad else None
+    scratch_g = scratch_gx = None
+    if need_input_grad and num_chunks > 1:
+        scratch_g = torch.empty(n_rows, dtype=torch.float32, device=device)
+        scratch_gx = torch.empty(n_rows, dtype=torch.float32, device=device)
+
+    def arg(t: Tensor | None) -> Tensor:
+        return rstd1 if t is None else t  # a placeholder pointer for buffers a disabled branch never touches
+
+    _gns_norm_bwd_kernel[(n_programs,)](
+        dy2,
+        x2,
+        arg(None if weight is None else weight.contiguous()),
+        mean1,
+        rstd1,
+        arg(dx2),
+        arg(partial_w),
+        arg(partial_b),
+        arg(scratch_g),
+        arg(scratch_gx),
+        rows_per_example,
+        d,
+        float(d),
+        n_tiles,
+        rows_per_tile,
+        float(spec.offset),
+        IS_LAYER_NORM=spec.kind == "layer_norm",
+        HAS_WEIGHT=weight is not None,
+        ROUND=_rounding_mode(spec, x.dtype, None if weight is None else weight.dtype),
+        NEED_DX=need_input_grad,
+        NEED_DW=need_weight_grad,
+        NEED_DB=need_bias_grad,
+        BLOCK_ROWS=block_rows,
+        BLOCK_D=block_d,
+        NUM_CHUNKS=num_chunks,
+        num_warps=_num_warps(block_rows * block_d),
+        MANUAL_BF16=_interpreting(),
+        enable_fp_fusion=False,
+    )
+
+    dx = dw = db = None
+    if need_input_grad:
+        dx = dx2.view(x.shape)
+    if need_weight_grad:
+        per_example = partial_w.view(num_examples, n_tiles, d).sum(1)
+        statistics[0] = per_example.square().sum()
+        dw = per_example.sum(0).to(weight.dtype)
+    if need_bias_grad:
+        per_example = partial_b.view(num_examples, n_tiles, d).sum(1)
+        statistics[1] = per_example.square().sum()
+        db = per_example.sum(0).to(bias.dtype)
+    return dx, dw, db, statistics
