@@ -142,7 +142,7 @@ def test_non_contiguous_input():
     spec, x, weight, bias, dy = make_inputs("layer_norm", (4, 2, 24), torch.float32, torch.float32)
     x_t, dy_t = x.transpose(0, 1), dy.transpose(0, 1)  # [2, 4, 24], not contiguous
     assert not x_t.is_contiguous()
-    y, mean, rstd = gns_norm_forward(spec, x_t, weight, bias)
+    y, _, _ = gns_norm_forward(spec, x_t, weight, bias)
     y_ref, mean_ref, rstd_ref = norm_forward(spec, x_t, weight, bias)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     got = gns_norm_backward(spec, dy_t, x_t, weight, bias, mean_ref, rstd_ref, True, True, True)
@@ -194,7 +194,9 @@ def test_statistics_match_torch_func_rms_norm():
 
     (expected_w,) = per_example_statistics(loss, (weight,), x, dy)
     _, mean, rstd = gns_norm_forward(spec, x, weight, None)
-    dx, dw, db, statistics = gns_norm_backward(spec, dy, x, weight, None, mean, rstd, True, True, False, rows_per_tile=3)
+    dx, dw, db, statistics = gns_norm_backward(
+        spec, dy, x, weight, None, mean, rstd, True, True, False, rows_per_tile=3
+    )
     assert db is None
     torch.testing.assert_close(statistics[0], expected_w, rtol=1e-5, atol=0.0)
     assert statistics[1].item() == 0.0 and statistics[2].item() == 3

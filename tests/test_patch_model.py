@@ -120,7 +120,10 @@ def test_unpatch_restores_exact_behaviour():
 def test_include_and_exclude():
     model = model_zoo.build("llama")
     report = patch_model(model, include="model.layers.*", exclude=["*.post_attention_layernorm"])
-    assert sorted(p.name for p in report.patched) == ["model.layers.0.input_layernorm", "model.layers.1.input_layernorm"]
+    assert sorted(p.name for p in report.patched) == [
+        "model.layers.0.input_layernorm",
+        "model.layers.1.input_layernorm",
+    ]
     assert {s.reason for s in report.skipped} == {"excluded by include/exclude"}
     assert len(report.skipped) == 3
 

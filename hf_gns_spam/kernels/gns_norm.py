@@ -77,19 +77,19 @@ _ROUND_W_DTYPE = 2
 
 
 @triton.jit
-def _cast(v, DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """float32 ``v`` rounded to nearest even in DTYPE.
+def _cast(v, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """float32 ``v`` rounded to nearest even in ``dtype``.
 
     With MANUAL_BF16 the bfloat16 rounding is done on the bits: the Triton interpreter truncates float32 to
     bfloat16, whereas GPUs (and torch) round to nearest even. On a GPU the native conversion is used.
     """
-    if MANUAL_BF16 and DTYPE == tl.bfloat16:
+    if MANUAL_BF16 and dtype == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = bits + (((bits >> 16) & 1) + 0x7FFF)
         out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         out = tl.where(v != v, v.to(tl.bfloat16), out)  # keep NaNs NaN
     else:
-        out = v.to(DTYPE)
+        out = v.to(dtype)
     return out
 
 
@@ -392,7 +392,7 @@ def _block_d(d: int, max_block_d: int | None) -> tuple[int, int]:
     return block, triton.cdiv(d, block)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -494,7 +494,7 @@ def gns_norm_forward(
             NUM_CHUNKS=num_chunks,
             num_warps=_num_warps(block_rows * block_d),
             MANUAL_BF16=_interpreting(),
-        enable_fp_fusion=False,  # separate multiply and add, as the torch reference rounds them
+            enable_fp_fusion=False,  # separate multiply and add, as the torch reference rounds them
         )
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
