@@ -175,6 +175,19 @@ class ScaledTanhNorm(nn.Module):
         return self.weight * torch.tanh(hidden_states)
 
 
+class Rescale(nn.Module):
+    """A Gemma-style RMSNorm under a name that says nothing (as in trust_remote_code models)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(features))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        normalized = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (normalized * (1.0 + self.weight.float())).type_as(x)
+
+
 class Zoo(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -186,6 +199,7 @@ class Zoo(nn.Module):
         self.plain_layernorm_no_affine = nn.LayerNorm(8, elementwise_affine=False)
         self.plain_layernorm_no_bias = nn.LayerNorm(8, bias=False)
         self.torch_rmsnorm = nn.RMSNorm(8, eps=1e-5)
+        self.scale = Rescale(8)
 
 
 def test_unsupported_norms_are_skipped_with_a_reason():
@@ -200,7 +214,8 @@ def test_unsupported_norms_are_skipped_with_a_reason():
         "tanh_norm": "output matches no supported normalization formula",
         "plain_layernorm_no_affine": "weightless (no parameters to measure)",
     }
-    assert sorted(p.name for p in report.patched) == ["plain_layernorm_no_bias", "torch_rmsnorm"]
+    assert sorted(p.name for p in report.patched) == ["plain_layernorm_no_bias", "scale", "torch_rmsnorm"]
+    assert model.scale._gns_spec.offset == 1.0 and model.scale._gns_spec.rounding == "fp32"
     x = torch.randn(2, 3, 8)
     reference = nn.RMSNorm(8, eps=1e-5)
     torch.testing.assert_close(model.torch_rmsnorm(x), reference(x))
