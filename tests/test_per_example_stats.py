@@ -209,3 +209,28 @@ def test_torch_compile_inductor_on_a_patched_llama():
     expected = snapshot(eager)
     for name, (sum_sq, count) in snapshot(model).items():
         assert count == 3 and sum_sq == pytest.approx(expected[name][0], rel=1e-4), name
+
+
+@pytest.mark.slow
+def test_qlora_model_patched_norms_are_frozen_and_exact(tmp_path):
+    """bitsandbytes 4-bit base weights + LoRA: the norms are frozen fp32 (prepare_model_for_kbit_training)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model_zoo.build("llama").save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    reference = copy.deepcopy(model)
+    report = patch_model(model)
+    assert len(report.patched) == 5
+    inputs = model_zoo.batch("llama")
+    expected = reference(**inputs)
+    output = model(**inputs)
+    torch.testing.assert_close(output.logits, expected.logits)
+    output.loss.backward()
+    assert all(v == (0.0, 0.0) for v in snapshot(model).values())
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
