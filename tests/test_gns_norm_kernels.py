@@ -134,8 +134,12 @@ def test_shapes(monkeypatch, case, shape):
 
 @pytest.mark.parametrize("case", ["layer_norm", "rms_llama", "rms_t5"])
 @pytest.mark.parametrize("max_block_d", [None, 16], ids=["one_block", "d_tiled"])
-def test_float16(monkeypatch, case, max_block_d):
-    check_against_reference(monkeypatch, case, (2, 3, 40), (torch.float16, torch.float16), max_block_d, rows_per_tile=1)
+@pytest.mark.parametrize(
+    "dtypes", [(torch.float16, torch.float16), (torch.bfloat16, torch.float16)], ids=["fp16", "bf16_x_fp16_w"]
+)
+def test_float16(monkeypatch, case, dtypes, max_block_d):
+    """float16 inputs, and a float16 weight on bfloat16 inputs (t5 rounds x̂ to w's dtype, llama to x's)."""
+    check_against_reference(monkeypatch, case, (2, 3, 40), dtypes, max_block_d, rows_per_tile=1)
 
 
 def test_non_contiguous_input():

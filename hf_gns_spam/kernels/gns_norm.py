@@ -30,15 +30,21 @@ The launcher then reduces in torch (deterministic, no atomics)::
     G_b[b] = Σ_t partial_b[b, t]     db = Σ_b G_b[b]     statistics[1] = Σ_b ‖G_b[b]‖²
     statistics[2] = B
 
-Rows whose D exceeds ``max_block_d`` are processed in ``BLOCK_D`` chunks: the forward makes one pass for the sums
-(two for layer_norm: the mean, then the centred sum of squares) and one for the outputs; the backward makes one pass
-per row for mean(ĝ) and mean(ĝ ⊙ x̂) (kept in a float32 scratch buffer) and one pass, chunk by chunk, for dx and the
-per-example partial sums. Results are deterministic: the launch configuration depends only on the shapes and on
-the device's number of SMs.
+Rows of up to ``max_block_d`` (default 8192) features are held in one block: one read of x (forward) and of x and
+dy (backward). Wider rows are processed in chunks of ``min(max_block_d, 2048)`` features: the forward makes one pass
+for the sums (two for layer_norm: the mean, then the centred sum of squares) and one for the outputs; the backward
+makes one pass per row for mean(ĝ) and mean(ĝ ⊙ x̂) (kept in a float32 scratch buffer) and one pass, chunk by chunk,
+for dx and the per-example partial sums. Results are deterministic: the launch configuration depends only on the
+shapes and on the device's number of SMs.
+
+As in the reference, the "llama" and "t5" roundings multiply by w alone (no offset, no bias) in the forward, while
+the backward's ĝ uses (offset + w) for every rounding. Under the Triton interpreter (CPU tests), float32 → bfloat16
+conversions are rounded to nearest even on the bits, because the interpreter's own conversion truncates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -51,12 +57,14 @@ from hf_gns_spam.ops.norm_reference import HALF_DTYPES, NormSpec, output_dtype
 
 __all__ = ["MAX_BLOCK_D", "gns_norm_backward", "gns_norm_forward"]
 
-#: Largest row block kept in registers; wider rows are processed in chunks of this many features.
+#: Largest row held in one block (registers); wider rows are processed in chunks of ``_CHUNK_BLOCK_D`` features.
 MAX_BLOCK_D = 8192
+_CHUNK_BLOCK_D = 2048
 #: Elements per program the launcher aims at when several short rows share a program.
 _FORWARD_TILE_ELEMENTS = 2048
 _BACKWARD_TILE_ELEMENTS = 2048
-#: Backward: aim for this many programs per SM, but give each at least this many rows.
+#: Backward: at most this many programs per SM (a wide-row program fills an SM's registers: two full waves), but
+#: at least this many rows per program (bounds the partial buffers to 1/8 of the rows).
 _PROGRAMS_PER_SM = 2
 _MIN_ROWS_PER_TILE = 8
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -281,6 +289,11 @@ def _gns_norm_bwd_kernel(
                     x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
                 else:
                     x_hat = x * rstd[:, None]
+                # the accumulations first: dy is then dead across the reductions below (fewer live registers)
+                if NEED_DW:
+                    acc_w += dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
+                if NEED_DB:
+                    acc_b += dy
                 if NEED_DX:
                     g = dy * w
                     mean_gx = tl.div_rn(tl.sum(g * x_hat, axis=1), d_float)
@@ -289,9 +302,7 @@ def _gns_norm_bwd_kernel(
                         correction = correction + tl.div_rn(tl.sum(g, axis=1), d_float)[:, None]
                     dx = (g - correction) * rstd[:, None]
                     tl.store(DX + ptr, _cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
-                if NEED_DW:
-                    acc_w += dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
-            if NEED_DB:
+            elif NEED_DB:
                 acc_b += dy
         if NEED_DW:
             tl.store(PartialW + partial_off + cols, tl.sum(acc_w, axis=0), mask=col_mask)
@@ -372,8 +383,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _num_warps(elements: int) -> int:
-    """Warps for a program handling ``elements`` values per pass (Liger-Kernel's ``calculate_settings`` rule)."""
+def _forward_num_warps(elements: int) -> int:
+    """Warps for a forward program handling ``elements`` values at once (Liger-Kernel's ``calculate_settings``).
+
+    The forward keeps few values live per element (about 45–90 registers per thread at 8–16 elements per thread
+    on sm_90), so up to 16 elements per thread is fine.
+    """
     if elements >= 32768:
         return 32
     if elements >= 8192:
@@ -383,13 +398,34 @@ def _num_warps(elements: int) -> int:
     return 4
 
 
+def _backward_num_warps(elements: int) -> int:
+    """Warps for a backward program handling ``elements`` values at once: 8 elements per thread, 4 to 32 warps.
+
+    The backward keeps w, the dw accumulator, ĝ and x̂ live across the row reductions; at 16 elements per thread
+    (Liger's setting) ptxas needs 150–250 registers on sm_90 and spills at 8192 features, at 8 per thread about
+    65–130 with no spill for rms_norm up to 8192 features.
+    """
+    return max(4, min(32, elements // 256))
+
+
 def _block_d(d: int, max_block_d: int | None) -> tuple[int, int]:
-    """(BLOCK_D, number of chunks) for rows of ``d`` features."""
+    """(BLOCK_D, number of chunks) for rows of ``d`` features.
+
+    Rows up to ``max_block_d`` features are held in one block; wider rows are processed in chunks of
+    ``min(max_block_d, _CHUNK_BLOCK_D)`` features.
+    """
     limit = MAX_BLOCK_D if max_block_d is None else max_block_d
     if limit < 1 or limit & (limit - 1):
         raise ValueError(f"max_block_d must be a positive power of two, got {limit}")
-    block = min(triton.next_power_of_2(d), limit)
+    block = triton.next_power_of_2(d)
+    if block > limit:
+        block = min(limit, _CHUNK_BLOCK_D)
     return block, triton.cdiv(d, block)
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while launching: Triton launches on the current CUDA device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache
@@ -473,36 +509,37 @@ def gns_norm_forward(
         w = x2 if weight is None else weight.contiguous()
         b = w if bias is None else bias.contiguous()
         grid = (triton.cdiv(n_rows, block_rows),)
-        _gns_norm_fwd_kernel[grid](
-            x2,
-            w,
-            b,
-            y,
-            mean,
-            rstd,
-            n_rows,
-            d,
-            float(d),
-            float(spec.eps),
-            float(spec.offset),
-            IS_LAYER_NORM=spec.kind == "layer_norm",
-            AFFINE=affine,
-            HAS_BIAS=has_bias,
-            ROUND=_rounding_mode(spec, x.dtype, weight_dtype),
-            BLOCK_ROWS=block_rows,
-            BLOCK_D=block_d,
-            NUM_CHUNKS=num_chunks,
-            num_warps=_num_warps(block_rows * block_d),
-            MANUAL_BF16=_interpreting(),
-            enable_fp_fusion=False,  # separate multiply and add, as the torch reference rounds them
-        )
+        with _device_guard(x.device):
+            _gns_norm_fwd_kernel[grid](
+                x2,
+                w,
+                b,
+                y,
+                mean,
+                rstd,
+                n_rows,
+                d,
+                float(d),
+                float(spec.eps),
+                float(spec.offset),
+                IS_LAYER_NORM=spec.kind == "layer_norm",
+                AFFINE=affine,
+                HAS_BIAS=has_bias,
+                ROUND=_rounding_mode(spec, x.dtype, weight_dtype),
+                BLOCK_ROWS=block_rows,
+                BLOCK_D=block_d,
+                NUM_CHUNKS=num_chunks,
+                num_warps=_forward_num_warps(block_rows * block_d),
+                MANUAL_BF16=_interpreting(),
+                enable_fp_fusion=False,  # separate multiply and add, as the torch reference rounds them
+            )
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
 def _plan_tiles(num_examples: int, rows_per_example: int, sm_count: int, rows_per_tile: int | None) -> tuple[int, int]:
     """(rows per tile, tiles per example) for the backward grid of ``num_examples · tiles`` programs."""
     if rows_per_tile is None:
-        target_tiles = triton.cdiv(_PROGRAMS_PER_SM * sm_count, num_examples)
+        target_tiles = _PROGRAMS_PER_SM * sm_count // num_examples  # at most the target: no partial last wave
         tiles = max(1, min(target_tiles, rows_per_example // _MIN_ROWS_PER_TILE))
         rows_per_tile = triton.cdiv(rows_per_example, tiles)
     rows_per_tile = max(1, min(rows_per_tile, rows_per_example))
@@ -584,36 +621,37 @@ def gns_norm_backward(
     def arg(t: Tensor | None) -> Tensor:
         return rstd1 if t is None else t  # a placeholder pointer for buffers a disabled branch never touches
 
-    _gns_norm_bwd_kernel[(n_programs,)](
-        dy2,
-        x2,
-        arg(None if weight is None else weight.contiguous()),
-        mean1,
-        rstd1,
-        arg(dx2),
-        arg(partial_w),
-        arg(partial_b),
-        arg(scratch_g),
-        arg(scratch_gx),
-        rows_per_example,
-        d,
-        float(d),
-        n_tiles,
-        rows_per_tile,
-        float(spec.offset),
-        IS_LAYER_NORM=spec.kind == "layer_norm",
-        HAS_WEIGHT=weight is not None,
-        ROUND=_rounding_mode(spec, x.dtype, None if weight is None else weight.dtype),
-        NEED_DX=need_input_grad,
-        NEED_DW=need_weight_grad,
-        NEED_DB=need_bias_grad,
-        BLOCK_ROWS=block_rows,
-        BLOCK_D=block_d,
-        NUM_CHUNKS=num_chunks,
-        num_warps=_num_warps(block_rows * block_d),
-        MANUAL_BF16=_interpreting(),
-        enable_fp_fusion=False,
-    )
+    with _device_guard(device):
+        _gns_norm_bwd_kernel[(n_programs,)](
+            dy2,
+            x2,
+            arg(None if weight is None else weight.contiguous()),
+            mean1,
+            rstd1,
+            arg(dx2),
+            arg(partial_w),
+            arg(partial_b),
+            arg(scratch_g),
+            arg(scratch_gx),
+            rows_per_example,
+            d,
+            float(d),
+            n_tiles,
+            rows_per_tile,
+            float(spec.offset),
+            IS_LAYER_NORM=spec.kind == "layer_norm",
+            HAS_WEIGHT=weight is not None,
+            ROUND=_rounding_mode(spec, x.dtype, None if weight is None else weight.dtype),
+            NEED_DX=need_input_grad,
+            NEED_DW=need_weight_grad,
+            NEED_DB=need_bias_grad,
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+            NUM_CHUNKS=num_chunks,
+            num_warps=_backward_num_warps(block_rows * block_d),
+            MANUAL_BF16=_interpreting(),
+            enable_fp_fusion=False,
+        )
 
     dx = dw = db = None
     if need_input_grad:
