@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from hf_gns_spam.ops.gns_norm import gns_norm
-from hf_gns_spam.ops.norm_reference import NormSpec, norm_forward, output_dtype
+from hf_gns_spam.ops.norm_reference import STATISTICS_SIZE, NormSpec, norm_forward, output_dtype
 
 __all__ = ["PatchReport", "PatchedModule", "SkippedModule", "is_patched", "patch_model", "unpatch_model"]
 
@@ -125,8 +125,8 @@ def _patched_class(original: type[nn.Module]) -> type[nn.Module]:
 
 
 def _new_statistics(device: torch.device) -> torch.Tensor:
-    """The autograd leaf whose ``.grad`` accumulates [Σ‖G_w[b]‖², Σ‖G_b[b]‖², examples]."""
-    return torch.zeros(3, dtype=torch.float32, device=device, requires_grad=True)
+    """The autograd leaf whose ``.grad`` accumulates the statistics (:mod:`hf_gns_spam.ops.gns_norm`)."""
+    return torch.zeros(STATISTICS_SIZE, dtype=torch.float32, device=device, requires_grad=True)
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -203,7 +203,8 @@ def _probe(module: nn.Module, eps: float) -> tuple[str, NormSpec] | str:
         fields = _RMS_CANDIDATES[label]
 
         best_rounding, best_agreement = None, -1.0
-        for rounding in ("llama", "fp32", "t5") if fields["kind"] == "rms_norm" else ("fp32",):
+        roundings = ("llama", "fp32", "t5") if fields["kind"] == "rms_norm" and not fields["offset"] else ("fp32",)
+        for rounding in roundings:
             spec = NormSpec(eps=eps, rounding=rounding, **fields)
             agreement = 1.0
             for weight_dtype in (torch.bfloat16, torch.float32):

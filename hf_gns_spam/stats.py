@@ -24,10 +24,15 @@ __all__ = ["PerExampleStats", "per_example_grad_stats", "reset_per_example_grad_
 
 @dataclass(frozen=True)
 class PerExampleStats:
-    """``sum_sq`` and ``count`` as 0-dim float32 tensors on the parameter's device (reading them does not sync)."""
+    """0-dim float32 tensors on the parameter's device (reading them does not synchronise).
+
+    ``scaled_sum_sq`` is Σ_b c_b‖G_p[b]‖² with the per-example scales c_b given to the norm operator
+    (``example_scales``); it equals ``sum_sq`` when none were given.
+    """
 
     sum_sq: torch.Tensor
     count: torch.Tensor
+    scaled_sum_sq: torch.Tensor
 
 
 def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
@@ -41,11 +46,11 @@ def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
             continue
         accumulated = module._gns_statistics.grad
         if accumulated is None:
-            accumulated = torch.zeros(3, dtype=torch.float32, device=module._gns_statistics.device)
+            accumulated = torch.zeros_like(module._gns_statistics)
         prefix = f"{module_name}." if module_name else ""
-        stats[prefix + "weight"] = PerExampleStats(accumulated[0], accumulated[2])
+        stats[prefix + "weight"] = PerExampleStats(accumulated[0], accumulated[2], accumulated[3])
         if getattr(module, "bias", None) is not None:
-            stats[prefix + "bias"] = PerExampleStats(accumulated[1], accumulated[2])
+            stats[prefix + "bias"] = PerExampleStats(accumulated[1], accumulated[2], accumulated[4])
     return stats
 
 

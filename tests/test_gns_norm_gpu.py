@@ -21,7 +21,7 @@ def run(spec: NormSpec, x: torch.Tensor, weight: torch.Tensor, bias, dy: torch.T
     x = x.detach().clone().requires_grad_()
     weight = weight.detach().clone().requires_grad_()
     bias = None if bias is None else bias.detach().clone().requires_grad_()
-    statistics = torch.zeros(3, device=x.device, requires_grad=True)
+    statistics = torch.zeros(5, device=x.device, requires_grad=True)
     with norm_backend(backend):
         y = gns_norm(x, weight, bias, spec, statistics)
         y.backward(dy)

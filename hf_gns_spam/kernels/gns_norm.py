@@ -28,7 +28,7 @@ The launcher then reduces in torch (deterministic, no atomics)::
 
     G_w[b] = Σ_t partial_w[b, t]     dw = Σ_b G_w[b]     statistics[0] = Σ_b ‖G_w[b]‖²
     G_b[b] = Σ_t partial_b[b, t]     db = Σ_b G_b[b]     statistics[1] = Σ_b ‖G_b[b]‖²
-    statistics[2] = B
+    statistics[2] = B      (and the c_b-scaled sums: norm_reference.per_example_statistics)
 
 Rows of up to ``max_block_d`` (default 8192) features are held in one block: one read of x (forward) and of x and
 dy (backward). Wider rows are processed in chunks of ``min(max_block_d, 2048)`` features: the forward makes one pass
@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hf_gns_spam.ops.norm_reference import HALF_DTYPES, NormSpec, output_dtype
+from hf_gns_spam.ops.norm_reference import HALF_DTYPES, NormSpec, output_dtype, per_example_statistics
 
 __all__ = ["MAX_BLOCK_D", "gns_norm_backward", "gns_norm_forward"]
 
@@ -557,6 +557,7 @@ def gns_norm_backward(
     need_input_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
+    example_scales: Tensor | None = None,
     *,
     max_block_d: int | None = None,
     rows_per_tile: int | None = None,
@@ -570,13 +571,15 @@ def gns_norm_backward(
         mean, rstd: float32 ``x.shape[:-1]``, as returned by :func:`gns_norm_forward`.
         need_input_grad, need_weight_grad, need_bias_grad: which gradients to compute; work for the others is
             skipped (no per-example buffers for a frozen weight or bias).
+        example_scales: optional float32 [B] factors c_b for the scaled statistics (see the reference).
         max_block_d: largest feature block held at once (power of two); defaults to :data:`MAX_BLOCK_D`.
         rows_per_tile: rows of one example handled by one program; defaults to a value that gives about
             two programs per SM. Changing it changes the summation order of dw, db and the statistics.
 
     Returns:
         ``(dx, dw, db, statistics)``: dx in x's dtype, dw and db in the parameters' dtypes (None when not needed);
-        statistics float32 ``[Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B]`` with G the per-example gradients.
+        statistics float32 ``[Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²]`` with G the
+        per-example gradients (:func:`norm_reference.per_example_statistics`).
     """
     _check(x, weight, bias)
     if need_weight_grad and weight is None:
@@ -590,15 +593,13 @@ def gns_norm_backward(
     x2 = x.contiguous().view(-1, d)
     n_rows = x2.shape[0]
     rows_per_example = n_rows // num_examples if num_examples else 0
-    statistics = torch.zeros(3, dtype=torch.float32, device=device)
-    statistics[2] = num_examples
     if n_rows == 0:
         dx = torch.zeros_like(x) if need_input_grad else None
         dw = torch.zeros_like(weight) if need_weight_grad else None
         db = torch.zeros_like(bias) if need_bias_grad else None
-        return dx, dw, db, statistics
+        return dx, dw, db, per_example_statistics(None, None, num_examples, example_scales, device)
     if not (need_input_grad or need_weight_grad or need_bias_grad):
-        return None, None, None, statistics
+        return None, None, None, per_example_statistics(None, None, num_examples, example_scales, device)
 
     dy2 = dy.contiguous().view(-1, d)
     mean1 = mean.reshape(-1).to(torch.float32).contiguous()
@@ -653,15 +654,14 @@ def gns_norm_backward(
             enable_fp_fusion=False,
         )
 
-    dx = dw = db = None
+    dx = dw = db = weight_per_example = bias_per_example = None
     if need_input_grad:
         dx = dx2.view(x.shape)
     if need_weight_grad:
-        per_example = partial_w.view(num_examples, n_tiles, d).sum(1)
-        statistics[0] = per_example.square().sum()
-        dw = per_example.sum(0).to(weight.dtype)
+        weight_per_example = partial_w.view(num_examples, n_tiles, d).sum(1)
+        dw = weight_per_example.sum(0).to(weight.dtype)
     if need_bias_grad:
-        per_example = partial_b.view(num_examples, n_tiles, d).sum(1)
-        statistics[1] = per_example.square().sum()
-        db = per_example.sum(0).to(bias.dtype)
+        bias_per_example = partial_b.view(num_examples, n_tiles, d).sum(1)
+        db = bias_per_example.sum(0).to(bias.dtype)
+    statistics = per_example_statistics(weight_per_example, bias_per_example, num_examples, example_scales, device)
     return dx, dw, db, statistics

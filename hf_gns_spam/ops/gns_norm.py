@@ -1,12 +1,13 @@
 """The GNS-aware normalization as a ``torch.library`` custom operator with autograd.
 
-``gns_norm(x, weight, bias, spec, statistics)`` returns what the original normalization module returns. Its
-backward returns the usual dx, dw, db and, as the gradient of ``statistics`` (a float32 leaf tensor of shape [3]
-with ``requires_grad=True``), the per-example statistics of this backward pass::
+``gns_norm(x, weight, bias, spec, statistics, example_scales)`` returns what the original normalization module
+returns. Its backward returns the usual dx, dw, db and, as the gradient of ``statistics`` (a float32 leaf tensor of
+shape [5] with ``requires_grad=True``), the per-example statistics of this backward pass::
 
-    statistics.grad += [Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B]
+    statistics.grad += [Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²]
 
-where G_w[b] (G_b[b]) is the contribution of example b to the weight (bias) gradient. Because autograd accumulates
+where G_w[b] (G_b[b]) is the contribution of example b to the weight (bias) gradient and c_b the optional
+``example_scales`` (1 when not given). Because autograd accumulates
 leaf gradients, successive backward passes (gradient accumulation, gradient checkpointing's recomputation) add up
 until the leaf's ``.grad`` is reset, with no side effects inside the backward: ``torch.compile`` traces it as one
 opaque operator in the forward graph and one in the backward graph. ``statistics=None`` (a frozen weight) computes
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from hf_gns_spam.ops import norm_reference
-from hf_gns_spam.ops.norm_reference import NormSpec, output_dtype
+from hf_gns_spam.ops.norm_reference import STATISTICS_SIZE, NormSpec, output_dtype
 
 __all__ = ["NormSpec", "gns_norm", "norm_backend"]
 
@@ -68,6 +69,7 @@ def _gns_norm_forward(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     statistics: torch.Tensor | None,
+    example_scales: torch.Tensor | None,
     kind: str,
     eps: float,
     offset: float,
@@ -81,7 +83,7 @@ def _gns_norm_forward(
 
 
 @_gns_norm_forward.register_fake
-def _(x, weight, bias, statistics, kind, eps, offset, rounding):
+def _(x, weight, bias, statistics, example_scales, kind, eps, offset, rounding):
     out_dtype = output_dtype(_spec(kind, eps, offset, rounding), x.dtype, None if weight is None else weight.dtype)
     row_shape = x.shape[:-1]
     return (
@@ -99,6 +101,7 @@ def _gns_norm_backward(
     bias: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
+    example_scales: torch.Tensor | None,
     kind: str,
     eps: float,
     offset: float,
@@ -121,6 +124,7 @@ def _gns_norm_backward(
         need_input_grad,
         need_weight_grad,
         need_bias_grad,
+        example_scales,
     )
     empty = x.new_empty(0)
     return (
@@ -132,34 +136,35 @@ def _gns_norm_backward(
 
 
 @_gns_norm_backward.register_fake
-def _(dy, x, weight, bias, mean, rstd, kind, eps, offset, rounding, need_input_grad, need_weight_grad, need_bias_grad):
+def _(dy, x, weight, bias, mean, rstd, example_scales, kind, eps, offset, rounding, need_input, need_weight, need_bias):
     return (
-        x.new_empty(x.shape) if need_input_grad else x.new_empty(0),
-        weight.new_empty(weight.shape) if need_weight_grad else x.new_empty(0),
-        bias.new_empty(bias.shape) if need_bias_grad else x.new_empty(0),
-        x.new_empty(3, dtype=torch.float32),
+        x.new_empty(x.shape) if need_input else x.new_empty(0),
+        weight.new_empty(weight.shape) if need_weight else x.new_empty(0),
+        bias.new_empty(bias.shape) if need_bias else x.new_empty(0),
+        x.new_empty(STATISTICS_SIZE, dtype=torch.float32),
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, statistics, kind, eps, offset, rounding = inputs
+    x, weight, bias, statistics, example_scales, kind, eps, offset, rounding = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd, example_scales)
     ctx.spec_args = (kind, eps, offset, rounding)
     ctx.has_statistics = statistics is not None
 
 
 def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
+    x, weight, bias, mean, rstd, example_scales = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     dx, dw, db, statistics = torch.ops.hf_gns_spam.gns_norm_backward(
-        dy.contiguous(), x, weight, bias, mean, rstd, *ctx.spec_args, need_input, need_weight, need_bias
+        dy.contiguous(), x, weight, bias, mean, rstd, example_scales, *ctx.spec_args, need_input, need_weight, need_bias
     )
     return (
         dx if need_input else None,
         dw if need_weight else None,
         db if need_bias else None,
         statistics if ctx.has_statistics else None,
+        None,
         None,
         None,
         None,
@@ -176,11 +181,16 @@ def gns_norm(
     bias: torch.Tensor | None,
     spec: NormSpec,
     statistics: torch.Tensor | None = None,
+    example_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Normalize ``x`` over its last dimension as ``spec`` says; see the module docstring for ``statistics``."""
+    """Normalize ``x`` over its last dimension as ``spec`` says; see the module docstring for the statistics."""
     if x.dim() < 2:
         raise ValueError(f"gns_norm needs an input of shape [batch, ..., features], got shape {tuple(x.shape)}")
+    if bias is not None and spec.rounding not in ("layer_norm", "fp32"):
+        raise ValueError(f"a bias is supported with the 'layer_norm' and 'fp32' roundings, not {spec.rounding!r}")
+    if example_scales is not None and example_scales.shape != (x.shape[0],):
+        raise ValueError(f"example_scales must have shape [{x.shape[0]}], got {tuple(example_scales.shape)}")
     y, _, _ = torch.ops.hf_gns_spam.gns_norm_forward(
-        x, weight, bias, statistics, spec.kind, spec.eps, spec.offset, spec.rounding
+        x, weight, bias, statistics, example_scales, spec.kind, spec.eps, spec.offset, spec.rounding
     )
     return y

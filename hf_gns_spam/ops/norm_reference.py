@@ -24,7 +24,11 @@ Backward, with dy the upstream gradient and ĝ = dy ⊙ (offset + w) (float32)::
     dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂))        (the mean(ĝ) term only for layer_norm)
     per-example weight gradient   G_w[b] = Σ_rows dy ⊙ x̂'      dw = Σ_b G_w[b]
     per-example bias gradient     G_b[b] = Σ_rows dy            db = Σ_b G_b[b]
-    statistics = (Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B)
+    statistics = (Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²)
+
+where c_b are optional per-example scales (``example_scales``, 1 when not given): with c_b = 1/a_b², a_b the
+weight of example b in the batch loss, the last two entries are the sums of the squared per-example gradients of
+the examples' own losses.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 
 ROUNDINGS = ("layer_norm", "llama", "fp32", "t5")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+STATISTICS_SIZE = 5  # Σ‖G_w[b]‖², Σ‖G_b[b]‖², examples, Σ c_b‖G_w[b]‖², Σ c_b‖G_b[b]‖²
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class NormSpec:
             raise ValueError(f"NormSpec.kind must be 'layer_norm' or 'rms_norm', got {self.kind!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"NormSpec.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.offset != 0.0 and self.rounding != "fp32":
+            raise ValueError("NormSpec.offset (the (offset + w) form) is supported with rounding 'fp32' only")
 
 
 def output_dtype(spec: NormSpec, x_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> torch.dtype:
@@ -107,6 +114,26 @@ def norm_forward(
     return y.to(out_dtype), mean, rstd
 
 
+def per_example_statistics(
+    weight_per_example: torch.Tensor | None,
+    bias_per_example: torch.Tensor | None,
+    num_examples: int,
+    example_scales: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """The float32 statistics vector (module docstring) from the per-example gradients G[b], shape [B, D]."""
+    statistics = torch.zeros(STATISTICS_SIZE, dtype=torch.float32, device=device)
+    statistics[2] = num_examples
+    for index, per_example in ((0, weight_per_example), (1, bias_per_example)):
+        if per_example is None:
+            continue
+        squared_norms = per_example.float().square().sum(-1)  # [B]
+        statistics[index] = squared_norms.sum()
+        scaled = squared_norms if example_scales is None else squared_norms * example_scales.to(squared_norms)
+        statistics[3 + index] = scaled.sum()
+    return statistics
+
+
 def norm_backward(
     spec: NormSpec,
     dy: torch.Tensor,
@@ -118,8 +145,9 @@ def norm_backward(
     need_input_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
+    example_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Return (dx, dw, db, statistics) where statistics = float32 [Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B].
+    """Return (dx, dw, db, statistics), statistics as :func:`per_example_statistics` gives them.
 
     Per-example terms are computed only for the parameters whose gradient is needed.
     """
@@ -129,8 +157,6 @@ def norm_backward(
     mean3 = mean.reshape(num_examples, -1, 1)
     rstd3 = rstd.reshape(num_examples, -1, 1)
     x_hat = (x3.float() - mean3) * rstd3
-    statistics = torch.zeros(3, dtype=torch.float32, device=x.device)
-    statistics[2] = num_examples
 
     dx = dw = db = None
     if need_input_grad:
@@ -139,13 +165,12 @@ def norm_backward(
         if spec.kind == "layer_norm":
             correction = correction + scaled_dy.mean(-1, keepdim=True)
         dx = ((scaled_dy - correction) * rstd3).to(x.dtype).reshape(x.shape)
+    weight_per_example = bias_per_example = None
     if need_weight_grad:
-        weight_dtype = weight.dtype
-        per_example = (dy3 * rounded_normalized(spec, x_hat, x.dtype, weight_dtype)).sum(1)  # [B, D]
-        statistics[0] = per_example.square().sum()
-        dw = per_example.sum(0).to(weight_dtype)
+        weight_per_example = (dy3 * rounded_normalized(spec, x_hat, x.dtype, weight.dtype)).sum(1)  # [B, D]
+        dw = weight_per_example.sum(0).to(weight.dtype)
     if need_bias_grad:
-        per_example = dy3.sum(1)
-        statistics[1] = per_example.square().sum()
-        db = per_example.sum(0).to(bias.dtype)
+        bias_per_example = dy3.sum(1)
+        db = bias_per_example.sum(0).to(bias.dtype)
+    statistics = per_example_statistics(weight_per_example, bias_per_example, num_examples, example_scales, x.device)
     return dx, dw, db, statistics
