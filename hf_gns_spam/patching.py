@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,15 @@ from torch import nn
 from hf_gns_spam.ops.gns_norm import gns_norm
 from hf_gns_spam.ops.norm_reference import STATISTICS_SIZE, NormSpec, norm_forward, output_dtype
 
-__all__ = ["PatchReport", "PatchedModule", "SkippedModule", "is_patched", "patch_model", "unpatch_model"]
+__all__ = [
+    "PatchReport",
+    "PatchedModule",
+    "SkippedModule",
+    "is_patched",
+    "patch_model",
+    "set_example_scales_function",
+    "unpatch_model",
+]
 
 EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon", "layer_norm_eps")
 
@@ -70,18 +78,40 @@ class PatchReport:
 # so that an example stays an example. Kept after the forward: gradient checkpointing re-runs the norms during
 # the backward of the same batch.
 _batch_size: int | None = None
+# Per-example scales c_b for the statistics of the same forward (see hf_gns_spam.ops.gns_norm), computed by the
+# function set with set_example_scales_function (the GNSCallback sets one that undoes each example's loss weight).
+_example_scales: torch.Tensor | None = None
+
+ExampleScalesFunction = Callable[[tuple, dict], "torch.Tensor | None"]
 
 
-def _record_batch_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    global _batch_size
+def _record_batch_context(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    global _batch_size, _example_scales
+    _batch_size = None
     for name in ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features"):
         if isinstance(kwargs.get(name), torch.Tensor):
             _batch_size = kwargs[name].shape[0]
-            return
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            _batch_size = value.shape[0]
-            return
+            break
+    else:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                _batch_size = value.shape[0]
+                break
+    scales_function: ExampleScalesFunction | None = getattr(module, "_gns_example_scales_function", None)
+    _example_scales = None if scales_function is None else scales_function(args, kwargs)
+
+
+def set_example_scales_function(model: nn.Module, function: ExampleScalesFunction | None) -> None:
+    """Compute per-example scales c_b from each forward call's ``(args, kwargs)`` of a patched model.
+
+    ``function`` returns a float32 tensor of shape [batch] (or None); the patched norms then also accumulate
+    Σ_b c_b‖G[b]‖² (``PerExampleStats.scaled_sum_sq``). ``model`` is the module ``patch_model`` was called on.
+    """
+    roots = [m for m in model.modules() if getattr(m, "_gns_batch_context_hook", None) is not None]
+    if not roots:
+        raise ValueError("set_example_scales_function needs a model prepared with patch_model(model) first")
+    for root in roots:
+        root._gns_example_scales_function = function
 
 
 class _GNSNormMixin:
@@ -104,11 +134,17 @@ class _GNSNormMixin:
             hidden_states, weight = hidden_states.float(), weight.float()
             bias = None if bias is None else bias.float()
         rows = hidden_states.shape[0]
+        scales = _example_scales if statistics is not None else None
         if _batch_size is not None and rows != _batch_size and rows % _batch_size == 0:
             unflattened = hidden_states.reshape(_batch_size, -1, hidden_states.shape[-1])
-            output = gns_norm(unflattened, weight, bias, self._gns_spec, statistics)
+            output = gns_norm(unflattened, weight, bias, self._gns_spec, statistics, _matching(scales, _batch_size))
             return output.reshape(hidden_states.shape)
-        return gns_norm(hidden_states, weight, bias, self._gns_spec, statistics)
+        return gns_norm(hidden_states, weight, bias, self._gns_spec, statistics, _matching(scales, rows))
+
+
+def _matching(scales: torch.Tensor | None, examples: int) -> torch.Tensor | None:
+    """The recorded per-example scales if they belong to an input of ``examples`` rows (else None)."""
+    return scales if scales is not None and scales.shape == (examples,) else None
 
 
 _PATCHED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
@@ -308,8 +344,8 @@ def patch_model(
         module._gns_spec = spec
         module._gns_statistics = _new_statistics(module.weight.device)
         report.patched.append(PatchedModule(name, original.__name__, description, spec))
-    if report.patched and getattr(model, "_gns_batch_size_hook", None) is None:
-        model._gns_batch_size_hook = model.register_forward_pre_hook(_record_batch_size, with_kwargs=True)
+    if report.patched and getattr(model, "_gns_batch_context_hook", None) is None:
+        model._gns_batch_context_hook = model.register_forward_pre_hook(_record_batch_context, with_kwargs=True)
     return report
 
 
@@ -321,8 +357,9 @@ def unpatch_model(model: nn.Module) -> int:
             module.__class__ = module._gns_original_class
             del module._gns_spec, module._gns_statistics
             restored += 1
-    hook = getattr(model, "_gns_batch_size_hook", None)
+    hook = getattr(model, "_gns_batch_context_hook", None)
     if hook is not None:
         hook.remove()
-        del model._gns_batch_size_hook
+        del model._gns_batch_context_hook
+        model.__dict__.pop("_gns_example_scales_function", None)
     return restored

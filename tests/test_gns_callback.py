@@ -1,0 +1,122 @@
+"""GNSCallback inside a real Trainer.train(): logging, and the per-step small/big against torch.func."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from hf_gns_spam import GNSCallback, patch_model
+from hf_gns_spam.gns.callback import METRIC_NAMES
+from tests import model_zoo
+from tests.test_per_example_stats import token_losses
+
+
+def padded_dataset(size: int = 16, length: int = 8, seed: int = 0) -> Dataset:
+    """Right-padded sequences with 3..length real tokens; padded labels are -100."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, model_zoo.VOCAB, (size, length), generator=generator)
+    lengths = torch.randint(3, length + 1, (size,), generator=generator)
+    attention_mask = (torch.arange(length) < lengths[:, None]).long()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return Dataset.from_dict(
+        {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": labels.tolist()}
+    )
+
+
+def make_trainer(tmp_path, model, callback, **overrides) -> Trainer:
+    settings = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1e-3,
+        "optim": "stable_spam",
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": 0,
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "max_grad_norm": 0.05,  # clipping is active: big must be read before it
+    }
+    settings.update(overrides)
+    return Trainer(
+        model=model, args=TrainingArguments(**settings), train_dataset=padded_dataset(), callbacks=[callback]
+    )
+
+
+def test_metrics_are_merged_into_the_trainers_log_records(tmp_path):
+    model = model_zoo.build("llama")
+    patch_model(model)
+    callback = GNSCallback()
+    trainer = make_trainer(tmp_path, model, callback, num_train_epochs=2)
+    trainer.train()
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(records) == 8  # 16 examples / (2 x 2) per step x 2 epochs
+    for record in records:
+        assert {"loss", "grad_norm", "learning_rate", *METRIC_NAMES} <= set(record)
+        assert record["batch_size"] == 4 and record["grad_accum_steps"] == 2
+        assert math.isfinite(record["gns_trace_sigma"]) and record["gns_trace_sigma"] > 0
+    assert callback.estimator.updates == 8 and callback.estimator.skipped == 0
+    assert records[-1]["gns_tokens"] == pytest.approx(records[-1]["gns"] * callback.tokens_per_example)
+
+
+def test_without_patched_norms_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="patch_model"):
+        make_trainer(tmp_path, model_zoo.build("llama"), GNSCallback())
+
+
+def test_schedules_are_not_silently_accepted():
+    with pytest.raises(NotImplementedError, match="schedule"):
+        GNSCallback(schedule="gns")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
+    """The first optimizer step's small and big from the callback, recomputed from per-example gradients."""
+    model = model_zoo.build(architecture)
+    initial = copy.deepcopy(model)
+    patch_model(model)
+    callback = GNSCallback()
+    trainer = make_trainer(tmp_path, model, callback, max_steps=1)
+    micro_batches, micro_batches_num_items = [], []
+
+    def record(module, args, kwargs):
+        micro_batches.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")})
+        micro_batches_num_items.append(float(kwargs["num_items_in_batch"]))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    hook.remove()
+    assert len(micro_batches) == 2 and len(callback.history) == 1
+
+    batch = {k: torch.cat([m[k] for m in micro_batches]) for k in micro_batches[0]}
+    names = [n for n, _ in initial.named_parameters() if "norm" in n or ".ln_" in n]
+    reference = initial.double()
+    params = {n: p.detach() for n, p in reference.named_parameters()}
+
+    def own_loss(tracked, b):
+        example = {k: batch[k][b : b + 1] for k in ("input_ids", "attention_mask")}
+        logits = torch.func.functional_call(reference, {**params, **tracked}, args=(), kwargs=example).logits
+        losses = token_losses(logits, batch["labels"][b : b + 1])
+        return losses.sum() / (batch["labels"][b, 1:] != -100).sum()
+
+    per_example = torch.stack(
+        [
+            torch.cat([g.flatten() for g in torch.func.grad(own_loss)({n: params[n] for n in names}, b).values()])
+            for b in range(4)
+        ]
+    )
+    # the Trainer's loss: Σ token losses / num_items_in_batch (which, for GPT-2, counts labels without the shift)
+    tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
+    num_items_in_batch = micro_batches_num_items[0]
+    small = per_example.square().sum(1).mean().item()
+    big = ((tokens / num_items_in_batch)[:, None] * per_example).sum(0).square().sum().item()
+    measured = callback.history[0]
+    assert measured["batch_size"] == 4
+    assert measured["small"] == pytest.approx(small, rel=1e-4)
+    assert measured["big"] == pytest.approx(big, rel=1e-4)
