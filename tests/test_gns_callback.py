@@ -75,6 +75,26 @@ def test_schedules_are_not_silently_accepted():
         GNSCallback(schedule="gns")
 
 
+def per_example_norm_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, P] float64: the gradient of each example's own mean-token loss w.r.t. the norm parameters (torch.func)."""
+    names = [n for n, _ in model.named_parameters() if "norm" in n or ".ln_" in n]
+    reference = copy.deepcopy(model).double()
+    params = {n: p.detach() for n, p in reference.named_parameters()}
+
+    def own_loss(tracked, b):
+        example = {k: batch[k][b : b + 1] for k in ("input_ids", "attention_mask")}
+        logits = torch.func.functional_call(reference, {**params, **tracked}, args=(), kwargs=example).logits
+        losses = token_losses(logits, batch["labels"][b : b + 1])
+        return losses.sum() / (batch["labels"][b, 1:] != -100).sum()
+
+    tracked = {n: params[n] for n in names}
+    rows = [
+        torch.cat([g.flatten() for g in torch.func.grad(own_loss)(tracked, b).values()])
+        for b in range(len(batch["labels"]))
+    ]
+    return torch.stack(rows)
+
+
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
     """The first optimizer step's small and big from the callback, recomputed from per-example gradients."""
@@ -95,22 +115,7 @@ def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
     assert len(micro_batches) == 2 and len(callback.history) == 1
 
     batch = {k: torch.cat([m[k] for m in micro_batches]) for k in micro_batches[0]}
-    names = [n for n, _ in initial.named_parameters() if "norm" in n or ".ln_" in n]
-    reference = initial.double()
-    params = {n: p.detach() for n, p in reference.named_parameters()}
-
-    def own_loss(tracked, b):
-        example = {k: batch[k][b : b + 1] for k in ("input_ids", "attention_mask")}
-        logits = torch.func.functional_call(reference, {**params, **tracked}, args=(), kwargs=example).logits
-        losses = token_losses(logits, batch["labels"][b : b + 1])
-        return losses.sum() / (batch["labels"][b, 1:] != -100).sum()
-
-    per_example = torch.stack(
-        [
-            torch.cat([g.flatten() for g in torch.func.grad(own_loss)({n: params[n] for n in names}, b).values()])
-            for b in range(4)
-        ]
-    )
+    per_example = per_example_norm_gradients(initial, batch)
     # the Trainer's loss: Σ token losses / num_items_in_batch (which, for GPT-2, counts labels without the shift)
     tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
     num_items_in_batch = micro_batches_num_items[0]

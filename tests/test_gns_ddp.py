@@ -1,0 +1,47 @@
+"""GNSCallback in a real 2-process DDP run (torchrun, gloo, CPU): every rank computes the same estimate."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import model_zoo
+from tests.test_gns_callback import per_example_norm_gradients
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_gns_train.py"
+
+
+@pytest.mark.slow
+def test_two_processes_log_the_same_gns_and_end_identical(tmp_path):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(SCRIPT), str(tmp_path)],
+        capture_output=True, text=True, env=environment, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    assert ranks[0]["batch_size"] == [8] * len(ranks[0]["batch_size"])  # 2 processes x 2 micro-batches x 2
+    assert len(ranks[0]["gns"]) == 8  # 32 examples / 8 per step x 2 epochs
+    for key in ("gns", "gns_trace_sigma", "batch_size", "history"):
+        assert ranks[0][key] == ranks[1][key], key
+    assert all(step["small"] > 0 and step["big"] > 0 for step in ranks[0]["history"])
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+
+    # the first step's small and big from per-example gradients of both ranks' examples (torch.func)
+    micro_batches = [m for rank in ranks for m in rank["first_step_inputs"]]
+    num_items_in_batch = float(micro_batches[0]["num_items_in_batch"])  # global with average_tokens_across_devices
+    batch = {k: torch.cat([m[k] for m in micro_batches]) for k in ("input_ids", "attention_mask", "labels")}
+    per_example = per_example_norm_gradients(model_zoo.build("llama"), batch)
+    tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
+    small = per_example.square().sum(1).mean().item()
+    big = ((tokens / num_items_in_batch)[:, None] * per_example).sum(0).square().sum().item()
+    assert ranks[0]["history"][0]["small"] == pytest.approx(small, rel=1e-4)
+    assert ranks[0]["history"][0]["big"] == pytest.approx(big, rel=1e-4)
