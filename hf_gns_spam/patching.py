@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -82,7 +83,10 @@ _batch_size: int | None = None
 # function set with set_example_scales_function (the GNSCallback sets one that undoes each example's loss weight).
 _example_scales: torch.Tensor | None = None
 
-ExampleScalesFunction = Callable[[tuple, dict], "torch.Tensor | None"]
+# (examples in the batch or None, the forward's keyword arguments) -> per-example scales [batch] or None
+ExampleScalesFunction = Callable[[int | None, dict], "torch.Tensor | None"]
+# root module -> its function; kept outside the module so that copy.deepcopy(model) does not copy the owner
+_EXAMPLE_SCALES_FUNCTIONS: weakref.WeakKeyDictionary[nn.Module, ExampleScalesFunction] = weakref.WeakKeyDictionary()
 
 
 def _record_batch_context(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -97,21 +101,26 @@ def _record_batch_context(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 _batch_size = value.shape[0]
                 break
-    scales_function: ExampleScalesFunction | None = getattr(module, "_gns_example_scales_function", None)
-    _example_scales = None if scales_function is None else scales_function(args, kwargs)
+    scales_function = _EXAMPLE_SCALES_FUNCTIONS.get(module)
+    _example_scales = None if scales_function is None else scales_function(_batch_size, kwargs)
 
 
 def set_example_scales_function(model: nn.Module, function: ExampleScalesFunction | None) -> None:
     """Compute per-example scales c_b from each forward call's ``(args, kwargs)`` of a patched model.
 
-    ``function`` returns a float32 tensor of shape [batch] (or None); the patched norms then also accumulate
+    ``function(batch_size, kwargs)`` is called before every forward of the model with the number of examples
+    (None if unknown) and the forward's keyword arguments. It returns a float32 tensor of shape [batch] (or None);
+    the patched norms then also accumulate
     Σ_b c_b‖G[b]‖² (``PerExampleStats.scaled_sum_sq``). ``model`` is the module ``patch_model`` was called on.
     """
     roots = [m for m in model.modules() if getattr(m, "_gns_batch_context_hook", None) is not None]
     if not roots:
         raise ValueError("set_example_scales_function needs a model prepared with patch_model(model) first")
     for root in roots:
-        root._gns_example_scales_function = function
+        if function is None:
+            _EXAMPLE_SCALES_FUNCTIONS.pop(root, None)
+        else:
+            _EXAMPLE_SCALES_FUNCTIONS[root] = function
 
 
 class _GNSNormMixin:
@@ -361,5 +370,5 @@ def unpatch_model(model: nn.Module) -> int:
     if hook is not None:
         hook.remove()
         del model._gns_batch_context_hook
-        model.__dict__.pop("_gns_example_scales_function", None)
+        _EXAMPLE_SCALES_FUNCTIONS.pop(model, None)
     return restored

@@ -70,9 +70,17 @@ def test_without_patched_norms_is_a_clear_error(tmp_path):
         make_trainer(tmp_path, model_zoo.build("llama"), GNSCallback())
 
 
-def test_schedules_are_not_silently_accepted():
-    with pytest.raises(NotImplementedError, match="schedule"):
+def test_impossible_schedules_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs min_batch_size and max_batch_size"):
         GNSCallback(schedule="gns")
+    with pytest.raises(ValueError, match="max_batch_size=4 < min_batch_size=8"):
+        GNSCallback(schedule="linear", min_batch_size=8, max_batch_size=4)
+    with pytest.raises(ValueError, match="schedule must be None, 'linear' or 'gns'"):
+        GNSCallback(schedule="cosine", min_batch_size=8, max_batch_size=16)
+    model = model_zoo.build("llama")
+    patch_model(model)
+    with pytest.raises(ValueError, match=r"min_batch_size=3 must be a positive multiple of .* = 2"):
+        make_trainer(tmp_path, model, GNSCallback(schedule="linear", min_batch_size=3, max_batch_size=8))
 
 
 def per_example_norm_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

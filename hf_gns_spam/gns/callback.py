@@ -12,6 +12,17 @@ Per optimizer step (formulas in :mod:`hf_gns_spam.gns.estimator`), over the para
 * big: ‖G_B‖² of the same parameters' accumulated gradient, after the all-reduce and before clipping (read where
   the Trainer clips, divided by the fp16 loss scale²).
 
+With ``schedule="linear"`` or ``"gns"`` (:mod:`hf_gns_spam.gns.schedule`) the callback also grows the batch by
+changing ``args.gradient_accumulation_steps`` during ``Trainer.train()``, keeping every step exact
+(``reference/hf_trainer.md`` §2): training starts at the smallest accumulation, so the Trainer's per-epoch loop
+bounds are upper bounds and no data is dropped; a change is applied only where the micro-batches consumed in the
+epoch are a multiple of the new accumulation (deferred otherwise), so optimizer steps never straddle the Trainer's
+fetched groups (loss normalisation and DDP synchronisation stay right); the learning-rate schedule is driven by
+samples consumed (its step is samples / ``min_batch_size``), so in data it is the same as with a fixed batch;
+training stops when the sample budget (``num_train_epochs`` × the data, or ``max_steps`` × ``min_batch_size``) is
+used; ``state.max_steps`` and the progress bar follow the expected number of steps; and a resumed run restarts
+at the exact micro-batch, with the estimate and the schedule restored.
+
 The estimate and batch size are merged into the Trainer's own log record (so TensorBoard, W&B and
 ``state.log_history`` get them next to ``loss``, ``grad_norm`` and ``learning_rate``): ``gns``, ``gns_tokens``,
 ``gns_grad_sq``, ``gns_trace_sigma``, ``batch_size`` (global examples per optimizer step), ``grad_accum_steps``.
@@ -27,8 +38,10 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import has_length
 
 from hf_gns_spam.gns.estimator import GradientNoiseScale
+from hf_gns_spam.gns.schedule import BatchSizeSchedule
 from hf_gns_spam.patching import is_patched, set_example_scales_function
 from hf_gns_spam.stats import per_example_grad_stats, reset_per_example_grad_stats
 
@@ -60,8 +73,14 @@ class GNSCallback(TrainerCallback, ExportableState):
     """Estimate the gradient noise scale every optimizer step and log it with the Trainer's metrics.
 
     Args:
-        schedule: ``None`` measures only. (The batch-size schedules ``"linear"`` and ``"gns"`` are not available
-            yet.)
+        schedule: ``None`` measures only; ``"linear"`` ramps the batch in samples from ``min_batch_size`` to
+            ``max_batch_size``; ``"gns"`` follows ``gns_multiplier`` × the smoothed GNS (never decreasing).
+        min_batch_size, max_batch_size: bounds of the global batch (examples per optimizer step, all processes);
+            multiples of ``per_device_train_batch_size`` × processes. Required with a schedule; training starts
+            at ``min_batch_size`` (``gradient_accumulation_steps`` is set from it).
+        update_interval: ``"gns"``: optimizer steps between two decisions.
+        warmup_steps: ``"gns"``: optimizer steps before the first decision.
+        gns_multiplier: ``"gns"``: the batch target is this × the GNS in examples.
         ema_decay: decay of the EMAs of |G|² and tr Σ, per optimizer step.
         example_weighting: how each example is weighted in the model's loss: ``"tokens"`` (a mean over label
             tokens, the Trainer's causal-LM and seq2seq loss), ``"examples"`` (a mean over examples, e.g.
@@ -70,16 +89,43 @@ class GNSCallback(TrainerCallback, ExportableState):
     Call ``patch_model(model)`` before building the Trainer; the callback measures the patched norms only.
     """
 
-    def __init__(self, schedule: str | None = None, ema_decay: float = 0.99, example_weighting: str = "auto") -> None:
-        if schedule is not None:
-            raise NotImplementedError(
-                f"GNSCallback(schedule={schedule!r}): batch-size schedules are not available yet; use schedule=None"
-            )
+    def __init__(
+        self,
+        schedule: str | None = None,
+        min_batch_size: int | None = None,
+        max_batch_size: int | None = None,
+        update_interval: int = 10,
+        warmup_steps: int = 0,
+        gns_multiplier: float = 1.0,
+        ema_decay: float = 0.99,
+        example_weighting: str = "auto",
+    ) -> None:
         if example_weighting not in ("auto", "tokens", "examples"):
             raise ValueError(f"example_weighting must be 'auto', 'tokens' or 'examples', got {example_weighting!r}")
+        if schedule is not None:
+            if min_batch_size is None or max_batch_size is None:
+                raise ValueError(f"schedule={schedule!r} needs min_batch_size and max_batch_size (global examples)")
+            # check everything but the unit now (it needs the TrainingArguments): unit 1 accepts any bounds
+            BatchSizeSchedule(
+                schedule, min_batch_size, max_batch_size, 1, update_interval, warmup_steps, gns_multiplier
+            )
         self.schedule = schedule
+        self.min_batch_size = min_batch_size
+        self.max_batch_size = max_batch_size
+        self.update_interval = update_interval
+        self.warmup_steps = warmup_steps
+        self.gns_multiplier = gns_multiplier
         self.ema_decay = ema_decay
         self.example_weighting = example_weighting
+        self.batch_schedule: BatchSizeSchedule | None = None
+        # schedule position (saved in checkpoints)
+        self.accumulation = 0  # gradient-accumulation steps in force
+        self.epoch_index = -1
+        self.micro_in_epoch = 0  # micro-batches consumed in the current epoch (this process)
+        self.samples = 0  # examples consumed, all processes
+        self.budget = 0  # the training budget in examples
+        self.steps_in_epoch = 0
+        self._resumed_mid_epoch = False
         self.estimator = GradientNoiseScale(ema_decay=ema_decay)
         self.tokens_per_example = math.nan
         self.last_batch_size = 0
@@ -87,6 +133,7 @@ class GNSCallback(TrainerCallback, ExportableState):
         self._trainer: Trainer | None = None
         self._big: torch.Tensor | None = None
         self._label_tokens = torch.zeros(())
+        self._examples_seen = 0  # examples in this optimizer step's forwards, this process
         self._loss_shifts_labels = True
 
     # ----------------------------------------------------------------------------------------- installation
@@ -99,6 +146,23 @@ class GNSCallback(TrainerCallback, ExportableState):
         set_example_scales_function(trainer.model, self._example_scales)
         self._wrap_clip_grad_norm(trainer)
         self._wrap_log(trainer)
+        self._wrap_init_training_state(trainer)
+        if self.schedule is not None:
+            if trainer.is_deepspeed_enabled:
+                raise ValueError(
+                    "GNSCallback batch-size schedules do not work with DeepSpeed (its accumulation is fixed)"
+                )
+            unit = args.per_device_train_batch_size * args.world_size
+            self.batch_schedule = BatchSizeSchedule(
+                self.schedule,
+                self.min_batch_size,
+                self.max_batch_size,
+                unit,
+                self.update_interval,
+                self.warmup_steps,
+                self.gns_multiplier,
+            )
+            args.gradient_accumulation_steps = self.batch_schedule.min_accumulation
 
     @staticmethod
     def _shifts_labels(model: nn.Module) -> bool:
@@ -135,11 +199,122 @@ class GNSCallback(TrainerCallback, ExportableState):
 
         accelerator.clip_grad_norm_ = clip_grad_norm_
 
+    def _wrap_init_training_state(self, trainer: Trainer) -> None:
+        """On resume, restore this callback and start at its exact micro-batch (the Trainer assumes a fixed
+        accumulation when it computes where to resume)."""
+        original = trainer._init_training_state
+
+        def _init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        ):
+            epochs_trained, skip = original(
+                max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+            )
+            saved = trainer.state.stateful_callbacks.get(type(self).__name__) if resume_from_checkpoint else None
+            if isinstance(saved, dict) and "attributes" in saved:
+                self._restore(saved["attributes"])
+                if self.batch_schedule is not None:
+                    if self.micro_in_epoch >= self.steps_in_epoch:  # saved at the very end of an epoch
+                        epochs_trained, skip = self.epoch_index + 1, 0
+                    else:
+                        epochs_trained, skip = self.epoch_index, self.micro_in_epoch
+                    self._resumed_mid_epoch = skip > 0
+                    trainer.args.gradient_accumulation_steps = self.accumulation
+                    if trainer.args.ignore_data_skip:
+                        skip = 0
+            return epochs_trained, skip
+
+        trainer._init_training_state = _init_training_state
+
+    # ----------------------------------------------------------------------------------------- schedule
+    def on_train_begin(self, args, state, control, train_dataloader=None, lr_scheduler=None, **kwargs):
+        if self.batch_schedule is None or state.global_step > 0:
+            return
+        self.accumulation = self.batch_schedule.min_accumulation
+        args.gradient_accumulation_steps = self.accumulation
+        self.epoch_index, self.micro_in_epoch, self.samples = -1, 0, 0
+        unit = self.batch_schedule.unit
+        if has_length(train_dataloader):
+            self.steps_in_epoch = len(train_dataloader)
+        else:  # an iterable dataset: the Trainer's "epoch" is max_steps groups of the starting accumulation
+            self.steps_in_epoch = args.max_steps * self.batch_schedule.min_accumulation
+        if args.max_steps > 0:
+            self.budget = args.max_steps * self.min_batch_size
+        else:  # an upper bound (exact when every micro-batch is full): never stops the Trainer early
+            self.budget = math.ceil(args.num_train_epochs) * self.steps_in_epoch * unit
+        self._update_horizon(state)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.batch_schedule is None:
+            return
+        if self._resumed_mid_epoch:  # keep the restored position inside this epoch
+            self._resumed_mid_epoch = False
+        else:
+            self.epoch_index += 1
+            self.micro_in_epoch = 0
+            self._maybe_grow(state)
+        args.gradient_accumulation_steps = self._accumulation_for_next_step()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.micro_in_epoch += 1
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        if self.batch_schedule is None:
+            return
+        self.micro_in_epoch += 1
+        self.samples += self.last_batch_size
+        self._follow_samples(lr_scheduler)
+        if args.max_steps > 0 and self.samples >= self.budget:
+            control.should_training_stop = True
+        self._maybe_grow(state)
+        args.gradient_accumulation_steps = self._accumulation_for_next_step()
+        self._update_horizon(state)
+
+    def _accumulation_for_next_step(self) -> int:
+        """The schedule's accumulation, but no more than the micro-batches left in the Trainer's epoch: the Trainer
+        always syncs at the epoch's last micro-batch (for an iterable dataset, its "epoch" is the budget), so the
+        last group must be fetched with exactly that size to be normalised right."""
+        left = self.steps_in_epoch - self.micro_in_epoch
+        return min(self.accumulation, left) if self.steps_in_epoch and left > 0 else self.accumulation
+
+    def _maybe_grow(self, state) -> None:
+        """Apply the schedule's target if the epoch position is aligned with it (else wait for a later step)."""
+        wanted = self.batch_schedule.target_accumulation(
+            self.accumulation, state.global_step, self.samples, self.budget, self.estimator.gns
+        )
+        if wanted > self.accumulation and self.micro_in_epoch % wanted == 0:
+            self.accumulation = wanted
+
+    def _follow_samples(self, lr_scheduler) -> None:
+        """Put the LR schedule at step samples / min_batch_size (the same schedule in data as a fixed batch)."""
+        if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        position = self.samples / self.min_batch_size
+        lr_scheduler.last_epoch = position
+        for group, base_lr, factor in zip(
+            lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base_lr * factor(position)
+        lr_scheduler._last_lr = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
+
+    def _update_horizon(self, state) -> None:
+        """state.max_steps = the steps still needed at the current batch (an upper bound: the batch only grows)."""
+        batch = self.accumulation * self.batch_schedule.unit
+        remaining = max(self.budget - self.samples, 0)
+        state.max_steps = state.global_step + max(math.ceil(remaining / batch), 1 if remaining else 0)
+        for callback in self._trainer.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None:
+                bar.total = state.max_steps
+                bar.refresh()
+
     # ----------------------------------------------------------------------------------------- measurement
-    def _example_scales(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """c_b = 1/a_b² for one forward call of the model (set as the patched model's example-scales function)."""
+    def _example_scales(self, batch_size: int | None, kwargs: dict) -> torch.Tensor | None:
+        """c_b = 1/a_b² for one forward call of the model (set as the patched model's example-scales function);
+        also counts the examples and label tokens of the optimizer step."""
         if not torch.is_grad_enabled():  # evaluation: no backward, nothing to scale or count
             return None
+        self._examples_seen += batch_size or 0
         if isinstance(kwargs.get("shift_labels"), torch.Tensor):  # padding-free collators give them shifted
             labels, shift = kwargs["shift_labels"], False
         else:
@@ -182,28 +357,29 @@ class GNSCallback(TrainerCallback, ExportableState):
             self._measure_big()
         model = self._trainer.model
         stats = list(per_example_grad_stats(model).values())
-        device = stats[0].sum_sq.device if stats else torch.device("cpu")
-        scaled_sum = sum((s.scaled_sum_sq for s in stats), torch.zeros((), device=device))
-        examples = max((s.count for s in stats), default=torch.zeros((), device=device))
-        totals = torch.stack([scaled_sum, examples, self._label_tokens.to(device).float()])
-        totals = self._trainer.accelerator.reduce(totals, reduction="sum")
-        loss_scale = self._loss_scale()
-        factor_sq = (self._loss_factor() * loss_scale) ** 2
-        total_scaled, batch_size, label_tokens = (float(v) for v in totals.tolist())
-        big = float(self._big) / loss_scale**2 if self._big is not None else math.nan
-        self._big = None
+        device = stats[0].sum_sq.device if stats else self._trainer.args.device
+        zero = torch.zeros((), device=device)
+        scaled_sum = sum((s.scaled_sum_sq for s in stats), zero)
+        measured_examples = max((s.count for s in stats), default=zero)
+        local = [scaled_sum, measured_examples, self._label_tokens.to(device).float(), zero + self._examples_seen]
+        totals = self._trainer.accelerator.reduce(torch.stack(local), reduction="sum")
+        total_scaled, measured_examples, label_tokens, batch_size = (float(v) for v in totals.tolist())
+        big = self._big
+        self._big, self._examples_seen = None, 0
         self._label_tokens = torch.zeros((), device=device)
         reset_per_example_grad_stats(model)
-        batch_size = round(batch_size)
-        self.last_batch_size = batch_size
-        if batch_size < 2:
+
+        self.last_batch_size = round(batch_size)
+        if measured_examples < 2 or big is None:  # frozen norms (LoRA/QLoRA) or a 1-example step: no estimate
             self.estimator.skipped += 1
             return
-        small = total_scaled / factor_sq / batch_size
-        self.history.append({"small": small, "big": big, "batch_size": batch_size})
+        loss_scale = self._loss_scale()
+        small = total_scaled / (self._loss_factor() * loss_scale) ** 2 / measured_examples
+        big = float(big) / loss_scale**2
+        self.history.append({"small": small, "big": big, "batch_size": round(measured_examples)})
         if label_tokens > 0:
-            self.tokens_per_example = label_tokens / batch_size
-        self.estimator.update(small, big, batch_size)
+            self.tokens_per_example = label_tokens / measured_examples
+        self.estimator.update(small, big, round(measured_examples))
 
     # ----------------------------------------------------------------------------------------- reporting
     def metrics(self) -> dict[str, float]:
@@ -221,6 +397,11 @@ class GNSCallback(TrainerCallback, ExportableState):
         return {
             "args": {
                 "schedule": self.schedule,
+                "min_batch_size": self.min_batch_size,
+                "max_batch_size": self.max_batch_size,
+                "update_interval": self.update_interval,
+                "warmup_steps": self.warmup_steps,
+                "gns_multiplier": self.gns_multiplier,
                 "ema_decay": self.ema_decay,
                 "example_weighting": self.example_weighting,
             },
@@ -233,13 +414,18 @@ class GNSCallback(TrainerCallback, ExportableState):
                 },
                 "tokens_per_example": self.tokens_per_example,
                 "last_batch_size": self.last_batch_size,
+                "accumulation": self.accumulation,
+                "epoch_index": self.epoch_index,
+                "micro_in_epoch": self.micro_in_epoch,
+                "samples": self.samples,
+                "budget": self.budget,
+                "steps_in_epoch": self.steps_in_epoch,
             },
         }
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step > 0 else None
-        if isinstance(saved, dict) and "attributes" in saved:  # resuming: continue the estimate where it was
-            attributes = saved["attributes"]
-            self.estimator = GradientNoiseScale(ema_decay=self.ema_decay, **attributes["estimator_state"])
-            self.tokens_per_example = attributes["tokens_per_example"]
-            self.last_batch_size = attributes["last_batch_size"]
+    def _restore(self, attributes: dict[str, Any]) -> None:
+        self.estimator = GradientNoiseScale(ema_decay=self.ema_decay, **attributes["estimator_state"])
+        for name in ("tokens_per_example", "last_batch_size", "accumulation", "epoch_index", "micro_in_epoch"):
+            setattr(self, name, attributes[name])
+        for name in ("samples", "budget", "steps_in_epoch"):
+            setattr(self, name, attributes[name])

@@ -1,0 +1,73 @@
+"""Batch-size schedules: the global batch (examples per optimizer step) as a whole number of micro-batches.
+
+A batch is ``unit × k`` where ``unit = per_device_train_batch_size × processes`` (one micro-batch on every
+process) and k is the number of gradient-accumulation steps. Schedules never decrease the batch.
+
+* ``"linear"`` (Gray et al. 2024): the batch grows linearly in samples consumed, from ``min_batch_size`` at the
+  start to ``max_batch_size`` when the training budget is used: B(s) = B_min + (B_max − B_min)·s/S.
+* ``"gns"`` (closed loop): every ``update_interval`` steps after ``warmup_steps``, the batch moves to
+  ``gns_multiplier × GNS`` (the smoothed gradient noise scale in examples), clamped to [B_min, B_max]. An infinite
+  GNS (the smoothed |G|² is not positive: noise dominates) asks for B_max; no estimate yet (nan) changes nothing.
+
+Targets are rounded to the nearest whole number of units and clamped to the bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["BatchSizeSchedule"]
+
+SCHEDULES = ("linear", "gns")
+
+
+@dataclass(frozen=True)
+class BatchSizeSchedule:
+    kind: str
+    min_batch_size: int
+    max_batch_size: int
+    unit: int  # examples per accumulation step across all processes
+    update_interval: int = 10
+    warmup_steps: int = 0
+    gns_multiplier: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"schedule must be None, 'linear' or 'gns', got {self.kind!r}")
+        if self.unit < 1:
+            raise ValueError(f"the batch unit (micro-batch x processes) must be positive, got {self.unit}")
+        for name in ("min_batch_size", "max_batch_size"):
+            value = getattr(self, name)
+            if value < self.unit or value % self.unit:
+                raise ValueError(
+                    f"{name}={value} must be a positive multiple of per_device_train_batch_size x processes = "
+                    f"{self.unit} (the batch grows by whole micro-batches on every process)"
+                )
+        if self.max_batch_size < self.min_batch_size:
+            raise ValueError(f"max_batch_size={self.max_batch_size} < min_batch_size={self.min_batch_size}")
+        if self.kind == "gns" and self.min_batch_size < 2:
+            raise ValueError("schedule='gns' needs min_batch_size >= 2: the noise scale is measured across examples")
+        if self.update_interval < 1 or self.warmup_steps < 0 or not self.gns_multiplier > 0:
+            raise ValueError("update_interval must be >= 1, warmup_steps >= 0 and gns_multiplier > 0")
+
+    @property
+    def min_accumulation(self) -> int:
+        return self.min_batch_size // self.unit
+
+    def _accumulation(self, batch_size: float) -> int:
+        """Accumulation steps for a target batch: the nearest whole number of units, within the bounds."""
+        clamped = min(max(batch_size, self.min_batch_size), self.max_batch_size)
+        return max(self.min_accumulation, math.floor(clamped / self.unit + 0.5))
+
+    def target_accumulation(self, current: int, step: int, samples: float, budget: float, gns: float) -> int:
+        """The accumulation steps wanted after ``step`` optimizer steps and ``samples`` examples (never fewer)."""
+        if self.kind == "linear":
+            progress = min(samples / budget, 1.0) if budget > 0 else 0.0
+            wanted = self._accumulation(self.min_batch_size + (self.max_batch_size - self.min_batch_size) * progress)
+        else:
+            # nan: no estimate yet. inf: the |G|² average is not positive, noise dominates: grow to the bound.
+            if step < self.warmup_steps or step % self.update_interval or math.isnan(gns):
+                return current
+            wanted = self._accumulation(self.gns_multiplier * gns)
+        return max(current, wanted)
