@@ -16,16 +16,20 @@ from tests.test_gns_callback import per_example_norm_gradients
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_gns_train.py"
 
 
-@pytest.mark.slow
-def test_two_processes_log_the_same_gns_and_end_identical(tmp_path):
+def torchrun(tmp_path, *arguments: str, port: int) -> list[dict]:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(SCRIPT), str(tmp_path)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(SCRIPT), str(tmp_path), *arguments],
         capture_output=True, text=True, env=environment, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_processes_log_the_same_gns_and_end_identical(tmp_path):
+    ranks = torchrun(tmp_path, port=29533)
     assert ranks[0]["world_size"] == 2
     assert ranks[0]["batch_size"] == [8] * len(ranks[0]["batch_size"])  # 2 processes x 2 micro-batches x 2
     assert len(ranks[0]["gns"]) == 8  # 32 examples / 8 per step x 2 epochs
@@ -45,3 +49,16 @@ def test_two_processes_log_the_same_gns_and_end_identical(tmp_path):
     big = ((tokens / num_items_in_batch)[:, None] * per_example).sum(0).square().sum().item()
     assert ranks[0]["history"][0]["small"] == pytest.approx(small, rel=1e-4)
     assert ranks[0]["history"][0]["big"] == pytest.approx(big, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["linear", "gns"])
+def test_two_processes_take_the_same_batch_size_decisions(tmp_path, schedule):
+    ranks = torchrun(tmp_path, schedule, port=29534 if schedule == "linear" else 29535)
+    for key in ("gns", "batch_size", "history", "samples"):
+        assert ranks[0][key] == ranks[1][key], key
+    sizes = ranks[0]["batch_size"]
+    assert sizes[0] == 4 and max(sizes) > 4 and all(size % 4 == 0 for size in sizes)
+    assert ranks[0]["samples"] == 64  # 32 examples x 2 epochs, none dropped or repeated
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name

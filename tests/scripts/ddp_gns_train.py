@@ -19,13 +19,19 @@ from tests.test_gns_callback import padded_dataset
 
 def main() -> None:
     output_dir = Path(sys.argv[1])
+    schedule = sys.argv[2] if len(sys.argv) > 2 else "none"
     model = model_zoo.build("llama")
     patch_model(model)
-    callback = GNSCallback()
+    if schedule == "none":
+        callback = GNSCallback()
+    else:  # the unit is 2 processes x 2 examples per device
+        callback = GNSCallback(
+            schedule=schedule, min_batch_size=4, max_batch_size=12, warmup_steps=2, update_interval=2
+        )
     args = TrainingArguments(
         output_dir=str(output_dir / "trainer"),
         per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
+        gradient_accumulation_steps=1 if schedule != "none" else 2,
         num_train_epochs=2,
         learning_rate=1e-3,
         optim="stable_spam",
@@ -54,6 +60,7 @@ def main() -> None:
             "gns": [r["gns"] for r in records],
             "gns_trace_sigma": [r["gns_trace_sigma"] for r in records],
             "batch_size": [r["batch_size"] for r in records],
+            "samples": callback.samples,
             "history": callback.history,
             "first_step_inputs": first_step_inputs,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
