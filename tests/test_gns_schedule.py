@@ -107,6 +107,7 @@ def test_linear_schedule_epochs_every_step_exact_no_data_lost(tmp_path):
     assert len(seen) == 48 and sorted(seen[:24]) == dataset_rows and sorted(seen[24:]) == dataset_rows
     assert callback.samples == 48
     assert trainer.state.global_step == len(auditor.steps) < 48
+    assert trainer.state.max_steps == trainer.state.global_step  # the horizon followed the growing batch
     # the logged batch sizes are the steps' sizes; the accumulation never decreases inside an epoch
     records = [r for r in trainer.state.log_history if "loss" in r]
     assert [r["batch_size"] for r in records] == sizes

@@ -30,6 +30,7 @@ The estimate and batch size are merged into the Trainer's own log record (so Ten
 
 from __future__ import annotations
 
+import collections
 import inspect
 import math
 from typing import Any
@@ -47,6 +48,7 @@ from hf_gns_spam.stats import per_example_grad_stats, reset_per_example_grad_sta
 
 __all__ = ["GNSCallback"]
 
+HISTORY_LENGTH = 10_000
 METRIC_NAMES = ("gns", "gns_tokens", "gns_grad_sq", "gns_trace_sigma", "batch_size", "grad_accum_steps")
 
 
@@ -86,7 +88,9 @@ class GNSCallback(TrainerCallback, ExportableState):
             tokens, the Trainer's causal-LM and seq2seq loss), ``"examples"`` (a mean over examples, e.g.
             sequence classification) or ``"auto"`` (tokens when the labels have a token dimension).
 
-    Call ``patch_model(model)`` before building the Trainer; the callback measures the patched norms only.
+    Call ``patch_model(model)`` before building the Trainer; the callback measures the patched norms only. Pass
+    it in ``Trainer(callbacks=[...])``: it finds that Trainer when the Trainer calls ``on_init_end`` and installs
+    its hooks on that instance (no Trainer subclass).
     """
 
     def __init__(
@@ -129,7 +133,8 @@ class GNSCallback(TrainerCallback, ExportableState):
         self.estimator = GradientNoiseScale(ema_decay=ema_decay)
         self.tokens_per_example = math.nan
         self.last_batch_size = 0
-        self.history: list[dict[str, float]] = []  # per optimizer step: small, big, batch_size
+        # the latest optimizer steps' raw inputs to the estimator: small, big, batch_size (bounded: long runs)
+        self.history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_LENGTH)
         self._trainer: Trainer | None = None
         self._big: torch.Tensor | None = None
         self._label_tokens = torch.zeros(())
