@@ -328,11 +328,6 @@ def test_out_of_range_group_override_is_rejected():
         StableSPAM([{"params": [torch.zeros(2, requires_grad=True)], "gamma2": 2.0}])
 
 
-def test_quantized_states_are_not_silently_accepted():
-    with pytest.raises(NotImplementedError, match="state_bits=8"):
-        StableSPAM([torch.zeros(2, requires_grad=True)], state_bits=8)
-
-
 @pytest.mark.parametrize("mode", ["clean", "faithful"])
 def test_step_has_no_host_synchronisation(mode, monkeypatch):
     """The step must not read tensor values on the host: no .item(), bool(), boolean-mask indexing, .tolist()."""

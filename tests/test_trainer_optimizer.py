@@ -190,3 +190,15 @@ def test_training_args_bin_loads_in_a_fresh_process(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("name", "bits"), [("stable_spam_8bit", 8), ("stable_spam_4bit", 4)])
+def test_low_bit_names(tmp_path, name, bits):
+    optimizer = built_optimizer(tmp_path, optim=name)
+    assert isinstance(optimizer, StableSPAM) and optimizer.param_groups[0]["state_bits"] == bits
+    assert (
+        built_optimizer(tmp_path, optim="stable_spam", optim_args=f"state_bits={bits}").param_groups[0]["state_bits"]
+        == bits
+    )
+    with pytest.raises(ValueError, match=f"fixes state_bits={bits}"):
+        built_optimizer(tmp_path, optim=name, optim_args="state_bits=16")

@@ -23,8 +23,12 @@ from hf_gns_spam.optim.stable_spam import StableSPAM
 
 __all__ = ["TRAINER_OPTIMIZER_NAMES", "TrainerIntegrationError", "register_trainer_optimizers"]
 
-# optim name -> keyword arguments it fixes. The 8- and 4-bit names arrive with quantized states.
-TRAINER_OPTIMIZER_NAMES: dict[str, dict[str, Any]] = {"stable_spam": {}}
+# optim name -> keyword arguments it fixes
+TRAINER_OPTIMIZER_NAMES: dict[str, dict[str, Any]] = {
+    "stable_spam": {},
+    "stable_spam_8bit": {"state_bits": 8},
+    "stable_spam_4bit": {"state_bits": 4},
+}
 
 # Keys accepted in optim_args: every constructor keyword except params and lr (lr is learning_rate).
 OPTIM_ARGS_KEYS = frozenset(HYPERPARAMETERS) - {"lr"}

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from hf_gns_spam.optim.hyperparameters import HYPERPARAMETERS, check_hyperparameter
+from hf_gns_spam.optim.quantized_state import MIN_QUANTIZED_NUMEL, dequantize, moment_format, quantize
 
 __all__ = ["StableSPAM", "momentum_decay_factor"]
 
@@ -92,7 +93,9 @@ class StableSPAM(torch.optim.Optimizer):
         total_steps: T for the cosine factor s(t) on β1 and γ1; None disables it.
         eta_min: the floor of s(t).
         mode: ``"clean"`` (paper formulas, pytorch-optimizer ≥ 4.0) or ``"faithful"`` (the official code).
-        state_bits: storage of Adam's moments: 32 (float32; float64 for float64 parameters) or 16 (bfloat16).
+        state_bits: storage of Adam's moments: 32 (float32; float64 for float64 parameters), 16 (bfloat16), or 8
+            and 4 (blockwise-quantized in bitsandbytes' formats, :mod:`hf_gns_spam.optim.quantized_state`;
+            tensors under 4096 elements stay float32). The update itself always runs in float32.
 
     Paper settings: 4-bit runs ``gamma1=0.7, gamma2=0.9, gamma3=0.999, reset_interval=1000``; BF16 runs
     ``gamma1=0.85, gamma2=0.99999, gamma3=0.999, reset_interval=1000``.
@@ -141,15 +144,14 @@ class StableSPAM(torch.optim.Optimizer):
         group = self.param_groups[-1]
         for name in HYPERPARAMETERS:
             group[name] = check_hyperparameter(name, group[name])
-        if group["state_bits"] in (8, 4):
-            raise NotImplementedError(
-                f"StableSPAM: state_bits={group['state_bits']} (blockwise-quantized moments) is not available yet; "
-                "use state_bits=32 or state_bits=16."
-            )
         for param in group["params"]:
             if torch.is_complex(param):
                 raise ValueError("StableSPAM does not support complex parameters; view them as real pairs.")
         group.setdefault("step", 0)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer state's tensors (moments, quantization scales, per-tensor statistics)."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping the saved dtype of every state tensor.
@@ -187,11 +189,18 @@ class StableSPAM(torch.optim.Optimizer):
 
     def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[param]
-        if "exp_avg" not in state:
+        if _CLIP_MAX_EMA not in state:
             compute_dtype = torch.promote_types(param.dtype, torch.float32)
-            moment_dtype = torch.bfloat16 if group["state_bits"] == 16 else compute_dtype
-            state["exp_avg"] = torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
+            bits = group["state_bits"]
+            if bits in (8, 4) and param.numel() >= MIN_QUANTIZED_NUMEL:
+                zeros = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+                state["quantized_bits"] = bits
+                for key, second_moment in (("exp_avg", False), ("exp_avg_sq", True)):
+                    state[f"{key}_q"], state[f"{key}_absmax"] = quantize(zeros, moment_format(bits, second_moment))
+            else:  # bits 8/4 keep small tensors in 32 bits, as bitsandbytes does
+                moment_dtype = torch.bfloat16 if bits == 16 else compute_dtype
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
             for key in (_CLIP_MAX_EMA, _NORM_EMA, _NORM_SQ_EMA):
                 state[key] = torch.zeros((), dtype=compute_dtype, device=param.device)
             if group["mode"] == "faithful":
@@ -309,12 +318,10 @@ def _update_tensor(
 
     # MoRet + Adam:  m ← β1·m + (1−β1)·ĝ,  v ← β2·v + (1−β2)·ĝ²,  W ← W − lr/bc1 · m/(√v/√bc2 + ε)
     # computed as W ← W − (lr·√bc2/bc1) · m/(√v + ε·√bc2).
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    m, v = _load_moments(state, param, work.dtype)
     if hp.is_reset_step and not hp.faithful:
-        exp_avg.zero_()
-        exp_avg_sq.zero_()
-    m = exp_avg.to(work.dtype)  # bf16 states (state_bits=16) are updated in the compute dtype
-    v = exp_avg_sq.to(work.dtype)
+        m.zero_()
+        v.zero_()
     sqrt_bc2 = math.sqrt(_bias_correction(hp.beta2, adam_step))
     if hp.faithful:
         m.lerp_(work, 1.0 - hp.beta1)
@@ -330,8 +337,34 @@ def _update_tensor(
     param.addcdiv_(m, work, value=-hp.lr * sqrt_bc2 / _bias_correction(hp.beta1, adam_step))
 
     if hp.is_reset_step and hp.faithful:  # the official reset step used the old moments; zero them now
-        exp_avg.zero_()
-        exp_avg_sq.zero_()
-    elif m is not exp_avg:
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
+        m.zero_()
+        v.zero_()
+    _store_moments(state, m, v)
+
+
+def _load_moments(state: dict[str, Any], param: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's moments in the compute dtype: the state tensors themselves when they are stored in it, else copies
+    (bf16 moments cast up; 8/4-bit moments dequantized)."""
+    if "exp_avg" in state:
+        return state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype)
+    bits = state["quantized_bits"]
+    moments = []
+    for key, second_moment in (("exp_avg", False), ("exp_avg_sq", True)):
+        fmt = moment_format(bits, second_moment)
+        values = dequantize(state[f"{key}_q"], state[f"{key}_absmax"], fmt, param.numel())
+        moments.append(values.view(param.shape).to(dtype))
+    return moments[0], moments[1]
+
+
+def _store_moments(state: dict[str, Any], m: torch.Tensor, v: torch.Tensor) -> None:
+    """Write back moments that :func:`_load_moments` returned as copies."""
+    if "exp_avg" in state:
+        if m is not state["exp_avg"]:
+            state["exp_avg"].copy_(m)
+            state["exp_avg_sq"].copy_(v)
+        return
+    bits = state["quantized_bits"]
+    for key, values, second_moment in (("exp_avg", m, False), ("exp_avg_sq", v, True)):
+        indices, absmax = quantize(values, moment_format(bits, second_moment))
+        state[f"{key}_q"].copy_(indices)
+        state[f"{key}_absmax"].copy_(absmax)

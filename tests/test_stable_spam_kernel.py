@@ -1,0 +1,309 @@
+"""The fused Triton Stable-SPAM step against the torch path ``stable_spam._update_tensor`` (Triton interpreter on CPU).
+
+Both paths run inside :class:`StableSPAM` (the Triton one by replacing ``_update_tensor`` with a call to
+``triton_update_tensor``), so they see the same hyperparameters, step counters, resets and cosine factor. After every
+step the parameters, both moments and the three statistics are compared.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import hf_gns_spam.optim.stable_spam as stable_spam_module
+from hf_gns_spam import StableSPAM
+from hf_gns_spam.kernels.stable_spam_step import (
+    triton_update_supported,
+    triton_update_tensor,
+    workspace_numel,
+)
+from hf_gns_spam.optim.stable_spam import _StepHyperparameters, _update_tensor
+
+SHAPES = [(), (7,), (33, 65), (3, 4, 129), (5000,)]
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "clip_max_ema", "norm_ema", "norm_sq_ema")
+STEPS = 20
+ZERO_STEP = 5  # every gradient is zero at this step
+SPIKE_STEP = 9  # one entry of every gradient ×100
+
+
+def gradient_stream(shapes, steps: int = STEPS, seed: int = 0) -> list[list[torch.Tensor]]:
+    """float32 Gaussian gradients with a varying scale, an all-zero step, a 100× single-entry spike step, and one
+    tensor whose gradient is zero at a second step (so a zero-norm tensor meets a non-zero one)."""
+    gen = torch.Generator().manual_seed(seed)
+    stream = []
+    for t in range(1, steps + 1):
+        grads = []
+        for i, shape in enumerate(shapes):
+            g = torch.randn(shape, generator=gen) * (1.0 + 0.5 * (t % 3))
+            if t == ZERO_STEP or (t == 12 and i == 1):
+                g.zero_()
+            if t == SPIKE_STEP:
+                g.view(-1)[(7 * t + i) % g.numel()] *= 100.0
+            grads.append(g)
+        stream.append(grads)
+    return stream
+
+
+def initial_params(shapes, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for shape in shapes]
+
+
+def run(
+    use_triton: bool,
+    shapes,
+    param_dtype: torch.dtype = torch.float32,
+    block: int | None = None,
+    max_programs: int | None = None,
+    **kwargs,
+) -> list[list[dict[str, torch.Tensor]]]:
+    """Run StableSPAM over the gradient stream; per step, per tensor: clones of the parameter and its state."""
+    params = [p.to(param_dtype).requires_grad_() for p in initial_params(shapes)]
+    opt = StableSPAM(params, **kwargs)
+    launch = {} if block is None else {"block": block, "max_programs": max_programs}
+
+    def triton_path(param, state, work, spikes, hp, stat_step, adam_step, one):
+        triton_update_tensor(param, state, hp, stat_step, adam_step, **launch)
+
+    history = []
+    with pytest.MonkeyPatch.context() as mp:
+        if use_triton:
+            mp.setattr(stable_spam_module, "_update_tensor", triton_path)
+        for grads in gradient_stream(shapes):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.to(param_dtype)
+            opt.step()
+            history.append(
+                [{"param": p.detach().clone(), **{k: opt.state[p][k].clone() for k in STATE_KEYS}} for p in params]
+            )
+    return history
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    """Same dtype and shape, and max|actual − expected| ≤ rtol · max|expected| (relative to the tensor's scale)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a, e = actual.double(), expected.double()
+    assert torch.isfinite(a).all() and torch.isfinite(e).all(), what
+    scale = e.abs().max().clamp_min(1e-30)
+    error = ((a - e).abs().max() / scale).item()
+    assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:g}"
+
+
+def compare(triton_history, torch_history, param_rtol: float, moment_rtol: float, stat_rtol: float) -> None:
+    for step, (tri_step, ref_step) in enumerate(zip(triton_history, torch_history, strict=True), start=1):
+        for index, (tri, ref) in enumerate(zip(tri_step, ref_step, strict=True)):
+            for key, rtol in (
+                ("param", param_rtol),
+                ("exp_avg", moment_rtol),
+                ("exp_avg_sq", moment_rtol),
+                ("clip_max_ema", stat_rtol),
+                ("norm_ema", stat_rtol),
+                ("norm_sq_ema", stat_rtol),
+            ):
+                assert_close_scaled(tri[key], ref[key], rtol, f"step {step}, tensor {index}, {key}")
+
+
+BASE = {"lr": 1e-2, "reset_interval": 7, "weight_decay": 0.1, "total_steps": STEPS}
+
+
+@pytest.mark.parametrize("state_bits", [32, 16])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["clean", "faithful"])
+def test_matches_torch_step(mode, param_dtype, state_bits):
+    """20 steps with resets at 7 and 14, a zero-gradient step, a spike, weight decay and the cosine factor."""
+    kwargs = {**BASE, "mode": mode, "state_bits": state_bits}
+    expected = run(False, SHAPES, param_dtype, **kwargs)
+    actual = run(True, SHAPES, param_dtype, **kwargs)
+    # float32 everywhere: rounding-level differences only (reduction order, fma); a bfloat16 store can round the
+    # other way after such a difference (one bfloat16 ulp, 2^-8 relative).
+    param_rtol = 1e-6 if param_dtype == torch.float32 else 1e-2
+    moment_rtol = 1e-6 if (param_dtype == torch.float32 and state_bits == 32) else 1e-2
+    stat_rtol = 1e-6 if param_dtype == torch.float32 else 1e-3
+    compare(actual, expected, param_rtol, moment_rtol, stat_rtol)
+
+
+@pytest.mark.parametrize("mode", ["clean", "faithful"])
+def test_small_blocks_many_programs_and_grid_stride_loops(mode):
+    """block=64, at most 3 programs: every tensor above 192 elements loops over several blocks per program."""
+    shapes = [(7,), (33, 65), (5000,)]
+    kwargs = {**BASE, "mode": mode}
+    expected = run(False, shapes, **kwargs)
+    actual = run(True, shapes, block=64, max_programs=3, **kwargs)
+    compare(actual, expected, 1e-6, 1e-6, 1e-6)
+
+
+def test_default_hyperparameters_no_reset_no_decay():
+    """Library defaults (reset_interval 1000, no weight decay, no cosine factor) on fp16 parameters too."""
+    for dtype, rtol in ((torch.float32, 1e-6), (torch.float16, 2e-3)):
+        expected = run(False, SHAPES[:3], dtype, lr=1e-2)
+        actual = run(True, SHAPES[:3], dtype, lr=1e-2)
+        compare(actual, expected, rtol, 1e-6 if dtype == torch.float32 else 1e-3, 1e-6 if rtol == 1e-6 else 1e-3)
+
+
+def fresh_state(param: torch.Tensor, moment_dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "exp_avg": (torch.randn(param.shape, generator=gen) * 0.1).to(moment_dtype),
+        "exp_avg_sq": (torch.rand(param.shape, generator=gen) * 0.01).to(moment_dtype),
+        "clip_max_ema": torch.tensor(1.5),
+        "norm_ema": torch.tensor(2.0),
+        "norm_sq_ema": torch.tensor(5.0),
+    }
+
+
+def torch_update(param, state, hp, stat_step, adam_step):
+    """``_update_tensor`` with scratch buffers as ``StableSPAM._step_tensors`` passes them."""
+    n = param.numel()
+    work = torch.empty(n, dtype=torch.float32).view(param.shape)
+    spikes = torch.empty(n, dtype=torch.bool).view(param.shape)
+    _update_tensor(param, state, work, spikes, hp, stat_step, adam_step, torch.ones((), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (300,)])
+@pytest.mark.parametrize("faithful", [False, True])
+@pytest.mark.parametrize("reset", [False, True])
+def test_direct_call_with_large_ema_weights(shape, faithful, reset):
+    """Direct calls on a warm state: EMA weights ≥ 0.5 (torch.lerp's other branch), a bf16 parameter with a float32
+    gradient, a spike, and a zero gradient (clean mode: statistics, moments and value stay; decay applies)."""
+    hp = _StepHyperparameters(
+        lr=3e-2,
+        weight_decay=0.05,
+        beta1=0.3,
+        beta2=0.45,
+        gamma1=0.2,
+        gamma2=0.4,
+        gamma3=0.35,
+        eps=1e-6,
+        faithful=faithful,
+        is_reset_step=reset,
+    )
+    gen = torch.Generator().manual_seed(3)
+    for param_dtype, moment_dtype, rtol in (
+        (torch.float32, torch.float32, 1e-6),
+        (torch.bfloat16, torch.float32, 1e-2),
+        (torch.float32, torch.bfloat16, 1e-2),
+    ):
+        init = torch.randn(shape, generator=gen).to(param_dtype)
+        grad = torch.randn(shape, generator=gen)
+        grad.view(-1)[0] *= 100.0
+        for g in (grad, torch.zeros(shape)):
+            ref, tri = init.clone(), init.clone()
+            ref.grad, tri.grad = g.clone(), g.clone()  # float32 gradient, also for the bf16 parameter
+            ref_state, tri_state = fresh_state(init, moment_dtype, 4), fresh_state(init, moment_dtype, 4)
+            torch_update(ref, ref_state, hp, stat_step=5, adam_step=3)
+            triton_update_tensor(tri, tri_state, hp, stat_step=5, adam_step=3, block=128, max_programs=2)
+            assert_close_scaled(tri, ref, rtol, "param")
+            for key in STATE_KEYS:
+                assert_close_scaled(tri_state[key], ref_state[key], rtol, key)
+            if not g.any() and not faithful:
+                before = fresh_state(init, moment_dtype, 4)
+                for key in ("norm_ema", "norm_sq_ema"):
+                    assert torch.equal(tri_state[key], before[key]), key
+                if not reset:
+                    assert torch.equal(tri_state["exp_avg"], before["exp_avg"])
+                    assert torch.equal(tri_state["exp_avg_sq"], before["exp_avg_sq"])
+                assert torch.equal(tri, (init.float() * (1 - hp.lr * hp.weight_decay)).to(param_dtype))
+
+
+@pytest.mark.parametrize("mode", ["clean", "faithful"])
+def test_bitwise_deterministic(mode):
+    kwargs = {**BASE, "mode": mode}
+    first = run(True, [(5000,)], block=256, max_programs=4, **kwargs)
+    second = run(True, [(5000,)], block=256, max_programs=4, **kwargs)
+    for a_step, b_step in zip(first, second, strict=True):
+        for a, b in zip(a_step, b_step, strict=True):
+            for key in a:
+                assert torch.equal(a[key], b[key]), key
+
+
+def test_workspace_is_reused_and_checked():
+    param = torch.randn(1000).requires_grad_()
+    param.grad = torch.randn(1000)
+    hp = _StepHyperparameters(1e-2, 0.0, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, False, False)
+    ref = param.detach().clone()
+    ref.grad = param.grad.clone()
+    ref_state, state = fresh_state(param, torch.float32, 0), fresh_state(param, torch.float32, 0)
+    workspace = torch.full((workspace_numel(1000, block=128, max_programs=4) + 3,), float("nan"))
+    with torch.no_grad():
+        triton_update_tensor(param, state, hp, 1, 1, workspace=workspace, block=128, max_programs=4)
+    torch_update(ref, ref_state, hp, 1, 1)
+    assert_close_scaled(param.detach(), ref, 1e-6, "param")
+    with pytest.raises(ValueError, match="workspace"):
+        triton_update_tensor(param, state, hp, 1, 1, workspace=torch.empty(3), block=128, max_programs=4)
+
+
+def test_unsupported_tensors_are_refused_without_touching_them():
+    hp = _StepHyperparameters(1e-2, 0.0, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, False, False)
+    double = torch.randn(4, 4, dtype=torch.float64)
+    double.grad = torch.randn(4, 4, dtype=torch.float64)
+    state64 = {k: v.double() for k, v in fresh_state(double, torch.float32, 0).items()}
+    strided = torch.randn(4, 4).t()
+    strided.grad = torch.randn(4, 4).t()
+    no_grad = torch.randn(4)
+    ok = torch.randn(4, 4)
+    ok.grad = torch.randn(4, 4)
+    for param, state in (
+        (double, state64),
+        (strided, fresh_state(strided, torch.float32, 0)),
+        (no_grad, fresh_state(no_grad, torch.float32, 0)),
+        (ok, {"exp_avg": torch.zeros(4, 4)}),
+    ):
+        assert not triton_update_supported(param, state)
+        before = param.clone()
+        with pytest.raises(ValueError, match="does not support"):
+            triton_update_tensor(param, state, hp, 1, 1)
+        assert torch.equal(param, before)
+    assert triton_update_supported(ok, fresh_state(ok, torch.float32, 0))
+
+
+@pytest.mark.parametrize("mode", ["clean", "faithful"])
+def test_no_host_synchronisation(mode, monkeypatch):
+    """No .item(), bool(), .tolist(), boolean-mask indexing… on tensors anywhere in the Triton step."""
+    params = [torch.randn(s, requires_grad=True) for s in [(8, 8), (8,), (2, 3, 4)]]
+    opt = StableSPAM(params, reset_interval=2, mode=mode, weight_decay=0.1, total_steps=5)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad.zero_()
+    calls = []
+
+    def triton_path(param, state, work, spikes, hp, stat_step, adam_step, one):
+        calls.append(param.shape)
+        triton_update_tensor(param, state, hp, stat_step, adam_step)
+
+    monkeypatch.setattr(stable_spam_module, "_update_tensor", triton_path)
+
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"host synchronisation: Tensor.{name} called inside the Triton step")
+
+        return fail
+
+    for name in ("item", "__bool__", "tolist", "__float__", "__int__", "__index__", "nonzero", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    original_getitem = torch.Tensor.__getitem__
+
+    def getitem(self, index):
+        if torch.is_tensor(index) and index.dtype == torch.bool:
+            raise AssertionError("host synchronisation: boolean-mask indexing inside the Triton step")
+        return original_getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    for _ in range(3):
+        opt.step()
+    monkeypatch.undo()
+    assert len(calls) == 9
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_file_runtime_budget_probe():
+    """Guard against the interpreter path becoming very slow: one 5000-element step takes well under a second."""
+    param = torch.randn(5000).requires_grad_()
+    param.grad = torch.randn(5000)
+    hp = _StepHyperparameters(1e-2, 0.0, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, False, False)
+    state = fresh_state(param, torch.float32, 0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        triton_update_tensor(param, state, hp, 1, 1)
+    assert time.perf_counter() - start < 5.0
