@@ -41,11 +41,12 @@ configuration that depends only on n, ``BLOCK`` and ``max_programs``, so results
 atomics). Under the Triton interpreter (CPU tests) the float32 → bfloat16 stores round to nearest even on the bits,
 because the interpreter's own conversion truncates.
 
-Requirements (checked on the host from metadata only): parameter and moments contiguous, parameter of dtype float32,
-bfloat16 or float16 (float64 parameters, whose compute dtype is float64, are not supported), gradient of one of those
-dtypes (a non-contiguous gradient is copied), moments float32 or bfloat16, the three statistics 0-dim float32 tensors,
-everything on one CUDA device (or on the CPU under ``TRITON_INTERPRET=1``). :func:`triton_update_supported` answers
-whether a tensor qualifies, so a caller can fall back to the torch path.
+Requirements (checked on the host from metadata only): parameter and moments contiguous; parameter of dtype
+float32, bfloat16 or float16 (float64 parameters, whose compute dtype is float64, are not supported); gradient of one
+of those dtypes (a non-contiguous gradient is copied); moments float32 or bfloat16 (not the blockwise-quantized
+8/4-bit states); the three statistics 0-dim float32 tensors; everything on one CUDA device (or on the CPU under
+``TRITON_INTERPRET=1``). :func:`triton_update_supported` answers whether a tensor qualifies, so a caller can
+fall back to the torch path.
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ from torch import Tensor
 
 from hf_gns_spam.optim.stable_spam import _StepHyperparameters
 
-__all__ = ["DEFAULT_BLOCK", "DEFAULT_MAX_PROGRAMS", "triton_update_supported", "triton_update_tensor", "workspace_numel"]
+__all__ = [
+    "DEFAULT_BLOCK",
+    "DEFAULT_MAX_PROGRAMS",
+    "triton_update_supported",
+    "triton_update_tensor",
+    "workspace_numel",
+]
 
 #: Elements per block (one iteration of a program's loop); 8 warps → 8 float32 per thread.
 DEFAULT_BLOCK = 2048
@@ -76,12 +83,13 @@ _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 _STAT_KEYS = ("clip_max_ema", "norm_ema", "norm_sq_ema")
 
 # Workspace layout (float32): snapshot of the statistics, the AdaClip scalars, then the two partial buffers.
-_WS_CLIP_EMA = 0  # T before the step
-_WS_NORM_EMA = 1  # μ before the step
-_WS_NORM_SQ_EMA = 2  # ν before the step
-_WS_THRESHOLD = 3  # T̂
-_WS_RATIO = 4  # T̂ / max|g|
-_WS_PARTIALS = 8  # pmax[0:P], then pss[0:P]
+# (tl.constexpr: the only kind of global a kernel may read when compiled.)
+_WS_CLIP_EMA = tl.constexpr(0)  # T before the step
+_WS_NORM_EMA = tl.constexpr(1)  # μ before the step
+_WS_NORM_SQ_EMA = tl.constexpr(2)  # ν before the step
+_WS_THRESHOLD = tl.constexpr(3)  # T̂
+_WS_RATIO = tl.constexpr(4)  # T̂ / max|g|
+_WS_PARTIALS = tl.constexpr(8)  # pmax[0:P], then pss[0:P]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -93,6 +101,14 @@ _WS_PARTIALS = 8  # pmax[0:P], then pss[0:P]
 def _nan_max(a, b):
     """max(a, b), NaN if either is NaN (torch.amax's behaviour)."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nan_max_reduce(x):
+    """max over a 1-D block, NaN if any entry is NaN (tl.max alone drops NaNs; a custom tl.reduce combine is slow
+    under the interpreter)."""
+    has_nan = tl.max((x != x).to(tl.int32), 0) > 0
+    return tl.where(has_nan, float("nan"), tl.max(x, 0))
 
 
 @triton.jit
@@ -133,7 +149,7 @@ def _max_abs_kernel(
         idx = start + offsets
         g = tl.load(G + idx, mask=idx < n, other=0.0).to(tl.float32)
         acc = _nan_max(acc, tl.abs(g))
-    tl.store(WS + _WS_PARTIALS + pid, tl.reduce(acc, 0, _nan_max))
+    tl.store(WS + _WS_PARTIALS + pid, _nan_max_reduce(acc))
     if pid == 0:
         tl.store(WS + _WS_CLIP_EMA, tl.load(CLIP_EMA))
         tl.store(WS + _WS_NORM_EMA, tl.load(NORM_EMA))
@@ -156,7 +172,7 @@ def _clipped_sumsq_kernel(
     pid = tl.program_id(0)
     partial_offsets = tl.arange(0, PARTIALS_BLOCK)
     partials = tl.load(WS + _WS_PARTIALS + partial_offsets, mask=partial_offsets < num_programs, other=0.0)
-    grad_max = tl.reduce(partials, 0, _nan_max)
+    grad_max = _nan_max_reduce(partials)
     clip_max_ema = _lerp(tl.load(WS + _WS_CLIP_EMA), grad_max, clip_weight)
     threshold = tl.div_rn(clip_max_ema, clip_bias_correction)
     # inf or nan only when max|g| = 0, and then no entry exceeds the threshold
@@ -280,7 +296,7 @@ def _num_programs(numel: int, block: int, max_programs: int) -> int:
 
 def workspace_numel(numel: int, block: int = DEFAULT_BLOCK, max_programs: int = DEFAULT_MAX_PROGRAMS) -> int:
     """float32 elements of the workspace :func:`triton_update_tensor` needs for a tensor of ``numel`` elements."""
-    return _WS_PARTIALS + 2 * _num_programs(numel, block, max_programs)
+    return _WS_PARTIALS.value + 2 * _num_programs(numel, block, max_programs)
 
 
 def _unsupported_reason(param: Tensor, state: dict[str, Any]) -> str | None:
@@ -296,6 +312,8 @@ def _unsupported_reason(param: Tensor, state: dict[str, Any]) -> str | None:
         return "a sparse gradient, or one of another dtype family, shape or device"
     if not param.is_contiguous():
         return "a non-contiguous parameter"
+    if "quantized_bits" in state:
+        return "blockwise-quantized moments (state_bits 8 or 4)"
     for key in ("exp_avg", "exp_avg_sq"):
         moment = state.get(key)
         if not isinstance(moment, Tensor):
@@ -359,7 +377,7 @@ def triton_update_tensor(
         raise ValueError(f"block must be a power of two ≥ 16 and max_programs ≥ 1, got {block}, {max_programs}")
     numel = param.numel()
     num_programs = _num_programs(numel, block, max_programs)
-    needed = _WS_PARTIALS + 2 * num_programs
+    needed = _WS_PARTIALS.value + 2 * num_programs
     if workspace is None:
         workspace = torch.empty(needed, dtype=torch.float32, device=param.device)
     elif workspace.dtype != torch.float32 or workspace.device != param.device or workspace.numel() < needed:
