@@ -317,3 +317,45 @@ def test_non_finite_gradient_propagates_as_in_torch(special, faithful):
     for key in STATE_KEYS:
         torch.testing.assert_close(tri_state[key], ref_state[key], equal_nan=True, rtol=1e-6, atol=1e-7)
     assert not torch.isfinite(tri_state["exp_avg"]).all()
+
+
+def test_optimizer_dispatches_supported_tensors_to_the_kernel(monkeypatch):
+    """StableSPAM.step with the Triton path switched on (as on CUDA): same result as the torch path; quantized
+    and float64 tensors fall back to torch."""
+    import hf_gns_spam.optim.stable_spam as stable_spam_module
+    from hf_gns_spam import StableSPAM
+    from hf_gns_spam.kernels import stable_spam_step
+
+    kernel_calls = []
+    original_update = stable_spam_step.triton_update_tensor
+
+    def counting_update(param, *args, **kwargs):
+        kernel_calls.append(param.shape)
+        return original_update(param, *args, **kwargs)
+
+    monkeypatch.setattr(stable_spam_step, "triton_update_tensor", counting_update)
+
+    def run(use_triton: bool, state_bits: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        monkeypatch.setattr(stable_spam_module, "_use_triton", lambda param: use_triton)
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(shape, generator=generator).to(dtype).requires_grad_() for shape in ((80, 64), (9,))]
+        optimizer = StableSPAM(params, lr=1e-2, reset_interval=4, state_bits=state_bits)
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+            optimizer.step()
+        return [p.detach().float() for p in params]
+
+    # (state_bits, dtype, kernel calls per step: the (80, 64) tensor is quantized at 8 bits, fp64 is torch-only)
+    for state_bits, dtype, calls in (
+        (32, torch.float32, 2),
+        (16, torch.float32, 2),
+        (8, torch.float32, 1),
+        (32, torch.float64, 0),
+    ):
+        kernel_calls.clear()
+        triton_result = run(True, state_bits, dtype)
+        assert len(kernel_calls) == 6 * calls, (state_bits, dtype)
+        for kernel, reference in zip(triton_result, run(False, state_bits, dtype), strict=True):
+            scale = reference.abs().max()
+            assert ((kernel - reference).abs().max() / scale).item() < 1e-6, (state_bits, dtype)

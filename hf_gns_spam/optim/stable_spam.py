@@ -33,12 +33,15 @@ The step has no host synchronisation: the per-tensor max|g|, ‖g̃‖ and the A
 tensors on the parameter's device, and every choice that depends on a tensor value (clip an entry or not, zero norm
 or not) is a ``torch.where``. Tensors are processed one after another through one scratch buffer the size of the
 largest tensor, so a step allocates no per-tensor temporaries (on CPU it runs at about the speed of torch's foreach
-AdamW; see ``benchmarks/optimizer_step.py``).
+AdamW; see ``benchmarks/optimizer_step.py``). On CUDA, tensors with float32/bfloat16 moments go through the fused
+Triton step of :mod:`hf_gns_spam.kernels.stable_spam_step` instead (three launches per tensor).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import types
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -233,10 +236,8 @@ class StableSPAM(torch.optim.Optimizer):
         clean_adam_step = t if (reset_interval == 0 or t < reset_interval) else t % reset_interval + 1
 
         compute_dtype = torch.promote_types(params[0].dtype, torch.float32)
-        largest = max(p.numel() for p in params)
-        scratch = torch.empty(largest, dtype=compute_dtype, device=params[0].device)
-        spikes = torch.empty(largest, dtype=torch.bool, device=params[0].device)
-        one = torch.ones((), dtype=compute_dtype, device=params[0].device)
+        triton_step = _triton_step() if _use_triton(params[0]) else None
+        scratch = spikes = one = None  # the torch path's buffers, allocated when a tensor first needs them
         for param in params:
             state = self._init_state(param, group)
             if faithful:  # the official per-tensor counter k, set back to 1 at a reset
@@ -244,6 +245,14 @@ class StableSPAM(torch.optim.Optimizer):
                 state["step"] = adam_step = 1 if hyper.is_reset_step else stat_step
             else:
                 stat_step, adam_step = t, clean_adam_step
+            if triton_step is not None and triton_step.triton_update_supported(param, state):
+                triton_step.triton_update_tensor(param, state, hyper, stat_step, adam_step)
+                continue
+            if scratch is None:
+                largest = max(p.numel() for p in params)
+                scratch = torch.empty(largest, dtype=compute_dtype, device=param.device)
+                spikes = torch.empty(largest, dtype=torch.bool, device=param.device)
+                one = torch.ones((), dtype=compute_dtype, device=param.device)
             n = param.numel()
             _update_tensor(
                 param,
@@ -255,6 +264,20 @@ class StableSPAM(torch.optim.Optimizer):
                 adam_step,
                 one,
             )
+
+
+def _use_triton(param: torch.Tensor) -> bool:
+    """Whether the fused Triton step is used for this device (CUDA)."""
+    return param.is_cuda
+
+
+def _triton_step() -> types.ModuleType | None:
+    """The fused Triton step for CUDA tensors (fp32/bf16/fp16 params, fp32/bf16 moments), if Triton is installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from hf_gns_spam.kernels import stable_spam_step
+
+    return stable_spam_step
 
 
 @dataclass(frozen=True)
