@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -51,12 +52,13 @@ def norm_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
-def _implementation(x: torch.Tensor):
+def _implementation(x: torch.Tensor) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(forward, backward) for ``x``: the Triton kernels or the pure-torch reference (same contracts)."""
     if _backend == "triton" or (_backend == "auto" and x.is_cuda and _TRITON_AVAILABLE):
-        from hf_gns_spam.kernels import gns_norm as triton_implementation
+        from hf_gns_spam.kernels import gns_norm as kernels
 
-        return triton_implementation, "triton"
-    return norm_reference, "torch"
+        return kernels.gns_norm_forward, kernels.gns_norm_backward
+    return norm_reference.norm_forward, norm_reference.norm_backward
 
 
 def _spec(kind: str, eps: float, offset: float, rounding: str) -> NormSpec:
@@ -76,10 +78,8 @@ def _gns_norm_forward(
     rounding: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd); ``statistics`` is only an autograd handle for the backward's statistics."""
-    implementation, _ = _implementation(x)
-    if implementation is norm_reference:
-        return norm_reference.norm_forward(_spec(kind, eps, offset, rounding), x, weight, bias)
-    return implementation.gns_norm_forward(_spec(kind, eps, offset, rounding), x, weight, bias)
+    forward, _ = _implementation(x)
+    return forward(_spec(kind, eps, offset, rounding), x, weight, bias)
 
 
 @_gns_norm_forward.register_fake
@@ -111,8 +111,7 @@ def _gns_norm_backward(
     need_bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw, db, statistics); a gradient that is not needed comes back as an empty tensor."""
-    implementation, _ = _implementation(x)
-    backward = norm_reference.norm_backward if implementation is norm_reference else implementation.gns_norm_backward
+    _, backward = _implementation(x)
     dx, dw, db, statistics = backward(
         _spec(kind, eps, offset, rounding),
         dy,
