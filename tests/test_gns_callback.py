@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from hf_gns_spam import GNSCallback, patch_model
+from hf_gns_spam import GNSCallback, StableSPAM, patch_model
 from hf_gns_spam.gns.callback import METRIC_NAMES
 from tests import model_zoo
 from tests.test_per_example_stats import token_losses
@@ -133,3 +133,29 @@ def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
     assert measured["batch_size"] == 4
     assert measured["small"] == pytest.approx(small, rel=1e-4)
     assert measured["big"] == pytest.approx(big, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_qlora_trains_with_stable_spam_and_the_callback(tmp_path):
+    """bitsandbytes 4-bit base weights + LoRA through the real Trainer: patched norms are frozen there, so the
+    callback logs batch sizes but no GNS, and costs nothing in the backward."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model_zoo.build("llama").save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    assert len(patch_model(model).patched) == 5
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    callback = GNSCallback()
+    trainer = make_trainer(tmp_path, model, callback, max_steps=3, learning_rate=1e-2)
+    trainer.train()
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) and r["batch_size"] == 4 for r in records)
+    assert all(math.isnan(r["gns"]) for r in records) and callback.estimator.skipped == 3
+    assert isinstance(trainer.optimizer.optimizer, StableSPAM)
+    assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
