@@ -92,10 +92,12 @@ def memory_table() -> None:
         print(f"{name:>34} {value:>24.3f}")
 
 
-def train(state_bits: int, data: torch.Tensor, steps: int, batch: int, length: int) -> tuple[list[float], float]:
-    model = build_model()
+def train(
+    state_bits: int, data: torch.Tensor, steps: int, batch: int, length: int, seed: int
+) -> tuple[list[float], float]:
+    model = build_model(seed)
     optimizer = StableSPAM(model.parameters(), lr=2e-3, state_bits=state_bits, reset_interval=1000)
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(1000 + seed)
     losses = []
     start = time.perf_counter()
     for _ in range(steps):
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per variant (model init and data order)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch={torch.__version__} threads={torch.get_num_threads()}\n")
@@ -121,12 +124,20 @@ def main() -> None:
     data = stdlib_bytes(2_000_000)
     print(f"\ncorpus: {data.numel():,} bytes of the Python standard library; {args.steps} steps of "
           f"{args.batch} x {args.length} bytes\n")  # fmt: skip
-    results = {bits: train(bits, data, args.steps, args.batch, args.length) for bits in (32, 16, 8, 4)}
-    reference = sum(results[32][0][-20:]) / 20
-    print(f"{'state_bits':>10} {'first loss':>11} {'final loss':>11} {'vs 32-bit':>10} {'seconds':>8}")
-    for bits, (losses, seconds) in results.items():
-        final = sum(losses[-20:]) / 20
-        print(f"{bits:>10} {losses[0]:>11.4f} {final:>11.4f} {final / reference - 1:>+10.2%} {seconds:>8.1f}")
+    final = {}  # state_bits -> final loss per seed (mean of the last 20 steps)
+    seconds = {}
+    for bits in (32, 16, 8, 4):
+        runs = [train(bits, data, args.steps, args.batch, args.length, seed) for seed in range(args.seeds)]
+        final[bits] = [sum(losses[-20:]) / 20 for losses, _ in runs]
+        seconds[bits] = sum(t for _, t in runs) / len(runs)
+    print(f"{'state_bits':>10} {'final loss per seed':>28} {'mean':>8} {'vs 32-bit':>10} {'s/run':>7}")
+    reference = sum(final[32]) / len(final[32])
+    for bits, values in final.items():
+        mean = sum(values) / len(values)
+        per_seed = " ".join(f"{v:.4f}" for v in values)
+        print(f"{bits:>10} {per_seed:>28} {mean:>8.4f} {mean / reference - 1:>+10.2%} {seconds[bits]:>7.1f}")
+    spread = max(final[32]) - min(final[32])
+    print(f"\nseed-to-seed spread of the 32-bit final loss: {spread:.4f} ({spread / reference:.2%} of its mean)")
 
 
 if __name__ == "__main__":
