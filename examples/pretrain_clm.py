@@ -1,0 +1,274 @@
+"""Pretrain (or continue training) a causal LM with GNS-aware norms, Stable-SPAM and a GNS-driven batch size.
+
+In the style of transformers' ``run_clm.py``: every ``TrainingArguments`` flag works on the command line. With no
+arguments it pretrains a small LLaMA-style model, built from a config, on the Python standard library's own source
+files (a real text corpus on every machine, no download), with a byte-level BPE tokenizer trained on that corpus,
+``patch_model``, ``optim="stable_spam"`` and ``GNSCallback(schedule="gns")``, in a few minutes on 2 CPU cores:
+
+    python examples/pretrain_clm.py                                  # writes runs/pretrain_clm/
+    python examples/pretrain_clm.py --model_name_or_path gpt2 --dataset_name wikitext \\
+        --dataset_config_name wikitext-2-raw-v1 --output_dir runs/gpt2 --bf16   # any Hub model / datasets source
+
+It writes the model and tokenizer, ``metrics.json`` (final loss, evaluation loss and perplexity, tokens, the GNS
+and batch-size history) and ``gns_plot.png`` (loss, GNS and batch size against tokens) to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    HfArgumentParser,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from hf_gns_spam import GNSCallback, patch_model
+from hf_gns_spam.plotting import plot_run, training_records
+
+DEFAULT_OUTPUT_DIR = "runs/pretrain_clm"
+# the main job's TrainingArguments when the command line does not set them
+DEFAULT_TRAINING_FLAGS = {
+    "--output_dir": DEFAULT_OUTPUT_DIR,
+    "--optim": "stable_spam",
+    "--learning_rate": "2e-3",
+    "--lr_scheduler_type": "cosine",
+    "--warmup_steps": "0.05",
+    "--num_train_epochs": "1",
+    "--per_device_train_batch_size": "8",
+    "--per_device_eval_batch_size": "32",
+    "--logging_steps": "5",
+    "--eval_strategy": "no",
+    "--save_strategy": "no",
+    "--report_to": "none",
+    "--include_num_input_tokens_seen": "true",
+    "--seed": "0",
+}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local path to start from; default: a new small LLaMA"}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer (default: the model's)"})
+    hidden_size: int = field(default=128, metadata={"help": "new model: hidden size"})
+    num_hidden_layers: int = field(default=4, metadata={"help": "new model: layers"})
+    num_attention_heads: int = field(default=4, metadata={"help": "new model: attention heads"})
+    intermediate_size: int = field(default=344, metadata={"help": "new model: MLP width"})
+    vocab_size: int = field(default=2048, metadata={"help": "new tokenizer: byte-level BPE vocabulary size"})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "a `datasets` dataset name"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "its configuration"})
+    train_file: str | None = field(default=None, metadata={"help": "a local .txt/.json/.csv training file"})
+    validation_file: str | None = field(default=None, metadata={"help": "a local validation file"})
+    text_column: str = field(default="text", metadata={"help": "the column holding the text"})
+    block_size: int = field(default=128, metadata={"help": "tokens per training example"})
+    validation_split_percentage: int = field(default=5, metadata={"help": "held out when there is no validation"})
+    max_corpus_bytes: int = field(
+        default=2_000_000, metadata={"help": "default corpus: bytes of the standard library's .py files to use"}
+    )
+    max_train_examples: int | None = field(default=None, metadata={"help": "truncate the training set"})
+
+
+@dataclass
+class GNSArguments:
+    schedule: str = field(default="gns", metadata={"help": "batch-size schedule: none, linear or gns"})
+    min_batch_size: int | None = field(default=None, metadata={"help": "default: micro-batch x processes"})
+    max_batch_size: int | None = field(default=None, metadata={"help": "default: 8 x min_batch_size"})
+    gns_warmup_steps: int = field(default=20, metadata={"help": "optimizer steps before the first change"})
+    gns_update_interval: int = field(default=10, metadata={"help": "optimizer steps between changes"})
+    gns_multiplier: float = field(default=1.0, metadata={"help": "batch target = multiplier x GNS"})
+    gns_ema_decay: float = field(default=0.95, metadata={"help": "EMA decay of |G|^2 and tr(Sigma)"})
+
+
+def standard_library_corpus(max_bytes: int) -> datasets.Dataset:
+    """The Python standard library's top-level .py files, one example each, up to ``max_bytes`` in total."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text[: max_bytes - total])
+        total += len(texts[-1])
+        if total >= max_bytes:
+            break
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def load_raw_datasets(data: DataArguments) -> datasets.DatasetDict:
+    if data.dataset_name is not None:
+        raw = datasets.load_dataset(data.dataset_name, data.dataset_config_name)
+    elif data.train_file is not None:
+        files = {"train": data.train_file}
+        if data.validation_file is not None:
+            files["validation"] = data.validation_file
+        extension = data.train_file.rsplit(".", 1)[-1]
+        raw = datasets.load_dataset("text" if extension == "txt" else extension, data_files=files)
+    else:
+        raw = datasets.DatasetDict({"train": standard_library_corpus(data.max_corpus_bytes)})
+    if "validation" not in raw:
+        split = raw["train"].train_test_split(test_size=data.validation_split_percentage / 100, seed=0)
+        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+    return raw
+
+
+def train_byte_level_tokenizer(texts: datasets.Dataset, column: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the training texts (no download)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tokenizer = ByteLevelBPETokenizer()
+    batches = (texts[i : i + 256][column] for i in range(0, len(texts), 256))
+    tokenizer.train_from_iterator(batches, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def tokenized_blocks(raw: datasets.DatasetDict, tokenizer, column: str, block_size: int) -> datasets.DatasetDict:
+    """run_clm's preprocessing: tokenize, append EOS, concatenate, cut into blocks of ``block_size`` tokens."""
+
+    def tokenize(batch):
+        return tokenizer([text + tokenizer.eos_token for text in batch[column]])
+
+    def group(batch):
+        joined = list(chain(*batch["input_ids"]))
+        length = len(joined) // block_size * block_size
+        blocks = [joined[i : i + block_size] for i in range(0, length, block_size)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks]}
+
+    columns = raw["train"].column_names
+    tokens = raw.map(tokenize, batched=True, remove_columns=columns, desc="tokenizing")
+    return tokens.map(group, batched=True, remove_columns=tokens["train"].column_names, desc="grouping")
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, GNSArguments, TrainingArguments]:
+    for flag, value in DEFAULT_TRAINING_FLAGS.items():
+        if flag not in argv:
+            argv = [*argv, flag, value]
+    parser = HfArgumentParser((ModelArguments, DataArguments, GNSArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def build_model(model_args: ModelArguments, tokenizer, block_size: int):
+    if model_args.model_name_or_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=model_args.hidden_size,
+        intermediate_size=model_args.intermediate_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        num_key_value_heads=model_args.num_attention_heads,
+        max_position_embeddings=max(block_size, 128),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def gns_callback(gns_args: GNSArguments, training: TrainingArguments) -> GNSCallback:
+    if gns_args.schedule == "none":
+        return GNSCallback(ema_decay=gns_args.gns_ema_decay)
+    unit = training.per_device_train_batch_size * training.world_size
+    minimum = gns_args.min_batch_size or unit * training.gradient_accumulation_steps
+    return GNSCallback(
+        schedule=gns_args.schedule,
+        min_batch_size=minimum,
+        max_batch_size=gns_args.max_batch_size or 8 * minimum,
+        warmup_steps=gns_args.gns_warmup_steps,
+        update_interval=gns_args.gns_update_interval,
+        gns_multiplier=gns_args.gns_multiplier,
+        ema_decay=gns_args.gns_ema_decay,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, gns_args, training = parse_arguments(list(sys.argv[1:] if argv is None else argv))
+    set_seed(training.seed)
+    raw = load_raw_datasets(data_args)
+    if model_args.tokenizer_name or model_args.model_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    else:
+        tokenizer = train_byte_level_tokenizer(raw["train"], data_args.text_column, model_args.vocab_size)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm_data = tokenized_blocks(raw, tokenizer, data_args.text_column, data_args.block_size)
+    if data_args.max_train_examples is not None:
+        lm_data["train"] = lm_data["train"].select(range(min(data_args.max_train_examples, len(lm_data["train"]))))
+
+    model = build_model(model_args, tokenizer, data_args.block_size)
+    report = patch_model(model)
+    print(report)
+    callback = gns_callback(gns_args, training)
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=lm_data["train"],
+        eval_dataset=lm_data["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[callback],
+    )
+    result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    evaluation = trainer.evaluate()
+    trainer.save_model()
+    trainer.save_state()
+
+    records = training_records({"log_history": trainer.state.log_history})
+    metrics = {
+        "final_train_loss": records[-1]["loss"] if records else math.nan,
+        "first_train_loss": records[0]["loss"] if records else math.nan,
+        "train_loss_mean": result.training_loss,
+        "eval_loss": evaluation["eval_loss"],
+        # evaluate's "perplexity" metric downloads a model from the Hub; the perplexity of this model on the
+        # evaluation blocks is exp(mean token cross-entropy), computed here from the Trainer's eval_loss
+        "eval_perplexity": math.exp(evaluation["eval_loss"]),
+        "perplexity_note": "exp(eval_loss), computed locally (evaluate's perplexity metric needs the Hub)",
+        "train_tokens": trainer.state.num_input_tokens_seen,
+        "optimizer_steps": trainer.state.global_step,
+        "patched_norms": len(report.patched),
+        "history": [
+            {
+                key: record.get(key)
+                for key in ("step", "num_input_tokens_seen", "loss", "gns", "gns_tokens", "batch_size")
+            }
+            for record in records
+        ],
+    }
+    Path(training.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(training.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
+    plot = plot_run(training.output_dir)
+    print(f"model, metrics.json and {plot.name} written to {training.output_dir}")
+    print(
+        f"loss {metrics['first_train_loss']:.3f} -> {metrics['final_train_loss']:.3f}, eval perplexity "
+        f"{metrics['eval_perplexity']:.2f}, {metrics['train_tokens']:,} tokens, {metrics['optimizer_steps']} steps"
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The main job (examples/pretrain_clm.py) end to end at a tiny size, and the plot command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_gns_spam.cli import main as cli_main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_pretrain_clm_writes_model_metrics_and_plot(tmp_path):
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, str(REPO_ROOT / "examples" / "pretrain_clm.py"),
+        "--output_dir", str(output_dir), "--max_corpus_bytes", "150000", "--vocab_size", "512",
+        "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64",
+        "--block_size", "32", "--per_device_train_batch_size", "4", "--max_batch_size", "16",
+        "--gns_warmup_steps", "4", "--gns_update_interval", "2", "--logging_steps", "2", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["final_train_loss"] < metrics["first_train_loss"] - 0.5  # the loss falls
+    assert math.isfinite(metrics["eval_perplexity"]) and metrics["eval_perplexity"] == pytest.approx(
+        math.exp(metrics["eval_loss"])
+    )
+    assert metrics["patched_norms"] == 5 and metrics["train_tokens"] > 0
+    history = metrics["history"]
+    assert len(history) >= 5 and all(h["num_input_tokens_seen"] > 0 for h in history)
+    assert any(h["gns"] is not None and math.isfinite(h["gns"]) for h in history)
+    assert history[0]["batch_size"] == 4 and max(h["batch_size"] for h in history) > 4  # the batch grew
+    assert (output_dir / "gns_plot.png").stat().st_size > 10_000
+    assert (output_dir / "model.safetensors").exists() and (output_dir / "tokenizer.json").exists()
+
+    # the console script draws the same figure from the run's trainer_state.json
+    assert cli_main(["plot", str(output_dir), "--output", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+
+
+def test_plot_command_reports_a_missing_run(tmp_path, capsys):
+    assert cli_main(["plot", str(tmp_path)]) == 1
+    assert "no trainer_state.json" in capsys.readouterr().err
