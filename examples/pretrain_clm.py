@@ -88,6 +88,7 @@ class DataArguments:
         default=2_000_000, metadata={"help": "default corpus: bytes of the standard library's .py files to use"}
     )
     max_train_examples: int | None = field(default=None, metadata={"help": "truncate the training set"})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "truncate the evaluation set"})
 
 
 @dataclass
@@ -160,6 +161,14 @@ def tokenized_blocks(raw: datasets.DatasetDict, tokenizer, column: str, block_si
     return tokens.map(group, batched=True, remove_columns=tokens["train"].column_names, desc="grouping")
 
 
+def truncated(lm_data: datasets.DatasetDict, data: DataArguments) -> datasets.DatasetDict:
+    """Apply --max_train_examples / --max_eval_examples."""
+    for split, limit in (("train", data.max_train_examples), ("validation", data.max_eval_examples)):
+        if limit is not None:
+            lm_data[split] = lm_data[split].select(range(min(limit, len(lm_data[split]))))
+    return lm_data
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, GNSArguments, TrainingArguments]:
     for flag, value in DEFAULT_TRAINING_FLAGS.items():
         if flag not in argv:
@@ -216,9 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = train_byte_level_tokenizer(raw["train"], data_args.text_column, model_args.vocab_size)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm_data = tokenized_blocks(raw, tokenizer, data_args.text_column, data_args.block_size)
-    if data_args.max_train_examples is not None:
-        lm_data["train"] = lm_data["train"].select(range(min(data_args.max_train_examples, len(lm_data["train"]))))
+    lm_data = truncated(tokenized_blocks(raw, tokenizer, data_args.text_column, data_args.block_size), data_args)
 
     model = build_model(model_args, tokenizer, data_args.block_size)
     report = patch_model(model)

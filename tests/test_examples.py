@@ -44,6 +44,21 @@ def test_pretrain_clm_writes_model_metrics_and_plot(tmp_path):
     assert cli_main(["plot", str(output_dir), "--output", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").stat().st_size > 10_000
 
+    # QLoRA on the model just trained (a local model): bitsandbytes 4-bit base weights, LoRA, stable_spam
+    qlora_dir = tmp_path / "qlora"
+    command = [
+        sys.executable, str(REPO_ROOT / "examples" / "finetune_qlora.py"), "--model_name_or_path", str(output_dir),
+        "--output_dir", str(qlora_dir), "--max_corpus_bytes", "60000", "--block_size", "32",
+        "--per_device_train_batch_size", "4", "--max_steps", "4", "--logging_steps", "1", "--schedule", "none",
+        "--max_eval_examples", "8", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    qlora_metrics = json.loads((qlora_dir / "metrics.json").read_text())
+    assert len(qlora_metrics["history"]) == 4 and math.isfinite(qlora_metrics["final_train_loss"])
+    assert qlora_metrics["patched_norms"] == 5 and 0 < qlora_metrics["trainable_parameters"] < 20_000
+    assert (qlora_dir / "adapter_model.safetensors").exists()
+
 
 def test_plot_command_reports_a_missing_run(tmp_path, capsys):
     assert cli_main(["plot", str(tmp_path)]) == 1
