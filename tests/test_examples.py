@@ -63,3 +63,18 @@ def test_pretrain_clm_writes_model_metrics_and_plot(tmp_path):
 def test_plot_command_reports_a_missing_run(tmp_path, capsys):
     assert cli_main(["plot", str(tmp_path)]) == 1
     assert "no trainer_state.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_walkthrough_notebook_runs_top_to_bottom(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO_ROOT / "notebooks" / "walkthrough.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot was drawn
+    assert (tmp_path / "notebook_run" / "gns_plot.png").exists()
