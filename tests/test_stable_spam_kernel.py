@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import hf_gns_spam.optim.stable_spam as stable_spam_module
 from hf_gns_spam import StableSPAM
 from hf_gns_spam.kernels.stable_spam_step import (
+    _quantization_tables,
+    _quantize,
+    _store_quantized,
     triton_update_supported,
     triton_update_tensor,
     workspace_numel,
 )
+from hf_gns_spam.optim.quantized_state import dequantize, moment_format, quantize, unpack_nibbles
 from hf_gns_spam.optim.stable_spam import _StepHyperparameters, _update_tensor
 
 SHAPES = [(), (7,), (33, 65), (3, 4, 129)]  # 2145 elements: two blocks of the default 2048
@@ -256,16 +262,25 @@ def test_unsupported_tensors_are_refused_without_touching_them():
     quantized.grad = torch.randn(5000)
     opt = StableSPAM([quantized], state_bits=8)
     state = opt._init_state(quantized, opt.param_groups[0])
-    assert "quantized_bits" in state and not triton_update_supported(quantized, state)
-    with pytest.raises(ValueError, match="quantized"):
+    assert "quantized_bits" in state and triton_update_supported(quantized, state)
+    with pytest.raises(ValueError, match="multiple of the 8-bit quantization block"):
+        triton_update_tensor(quantized, state, hp, 1, 1, block=128)
+    state["exp_avg_sq_absmax"] = state["exp_avg_sq_absmax"][:-1]  # one block short
+    assert not triton_update_supported(quantized, state)
+    with pytest.raises(ValueError, match="exp_avg_sq_absmax"):
         triton_update_tensor(quantized, state, hp, 1, 1)
 
 
+@pytest.mark.parametrize("state_bits", [32, 8, 4])
 @pytest.mark.parametrize("mode", ["clean", "faithful"])
-def test_no_host_synchronisation(mode, monkeypatch):
-    """No .item(), bool(), .tolist(), boolean-mask indexing… on tensors anywhere in the Triton step."""
-    params = [torch.randn(s, requires_grad=True) for s in [(8, 8), (8,), (2, 3, 4)]]
-    opt = StableSPAM(params, reset_interval=2, mode=mode, weight_decay=0.1, total_steps=5)
+def test_no_host_synchronisation(mode, state_bits, monkeypatch):
+    """No .item(), bool(), .tolist(), boolean-mask indexing… on tensors anywhere in the Triton step (the (64, 64)
+    tensor has 8/4-bit quantized moments when state_bits asks for them)."""
+    params = [torch.randn(s, requires_grad=True) for s in [(8, 8), (8,), (2, 3, 4), (64, 64)]]
+    for bits in (8, 4):  # the optimizer's state initialisation builds the code maps once (bitsandbytes' tolist)
+        for second_moment in (False, True):
+            moment_format(bits, second_moment).code(torch.device("cpu"))
+    opt = StableSPAM(params, reset_interval=2, mode=mode, weight_decay=0.1, total_steps=5, state_bits=state_bits)
     for p in params:
         p.grad = torch.randn_like(p)
     params[1].grad.zero_()
@@ -296,7 +311,8 @@ def test_no_host_synchronisation(mode, monkeypatch):
     for _ in range(3):
         opt.step()
     monkeypatch.undo()
-    assert len(calls) == 9
+    assert len(calls) == 12
+    assert ("quantized_bits" in opt.state[params[3]]) == (state_bits != 32)
     assert all(torch.isfinite(p).all() for p in params)
 
 
@@ -320,8 +336,8 @@ def test_non_finite_gradient_propagates_as_in_torch(special, faithful):
 
 
 def test_optimizer_dispatches_supported_tensors_to_the_kernel(monkeypatch):
-    """StableSPAM.step with the Triton path switched on (as on CUDA): same result as the torch path; quantized
-    and float64 tensors fall back to torch."""
+    """StableSPAM.step with the Triton path switched on (as on CUDA): same result as the torch path; float64
+    tensors fall back to torch, 8/4-bit quantized moments go through the kernel too."""
     import hf_gns_spam.optim.stable_spam as stable_spam_module
     from hf_gns_spam import StableSPAM
     from hf_gns_spam.kernels import stable_spam_step
@@ -346,11 +362,13 @@ def test_optimizer_dispatches_supported_tensors_to_the_kernel(monkeypatch):
             optimizer.step()
         return [p.detach().float() for p in params]
 
-    # (state_bits, dtype, kernel calls per step: the (80, 64) tensor is quantized at 8 bits, fp64 is torch-only)
+    # (state_bits, dtype, kernel calls per step: the (80, 64) tensor is quantized at 8/4 bits (the (9,) one stays
+    # float32), both go through the kernel; fp64 is torch-only)
     for state_bits, dtype, calls in (
         (32, torch.float32, 2),
         (16, torch.float32, 2),
-        (8, torch.float32, 1),
+        (8, torch.float32, 2),
+        (4, torch.float32, 2),
         (32, torch.float64, 0),
     ):
         kernel_calls.clear()
@@ -359,3 +377,223 @@ def test_optimizer_dispatches_supported_tensors_to_the_kernel(monkeypatch):
         for kernel, reference in zip(triton_result, run(False, state_bits, dtype), strict=True):
             scale = reference.abs().max()
             assert ((kernel - reference).abs().max() / scale).item() < 1e-6, (state_bits, dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Blockwise-quantized moments (state_bits 8 and 4)
+# --------------------------------------------------------------------------------------------------------------------
+
+# 4550 = 17·256 + 198 = 35·128 + 70 elements: a partial last quantization block; 4097: a one-element last block
+# and an odd count (the 4-bit tail byte holds one index).
+Q_SHAPES = [(70, 65), (4097,)]
+Q_STEPS = 8
+Q_ZERO_STEP = 3  # every gradient is zero
+Q_SPIKE_STEP = 6  # one entry ×100
+Q_BASE = {"lr": 1e-2, "reset_interval": 4, "weight_decay": 0.1, "total_steps": Q_STEPS}  # resets at steps 4 and 8
+Q_STATE_KEYS = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax", *STATE_KEYS[2:])
+
+
+def run_quantized(use_triton: bool, state_bits: int, param_dtype: torch.dtype, **kwargs):
+    """StableSPAM over Q_STEPS steps with the Triton step switched on or off (as ``_use_triton`` does on CUDA);
+    per step, per tensor: clones of the parameter and its state."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(shape, generator=gen).to(param_dtype).requires_grad_() for shape in Q_SHAPES]
+    opt = StableSPAM(params, state_bits=state_bits, **Q_BASE, **kwargs)
+    history = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stable_spam_module, "_use_triton", lambda param: use_triton)
+        for t in range(1, Q_STEPS + 1):
+            for i, p in enumerate(params):
+                g = torch.randn(p.shape, generator=gen) * (1.0 + 0.5 * (t % 3))
+                if t == Q_ZERO_STEP:
+                    g.zero_()
+                if t == Q_SPIKE_STEP:
+                    g.view(-1)[11 * i + 5] *= 100.0
+                p.grad = g.to(param_dtype)
+            opt.step()
+            history.append(
+                [{"param": p.detach().clone(), **{k: opt.state[p][k].clone() for k in Q_STATE_KEYS}} for p in params]
+            )
+    assert all(opt.state[p]["quantized_bits"] == state_bits for p in params)
+    return history
+
+
+def index_mismatches(actual: torch.Tensor, expected: torch.Tensor, bits: int, numel: int) -> int:
+    """Elements whose stored code index differs (4-bit indices unpacked first)."""
+    assert actual.dtype == expected.dtype == torch.uint8 and actual.shape == expected.shape
+    if bits == 4:
+        actual, expected = unpack_nibbles(actual, numel), unpack_nibbles(expected, numel)
+    return int((actual != expected).sum())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["clean", "faithful"])
+def test_quantized_matches_torch_step(mode, param_dtype, bits):
+    """8/4-bit moments through the optimizer, Triton step against the torch path: 8 steps with resets at 4 and 8,
+    an all-zero gradient step, a spike, weight decay and the cosine factor.
+
+    The kernel's float32 moments differ from torch's by rounding only (the norm's reduction order: ~1e-7 relative
+    with float32 gradients, ~1e-6 with bfloat16 ones), and a value within that rounding of a midpoint between two
+    codes can land on the neighbouring code; such an element then carries its different moment on (and its
+    parameter moves by a code step's worth of update from the next step on). Here at most a few per thousand
+    indices differ, with float32 parameters about one in 10^5; float32 parameters agree to 1e-6 until an index of
+    their tensor has differed, to 1e-4 after. That the quantization itself adds no difference is checked bitwise by
+    the next two tests."""
+    expected = run_quantized(False, bits, param_dtype, mode=mode)
+    actual = run_quantized(True, bits, param_dtype, mode=mode)
+    exact = param_dtype == torch.float32
+    absmax_rtol = 1e-6 if exact else 1e-5  # v ~ ĝ²: twice the relative difference of the norms
+    diverged = [False] * len(Q_SHAPES)  # an index of the tensor differed at an earlier step
+    for step, (tri_step, ref_step) in enumerate(zip(actual, expected, strict=True), start=1):
+        for index, (tri, ref) in enumerate(zip(tri_step, ref_step, strict=True)):
+            what = f"step {step}, tensor {index}"
+            numel = ref["param"].numel()
+            param_rtol = (1e-4 if diverged[index] else 1e-6) if exact else 1e-2
+            assert_close_scaled(tri["param"], ref["param"], param_rtol, f"{what}, param")
+            for key in STATE_KEYS[2:]:
+                assert_close_scaled(tri[key], ref[key], 1e-6 if exact else 1e-5, f"{what}, {key}")
+            for moment in ("exp_avg", "exp_avg_sq"):
+                mismatches = index_mismatches(tri[f"{moment}_q"], ref[f"{moment}_q"], bits, numel)
+                assert mismatches <= (1e-3 if exact else 5e-3) * numel, f"{what}, {moment}: {mismatches} indices"
+                diverged[index] |= mismatches > 0
+                a, e = tri[f"{moment}_absmax"].double(), ref[f"{moment}_absmax"].double()
+                assert a.shape == e.shape and torch.isfinite(a).all(), f"{what}, {moment}_absmax"
+                # a block whose largest element took another code earlier keeps a different absmax
+                far = int(((a - e).abs() > absmax_rtol * e.abs()).sum())
+                assert far <= (0 if exact else 2), f"{what}, {moment}_absmax: {far} blocks"
+
+
+def random_quantized_state(numel: int, bits: int, seed: int) -> dict[str, torch.Tensor]:
+    """A warm quantized state: random code indices, random positive absmax with some all-zero blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {"quantized_bits": bits}
+    for key, second_moment in (("exp_avg", False), ("exp_avg_sq", True)):
+        fmt = moment_format(bits, second_moment)
+        indices = torch.randint(0, 2**bits, (numel,), generator=gen, dtype=torch.uint8)
+        if bits == 4:
+            indices = indices.view(-1, 1) if numel % 2 == 0 else torch.cat([indices, indices.new_zeros(1)])
+            indices = indices.view(-1, 2)
+            indices = indices[:, 0] << 4 | indices[:, 1]
+        absmax = torch.rand(-(-numel // fmt.blocksize), generator=gen) * (0.1 if second_moment else 0.01)
+        absmax[1::7] = 0.0
+        state[f"{key}_q"], state[f"{key}_absmax"] = indices.contiguous(), absmax
+    state.update({k: v for k, v in fresh_state(torch.empty(0), torch.float32, 0).items() if k in STATE_KEYS[2:]})
+    return state
+
+
+def dequantized_state(state: dict[str, torch.Tensor], numel: int) -> dict[str, torch.Tensor]:
+    """The same state with float32 moments (what the torch path works on between dequantize and quantize)."""
+    bits = state["quantized_bits"]
+    out = {k: state[k].clone() for k in STATE_KEYS[2:]}
+    for key, second_moment in (("exp_avg", False), ("exp_avg_sq", True)):
+        fmt = moment_format(bits, second_moment)
+        out[key] = dequantize(state[f"{key}_q"], state[f"{key}_absmax"], fmt, numel)
+    return out
+
+
+def clone_state(state):
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("faithful", [False, True])
+@pytest.mark.parametrize("reset", [False, True])
+def test_quantized_kernel_is_dequantize_float_kernel_quantize_bitwise(bits, faithful, reset):
+    """The quantized kernel equals, bit for bit, ``quantize(float32 kernel(dequantize(state)))``: dequantization,
+    the update and the requantization (absmax, normalisation, nearest code) add no rounding of their own. Several
+    quantization blocks per program, a grid-stride loop over 3 programs, a one-element last block, an odd count,
+    all-zero blocks; a spike gradient and a zero one. Two runs are bitwise equal; on the zero gradient in clean mode
+    (a skipped tensor: its moments are requantized unchanged) parameter and state equal the torch path's bitwise."""
+    numel = 4097
+    hp = _StepHyperparameters(3e-2, 0.05, 0.8, 0.95, 0.6, 0.9, 0.7, 1e-6, faithful, reset)
+    gen = torch.Generator().manual_seed(7)
+    init = torch.randn(numel, generator=gen)
+    grad = torch.randn(numel, generator=gen)
+    grad[3] *= 100.0
+    for g in (grad, torch.zeros(numel)):
+        q_state = random_quantized_state(numel, bits, seed=8)
+        f_state = dequantized_state(q_state, numel)
+        results = []
+        for _ in range(2 if g.any() else 1):  # determinism: the spike gradient's run twice
+            param, state = init.clone(), clone_state(q_state)
+            param.grad = g.clone()
+            triton_update_tensor(param, state, hp, stat_step=5, adam_step=3, block=512, max_programs=3)
+            results.append((param, state))
+        float_param = init.clone()
+        float_param.grad = g.clone()
+        triton_update_tensor(float_param, f_state, hp, stat_step=5, adam_step=3, block=512, max_programs=3)
+        param, state = results[0]
+        for param_again, state_again in results[1:]:
+            for key in Q_STATE_KEYS:
+                assert torch.equal(state[key], state_again[key]), f"not deterministic: {key}"
+            assert torch.equal(param, param_again)
+        assert torch.equal(param, float_param)
+        for key in STATE_KEYS[2:]:
+            assert torch.equal(state[key], f_state[key]), key
+        for key, second_moment in (("exp_avg", False), ("exp_avg_sq", True)):
+            indices, absmax = quantize(f_state[key], moment_format(bits, second_moment))
+            assert torch.equal(state[f"{key}_q"], indices), key
+            assert torch.equal(state[f"{key}_absmax"], absmax), key
+        if not g.any() and not faithful:  # a skipped tensor: nothing left to round differently
+            ref_param, ref_state = init.clone(), clone_state(q_state)
+            ref_param.grad = g.clone()
+            torch_update(ref_param, ref_state, hp, stat_step=5, adam_step=3)
+            assert torch.equal(param, ref_param)
+            for key in Q_STATE_KEYS:
+                assert torch.equal(state[key], ref_state[key]), key
+
+
+@triton.jit
+def _quantize_rows_kernel(X, Q, ABSMAX, MIDPOINTS, n, BITS: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """The update kernel's requantization of the first ROWS·QBLOCK elements of X (one program)."""
+    half: tl.constexpr = QBLOCK // 2
+    rows = tl.arange(0, ROWS)
+    pair_offsets = tl.arange(0, half)
+    idx = rows[:, None, None] * QBLOCK + tl.join(pair_offsets * 2, pair_offsets * 2 + 1)[None, :, :]
+    pairs = rows[:, None] * half + pair_offsets[None, :]
+    mask = idx < n
+    index, absmax = _quantize(tl.load(X + idx, mask=mask, other=0.0), MIDPOINTS, BITS)
+    _store_quantized(Q, ABSMAX, index, absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
+
+
+@pytest.mark.parametrize("second_moment", [False, True], ids=["m", "v"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_requantization_matches_bucketize_on_ties(bits, second_moment):
+    """The kernel's nearest-code search against ``quantize`` (torch.bucketize, right=False) on every midpoint
+    exactly (ties take the lower code), one float32 ulp either side of it, every code, ±0, ±inf, NaN, negative
+    values, an all-zero block, a block scaled by 2^-3 (exact normalisation), and an odd partial last block."""
+    fmt = moment_format(bits, second_moment)
+    code = fmt.code(torch.device("cpu"))
+    midpoints = (code[1:] + code[:-1]) / 2
+    values = torch.cat(
+        [
+            midpoints,
+            torch.nextafter(midpoints, torch.tensor(2.0)),
+            torch.nextafter(midpoints, torch.tensor(-2.0)),
+            code,
+            -midpoints,
+            torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, -0.9999999, 1e-30, -1e-30]),
+        ]
+    )
+    payload = fmt.blocksize - 1  # each block starts with 1.0, so its absmax is 1 and normalized values are exact
+    chunks = list(values.split(payload))
+    blocks = [torch.cat([torch.ones(1), c, torch.zeros(payload - c.numel())]) for c in chunks]
+    blocks += [blocks[0] * 2.0**-3, torch.zeros(fmt.blocksize)]
+    special = torch.cat([torch.ones(1), torch.linspace(-1, 1, fmt.blocksize - 1)])
+    for value in (float("nan"), float("inf"), -float("inf")):
+        block = special.clone()
+        block[5] = value
+        blocks.append(block)
+    x = torch.cat([*blocks, values[: fmt.blocksize // 2 + 1]])  # odd partial last block
+    n = x.numel()
+    rows = triton.next_power_of_2(-(-n // fmt.blocksize))
+    expected_q, expected_absmax = quantize(x, fmt)
+    q = torch.full_like(expected_q, 0xAB)
+    absmax = torch.full_like(expected_absmax, -1.0)
+    tables = _quantization_tables(bits, x.device)
+    midpoint_table = tables[(2 + int(second_moment)) * 2**bits :]
+    assert torch.equal(midpoint_table[: 2**bits - 1], midpoints)
+    _quantize_rows_kernel[(1,)](x, q, absmax, midpoint_table, n, BITS=bits, QBLOCK=fmt.blocksize, ROWS=rows)
+    assert torch.equal(q, expected_q)
+    torch.testing.assert_close(absmax, expected_absmax, rtol=0, atol=0, equal_nan=True)

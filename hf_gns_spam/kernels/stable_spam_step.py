@@ -43,9 +43,19 @@ because the interpreter's own conversion truncates.
 
 Requirements (checked on the host from metadata only): parameter and moments contiguous; parameter of dtype
 float32, bfloat16 or float16 (float64 parameters, whose compute dtype is float64, are not supported); gradient of one
-of those dtypes (a non-contiguous gradient is copied); moments float32 or bfloat16 (not the blockwise-quantized
-8/4-bit states); the three statistics 0-dim float32 tensors; everything on one CUDA device (or on the CPU under
-``TRITON_INTERPRET=1``). :func:`triton_update_supported` answers whether a tensor qualifies, so a caller can
+of those dtypes (a non-contiguous gradient is copied); moments float32 or bfloat16, or blockwise-quantized
+(``quantized_bits`` 8 or 4, the layout of :mod:`hf_gns_spam.optim.quantized_state`); the three statistics 0-dim
+float32 tensors; everything on one CUDA device (or on the CPU under ``TRITON_INTERPRET=1``).
+
+Quantized moments (K3 is then ``_update_quantized_kernel``): BLOCK must be a multiple of the quantization block
+(256 at 8 bits, 128 at 4), so a program holds whole quantization blocks, laid out as [BLOCK/QBLOCK, QBLOCK/2, 2]
+(element pairs: one byte of two 4-bit indices, the even element in the high nibble). Each moment is dequantized in
+registers (``code[index]·absmax``, the code map gathered from a small table), updated as above in float32, and
+requantized as ``quantize`` does: absmax = max|x| per quantization block (NaN-propagating), x / absmax (x / 1 when
+absmax is not > 0), and the nearest code by a BITS-step binary search over the float32 midpoints
+``(code[1:] + code[:-1]) / 2`` that counts the midpoints b with ``not (b >= x)``, torch.bucketize(right=False)'s
+rule (a tie takes the lower code, NaN the last one). Given the same float32 moments, the stored indices and absmax
+are bitwise those of ``quantize``. :func:`triton_update_supported` answers whether a tensor qualifies, so a caller can
 fall back to the torch path.
 """
 
@@ -61,6 +71,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hf_gns_spam.optim.quantized_state import moment_format
 from hf_gns_spam.optim.stable_spam import _StepHyperparameters
 
 __all__ = [
@@ -193,35 +204,26 @@ def _clipped_sumsq_kernel(
 
 
 @triton.jit
-def _update_kernel(
-    W,
-    G,
-    M,
-    V,
+def _step_scalars(
     WS,
     NORM_EMA,
     NORM_SQ_EMA,
-    n,
     num_programs,
-    decay,  # 1 − lr·weight_decay
-    norm_weight,  # 1 − γ1
-    norm_sq_weight,  # 1 − γ2
-    norm_bias_correction,  # 1 − γ1^k
-    norm_sq_bias_correction,  # 1 − γ2^k
+    norm_weight,
+    norm_sq_weight,
+    norm_bias_correction,
+    norm_sq_bias_correction,
     eps,
-    beta1_weight,  # 1 − β1
+    beta1_weight,
     beta2,
-    beta2_weight,  # 1 − β2
-    denominator_eps,  # ε·√bc2
-    step_size,  # −lr·√bc2 / bc1
-    APPLY_DECAY: tl.constexpr,
+    denominator_eps,
     FAITHFUL: tl.constexpr,
-    RESET: tl.constexpr,
-    MANUAL_BF16: tl.constexpr,
-    BLOCK: tl.constexpr,
     PARTIALS_BLOCK: tl.constexpr,
 ):
-    """K3: n, μ, ν and the AdaGN factor (every program, from the snapshot), then the fused elementwise update."""
+    """K3's prologue: n from pss[0:P], μ and ν (program 0 stores them), the AdaGN factor s/n, the clip threshold
+    and ratio, and the Adam weights of this step (a clean-mode zero-norm tensor gets the "keep everything" ones).
+
+    Returns (T̂, T̂/max|g|, s/n, weight of m's EMA, decay of v, ε term of the denominator)."""
     pid = tl.program_id(0)
     partial_offsets = tl.arange(0, PARTIALS_BLOCK)
     partials = tl.load(
@@ -252,7 +254,67 @@ def _update_kernel(
         m_weight = active * beta1_weight
         v_decay = tl.where(has_norm, beta2, 1.0)
         eps_term = tl.where(has_norm, denominator_eps, float("inf"))
+    return threshold, ratio, scale, m_weight, v_decay, eps_term
 
+
+@triton.jit
+def _adam_elementwise(w, g, m, v, threshold, ratio, scale, m_weight, v_decay, beta2_weight, eps_term, step_size):
+    """Clip, AdaGN scale (ĝ), Adam's moments and the parameter update, all float32; returns (W, m, v)."""
+    update = tl.where(tl.abs(g) > threshold, g * ratio, g) * scale  # ĝ
+    m = _lerp(m, update, m_weight)
+    v = v * v_decay + beta2_weight * update * update
+    denominator = tl.sqrt_rn(v) + eps_term
+    w = w + tl.div_rn(step_size * m, denominator)
+    return w, m, v
+
+
+@triton.jit
+def _update_kernel(
+    W,
+    G,
+    M,
+    V,
+    WS,
+    NORM_EMA,
+    NORM_SQ_EMA,
+    n,
+    num_programs,
+    decay,  # 1 − lr·weight_decay
+    norm_weight,  # 1 − γ1
+    norm_sq_weight,  # 1 − γ2
+    norm_bias_correction,  # 1 − γ1^k
+    norm_sq_bias_correction,  # 1 − γ2^k
+    eps,
+    beta1_weight,  # 1 − β1
+    beta2,
+    beta2_weight,  # 1 − β2
+    denominator_eps,  # ε·√bc2
+    step_size,  # −lr·√bc2 / bc1
+    APPLY_DECAY: tl.constexpr,
+    FAITHFUL: tl.constexpr,
+    RESET: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr,
+):
+    """K3: n, μ, ν and the AdaGN factor (every program, from the snapshot), then the fused elementwise update."""
+    pid = tl.program_id(0)
+    threshold, ratio, scale, m_weight, v_decay, eps_term = _step_scalars(
+        WS,
+        NORM_EMA,
+        NORM_SQ_EMA,
+        num_programs,
+        norm_weight,
+        norm_sq_weight,
+        norm_bias_correction,
+        norm_sq_bias_correction,
+        eps,
+        beta1_weight,
+        beta2,
+        denominator_eps,
+        FAITHFUL,
+        PARTIALS_BLOCK,
+    )
     offsets = tl.arange(0, BLOCK)
     for start in range(pid * BLOCK, n, num_programs * BLOCK):
         idx = start + offsets
@@ -261,23 +323,159 @@ def _update_kernel(
         if APPLY_DECAY:  # torch's in-place mul_ rounds to W's dtype before the update
             w = _cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
         g = tl.load(G + idx, mask=mask, other=0.0).to(tl.float32)
-        update = tl.where(tl.abs(g) > threshold, g * ratio, g) * scale  # ĝ
         if RESET and not FAITHFUL:  # clean MoRet: zero moments before the update
             m = tl.zeros([BLOCK], dtype=tl.float32)
             v = tl.zeros([BLOCK], dtype=tl.float32)
         else:
             m = tl.load(M + idx, mask=mask, other=0.0).to(tl.float32)
             v = tl.load(V + idx, mask=mask, other=0.0).to(tl.float32)
-        m = _lerp(m, update, m_weight)
-        v = v * v_decay + beta2_weight * update * update
-        denominator = tl.sqrt_rn(v) + eps_term
-        w = w + tl.div_rn(step_size * m, denominator)
+        w, m, v = _adam_elementwise(
+            w, g, m, v, threshold, ratio, scale, m_weight, v_decay, beta2_weight, eps_term, step_size
+        )
         tl.store(W + idx, _cast(w, W.dtype.element_ty, MANUAL_BF16), mask=mask)
         if RESET and FAITHFUL:  # faithful MoRet: the update used the old moments; zero them now
             m = tl.zeros([BLOCK], dtype=tl.float32)
             v = tl.zeros([BLOCK], dtype=tl.float32)
         tl.store(M + idx, _cast(m, M.dtype.element_ty, MANUAL_BF16), mask=mask)
         tl.store(V + idx, _cast(v, V.dtype.element_ty, MANUAL_BF16), mask=mask)
+
+
+@triton.jit
+def _dequantize(Q, ABSMAX, CODE, rows, idx, mask, pairs, n, BITS: tl.constexpr, QBLOCK: tl.constexpr):
+    """float32 values ``code[index]·absmax`` of the elements ``idx`` ([ROWS, QBLOCK/2, 2], row r = quantization
+    block ``rows[r]``; ``pairs`` [ROWS, QBLOCK/2] are the byte offsets of 4-bit index pairs); 0 where masked."""
+    absmax = tl.load(ABSMAX + rows, mask=rows * QBLOCK < n, other=0.0)
+    if BITS == 8:
+        index = tl.load(Q + idx, mask=mask, other=0).to(tl.int32)
+    else:  # two indices per byte, the even element in the high nibble
+        packed = tl.load(Q + pairs, mask=pairs * 2 < n, other=0).to(tl.int32)
+        index = tl.join(packed >> 4, packed & 0x0F)
+    values = tl.load(CODE + index) * absmax[:, None, None]
+    return tl.where(mask, values, 0.0)
+
+
+@triton.jit
+def _quantize(x, MIDPOINTS, BITS: tl.constexpr):
+    """``quantize`` of a [ROWS, QBLOCK/2, 2] float32 tensor whose row r is quantization block r (0 beyond the
+    tensor, as the padding of ``quantize``): returns (int32 code indices, float32 absmax per row).
+
+    absmax = max|x| over the row (NaN if the row holds a NaN, as torch.amax); normalized = x / absmax (x / 1 where
+    absmax is not > 0, NaN included, as ``torch.where(absmax > 0, absmax, 1.0)``); index = the number of midpoints
+    b with ``not (b >= normalized)``: torch.bucketize(right=False)'s lower bound (its CPU/CUDA loops test
+    ``!(mid >= value)``), so a value equal to a midpoint takes the lower code and NaN takes the last index. The
+    count is a binary search over the ``2**BITS − 1`` sorted midpoints: BITS steps, each adding 2^j when the
+    midpoint just below index + 2^j is still below the value."""
+    has_nan = tl.max(tl.max((x != x).to(tl.int32), 2), 1) > 0
+    absmax = tl.where(has_nan, float("nan"), tl.max(tl.max(tl.abs(x), 2), 1))
+    normalized = tl.div_rn(x, tl.where(absmax > 0, absmax, 1.0)[:, None, None])
+    index = tl.zeros(x.shape, dtype=tl.int32)
+    for i in tl.static_range(BITS):
+        step = 1 << (BITS - 1 - i)
+        midpoint = tl.load(MIDPOINTS + index + (step - 1))
+        index = tl.where(midpoint >= normalized, index, index + step)
+    return index, absmax
+
+
+@triton.jit
+def _store_quantized(Q, ABSMAX, index, absmax, rows, idx, mask, pairs, n, BITS: tl.constexpr, QBLOCK: tl.constexpr):
+    """Store the indices (4 bits: packed in pairs, a missing odd last element as index 0) and the absmax."""
+    tl.store(ABSMAX + rows, absmax, mask=rows * QBLOCK < n)
+    if BITS == 8:
+        tl.store(Q + idx, index.to(tl.uint8), mask=mask)
+    else:
+        high, low = tl.split(tl.where(mask, index, 0))
+        tl.store(Q + pairs, ((high << 4) | low).to(tl.uint8), mask=pairs * 2 < n)
+
+
+@triton.jit
+def _update_quantized_kernel(
+    W,
+    G,
+    M_Q,
+    M_ABSMAX,
+    V_Q,
+    V_ABSMAX,
+    TABLES,  # float32: m's code, v's code, m's midpoints, v's midpoints (2^BITS entries each)
+    WS,
+    NORM_EMA,
+    NORM_SQ_EMA,
+    n,
+    num_programs,
+    decay,
+    norm_weight,
+    norm_sq_weight,
+    norm_bias_correction,
+    norm_sq_bias_correction,
+    eps,
+    beta1_weight,
+    beta2,
+    beta2_weight,
+    denominator_eps,
+    step_size,
+    APPLY_DECAY: tl.constexpr,
+    FAITHFUL: tl.constexpr,
+    RESET: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
+    BITS: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr,
+):
+    """K3 for blockwise-quantized moments: as :func:`_update_kernel`, with the moments dequantized from (index,
+    absmax) in registers and requantized after the update. A program's block of BLOCK elements is BLOCK/QBLOCK whole
+    quantization blocks, laid out as [rows, QBLOCK/2, 2] (element pairs, for the 4-bit packing)."""
+    pid = tl.program_id(0)
+    threshold, ratio, scale, m_weight, v_decay, eps_term = _step_scalars(
+        WS,
+        NORM_EMA,
+        NORM_SQ_EMA,
+        num_programs,
+        norm_weight,
+        norm_sq_weight,
+        norm_bias_correction,
+        norm_sq_bias_correction,
+        eps,
+        beta1_weight,
+        beta2,
+        denominator_eps,
+        FAITHFUL,
+        PARTIALS_BLOCK,
+    )
+    ROWS: tl.constexpr = BLOCK // QBLOCK
+    HALF: tl.constexpr = QBLOCK // 2
+    CODES: tl.constexpr = 1 << BITS
+    row_offsets = tl.arange(0, ROWS)
+    pair_offsets = tl.arange(0, HALF)
+    in_row = tl.join(pair_offsets * 2, pair_offsets * 2 + 1)  # [HALF, 2]: element offsets within a row
+    for start in range(pid * BLOCK, n, num_programs * BLOCK):
+        rows = start // QBLOCK + row_offsets
+        idx = rows[:, None, None] * QBLOCK + in_row[None, :, :]
+        pairs = rows[:, None] * HALF + pair_offsets[None, :]
+        mask = idx < n
+        w = tl.load(W + idx, mask=mask, other=0.0).to(tl.float32)
+        if APPLY_DECAY:
+            w = _cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
+        g = tl.load(G + idx, mask=mask, other=0.0).to(tl.float32)
+        if RESET and not FAITHFUL:
+            m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+            v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+        else:
+            m = _dequantize(M_Q, M_ABSMAX, TABLES, rows, idx, mask, pairs, n, BITS, QBLOCK)
+            v = _dequantize(V_Q, V_ABSMAX, TABLES + CODES, rows, idx, mask, pairs, n, BITS, QBLOCK)
+        w, m, v = _adam_elementwise(
+            w, g, m, v, threshold, ratio, scale, m_weight, v_decay, beta2_weight, eps_term, step_size
+        )
+        tl.store(W + idx, _cast(w, W.dtype.element_ty, MANUAL_BF16), mask=mask)
+        if RESET and FAITHFUL:
+            m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+            v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+        else:  # elements beyond the tensor are quantize's zero padding (ĝ = 0·s/n is NaN there if s/n is)
+            m = tl.where(mask, m, 0.0)
+            v = tl.where(mask, v, 0.0)
+        m_index, m_absmax = _quantize(m, TABLES + 2 * CODES, BITS)
+        _store_quantized(M_Q, M_ABSMAX, m_index, m_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
+        v_index, v_absmax = _quantize(v, TABLES + 3 * CODES, BITS)
+        _store_quantized(V_Q, V_ABSMAX, v_index, v_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -313,7 +511,46 @@ def _unsupported_reason(param: Tensor, state: dict[str, Any]) -> str | None:
     if not param.is_contiguous():
         return "a non-contiguous parameter"
     if "quantized_bits" in state:
-        return "blockwise-quantized moments (state_bits 8 or 4)"
+        reason = _unsupported_quantized_reason(param, state)
+        if reason is not None:
+            return reason
+    else:
+        reason = _unsupported_moments_reason(param, state)
+        if reason is not None:
+            return reason
+    for key in _STAT_KEYS:
+        stat = state.get(key)
+        if not isinstance(stat, Tensor):
+            return f"state[{key!r}] missing"
+        if stat.dtype != torch.float32 or stat.numel() != 1 or stat.device != param.device:
+            return f"state[{key!r}] must be a float32 scalar on the parameter's device"
+    return None
+
+
+def _unsupported_quantized_reason(param: Tensor, state: dict[str, Any]) -> str | None:
+    """Checks of blockwise-quantized moments: the layout :func:`hf_gns_spam.optim.quantized_state.quantize` makes."""
+    bits = state["quantized_bits"]
+    if bits not in (8, 4):
+        return f"quantized_bits {bits!r} (8 or 4)"
+    numel = param.numel()
+    for key, second_moment in (("exp_avg", False), ("exp_avg_sq", True)):
+        blocksize = moment_format(bits, second_moment).blocksize
+        for suffix, dtype, size in (
+            ("_q", torch.uint8, numel if bits == 8 else (numel + 1) // 2),
+            ("_absmax", torch.float32, triton.cdiv(numel, blocksize)),
+        ):
+            tensor = state.get(key + suffix)
+            if not isinstance(tensor, Tensor):
+                return f"state[{key + suffix!r}] missing"
+            if tensor.dtype != dtype or tensor.numel() != size or tensor.device != param.device:
+                return f"state[{key + suffix!r}] must be {size} {dtype} values on the parameter's device"
+            if not tensor.is_contiguous():
+                return f"a non-contiguous state[{key + suffix!r}]"
+    return None
+
+
+def _unsupported_moments_reason(param: Tensor, state: dict[str, Any]) -> str | None:
+    """Checks of float32/bfloat16 moments."""
     for key in ("exp_avg", "exp_avg_sq"):
         moment = state.get(key)
         if not isinstance(moment, Tensor):
@@ -322,12 +559,6 @@ def _unsupported_reason(param: Tensor, state: dict[str, Any]) -> str | None:
             return f"state[{key!r}] of dtype {moment.dtype} (float32 or bfloat16, parameter's shape and device)"
         if not moment.is_contiguous():
             return f"a non-contiguous state[{key!r}]"
-    for key in _STAT_KEYS:
-        stat = state.get(key)
-        if not isinstance(stat, Tensor):
-            return f"state[{key!r}] missing"
-        if stat.dtype != torch.float32 or stat.numel() != 1 or stat.device != param.device:
-            return f"state[{key!r}] must be a float32 scalar on the parameter's device"
     return None
 
 
@@ -339,6 +570,24 @@ def triton_update_supported(param: Tensor, state: dict[str, Any]) -> bool:
 def _bias_correction(decay: float, steps: int) -> float:
     """1 − decay^steps (as in :mod:`hf_gns_spam.optim.stable_spam`)."""
     return 1.0 - decay**steps
+
+
+_TABLES: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _quantization_tables(bits: int, device: torch.device) -> Tensor:
+    """float32 [m's code, v's code, m's midpoints, v's midpoints], 2**bits entries each (a midpoint table's last
+    entry is unused padding), on ``device``; built once per (bits, device). The midpoints are computed as
+    :func:`hf_gns_spam.optim.quantized_state.quantize` computes them, ``(code[1:] + code[:-1]) / 2`` in float32."""
+    key = (bits, device)
+    if key not in _TABLES:
+        codes = [moment_format(bits, second_moment).code(torch.device("cpu")) for second_moment in (False, True)]
+        for code in codes:
+            if code.numel() != 2**bits:  # the binary search covers exactly 2**bits − 1 midpoints
+                raise RuntimeError(f"a {bits}-bit code map with {code.numel()} values")
+        midpoints = [torch.nn.functional.pad((code[1:] + code[:-1]) / 2, (0, 1), value=math.inf) for code in codes]
+        _TABLES[key] = torch.cat(codes + midpoints).to(device)
+    return _TABLES[key]
 
 
 def triton_update_tensor(
@@ -356,14 +605,16 @@ def triton_update_tensor(
 
     Args:
         param: the parameter (its ``.grad`` is read, never written); updated in place.
-        state: its optimizer state; ``exp_avg``, ``exp_avg_sq``, ``clip_max_ema``, ``norm_ema`` and ``norm_sq_ema``
-            are updated in place (``state["step"]``, faithful mode's counter, is the caller's business).
+        state: its optimizer state; ``exp_avg``, ``exp_avg_sq`` (or, for 8/4-bit moments, ``exp_avg_q``,
+            ``exp_avg_absmax``, ``exp_avg_sq_q`` and ``exp_avg_sq_absmax``), ``clip_max_ema``, ``norm_ema`` and
+            ``norm_sq_ema`` are updated in place (``state["step"]``, faithful mode's counter, is the caller's business).
         hp: the group's hyperparameters at this step, s(t) already applied to β1 and γ1.
         stat_step: k of the AdaClip and AdaGN bias corrections.
         adam_step: the step of Adam's bias corrections.
         workspace: optional float32 buffer on the parameter's device with at least :func:`workspace_numel` elements,
             reused across calls to avoid an allocation; its contents are overwritten.
-        block: elements per block, a power of two (tests use small blocks to cover several blocks per program).
+        block: elements per block, a power of two (tests use small blocks to cover several blocks per program); a
+            multiple of the quantization block (256 at 8 bits, 128 at 4) for quantized moments.
         max_programs: the most programs per kernel (and partial results per reduction).
 
     Raises:
@@ -375,6 +626,13 @@ def triton_update_tensor(
         raise ValueError(f"triton_update_tensor does not support this tensor: {reason}")
     if block < 16 or block & (block - 1) or max_programs < 1:
         raise ValueError(f"block must be a power of two ≥ 16 and max_programs ≥ 1, got {block}, {max_programs}")
+    bits = state.get("quantized_bits")
+    if bits is not None:
+        qblock = moment_format(bits, False).blocksize
+        if moment_format(bits, True).blocksize != qblock:  # one layout for both moments
+            raise ValueError(f"{bits}-bit moments with different block sizes")
+        if block % qblock:
+            raise ValueError(f"block must be a multiple of the {bits}-bit quantization block ({qblock}), got {block}")
     numel = param.numel()
     num_programs = _num_programs(numel, block, max_programs)
     needed = _WS_PARTIALS.value + 2 * num_programs
@@ -386,7 +644,11 @@ def triton_update_tensor(
         raise ValueError("workspace must be contiguous")
 
     grad = param.grad if param.grad.is_contiguous() else param.grad.contiguous()
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    if bits is None:
+        moments: tuple[Tensor, ...] = (state["exp_avg"], state["exp_avg_sq"])
+    else:
+        keys = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
+        moments = (*(state[key] for key in keys), _quantization_tables(bits, param.device))
     clip_max_ema, norm_ema, norm_sq_ema = (state[key] for key in _STAT_KEYS)
     partials_block = triton.next_power_of_2(num_programs)
     sqrt_bc2 = math.sqrt(_bias_correction(hp.beta2, adam_step))
@@ -408,11 +670,12 @@ def triton_update_tensor(
             PARTIALS_BLOCK=partials_block,
             num_warps=_NUM_WARPS,
         )
-        _update_kernel[grid](
+        update_kernel = _update_kernel if bits is None else _update_quantized_kernel
+        quantized = {} if bits is None else {"BITS": bits, "QBLOCK": qblock}
+        update_kernel[grid](
             param,
             grad,
-            exp_avg,
-            exp_avg_sq,
+            *moments,
             workspace,
             norm_ema,
             norm_sq_ema,
@@ -433,9 +696,11 @@ def triton_update_tensor(
             FAITHFUL=hp.faithful,
             RESET=hp.is_reset_step,
             MANUAL_BF16=_interpreting(),
+            **quantized,
             BLOCK=block,
             PARTIALS_BLOCK=partials_block,
             num_warps=_NUM_WARPS,
         )
     # The kernels wrote behind autograd's back: bump the version counters as torch's in-place ops would.
-    torch.autograd.graph.increment_version((param, exp_avg, exp_avg_sq, clip_max_ema, norm_ema, norm_sq_ema))
+    written = moments if bits is None else moments[:4]
+    torch.autograd.graph.increment_version((param, *written, clip_max_ema, norm_ema, norm_sq_ema))

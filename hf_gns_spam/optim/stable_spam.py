@@ -33,8 +33,9 @@ The step has no host synchronisation: the per-tensor max|g|, ‖g̃‖ and the A
 tensors on the parameter's device, and every choice that depends on a tensor value (clip an entry or not, zero norm
 or not) is a ``torch.where``. Tensors are processed one after another through one scratch buffer the size of the
 largest tensor, so a step allocates no per-tensor temporaries (on CPU it runs at about the speed of torch's foreach
-AdamW; see ``benchmarks/optimizer_step.py``). On CUDA, tensors with float32/bfloat16 moments go through the fused
-Triton step of :mod:`hf_gns_spam.kernels.stable_spam_step` instead (three launches per tensor).
+AdamW; see ``benchmarks/optimizer_step.py``). On CUDA, tensors go through the fused Triton step of
+:mod:`hf_gns_spam.kernels.stable_spam_step` instead (three launches per tensor; 8/4-bit moments are dequantized,
+updated and requantized inside the update kernel); float64 and non-contiguous tensors stay on the torch path.
 """
 
 from __future__ import annotations
@@ -272,7 +273,8 @@ def _use_triton(param: torch.Tensor) -> bool:
 
 
 def _triton_step() -> types.ModuleType | None:
-    """The fused Triton step for CUDA tensors (fp32/bf16/fp16 params, fp32/bf16 moments), if Triton is installed."""
+    """The fused Triton step for CUDA tensors (fp32/bf16/fp16 params; fp32, bf16, 8- or 4-bit moments), if Triton
+    is installed."""
     if importlib.util.find_spec("triton") is None:
         return None
     from hf_gns_spam.kernels import stable_spam_step
