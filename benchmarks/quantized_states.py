@@ -52,10 +52,16 @@ def build_model(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def storage_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really stores; a tensor subclass (torchao's quantized states) by its inner tensors."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(storage_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def state_bytes_per_parameter(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> float:
-    total = sum(
-        v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-    )
+    total = sum(storage_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
     return total / sum(p.numel() for p in params)
 
 
