@@ -8,7 +8,10 @@ Quality: a byte-level LLaMA (hidden 128, 4 layers) trained for a few hundred ste
 library's own source files (a real text corpus on every machine), the same seed and data for every variant; the
 table gives the final training loss (mean of the last 20 steps) and its ratio to 32-bit states.
 
-    python benchmarks/quantized_states.py [--steps 300]
+    python benchmarks/quantized_states.py [--steps 300] [--v-map-ablation]
+
+``--v-map-ablation`` also trains 4-bit states whose second-moment map has a zero point (a linear map 0, 1/15, ...,
+1) instead of the package's map without one (1/16, ..., 1), to show why the package excludes zero (Li et al. 2023).
 """
 
 from __future__ import annotations
@@ -117,12 +120,40 @@ def train(
     return losses, time.perf_counter() - start
 
 
+def v_map_ablation(data: torch.Tensor, steps: int, batch: int, length: int) -> None:
+    """4-bit states with and without a zero point in the second moment's map (one seed)."""
+    from hf_gns_spam.optim import quantized_state, stable_spam
+
+    package_format, package_code = stable_spam.moment_format, quantized_state._code
+
+    def code_with_zero_point(bits: int, map_name: str) -> torch.Tensor:
+        if map_name == "linear_with_zero":
+            return torch.arange(2**bits, dtype=torch.float32) / (2**bits - 1)
+        return package_code(bits, map_name)
+
+    def format_with_zero_point(bits: int, second_moment: bool) -> quantized_state.QuantizedFormat:
+        if bits == 4 and second_moment:
+            return quantized_state.QuantizedFormat(4, 128, "linear_with_zero")
+        return package_format(bits, second_moment)
+
+    print(f"\n{'4-bit v map':>26} {'final loss':>11} {'max loss after step 50':>23}")
+    for label, patched in (("without zero (package)", False), ("with a zero point", True)):
+        if patched:
+            stable_spam.moment_format, quantized_state._code = format_with_zero_point, code_with_zero_point
+        try:
+            losses, _ = train(4, data, steps, batch, length, seed=0)
+        finally:
+            stable_spam.moment_format, quantized_state._code = package_format, package_code
+        print(f"{label:>26} {sum(losses[-20:]) / 20:>11.4f} {max(losses[50:]):>23.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--seeds", type=int, default=3, help="runs per variant (model init and data order)")
+    parser.add_argument("--v-map-ablation", action="store_true", help="also train 4-bit v with a zero point")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch={torch.__version__} threads={torch.get_num_threads()}\n")
@@ -144,6 +175,8 @@ def main() -> None:
         print(f"{bits:>10} {per_seed:>28} {mean:>8.4f} {mean / reference - 1:>+10.2%} {seconds[bits]:>7.1f}")
     spread = max(final[32]) - min(final[32])
     print(f"\nseed-to-seed spread of the 32-bit final loss: {spread:.4f} ({spread / reference:.2%} of its mean)")
+    if args.v_map_ablation:
+        v_map_ablation(data, args.steps, args.batch, args.length)
 
 
 if __name__ == "__main__":
