@@ -24,6 +24,7 @@ from hf_gns_spam.kernels.stable_spam_step import (
 )
 from hf_gns_spam.optim.quantized_state import dequantize, moment_format, quantize, unpack_nibbles
 from hf_gns_spam.optim.stable_spam import _StepHyperparameters, _update_tensor
+from tests.host_sync import forbid_host_sync
 
 SHAPES = [(), (7,), (33, 65), (3, 4, 129)]  # 2145 elements: two blocks of the default 2048
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "clip_max_ema", "norm_ema", "norm_sq_ema")
@@ -292,25 +293,9 @@ def test_no_host_synchronisation(mode, state_bits, monkeypatch):
 
     monkeypatch.setattr(stable_spam_module, "_update_tensor", triton_path)
 
-    def forbidden(name):
-        def fail(*args, **kwargs):
-            raise AssertionError(f"host synchronisation: Tensor.{name} called inside the Triton step")
-
-        return fail
-
-    for name in ("item", "__bool__", "tolist", "__float__", "__int__", "__index__", "nonzero", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
-    original_getitem = torch.Tensor.__getitem__
-
-    def getitem(self, index):
-        if torch.is_tensor(index) and index.dtype == torch.bool:
-            raise AssertionError("host synchronisation: boolean-mask indexing inside the Triton step")
-        return original_getitem(self, index)
-
-    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
-    for _ in range(3):
-        opt.step()
-    monkeypatch.undo()
+    with forbid_host_sync(monkeypatch, "the Triton step"):
+        for _ in range(3):
+            opt.step()
     assert len(calls) == 12
     assert ("quantized_bits" in opt.state[params[3]]) == (state_bits != 32)
     assert all(torch.isfinite(p).all() for p in params)

@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from hf_gns_spam.kernels.rounding import cast, interpreting
 from hf_gns_spam.ops.norm_reference import HALF_DTYPES, NormSpec, output_dtype, per_example_statistics
 
 __all__ = ["MAX_BLOCK_D", "gns_norm_backward", "gns_norm_forward"]
@@ -85,29 +85,12 @@ _ROUND_W_DTYPE = 2
 
 
 @triton.jit
-def _cast(v, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """float32 ``v`` rounded to nearest even in ``dtype``.
-
-    With MANUAL_BF16 the bfloat16 rounding is done on the bits: the Triton interpreter truncates float32 to
-    bfloat16, whereas GPUs (and torch) round to nearest even. On a GPU the native conversion is used.
-    """
-    if MANUAL_BF16 and dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        out = tl.where(v != v, v.to(tl.bfloat16), out)  # keep NaNs NaN
-    else:
-        out = v.to(dtype)
-    return out
-
-
-@triton.jit
 def _round_normalized(x_hat, X, W, ROUND: tl.constexpr, MANUAL_BF16: tl.constexpr):
     """x̂' in float32: x̂ rounded through x's (ROUND == 1) or w's (ROUND == 2) dtype and back."""
     if ROUND == 1:
-        x_hat = _cast(x_hat, X.dtype.element_ty, MANUAL_BF16).to(tl.float32)
+        x_hat = cast(x_hat, X.dtype.element_ty, MANUAL_BF16).to(tl.float32)
     elif ROUND == 2:
-        x_hat = _cast(x_hat, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
+        x_hat = cast(x_hat, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
     return x_hat
 
 
@@ -185,7 +168,7 @@ def _gns_norm_fwd_kernel(
             if HAS_BIAS:
                 bias = tl.load(Bias + cols, mask=col_mask, other=0.0)[None, :]
         y = _affine(x_hat, w, bias, offset, X, W, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
-        tl.store(Y + ptr, _cast(y, Y.dtype.element_ty, MANUAL_BF16), mask=mask)
+        tl.store(Y + ptr, cast(y, Y.dtype.element_ty, MANUAL_BF16), mask=mask)
     else:
         # pass 1 (and 2 for layer_norm): row statistics, accumulated chunk-wise in a [BLOCK_ROWS, BLOCK_D] tile
         acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
@@ -221,7 +204,7 @@ def _gns_norm_fwd_kernel(
                 if HAS_BIAS:
                     bias = tl.load(Bias + c, mask=col_mask, other=0.0)[None, :]
             y = _affine(x_hat, w, bias, offset, X, W, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
-            tl.store(Y + ptr, _cast(y, Y.dtype.element_ty, MANUAL_BF16), mask=mask)
+            tl.store(Y + ptr, cast(y, Y.dtype.element_ty, MANUAL_BF16), mask=mask)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
@@ -301,7 +284,7 @@ def _gns_norm_bwd_kernel(
                     if IS_LAYER_NORM:
                         correction = correction + tl.div_rn(tl.sum(g, axis=1), d_float)[:, None]
                     dx = (g - correction) * rstd[:, None]
-                    tl.store(DX + ptr, _cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
+                    tl.store(DX + ptr, cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
             elif NEED_DB:
                 acc_b += dy
         if NEED_DW:
@@ -362,7 +345,7 @@ def _gns_norm_bwd_kernel(
                         if IS_LAYER_NORM:
                             correction = correction + tl.load(ScratchG + rows, mask=row_mask, other=0.0)[:, None]
                         dx = (g - correction) * rstd[:, None]
-                        tl.store(DX + ptr, _cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
+                        tl.store(DX + ptr, cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
                     if NEED_DW:
                         acc_w += dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
                 if NEED_DB:
@@ -376,11 +359,6 @@ def _gns_norm_bwd_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _interpreting() -> bool:
-    """Whether kernels run in the Triton interpreter (which truncates float32 to bfloat16 instead of rounding)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _forward_num_warps(elements: int) -> int:
@@ -530,7 +508,7 @@ def gns_norm_forward(
                 BLOCK_D=block_d,
                 NUM_CHUNKS=num_chunks,
                 num_warps=_forward_num_warps(block_rows * block_d),
-                MANUAL_BF16=_interpreting(),
+                MANUAL_BF16=interpreting(),
                 enable_fp_fusion=False,  # separate multiply and add, as the torch reference rounds them
             )
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
@@ -650,7 +628,7 @@ def gns_norm_backward(
             BLOCK_D=block_d,
             NUM_CHUNKS=num_chunks,
             num_warps=_backward_num_warps(block_rows * block_d),
-            MANUAL_BF16=_interpreting(),
+            MANUAL_BF16=interpreting(),
             enable_fp_fusion=False,
         )
 

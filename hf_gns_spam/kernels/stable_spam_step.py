@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Any
 
 import torch
@@ -71,6 +70,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hf_gns_spam.kernels.rounding import cast, interpreting
 from hf_gns_spam.optim.quantized_state import moment_format
 from hf_gns_spam.optim.stable_spam import _StepHyperparameters
 
@@ -126,19 +126,6 @@ def _nan_max_reduce(x):
 def _lerp(start, end, weight):
     """torch.lerp's formula: ``start + w·(end − start)`` for ``|w| < 0.5``, else ``end − (end − start)·(1 − w)``."""
     return tl.where(tl.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
-
-
-@triton.jit
-def _cast(v, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """float32 ``v`` rounded to nearest even in ``dtype`` (on the bits for bfloat16 under the interpreter)."""
-    if MANUAL_BF16 and dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        out = tl.where(v != v, v.to(tl.bfloat16), out)  # keep NaNs NaN
-    else:
-        out = v.to(dtype)
-    return out
 
 
 @triton.jit
@@ -321,7 +308,7 @@ def _update_kernel(
         mask = idx < n
         w = tl.load(W + idx, mask=mask, other=0.0).to(tl.float32)
         if APPLY_DECAY:  # torch's in-place mul_ rounds to W's dtype before the update
-            w = _cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
+            w = cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
         g = tl.load(G + idx, mask=mask, other=0.0).to(tl.float32)
         if RESET and not FAITHFUL:  # clean MoRet: zero moments before the update
             m = tl.zeros([BLOCK], dtype=tl.float32)
@@ -332,12 +319,12 @@ def _update_kernel(
         w, m, v = _adam_elementwise(
             w, g, m, v, threshold, ratio, scale, m_weight, v_decay, beta2_weight, eps_term, step_size
         )
-        tl.store(W + idx, _cast(w, W.dtype.element_ty, MANUAL_BF16), mask=mask)
+        tl.store(W + idx, cast(w, W.dtype.element_ty, MANUAL_BF16), mask=mask)
         if RESET and FAITHFUL:  # faithful MoRet: the update used the old moments; zero them now
             m = tl.zeros([BLOCK], dtype=tl.float32)
             v = tl.zeros([BLOCK], dtype=tl.float32)
-        tl.store(M + idx, _cast(m, M.dtype.element_ty, MANUAL_BF16), mask=mask)
-        tl.store(V + idx, _cast(v, V.dtype.element_ty, MANUAL_BF16), mask=mask)
+        tl.store(M + idx, cast(m, M.dtype.element_ty, MANUAL_BF16), mask=mask)
+        tl.store(V + idx, cast(v, V.dtype.element_ty, MANUAL_BF16), mask=mask)
 
 
 @triton.jit
@@ -454,7 +441,7 @@ def _update_quantized_kernel(
         mask = idx < n
         w = tl.load(W + idx, mask=mask, other=0.0).to(tl.float32)
         if APPLY_DECAY:
-            w = _cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
+            w = cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
         g = tl.load(G + idx, mask=mask, other=0.0).to(tl.float32)
         if RESET and not FAITHFUL:
             m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
@@ -465,7 +452,7 @@ def _update_quantized_kernel(
         w, m, v = _adam_elementwise(
             w, g, m, v, threshold, ratio, scale, m_weight, v_decay, beta2_weight, eps_term, step_size
         )
-        tl.store(W + idx, _cast(w, W.dtype.element_ty, MANUAL_BF16), mask=mask)
+        tl.store(W + idx, cast(w, W.dtype.element_ty, MANUAL_BF16), mask=mask)
         if RESET and FAITHFUL:
             m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
             v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
@@ -483,11 +470,6 @@ def _update_quantized_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    """Whether kernels run in the Triton interpreter (CPU tensors; float32 → bfloat16 truncates there)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _num_programs(numel: int, block: int, max_programs: int) -> int:
     return max(1, min(triton.cdiv(numel, block), max_programs))
 
@@ -501,7 +483,7 @@ def _unsupported_reason(param: Tensor, state: dict[str, Any]) -> str | None:
     """Why the Triton step cannot handle this tensor (None when it can); metadata only, no device access."""
     if param.grad is None:
         return "the parameter has no gradient"
-    if param.device.type != "cuda" and not (param.device.type == "cpu" and _interpreting()):
+    if param.device.type != "cuda" and not (param.device.type == "cpu" and interpreting()):
         return f"device {param.device} (CUDA, or the CPU under TRITON_INTERPRET=1)"
     if param.dtype not in _PARAM_DTYPES:
         return f"parameter dtype {param.dtype} (float32, bfloat16 or float16)"
@@ -695,7 +677,7 @@ def triton_update_tensor(
             APPLY_DECAY=hp.weight_decay != 0,
             FAITHFUL=hp.faithful,
             RESET=hp.is_reset_step,
-            MANUAL_BF16=_interpreting(),
+            MANUAL_BF16=interpreting(),
             **quantized,
             BLOCK=block,
             PARTIALS_BLOCK=partials_block,

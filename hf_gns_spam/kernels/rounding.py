@@ -1,0 +1,33 @@
+"""Float32 → low-precision stores that round the same way on a GPU and in the Triton interpreter.
+
+GPUs (and torch) round float32 to bfloat16 to nearest even; the Triton interpreter, which runs the kernels on CPU
+tensors in the tests, truncates. :func:`cast` does the round-to-nearest-even on the bits when ``MANUAL_BF16`` is set
+(:func:`interpreting`), so the kernels give the same bits in both places.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+__all__ = ["cast", "interpreting"]
+
+
+def interpreting() -> bool:
+    """Whether kernels run in the Triton interpreter (``TRITON_INTERPRET`` set before triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def cast(v, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """float32 ``v`` rounded to nearest even in ``dtype`` (on the bits for bfloat16 when ``MANUAL_BF16``)."""
+    if MANUAL_BF16 and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = tl.where(v != v, v.to(tl.bfloat16), out)  # keep NaNs NaN
+    else:
+        out = v.to(dtype)
+    return out
