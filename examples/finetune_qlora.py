@@ -25,15 +25,14 @@ from pretrain_clm import (
     gns_callback,
     load_raw_datasets,
     tokenized_blocks,
+    train_evaluate_save,
     truncated,
 )
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
-    DataCollatorForLanguageModeling,
     HfArgumentParser,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -92,19 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = patch_model(model)
     print(report)
 
-    trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=lm_data["train"],
-        eval_dataset=lm_data["validation"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        callbacks=[gns_callback(gns_args, training)],
-    )
-    trainer.train()
-    evaluation = trainer.evaluate()
-    trainer.save_model()
-    trainer.save_state()
+    trainer, _, evaluation = train_evaluate_save(model, tokenizer, lm_data, training, gns_callback(gns_args, training))
     records = training_records({"log_history": trainer.state.log_history})
     metrics = {
         "first_train_loss": records[0]["loss"],

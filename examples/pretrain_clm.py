@@ -215,6 +215,27 @@ def gns_callback(gns_args: GNSArguments, training: TrainingArguments) -> GNSCall
     )
 
 
+def train_evaluate_save(model, tokenizer, lm_data: datasets.DatasetDict, training: TrainingArguments, callback):
+    """Train a causal LM on ``lm_data`` with the Trainer, evaluate it, save the model and trainer_state.json.
+
+    Returns (trainer, train output, evaluation metrics).
+    """
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=lm_data["train"],
+        eval_dataset=lm_data["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[callback],
+    )
+    result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    evaluation = trainer.evaluate()
+    trainer.save_model()
+    trainer.save_state()
+    return trainer, result, evaluation
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, gns_args, training = parse_arguments(list(sys.argv[1:] if argv is None else argv))
     set_seed(training.seed)
@@ -231,19 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = patch_model(model)
     print(report)
     callback = gns_callback(gns_args, training)
-    trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=lm_data["train"],
-        eval_dataset=lm_data["validation"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        callbacks=[callback],
-    )
-    result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-    evaluation = trainer.evaluate()
-    trainer.save_model()
-    trainer.save_state()
+    trainer, result, evaluation = train_evaluate_save(model, tokenizer, lm_data, training, callback)
 
     records = training_records({"log_history": trainer.state.log_history})
     metrics = {
