@@ -4,6 +4,7 @@ Importing the package registers ``optim="stable_spam"`` with ``transformers.Trai
 """
 
 from hf_gns_spam.gns import GNSCallback
+from hf_gns_spam.integrations.bitsandbytes_cpu import CPURepackingError
 from hf_gns_spam.integrations.trainer_optimizer import TrainerIntegrationError, register_trainer_optimizers
 from hf_gns_spam.optim import StableSPAM
 from hf_gns_spam.patching import PatchReport, patch_model, unpatch_model
@@ -12,6 +13,7 @@ from hf_gns_spam.stats import PerExampleStats, per_example_grad_stats, reset_per
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CPURepackingError",
     "GNSCallback",
     "PatchReport",
     "PerExampleStats",

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hf_gns_spam.integrations.bitsandbytes_cpu import disable_cpu_weight_repacking, restore_cpu_weight_repacking
 from hf_gns_spam.ops.gns_norm import gns_norm
 from hf_gns_spam.ops.norm_reference import STATISTICS_SIZE, NormSpec, norm_forward, output_dtype
 
@@ -62,15 +63,25 @@ class SkippedModule:
 
 @dataclass
 class PatchReport:
-    """What :func:`patch_model` did: every patched module and every norm-like module it left alone, with why."""
+    """What :func:`patch_model` did: every patched module and every norm-like module it left alone, with why.
+
+    ``cpu_repacking_disabled`` names the bitsandbytes 4-bit layers whose CPU inference repacking was turned off
+    (:mod:`hf_gns_spam.integrations.bitsandbytes_cpu`: a repacked layer cannot be trained after an evaluation).
+    """
 
     patched: list[PatchedModule] = field(default_factory=list)
     skipped: list[SkippedModule] = field(default_factory=list)
+    cpu_repacking_disabled: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"patched {len(self.patched)} normalization module(s), skipped {len(self.skipped)}"]
         lines += [f"  patched  {p.name}: {p.original_class} -> {p.kind}" for p in self.patched]
         lines += [f"  skipped  {s.name}: {s.class_name} ({s.reason})" for s in self.skipped]
+        if self.cpu_repacking_disabled:
+            lines.append(
+                f"bitsandbytes CPU inference repacking turned off on {len(self.cpu_repacking_disabled)} 4-bit "
+                "layer(s) (a repacked layer has no backward)"
+            )
         return "\n".join(lines)
 
 
@@ -325,10 +336,14 @@ def patch_model(
 
     Returns:
         A :class:`PatchReport`. Patching twice is harmless: already patched modules are listed as patched again.
+
+    bitsandbytes 4-bit layers (QLoRA) get their CPU inference repacking turned off, so that the model still trains
+    after an evaluation on a CPU with AVX512-BF16 (:mod:`hf_gns_spam.integrations.bitsandbytes_cpu`); a layer
+    that was already repacked raises :class:`~hf_gns_spam.integrations.bitsandbytes_cpu.CPURepackingError`.
     """
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
-    report = PatchReport()
+    report = PatchReport(cpu_repacking_disabled=disable_cpu_weight_repacking(model))
     for name, module in model.named_modules():
         if is_patched(module):
             report.patched.append(
@@ -359,7 +374,9 @@ def patch_model(
 
 
 def unpatch_model(model: nn.Module) -> int:
-    """Restore the original class of every patched module; returns how many were restored."""
+    """Restore the original class of every patched module (and bitsandbytes' CPU repacking switches); returns how
+    many norm modules were restored."""
+    restore_cpu_weight_repacking(model)
     restored = 0
     for module in model.modules():
         if is_patched(module):

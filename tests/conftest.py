@@ -54,3 +54,18 @@ def llama_factory():
 @pytest.fixture
 def dataset_factory():
     return counting_dataset
+
+
+@pytest.fixture
+def has_avx512bf16(monkeypatch):
+    """``has_avx512bf16(True)``: bitsandbytes believes the CPU has AVX512-BF16 (or not, with False) from then on,
+    so that 4-bit layers built afterwards take (or skip) its AVX512-BF16 CPU branch on any CPU."""
+
+    def set_cpu_kind(value: bool) -> None:
+        import bitsandbytes.functional
+        import bitsandbytes.nn.modules
+
+        monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: value)
+        monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda: value)
+
+    return set_cpu_kind

@@ -28,7 +28,7 @@ def padded_dataset(size: int = 16, length: int = 8, seed: int = 0) -> Dataset:
     )
 
 
-def make_trainer(tmp_path, model, callback, **overrides) -> Trainer:
+def make_trainer(tmp_path, model, callback, eval_dataset=None, **overrides) -> Trainer:
     settings = {
         "output_dir": str(tmp_path / "out"),
         "per_device_train_batch_size": 2,
@@ -45,7 +45,11 @@ def make_trainer(tmp_path, model, callback, **overrides) -> Trainer:
     }
     settings.update(overrides)
     return Trainer(
-        model=model, args=TrainingArguments(**settings), train_dataset=padded_dataset(), callbacks=[callback]
+        model=model,
+        args=TrainingArguments(**settings),
+        train_dataset=padded_dataset(),
+        eval_dataset=eval_dataset,
+        callbacks=[callback],
     )
 
 
@@ -136,12 +140,13 @@ def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
 
 
 @pytest.mark.slow
-def test_qlora_trains_with_stable_spam_and_the_callback(tmp_path):
+def test_qlora_trains_with_stable_spam_and_the_callback(tmp_path, has_avx512bf16):
     """bitsandbytes 4-bit base weights + LoRA through the real Trainer: patched norms are frozen there, so the
     callback logs batch sizes but no GNS, and costs nothing in the backward."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    has_avx512bf16(True)  # the 4-bit layers as on a CPU with AVX512-BF16, whatever this CPU is
     model_zoo.build("llama").save_pretrained(tmp_path / "base")
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
@@ -152,10 +157,14 @@ def test_qlora_trains_with_stable_spam_and_the_callback(tmp_path):
     assert len(patch_model(model).patched) == 5
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     callback = GNSCallback()
-    trainer = make_trainer(tmp_path, model, callback, max_steps=3, learning_rate=1e-2)
-    trainer.train()
+    trainer = make_trainer(
+        tmp_path, model, callback, max_steps=3, learning_rate=1e-2,
+        eval_dataset=padded_dataset(), eval_strategy="steps", eval_steps=1,
+    )  # fmt: skip
+    trainer.train()  # evaluation after every step: on a CPU with AVX512-BF16 it must not repack the 4-bit weights
     records = [r for r in trainer.state.log_history if "loss" in r]
     assert len(records) == 3 and all(math.isfinite(r["loss"]) and r["batch_size"] == 4 for r in records)
+    assert sum("eval_loss" in r for r in trainer.state.log_history) == 3
     assert all(math.isnan(r["gns"]) for r in records) and callback.estimator.skipped == 3
     assert isinstance(trainer.optimizer.optimizer, StableSPAM)
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)

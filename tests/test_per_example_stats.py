@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_gns_spam import patch_model, per_example_grad_stats, reset_per_example_grad_stats
+from hf_gns_spam.integrations.bitsandbytes_cpu import disable_cpu_weight_repacking
 from hf_gns_spam.ops.gns_norm import norm_backend
 from tests import model_zoo
 
@@ -225,6 +226,7 @@ def test_qlora_model_patched_norms_are_frozen_and_exact(tmp_path):
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
     reference = copy.deepcopy(model)
+    disable_cpu_weight_repacking(reference)  # as patch_model does: no bf16 CPU repacking in eval on either copy
     report = patch_model(model)
     assert len(report.patched) == 5
     inputs = model_zoo.batch("llama")
