@@ -1,7 +1,11 @@
 """hf-gns-spam: gradient noise scale from normalization layers, and Stable-SPAM, for the Hugging Face Trainer.
 
-Importing the package registers ``optim="stable_spam"`` with ``transformers.TrainingArguments``.
+Importing the package registers ``optim="stable_spam"`` with ``transformers.TrainingArguments``. On a transformers
+whose internals differ, the import still succeeds with a warning (``StableSPAM`` stays usable through
+``Trainer(optimizer_cls_and_kwargs=...)``).
 """
+
+import warnings
 
 from hf_gns_spam.gns import GNSCallback
 from hf_gns_spam.integrations.bitsandbytes_cpu import CPURepackingError
@@ -26,4 +30,7 @@ __all__ = [
     "unpatch_model",
 ]
 
-register_trainer_optimizers()
+try:
+    register_trainer_optimizers()
+except TrainerIntegrationError as error:
+    warnings.warn(str(error), stacklevel=2)

@@ -84,3 +84,15 @@ def batch(architecture: str, batch_size: int = 3, length: int = 8, seed: int = 0
     if architecture == "t5":
         inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch_size, length), generator=generator)
     return inputs
+
+
+def tokenizer():
+    """A word-level tokenizer over the VOCAB ids ("t0" … ), "t0" for padding and "t1" for end of text."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t2"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t1", unk_token="t2")

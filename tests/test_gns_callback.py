@@ -107,6 +107,15 @@ def per_example_norm_gradients(model: torch.nn.Module, batch: dict[str, torch.Te
     return torch.stack(rows)
 
 
+def weighted_small_big(per_example: torch.Tensor, weights: torch.Tensor) -> tuple[float, float, float]:
+    """The callback's inputs to the estimator from per-example own-loss gradients g_b [B, D] and their weights a_b
+    in the loss: Σ a_b²‖g_b‖² / Σ a_b², ‖Σ a_b g_b‖² / (Σ a_b)², and (Σ a_b)² / Σ a_b²."""
+    weights = weights.double()
+    small = (weights.square() * per_example.square().sum(1)).sum() / weights.square().sum()
+    big = (weights[:, None] * per_example).sum(0).square().sum() / weights.sum().square()
+    return small.item(), big.item(), (weights.sum().square() / weights.square().sum()).item()
+
+
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
     """The first optimizer step's small and big from the callback, recomputed from per-example gradients."""
@@ -131,12 +140,12 @@ def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
     # the Trainer's loss: Σ token losses / num_items_in_batch (which, for GPT-2, counts labels without the shift)
     tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
     num_items_in_batch = micro_batches_num_items[0]
-    small = per_example.square().sum(1).mean().item()
-    big = ((tokens / num_items_in_batch)[:, None] * per_example).sum(0).square().sum().item()
+    small, big, effective_batch = weighted_small_big(per_example, tokens / num_items_in_batch)
     measured = callback.history[0]
     assert measured["batch_size"] == 4
     assert measured["small"] == pytest.approx(small, rel=1e-4)
     assert measured["big"] == pytest.approx(big, rel=1e-4)
+    assert measured["effective_batch"] == pytest.approx(effective_batch, rel=1e-6)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests import model_zoo
-from tests.test_gns_callback import per_example_norm_gradients
+from tests.test_gns_callback import per_example_norm_gradients, weighted_small_big
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_gns_train.py"
 
@@ -45,10 +45,10 @@ def test_two_processes_log_the_same_gns_and_end_identical(tmp_path):
     batch = {k: torch.cat([m[k] for m in micro_batches]) for k in ("input_ids", "attention_mask", "labels")}
     per_example = per_example_norm_gradients(model_zoo.build("llama"), batch)
     tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
-    small = per_example.square().sum(1).mean().item()
-    big = ((tokens / num_items_in_batch)[:, None] * per_example).sum(0).square().sum().item()
+    small, big, effective_batch = weighted_small_big(per_example, tokens / num_items_in_batch)
     assert ranks[0]["history"][0]["small"] == pytest.approx(small, rel=1e-4)
     assert ranks[0]["history"][0]["big"] == pytest.approx(big, rel=1e-4)
+    assert ranks[0]["history"][0]["effective_batch"] == pytest.approx(effective_batch, rel=1e-6)
 
 
 @pytest.mark.slow

@@ -5,11 +5,17 @@ process) and k is the number of gradient-accumulation steps. Schedules never dec
 
 * ``"linear"`` (Gray et al. 2024): the batch grows linearly in samples consumed, from ``min_batch_size`` at the
   start to ``max_batch_size`` when the training budget is used: B(s) = B_min + (B_max − B_min)·s/S.
-* ``"gns"`` (closed loop): every ``update_interval`` steps after ``warmup_steps``, the batch moves to
-  ``gns_multiplier × GNS`` (the smoothed gradient noise scale in examples), clamped to [B_min, B_max]. An infinite
-  GNS (the smoothed |G|² is not positive: noise dominates) asks for B_max; no estimate yet (nan) changes nothing.
+* ``"gns"`` (closed loop): every ``update_interval`` steps after ``warmup_steps``, the batch moves towards
+  ``gns_multiplier × GNS`` (the smoothed gradient noise scale in examples), but by at most ``max_growth`` × the
+  current batch per decision, so that one noisy estimate cannot lock the batch at B_max:
 
-Targets are rounded to the nearest whole number of units and clamped to the bounds.
+      k_new = max(k, min(round(clamp(gns_multiplier·GNS, B_min, B_max) / unit), floor(max_growth·k)))
+
+  with k the current accumulation steps (batch = unit·k). An infinite GNS (the smoothed |G|² is not positive:
+  noise dominates) grows by the cap; a GNS that is nan (no estimate yet) or not current (the latest step was
+  skipped: a NaN loss, an overflow) makes no decision.
+
+Targets are rounded to the nearest whole number of units and clamped to the bounds; the cap is rounded down.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class BatchSizeSchedule:
     update_interval: int = 10
     warmup_steps: int = 0
     gns_multiplier: float = 1.0
+    max_growth: float = 2.0  # a "gns" decision asks for at most max_growth × the current batch
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
@@ -50,6 +57,14 @@ class BatchSizeSchedule:
             raise ValueError("schedule='gns' needs min_batch_size >= 2: the noise scale is measured across examples")
         if self.update_interval < 1 or self.warmup_steps < 0 or not self.gns_multiplier > 0:
             raise ValueError("update_interval must be >= 1, warmup_steps >= 0 and gns_multiplier > 0")
+        if not 1.0 < self.max_growth < math.inf:
+            raise ValueError(f"max_growth must be in (1, inf), got {self.max_growth}")
+        least_growth = 1.0 + 1.0 / self.min_accumulation  # the cap must allow one more unit from the smallest batch
+        if self.kind == "gns" and self.max_growth < least_growth:
+            raise ValueError(
+                f"schedule='gns' needs max_growth >= {least_growth:g} (min_batch_size={self.min_batch_size} + one "
+                f"micro-batch x processes), got {self.max_growth}"
+            )
 
     @property
     def min_accumulation(self) -> int:
@@ -60,14 +75,20 @@ class BatchSizeSchedule:
         clamped = min(max(batch_size, self.min_batch_size), self.max_batch_size)
         return max(self.min_accumulation, math.floor(clamped / self.unit + 0.5))
 
-    def target_accumulation(self, current: int, step: int, samples: float, budget: float, gns: float) -> int:
-        """The accumulation steps wanted after ``step`` optimizer steps and ``samples`` examples (never fewer)."""
+    def target_accumulation(
+        self, current: int, step: int, samples: float, budget: float, gns: float, estimate_is_current: bool
+    ) -> int:
+        """The accumulation steps wanted after ``step`` optimizer steps and ``samples`` examples (never fewer).
+
+        ``gns`` and ``estimate_is_current`` (False when the latest step was skipped) only matter for ``"gns"``.
+        """
         if self.kind == "linear":
             progress = min(samples / budget, 1.0) if budget > 0 else 0.0
             wanted = self._accumulation(self.min_batch_size + (self.max_batch_size - self.min_batch_size) * progress)
         else:
-            # nan: no estimate yet. inf: the |G|² average is not positive, noise dominates: grow to the bound.
-            if step < self.warmup_steps or step % self.update_interval or math.isnan(gns):
+            if step < self.warmup_steps or step % self.update_interval or math.isnan(gns) or not estimate_is_current:
                 return current
-            wanted = self._accumulation(self.gns_multiplier * gns)
+            # inf: the |G|² average is not positive, noise dominates: grow, by the cap
+            cap = math.floor(self.max_growth * current + 1e-9)  # 1e-9: 1.4 x 45 is 62.99999999999999
+            wanted = min(self._accumulation(self.gns_multiplier * gns), cap)
         return max(current, wanted)

@@ -1,0 +1,175 @@
+"""Each example's weight in the loss, observed from the loss the Trainer actually computed.
+
+The gradient noise scale needs, for every example b of an optimizer step, the weight a_b with which example b's
+own loss ℓ_b enters the loss that is back-propagated: L = Σ_b a_b·ℓ_b. It is not derived from the Trainer's code
+paths; it is identified on every micro-batch it is asked about, from the loss value L that ``compute_loss``
+returned and the outputs and labels it was computed on:
+
+* the own losses: ℓ_b = s_b / n_b, the mean over example b's n_b label tokens (labels ≠ −100) of the per-token loss
+  ``(1 − ε)·(−log p(y)) + ε·mean_v(−log p(v))`` (cross-entropy, with the Trainer's label smoothing ε), computed
+  from the logits in float32, with and without the causal shift (``labels[:, 1:]`` against ``logits[:, :-1]``);
+  from ``log_probs``/``label_mask`` for outputs that carry no logits (TRL's fused LM head); a classification
+  model's ``[B, C]`` logits and ``[B]`` labels are one token per example;
+* the candidate weightings, each with a factor c ∈ {1, P} (P = processes, which the Trainer multiplies by when it
+  averages tokens across devices):
+
+  ``tokens_over_batch``    a_b = c·n_b / N         N = ``num_items_in_batch``, the label tokens of the whole
+                                                   accumulated batch (HF causal LM / seq2seq losses, label
+                                                   smoothing, TRL's SFTTrainer)
+  ``tokens_over_micro``    a_b = c·n_b / Σ n       a token mean over this micro-batch (no N passed)
+  ``examples_over_micro``  a_b = c / B_micro       a mean over this micro-batch's examples (sequence
+                                                   classification, which ignores N)
+
+The first candidate that reproduces L to ``rtol`` is taken (candidates that tie give the same weights, up to
+coincidences of the data); if none does, :class:`ExampleWeightError` says what was observed and what to do. Once
+identified, the weights of later micro-batches follow from their labels alone (:func:`example_weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "ExampleWeightError",
+    "LossWeighting",
+    "OwnLosses",
+    "example_weights",
+    "identify_loss_weighting",
+    "own_losses",
+    "token_counts",
+]
+
+IGNORE_INDEX = -100
+WeightingName = Literal["tokens_over_batch", "tokens_over_micro", "examples_over_micro"]
+WEIGHTINGS: tuple[WeightingName, ...] = ("tokens_over_batch", "tokens_over_micro", "examples_over_micro")
+
+
+class ExampleWeightError(ValueError):
+    """The loss is not a weighted mean of per-example losses that GNSCallback can identify."""
+
+
+@dataclass(frozen=True)
+class OwnLosses:
+    """Per-example own-loss sums s_b and label-token counts n_b (float32, [B]); ℓ_b = s_b / n_b."""
+
+    sums: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossWeighting:
+    """How a loss weights its examples: the table's weighting, the factor c, and whether labels are shifted."""
+
+    weighting: WeightingName
+    factor: float
+    shifted: bool
+
+    def __str__(self) -> str:
+        return (
+            f"{self.weighting}{'' if self.factor == 1 else f' x{self.factor:g}'}{' (shifted)' if self.shifted else ''}"
+        )
+
+
+def token_counts(labels: torch.Tensor, shifted: bool) -> torch.Tensor:
+    """n_b: label tokens of each example (float32, [B]); ``labels[:, 1:]`` when shifted; [B] labels count 1."""
+    counted = labels[:, 1:] if shifted else labels
+    return (counted != IGNORE_INDEX).reshape(labels.shape[0], -1).sum(1).float()
+
+
+def example_weights(tokens: torch.Tensor, weighting: LossWeighting, num_items_in_batch: Any) -> torch.Tensor:
+    """a_b for one micro-batch, from its examples' label-token counts n_b (see the module's table)."""
+    if weighting.weighting == "tokens_over_batch":
+        if num_items_in_batch is None:
+            raise ExampleWeightError(
+                "the loss was identified as a token sum over num_items_in_batch, but this micro-batch came without "
+                "num_items_in_batch"
+            )
+        total = torch.as_tensor(num_items_in_batch).to(tokens).reshape(-1)[0]
+        weights = tokens / total
+    elif weighting.weighting == "tokens_over_micro":
+        weights = tokens / tokens.sum().clamp_min(1.0)
+    else:
+        weights = torch.where(tokens > 0, 1.0 / tokens.numel(), 0.0)
+    return weighting.factor * weights
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> OwnLosses:
+    """s_b and n_b from logits [B, T, V] and labels [B, T] (already aligned), one example at a time."""
+    sums, tokens = [], []
+    with torch.no_grad():
+        for example_logits, example_labels in zip(logits, labels, strict=True):
+            mask = example_labels != IGNORE_INDEX
+            neg_log_probs = -torch.log_softmax(example_logits[mask].float(), dim=-1)  # [n_b, V]
+            nll = neg_log_probs.gather(-1, example_labels[mask].unsqueeze(-1)).squeeze(-1)
+            per_token = (1.0 - smoothing) * nll + smoothing * neg_log_probs.mean(-1) if smoothing else nll
+            sums.append(per_token.sum())
+            tokens.append(mask.sum().float())
+    return OwnLosses(torch.stack(sums), torch.stack(tokens))
+
+
+def own_losses(outputs: Any, labels: torch.Tensor, shifted: bool, smoothing: float) -> OwnLosses | None:
+    """The examples' own losses from a model's outputs, or None if the outputs do not allow it."""
+    get = outputs.get if isinstance(outputs, Mapping) else (lambda key: getattr(outputs, key, None))
+    logits = get("logits")
+    if isinstance(logits, torch.Tensor):
+        if logits.dim() == 2 and labels.dim() == 1 and not shifted:  # classification: one "token" per example
+            return _token_losses(logits.unsqueeze(1), labels.unsqueeze(1), smoothing)
+        if logits.dim() == labels.dim() + 1 and logits.shape[:2] == labels.shape[:2]:
+            labels = labels.to(logits.device)
+            if shifted:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            return _token_losses(logits, labels, smoothing)
+        return None
+    log_probs, label_mask = get("log_probs"), get("label_mask")
+    if isinstance(log_probs, torch.Tensor) and isinstance(label_mask, torch.Tensor) and not smoothing:
+        with torch.no_grad():  # TRL's fused LM head: log p of each (shifted) label, zero where ignored
+            sums = -(log_probs.float() * label_mask).reshape(log_probs.shape[0], -1).sum(1)
+            return OwnLosses(sums, label_mask.reshape(label_mask.shape[0], -1).sum(1).float())
+    return None
+
+
+def identify_loss_weighting(
+    loss: torch.Tensor,
+    outputs: Any,
+    labels: torch.Tensor,
+    labels_are_shifted: bool,
+    num_items_in_batch: Any,
+    processes: int,
+    smoothing: float = 0.0,
+    rtol: float = 2e-3,
+) -> LossWeighting:
+    """The weighting among the module's table with which Σ_b a_b·ℓ_b reproduces the observed ``loss``.
+
+    ``labels`` are the labels the loss was computed on (``shift_labels`` with ``labels_are_shifted=True``: they
+    are never shifted again). Raises :class:`ExampleWeightError` when none does.
+    """
+    observed = float(loss.detach().float())
+    shifts = (False,) if labels_are_shifted or labels.dim() < 2 else (True, False)
+    tried = []
+    for shifted in shifts:
+        losses = own_losses(outputs, labels, shifted, smoothing)
+        if losses is None or not torch.equal(losses.tokens.cpu(), token_counts(labels, shifted).cpu()):
+            continue
+        per_example = torch.where(losses.tokens > 0, losses.sums / losses.tokens.clamp_min(1.0), 0.0)
+        for name in WEIGHTINGS:
+            for factor in dict.fromkeys((1.0, float(processes))):
+                weighting = LossWeighting(name, factor, shifted)
+                if name == "tokens_over_batch" and num_items_in_batch is None:
+                    continue
+                tried.append(str(weighting))
+                weights = example_weights(losses.tokens, weighting, num_items_in_batch)
+                reconstructed = float((weights * per_example).sum())
+                if abs(reconstructed - observed) <= rtol * max(abs(observed), 1e-6):
+                    return weighting
+    raise ExampleWeightError(
+        f"GNSCallback could not tell how this loss ({observed:.6g}) weights its examples: it is none of "
+        f"[{', '.join(tried) or 'no candidate: the outputs carry no logits or log_probs for these labels'}] of the "
+        "examples' own mean cross-entropy over their label tokens (module hf_gns_spam.gns.example_weights). The "
+        "gradient noise scale needs each example's weight in the loss: use the model's own loss or the Trainer's "
+        "label smoothing, or make compute_loss_func return a token sum divided by num_items_in_batch (or a mean "
+        "over the micro-batch's tokens or examples) of the cross-entropy."
+    )

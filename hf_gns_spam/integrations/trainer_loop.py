@@ -1,0 +1,231 @@
+"""Every place where hf_gns_spam reaches into ``transformers.Trainer`` beyond the public callback events.
+
+Checked against transformers 5.23 and 5.24 (``trainer.py``). A :class:`TrainerLoopObserver` (``GNSCallback``)
+gets these hooks; each says why no public event suffices, and each checks that what it wraps is what it expects,
+raising :class:`~hf_gns_spam.integrations.trainer_optimizer.TrainerIntegrationError` otherwise.
+
+Installed on the ``Trainer`` class once (:func:`install_trainer_hooks`, called when the first observer is created),
+a pass-through for Trainers that have no observer among their callbacks:
+
+* ``set_initial_training_values(args, dataloader)``: the Trainer sizes its epoch loop from
+  ``args.gradient_accumulation_steps`` here, before any callback event of ``train()``; an observer must set the
+  accumulation it starts with before that, and needs the loop bounds computed here (``steps_in_epoch``,
+  ``num_update_steps_per_epoch``, ``max_steps``), which no event passes. This is also where an observer is attached
+  to the Trainer, whichever way it was added (``callbacks=[...]``, ``add_callback``).
+* ``_init_training_state(...)``: on resume the Trainer computes where to restart assuming a constant accumulation,
+  and with ``restore_callback_states_from_checkpoint`` it replaces each callback by a new instance; the wrapper
+  attaches the observers present afterwards and lets them give the exact (epoch, micro-batch) to restart from.
+
+Installed on the Trainer instance being trained (:func:`_attach`):
+
+* ``trainer.compute_loss``: the loss of each micro-batch, the outputs and labels it was computed on, and
+  ``num_items_in_batch``, are seen nowhere else (the labels are popped before the forward for label smoothing and
+  ``compute_loss_func``; subclasses such as TRL's ``SFTTrainer`` compute the loss themselves).
+* ``trainer.accelerator.backward``: the loss actually back-propagated (after the Trainer's division by the
+  accumulation for losses not normalised by ``num_items_in_batch``) and the fp16 loss scale.
+* ``trainer.accelerator.clip_grad_norm_``: the accumulated gradient after the all-reduce and before clipping;
+  ``on_pre_optimizer_step`` comes after clipping.
+* ``trainer.log``: extra metrics merged into the Trainer's own log record (reporting integrations run before user
+  callbacks, so ``on_log`` is too late for them).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import has_length
+
+from hf_gns_spam.integrations.trainer_optimizer import TrainerIntegrationError
+
+__all__ = ["TrainerLoopObserver", "install_trainer_hooks", "observers_of"]
+
+# name -> the parameters (after self) the wrapper passes on; checked when the hooks are installed
+_CLASS_METHODS = {
+    "set_initial_training_values": ("args", "dataloader"),
+    "_init_training_state": (
+        "max_steps",
+        "num_update_steps_per_epoch",
+        "num_train_epochs",
+        "resume_from_checkpoint",
+        "trial",
+    ),
+}
+_INSTANCE_ATTRIBUTES = ("compute_loss", "accelerator", "log", "callback_handler", "args", "state")
+_ATTACHED = "_gns_attached_hooks"
+
+
+class TrainerLoopObserver:
+    """What the Trainer hooks call. Every method has a no-op default."""
+
+    def attach(self, trainer: Trainer) -> None:
+        """The observer is about to train with ``trainer`` (called at the start of every ``train()``)."""
+
+    def before_loop_bounds(self, trainer: Trainer) -> None:
+        """Before the Trainer sizes its loop from ``args.gradient_accumulation_steps``."""
+
+    def loop_bounds(
+        self, trainer: Trainer, steps_in_epoch: int, fetches_per_epoch: int, max_steps: int, has_length: bool
+    ) -> None:
+        """The loop bounds the Trainer computed for this ``train()``; ``has_length``: the data ends with each epoch
+        (map-style), rather than going on (an iterable dataset, whose "epoch" the Trainer sizes from max_steps)."""
+
+    def resume_position(self, trainer: Trainer, epochs_trained: int, skip: int, resuming: bool) -> tuple[int, int]:
+        """(epoch, micro-batches to skip in it) to restart from; the Trainer's own values come in."""
+        return epochs_trained, skip
+
+    def observe_loss(
+        self, trainer: Trainer, inputs: dict, num_items_in_batch: Any, loss: torch.Tensor, outputs: Any
+    ) -> None:
+        """One training micro-batch's loss, as ``compute_loss`` returned it, with what it was computed on."""
+
+    def observe_backward(self, trainer: Trainer, loss: torch.Tensor, loss_scale: float) -> None:
+        """The loss handed to the backward, and the fp16 loss scale applied to it (1 without)."""
+
+    def before_clipping(self, trainer: Trainer) -> None:
+        """The step's gradient is accumulated and all-reduced; clipping comes next."""
+
+    def log_metrics(self) -> dict[str, float]:
+        """Metrics to merge into a Trainer log record that has ``loss``."""
+        return {}
+
+
+def observers_of(trainer: Trainer) -> list[TrainerLoopObserver]:
+    return [c for c in trainer.callback_handler.callbacks if isinstance(c, TrainerLoopObserver)]
+
+
+def _check_trainer_instance(trainer: Trainer) -> None:
+    missing = [name for name in _INSTANCE_ATTRIBUTES if not hasattr(trainer, name)]
+    accelerator = getattr(trainer, "accelerator", None)
+    missing += [f"accelerator.{name}" for name in ("backward", "clip_grad_norm_") if not hasattr(accelerator, name)]
+    if missing:
+        raise _unsupported(f"the Trainer has no {', '.join(missing)}")
+
+
+def _unsupported(what: str) -> TrainerIntegrationError:
+    import transformers
+
+    return TrainerIntegrationError(
+        f"GNSCallback cannot follow the training loop of transformers {transformers.__version__}: {what}. It "
+        "supports transformers 5.x (checked with 5.23 and 5.24): pip install 'transformers>=5,<6'."
+    )
+
+
+def _attach(trainer: Trainer) -> list[TrainerLoopObserver]:
+    """Install the instance hooks once per Trainer, and attach its observers (again, at every ``train()``)."""
+    observers = observers_of(trainer)
+    if not observers:
+        return observers
+    if len(observers) > 1:
+        raise ValueError(f"a Trainer can have one GNSCallback, this one has {len(observers)}")
+    _check_trainer_instance(trainer)
+    if not getattr(trainer, _ATTACHED, False):
+        _wrap_compute_loss(trainer)
+        _wrap_accelerator(trainer)
+        _wrap_log(trainer)
+        setattr(trainer, _ATTACHED, True)
+    for observer in observers:
+        observer.attach(trainer)
+    return observers
+
+
+def _wrap_compute_loss(trainer: Trainer) -> None:
+    original = trainer.compute_loss  # bound: a subclass's override (TRL's SFTTrainer) is what gets wrapped
+
+    @functools.wraps(original)
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        if not (torch.is_grad_enabled() and model.training):  # evaluation
+            return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        seen = dict(inputs)  # compute_loss may pop the labels
+        loss, outputs = original(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch, **kwargs)
+        for observer in observers_of(trainer):
+            observer.observe_loss(trainer, seen, num_items_in_batch, loss, outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    trainer.compute_loss = compute_loss
+
+
+def _wrap_accelerator(trainer: Trainer) -> None:
+    accelerator = trainer.accelerator
+    original_backward, original_clip = accelerator.backward, accelerator.clip_grad_norm_
+
+    def backward(loss, **kwargs):
+        scaler = getattr(accelerator, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        for observer in observers_of(trainer):
+            observer.observe_backward(trainer, loss, scale)
+        return original_backward(loss, **kwargs)
+
+    def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
+        for observer in observers_of(trainer):
+            observer.before_clipping(trainer)
+        return original_clip(parameters, max_norm, *args, **kwargs)
+
+    accelerator.backward = backward
+    accelerator.clip_grad_norm_ = clip_grad_norm_
+
+
+def _wrap_log(trainer: Trainer) -> None:
+    original = trainer.log
+
+    def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            for observer in observers_of(trainer):
+                logs = {**logs, **observer.log_metrics()}
+        original(logs, *args, **kwargs)
+
+    trainer.log = log
+
+
+def _set_initial_training_values(original):
+    @functools.wraps(original)
+    def wrapper(self, args, dataloader):
+        observers = _attach(self)
+        for observer in observers:
+            observer.before_loop_bounds(self)
+        values = original(self, args, dataloader)
+        if observers:
+            if not (isinstance(values, tuple) and len(values) == 7):
+                raise _unsupported("set_initial_training_values does not return its 7 loop values")
+            _, fetches_per_epoch, _, _, _, steps_in_epoch, max_steps = values
+            self._gns_loop_bounds = (steps_in_epoch, fetches_per_epoch, max_steps, has_length(dataloader))
+            for observer in observers:
+                observer.loop_bounds(self, *self._gns_loop_bounds)
+        return values
+
+    return wrapper
+
+
+def _init_training_state(original):
+    @functools.wraps(original)
+    def wrapper(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial):
+        epochs_trained, skip = original(
+            self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        # restore_callback_states_from_checkpoint may have replaced the observers by new instances: attach those
+        # and give them the loop bounds their predecessors saw
+        for observer in _attach(self):
+            observer.loop_bounds(self, *self._gns_loop_bounds)
+            epochs_trained, skip = observer.resume_position(
+                self, epochs_trained, skip, resume_from_checkpoint is not None
+            )
+        return epochs_trained, skip
+
+    return wrapper
+
+
+@functools.cache
+def install_trainer_hooks() -> None:
+    """Wrap the two Trainer methods above on the class (once per process)."""
+    for name, parameters in _CLASS_METHODS.items():
+        method = getattr(Trainer, name, None)
+        if method is None:
+            raise _unsupported(f"Trainer.{name} does not exist")
+        found = tuple(inspect.signature(method).parameters)[1:]
+        if found != parameters:
+            raise _unsupported(f"Trainer.{name} takes {found}, not {parameters}")
+    Trainer.set_initial_training_values = _set_initial_training_values(Trainer.set_initial_training_values)
+    Trainer._init_training_state = _init_training_state(Trainer._init_training_state)
