@@ -177,3 +177,22 @@ def test_qlora_trains_with_stable_spam_and_the_callback(tmp_path, has_avx512bf16
     assert all(math.isnan(r["gns"]) for r in records) and callback.estimator.skipped == 3
     assert isinstance(trainer.optimizer.optimizer, StableSPAM)
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
+
+
+def test_a_trainer_with_other_internals_is_refused_when_the_hooks_are_installed():
+    from hf_gns_spam.integrations.trainer_loop import wrap_trainer_class
+    from hf_gns_spam.integrations.trainer_optimizer import TrainerIntegrationError
+
+    class RenamedArguments:
+        def set_initial_training_values(self, training_args, dataloader): ...
+
+        def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume, trial): ...
+
+    with pytest.raises(TrainerIntegrationError, match=r"set_initial_training_values takes \('training_args'"):
+        wrap_trainer_class(RenamedArguments)
+
+    class Missing:
+        def set_initial_training_values(self, args, dataloader): ...
+
+    with pytest.raises(TrainerIntegrationError, match=r"Trainer._init_training_state does not exist"):
+        wrap_trainer_class(Missing)

@@ -30,7 +30,7 @@ def torchrun(tmp_path, *arguments: str, port: int) -> list[dict]:
 @pytest.mark.slow
 def test_two_processes_log_the_same_gns_and_end_identical(tmp_path):
     ranks = torchrun(tmp_path, port=29533)
-    assert ranks[0]["world_size"] == 2
+    assert ranks[0]["world_size"] == 2 and ranks[0]["max_relative_error"] < 1e-5
     assert ranks[0]["batch_size"] == [8] * len(ranks[0]["batch_size"])  # 2 processes x 2 micro-batches x 2
     assert len(ranks[0]["gns"]) == 8  # 32 examples / 8 per step x 2 epochs
     for key in ("gns", "gns_trace_sigma", "batch_size", "history"):
@@ -58,7 +58,10 @@ def test_two_processes_take_the_same_batch_size_decisions(tmp_path, schedule):
     for key in ("gns", "batch_size", "history", "samples"):
         assert ranks[0][key] == ranks[1][key], key
     sizes = ranks[0]["batch_size"]
-    assert sizes[0] == 4 and max(sizes) > 4 and all(size % 4 == 0 for size in sizes)
-    assert ranks[0]["samples"] == 64  # 32 examples x 2 epochs, none dropped or repeated
+    assert sizes[0] == 4 and max(sizes) > 4
+    # 30 examples: accelerate gives each rank 8 micro-batches of 2 per epoch (the last rows repeated to even out)
+    assert ranks[0]["samples"] == 64 == sum(sizes) == ranks[0]["rows"] + ranks[1]["rows"]
+    # every step: the all-reduced gradient of exactly the micro-batches both ranks ran for it
+    assert ranks[0]["max_relative_error"] < 1e-5 and ranks[1]["max_relative_error"] < 1e-5
     for name, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][name]), name

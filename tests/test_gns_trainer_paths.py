@@ -25,9 +25,12 @@ def sorted_rows(dataset) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.slow
-def test_uneven_epoch_end_every_step_exact_every_row_twice(tmp_path):
+@pytest.mark.parametrize("padding", [True, False], ids=["padded", "full-length"])
+def test_uneven_epoch_end_every_step_exact_every_row_twice(tmp_path, padding):
     """90 rows, micro-batches of 4 (the last has 2), batch 4 -> 16 over 2 epochs (issue 9's reproduction)."""
-    data = padded_dataset(size=90)
+    data = padded_dataset(size=90, length=8 if padding else 6)
+    if not padding:
+        data = data.map(lambda row: {"attention_mask": [1] * 6, "labels": row["input_ids"]})
     callback = GNSCallback(schedule="linear", min_batch_size=4, max_batch_size=16)
     trainer, auditor = run(tmp_path, callback, dataset=data, num_train_epochs=2, per_device_train_batch_size=4)
     trainer.train()

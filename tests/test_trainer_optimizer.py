@@ -202,3 +202,27 @@ def test_low_bit_names(tmp_path, name, bits):
     )
     with pytest.raises(ValueError, match=f"fixes state_bits={bits}"):
         built_optimizer(tmp_path, optim=name, optim_args="state_bits=16")
+
+
+def test_import_warns_instead_of_failing_on_other_internals():
+    """A transformers whose optimizer dispatch differs: `import hf_gns_spam` warns, and StableSPAM still works."""
+    code = textwrap.dedent(
+        """
+        import warnings
+        import transformers.trainer
+        from transformers import trainer_optimizer
+        trainer_optimizer._OPTIMIZER_HANDLERS = {}  # the Trainer no longer reads this registry
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import hf_gns_spam
+        assert any("cannot register optim='stable_spam'" in str(w.message) for w in caught), caught
+        import torch
+        parameter = torch.nn.Parameter(torch.ones(3))
+        parameter.grad = torch.ones(3)
+        hf_gns_spam.StableSPAM([parameter], lr=0.1).step()
+        assert parameter.detach().lt(1).all()
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -343,7 +344,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         return [p for n, p in self._trainer.model.named_parameters() if n in stats and p.grad is not None]
 
     def before_clipping(self, trainer: Trainer) -> None:
-        grads = [p.grad for p in self._norm_parameters()]
+        # FSDP2 shards the (small) norm gradients: the squared norm is of the whole tensor
+        grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in self._norm_parameters()]
         self._big = sum(g.float().square().sum() for g in grads) if grads else None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

@@ -41,7 +41,7 @@ from transformers.trainer_utils import has_length
 
 from hf_gns_spam.integrations.trainer_optimizer import TrainerIntegrationError
 
-__all__ = ["TrainerLoopObserver", "install_trainer_hooks", "observers_of"]
+__all__ = ["TrainerLoopObserver", "install_trainer_hooks", "observers_of", "wrap_trainer_class"]
 
 # name -> the parameters (after self) the wrapper passes on; checked when the hooks are installed
 _CLASS_METHODS = {
@@ -217,15 +217,20 @@ def _init_training_state(original):
     return wrapper
 
 
-@functools.cache
-def install_trainer_hooks() -> None:
-    """Wrap the two Trainer methods above on the class (once per process)."""
+def wrap_trainer_class(trainer_class: type) -> None:
+    """Wrap the two methods above on ``trainer_class``, after checking that they take what the wrappers pass."""
     for name, parameters in _CLASS_METHODS.items():
-        method = getattr(Trainer, name, None)
+        method = getattr(trainer_class, name, None)
         if method is None:
             raise _unsupported(f"Trainer.{name} does not exist")
         found = tuple(inspect.signature(method).parameters)[1:]
         if found != parameters:
             raise _unsupported(f"Trainer.{name} takes {found}, not {parameters}")
-    Trainer.set_initial_training_values = _set_initial_training_values(Trainer.set_initial_training_values)
-    Trainer._init_training_state = _init_training_state(Trainer._init_training_state)
+    trainer_class.set_initial_training_values = _set_initial_training_values(trainer_class.set_initial_training_values)
+    trainer_class._init_training_state = _init_training_state(trainer_class._init_training_state)
+
+
+@functools.cache
+def install_trainer_hooks() -> None:
+    """Wrap the Trainer's class methods (once per process; subclasses such as TRL's trainers inherit them)."""
+    wrap_trainer_class(Trainer)

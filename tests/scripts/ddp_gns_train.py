@@ -3,18 +3,54 @@ GNSCallback and write this rank's logged GNS values, batch sizes and final param
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hf_gns_spam import GNSCallback, patch_model
 from tests import model_zoo
 from tests.test_gns_callback import padded_dataset
+from tests.test_per_example_stats import token_losses
+
+
+class DistributedStepAuditor(TrainerCallback):
+    """Checks every optimizer step's all-reduced gradient against a recomputation over both ranks' micro-batches of
+    that step: Σ token losses / (label tokens of all of them), each rank computing its part on a copy of the model,
+    summed with an all-reduce."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.pending: list[dict[str, torch.Tensor]] = []
+        self.max_relative_error = 0.0
+        self.rows = 0
+        model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        if torch.is_grad_enabled():
+            self.pending.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")})
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        micro_batches, self.pending = self.pending, []
+        self.rows += sum(len(m["input_ids"]) for m in micro_batches)
+        module = model.module if hasattr(model, "module") else model
+        reference = copy.deepcopy(module)
+        reference._forward_pre_hooks.clear()
+        reference.zero_grad(set_to_none=True)
+        tokens = sum((m["labels"][:, 1:] != -100).sum() for m in micro_batches)
+        dist.all_reduce(tokens)
+        for m in micro_batches:
+            logits = reference(input_ids=m["input_ids"], attention_mask=m["attention_mask"]).logits
+            (token_losses(logits, m["labels"]).sum() / tokens).backward()
+        for p, q in zip(module.parameters(), reference.parameters(), strict=True):
+            dist.all_reduce(q.grad)
+            error = ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)).item()
+            self.max_relative_error = max(self.max_relative_error, error)
 
 
 def main() -> None:
@@ -42,8 +78,11 @@ def main() -> None:
         use_cpu=True,
         disable_tqdm=True,
         ddp_backend="gloo",
+        max_grad_norm=0.0,  # the auditor reads the gradients after the (here absent) clipping
     )
-    trainer = Trainer(model=model, args=args, train_dataset=padded_dataset(size=32), callbacks=[callback])
+    size = 32 if schedule == "none" else 30  # with a schedule: data that no batch divides
+    auditor = DistributedStepAuditor(model)
+    trainer = Trainer(model=model, args=args, train_dataset=padded_dataset(size=size), callbacks=[callback, auditor])
     first_step_inputs = []
 
     def record(module, args, kwargs):
@@ -65,6 +104,8 @@ def main() -> None:
             "first_step_inputs": first_step_inputs,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "world_size": trainer.accelerator.num_processes,
+            "max_relative_error": auditor.max_relative_error,
+            "rows": auditor.rows,
         },
         output_dir / f"rank{rank}.pt",
     )
