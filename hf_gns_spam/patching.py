@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ from torch import nn
 from hf_gns_spam.integrations.bitsandbytes_cpu import disable_cpu_weight_repacking, restore_cpu_weight_repacking
 from hf_gns_spam.ops.gns_norm import gns_norm
 from hf_gns_spam.ops.norm_reference import STATISTICS_SIZE, NormSpec, norm_forward, output_dtype
+from hf_gns_spam.sequences import sequence_ids
 
 __all__ = [
+    "BatchContext",
     "PatchReport",
     "PatchedModule",
     "SkippedModule",
@@ -85,35 +88,46 @@ class PatchReport:
         return "\n".join(lines)
 
 
-# Examples in the batch of the latest forward of a patched model (set by a pre-hook on the model's root module).
-# Some models flatten [B, T, D] to [B·T, D] before a norm (OPT's MLP); such an input is viewed as [B, T, D] again
-# so that an example stays an example. Kept after the forward: gradient checkpointing re-runs the norms during
-# the backward of the same batch.
-_batch_size: int | None = None
-# Per-example scales c_b for the statistics of the same forward (see hf_gns_spam.ops.gns_norm), computed by the
-# function set with set_example_scales_function (the GNSCallback sets one that undoes each example's loss weight).
-_example_scales: torch.Tensor | None = None
+@dataclass
+class BatchContext:
+    """What the latest forward call of a patched model says about its examples.
+
+    Written by a pre-hook on the module ``patch_model`` was called on (its root) and read by that root's patched
+    norms, so that two patched models in one process (a policy and its reference model, a teacher and a student)
+    never see each other's batches. Kept after the forward: gradient checkpointing re-runs the norms during the
+    backward of the same batch.
+    """
+
+    batch_size: int | None = None  # rows of the forward's inputs (dim 0 of input_ids, inputs_embeds, ...)
+    sequence_ids: torch.Tensor | None = None  # [B, T] sequence of each token in a packed batch (see sequences.py)
+    example_scales: torch.Tensor | None = None  # c_b from the root's example-scales function, if any
+    forward_index: int = 0  # counts the root's forward calls (a norm called twice in one is shared)
+
 
 # (examples in the batch or None, the forward's keyword arguments) -> per-example scales [batch] or None
 ExampleScalesFunction = Callable[[int | None, dict], "torch.Tensor | None"]
 # root module -> its function; kept outside the module so that copy.deepcopy(model) does not copy the owner
 _EXAMPLE_SCALES_FUNCTIONS: weakref.WeakKeyDictionary[nn.Module, ExampleScalesFunction] = weakref.WeakKeyDictionary()
+_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 
 
-def _record_batch_context(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    global _batch_size, _example_scales
-    _batch_size = None
-    for name in ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features"):
+def _record_batch_context(root: nn.Module, args: tuple, kwargs: dict) -> None:
+    context: BatchContext = root._gns_batch_context
+    context.forward_index += 1
+    context.batch_size = None
+    for name in _INPUT_NAMES:
         if isinstance(kwargs.get(name), torch.Tensor):
-            _batch_size = kwargs[name].shape[0]
+            context.batch_size = kwargs[name].shape[0]
             break
     else:
         for value in (*args, *kwargs.values()):
             if isinstance(value, torch.Tensor) and value.dim() > 0:
-                _batch_size = value.shape[0]
+                context.batch_size = value.shape[0]
                 break
-    scales_function = _EXAMPLE_SCALES_FUNCTIONS.get(module)
-    _example_scales = None if scales_function is None else scales_function(_batch_size, kwargs)
+    # sequence boundaries cost a host read: only when a backward (with statistics) can follow
+    context.sequence_ids = sequence_ids(kwargs) if torch.is_grad_enabled() else None
+    scales_function = _EXAMPLE_SCALES_FUNCTIONS.get(root)
+    context.example_scales = None if scales_function is None else scales_function(context.batch_size, kwargs)
 
 
 def set_example_scales_function(model: nn.Module, function: ExampleScalesFunction | None) -> None:
@@ -134,32 +148,79 @@ def set_example_scales_function(model: nn.Module, function: ExampleScalesFunctio
             _EXAMPLE_SCALES_FUNCTIONS[root] = function
 
 
+def _rebuild_patched_module(original: type[nn.Module]) -> nn.Module:
+    """Unpickling: an empty instance of the patched class of ``original`` (its state is set afterwards)."""
+    cls = _patched_class(original)
+    return cls.__new__(cls)
+
+
 class _GNSNormMixin:
     """The forward of every patched normalization module."""
 
     _gns_original_class: type[nn.Module]
     _gns_spec: NormSpec
     _gns_statistics: torch.Tensor
+    _gns_context: BatchContext
+
+    def __reduce_ex__(self, protocol: int):
+        # the patched class is made at run time, so pickle (torch.save, deepcopy) rebuilds it from the original
+        return _rebuild_patched_module, (self._gns_original_class,), self.__dict__.copy()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dim() == 1:  # one feature vector, as nn.LayerNorm accepts: one example
+            return self.forward(hidden_states.unsqueeze(0)).squeeze(0)
         weight: torch.Tensor = self.weight
         bias: torch.Tensor | None = getattr(self, "bias", None)
+        context = self._gns_context
         statistics = None
-        if torch.is_grad_enabled() and weight.requires_grad:
+        if torch.is_grad_enabled() and weight.requires_grad and not getattr(self, "_gns_shared", False):
             if self._gns_statistics.device != weight.device:  # the model moved after patching
                 self._gns_statistics = _new_statistics(weight.device)
             statistics = self._gns_statistics
+            self._note_call(context.forward_index)
+            if getattr(self, "_gns_shared", False):
+                statistics = None
         if self._gns_spec.kind == "layer_norm" and torch.is_autocast_enabled(hidden_states.device.type):
             # F.layer_norm runs in float32 under autocast; do as it does
             hidden_states, weight = hidden_states.float(), weight.float()
             bias = None if bias is None else bias.float()
-        rows = hidden_states.shape[0]
-        scales = _example_scales if statistics is not None else None
-        if _batch_size is not None and rows != _batch_size and rows % _batch_size == 0:
-            unflattened = hidden_states.reshape(_batch_size, -1, hidden_states.shape[-1])
-            output = gns_norm(unflattened, weight, bias, self._gns_spec, statistics, _matching(scales, _batch_size))
-            return output.reshape(hidden_states.shape)
-        return gns_norm(hidden_states, weight, bias, self._gns_spec, statistics, _matching(scales, rows))
+        shape, batch = hidden_states.shape, context.batch_size
+        if batch is not None and shape[0] != batch:
+            if hidden_states.dim() >= 3 and shape[1] == batch:
+                raise ValueError(
+                    f"{type(self).__name__} got an input of shape {tuple(shape)} in a forward of {batch} examples: "
+                    "examples on dimension 1 (a sequence-first model) are not supported; the per-example statistics "
+                    "take examples along dimension 0. Leave this module out: patch_model(..., exclude=...)."
+                )
+            if shape[0] % batch == 0:  # [B·T, D] flattened by the model (OPT's MLP): examples stay examples
+                hidden_states = hidden_states.reshape(batch, -1, shape[-1])
+        examples = hidden_states.shape[0]
+        segments = context.sequence_ids if statistics is not None else None
+        if segments is not None and segments.shape != hidden_states.shape[:2]:
+            segments = None  # a module off the token path (a vision tower in a multimodal model)
+        scales = context.example_scales if statistics is not None and segments is None else None
+        scales = _matching(scales, examples)
+        if segments is None:
+            output = gns_norm(hidden_states, weight, bias, self._gns_spec, statistics, scales)
+        else:
+            output = gns_norm(hidden_states, weight, bias, self._gns_spec, statistics, scales, segment_ids=segments)
+        return output.reshape(shape)
+
+    def _note_call(self, forward_index: int) -> None:
+        """A second call within one forward of the root (outside a backward's recomputation) means the module is
+        shared (a layer applied in a loop, as ALBERT does): its per-example statistics would lack the cross terms
+        between uses, so it stops measuring and :func:`~hf_gns_spam.stats.per_example_grad_stats` leaves it out."""
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
+            return  # traced by torch.compile (checked in eager runs), or gradient checkpointing re-running it
+        if getattr(self, "_gns_last_forward", None) == forward_index and forward_index > 0:
+            self._gns_shared = True
+            self._gns_statistics = _new_statistics(self._gns_statistics.device)
+            warnings.warn(
+                f"{type(self).__name__} was called more than once in one forward (a shared normalization layer): "
+                "hf_gns_spam leaves it out of the per-example statistics",
+                stacklevel=3,
+            )
+        self._gns_last_forward = forward_index
 
 
 def _matching(scales: torch.Tensor | None, examples: int) -> torch.Tensor | None:
@@ -344,10 +405,12 @@ def patch_model(
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
     report = PatchReport(cpu_repacking_disabled=disable_cpu_weight_repacking(model))
+    context = getattr(model, "_gns_batch_context", None) or BatchContext()
+    shared = _shared_modules(model)
     for name, module in model.named_modules():
         if is_patched(module):
             report.patched.append(
-                PatchedModule(name, module._gns_original_class.__name__, module._gns_spec.kind, module._gns_spec)
+                PatchedModule(name, module._gns_original_class.__name__, module._gns_description, module._gns_spec)
             )
             continue
         candidate = isinstance(module, nn.LayerNorm) or _looks_like_a_norm(name, module)
@@ -357,7 +420,7 @@ def patch_model(
             if candidate:
                 report.skipped.append(SkippedModule(name, type(module).__name__, "excluded by include/exclude"))
             continue
-        result = _classify(module)
+        result = shared.get(module) or _classify(module)
         if isinstance(result, str):
             if candidate:
                 report.skipped.append(SkippedModule(name, type(module).__name__, result))
@@ -365,12 +428,34 @@ def patch_model(
         description, spec = result
         original = type(module)
         module.__class__ = _patched_class(original)
-        module._gns_spec = spec
+        module._gns_spec, module._gns_description, module._gns_context = spec, description, context
         module._gns_statistics = _new_statistics(module.weight.device)
         report.patched.append(PatchedModule(name, original.__name__, description, spec))
     if report.patched and getattr(model, "_gns_batch_context_hook", None) is None:
+        model._gns_batch_context = context
         model._gns_batch_context_hook = model.register_forward_pre_hook(_record_batch_context, with_kwargs=True)
     return report
+
+
+def _shared_modules(model: nn.Module) -> dict[nn.Module, str]:
+    """Modules registered under several names, or whose weight another module also holds (tied weights), with the
+    reason to skip them: a norm applied more than once per forward has per-example gradients that sum over its
+    uses, which statistics taken use by use cannot give."""
+    names: dict[nn.Module, list[str]] = {}
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(module, []).append(name)
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append(name)
+    reasons = {}
+    for module, module_names in names.items():
+        weight = getattr(module, "weight", None)
+        holders = sorted(set(owners.get(id(weight), ())) - set(module_names)) if weight is not None else []
+        if len(module_names) > 1:
+            reasons[module] = f"shared: the same module is registered as {', '.join(module_names)}"
+        elif holders:
+            reasons[module] = f"shared: its weight is also held by {', '.join(holders)}"
+    return reasons
 
 
 def unpatch_model(model: nn.Module) -> int:
@@ -381,11 +466,14 @@ def unpatch_model(model: nn.Module) -> int:
     for module in model.modules():
         if is_patched(module):
             module.__class__ = module._gns_original_class
-            del module._gns_spec, module._gns_statistics
+            for attribute in ("_gns_spec", "_gns_description", "_gns_statistics", "_gns_context"):
+                delattr(module, attribute)
+            for attribute in ("_gns_shared", "_gns_last_forward"):
+                module.__dict__.pop(attribute, None)
             restored += 1
     hook = getattr(model, "_gns_batch_context_hook", None)
     if hook is not None:
         hook.remove()
-        del model._gns_batch_context_hook
+        del model._gns_batch_context_hook, model._gns_batch_context
         _EXAMPLE_SCALES_FUNCTIONS.pop(model, None)
     return restored

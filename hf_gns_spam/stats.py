@@ -39,10 +39,11 @@ def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
     """Statistics of every parameter of every patched module, keyed by its name in ``model.named_parameters()``.
 
     A parameter whose module saw no backward pass since the last reset (or whose weight is frozen) reports zeros.
+    A module found at run time to be applied more than once per forward (shared) is left out.
     """
     stats: dict[str, PerExampleStats] = {}
     for module_name, module in model.named_modules():
-        if not is_patched(module):
+        if not is_patched(module) or getattr(module, "_gns_shared", False):
             continue
         accumulated = module._gns_statistics.grad
         if accumulated is None:

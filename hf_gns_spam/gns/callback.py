@@ -54,13 +54,13 @@ from hf_gns_spam.gns.example_weights import (
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
 from hf_gns_spam.integrations.trainer_loop import TrainerLoopObserver, install_trainer_hooks
 from hf_gns_spam.patching import is_patched
+from hf_gns_spam.sequences import sequence_ids
 from hf_gns_spam.stats import per_example_grad_stats, reset_per_example_grad_stats
 
 __all__ = ["GNSCallback"]
 
 HISTORY_LENGTH = 10_000
 METRIC_NAMES = ("gns", "gns_tokens", "gns_grad_sq", "gns_trace_sigma", "batch_size", "grad_accum_steps")
-INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "labels")
 
 
 class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
@@ -294,7 +294,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self, trainer: Trainer, inputs: dict, num_items_in_batch: Any, loss: torch.Tensor, outputs: Any
     ) -> None:
         self._micro_batches += 1
-        self._rows += next((v.shape[0] for k, v in inputs.items() if k in INPUT_NAMES and v is not None), 0)
+        sequences = sequence_ids(inputs)  # packed / padding-free batches: an example is a sequence
         labels_are_shifted = isinstance(inputs.get("shift_labels"), torch.Tensor)
         labels = inputs["shift_labels"] if labels_are_shifted else inputs.get("labels")
         if not isinstance(labels, torch.Tensor):
@@ -302,6 +302,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "GNSCallback needs the labels of every training micro-batch (the examples' weights in the loss "
                 f"come from them); this one has none (inputs: {sorted(inputs)})"
             )
+        self._rows += labels.shape[0] if sequences is None else int(sequences.max()) + 1
         verify = self._micro_batches == 1 and self._steps_since_verified >= self.verify_interval
         due = self.weighting is None or verify
         if due and not torch.isfinite(loss.detach()).all():  # nothing to identify on (fp16 overflow, a dead run)
@@ -313,7 +314,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             smoothing = getattr(trainer.label_smoother, "epsilon", 0.0) if trainer.label_smoother else 0.0
             weighting = identify_loss_weighting(
                 loss, outputs, labels, labels_are_shifted, num_items_in_batch, trainer.accelerator.num_processes,
-                smoothing,
+                smoothing, sequences,
             )  # fmt: skip
             if self.weighting is not None and weighting != self.weighting:
                 raise ExampleWeightError(
@@ -321,7 +322,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                     "cannot follow a loss whose weighting changes during training"
                 )
             self.weighting, self._steps_since_verified = weighting, 0
-        tokens = token_counts(labels, self.weighting.shifted)
+        tokens = token_counts(labels, self.weighting.shifted, sequences)
         self._label_tokens += int(tokens.sum())
         weights = example_weights(tokens, self.weighting, num_items_in_batch).to(loss.device)
         self._pending = (weights, loss.detach())

@@ -20,6 +20,9 @@ returned and the outputs and labels it was computed on:
   ``examples_over_micro``  a_b = c / B_micro       a mean over this micro-batch's examples (sequence
                                                    classification, which ignores N)
 
+An example is a row of the batch, or a sequence of a packed batch (:mod:`hf_gns_spam.sequences`): its own loss
+is then the mean over the label positions inside that sequence.
+
 The first candidate that reproduces L to ``rtol`` is taken (candidates that tie give the same weights, up to
 coincidences of the data); if none does, :class:`ExampleWeightError` says what was observed and what to do. Once
 identified, the weights of later micro-batches follow from their labels alone (:func:`example_weights`).
@@ -37,6 +40,7 @@ __all__ = [
     "ExampleWeightError",
     "LossWeighting",
     "OwnLosses",
+    "example_index",
     "example_weights",
     "identify_loss_weighting",
     "own_losses",
@@ -54,7 +58,7 @@ class ExampleWeightError(ValueError):
 
 @dataclass(frozen=True)
 class OwnLosses:
-    """Per-example own-loss sums s_b and label-token counts n_b (float32, [B]); ℓ_b = s_b / n_b."""
+    """Per-example own-loss sums s_e and label-token counts n_e (float32, [E]); ℓ_e = s_e / n_e."""
 
     sums: torch.Tensor
     tokens: torch.Tensor
@@ -74,14 +78,26 @@ class LossWeighting:
         )
 
 
-def token_counts(labels: torch.Tensor, shifted: bool) -> torch.Tensor:
-    """n_b: label tokens of each example (float32, [B]); ``labels[:, 1:]`` when shifted; [B] labels count 1."""
-    counted = labels[:, 1:] if shifted else labels
-    return (counted != IGNORE_INDEX).reshape(labels.shape[0], -1).sum(1).float()
+def example_index(labels: torch.Tensor, sequences: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """([B, T] example of every label position, E): the packed sequence if ``sequences`` (see
+    :mod:`hf_gns_spam.sequences`) is given, else the row; [B] labels (classification) are one position each."""
+    if sequences is not None:
+        sequences = sequences.to(labels.device)
+        return sequences, int(sequences.max()) + 1
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    return rows.view(-1, *([1] * (labels.dim() - 1))).expand(labels.shape), labels.shape[0]
+
+
+def token_counts(labels: torch.Tensor, shifted: bool, sequences: torch.Tensor | None = None) -> torch.Tensor:
+    """n_e: label tokens of each example (float32, [E]), counting ``labels[:, 1:]`` when shifted."""
+    index, examples = example_index(labels, sequences)
+    counted, owner = (labels[:, 1:], index[:, 1:]) if shifted else (labels, index)
+    valid = counted != IGNORE_INDEX
+    return torch.bincount(owner[valid], minlength=examples).float()
 
 
 def example_weights(tokens: torch.Tensor, weighting: LossWeighting, num_items_in_batch: Any) -> torch.Tensor:
-    """a_b for one micro-batch, from its examples' label-token counts n_b (see the module's table)."""
+    """a_e for one micro-batch, from its examples' label-token counts n_e (see the module's table)."""
     if weighting.weighting == "tokens_over_batch":
         if num_items_in_batch is None:
             raise ExampleWeightError(
@@ -97,38 +113,61 @@ def example_weights(tokens: torch.Tensor, weighting: LossWeighting, num_items_in
     return weighting.factor * weights
 
 
-def _token_losses(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> OwnLosses:
-    """s_b and n_b from logits [B, T, V] and labels [B, T] (already aligned), one example at a time."""
-    sums, tokens = [], []
+TOKEN_CHUNK = 1024  # label positions whose log-softmax is taken at once (bounds the memory: chunk x vocabulary)
+
+
+def _grouped_token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, shifted: bool, smoothing: float, sequences: torch.Tensor | None
+) -> OwnLosses:
+    """s_e and n_e from logits [B, T, V] and labels [B, T], the logits at t predicting labels[:, t + 1] when
+    ``shifted``; per-token losses in float32, TOKEN_CHUNK positions at a time, summed per example."""
+    index, examples = example_index(labels, sequences)
+    targets, owner = (labels[:, 1:], index[:, 1:]) if shifted else (labels, index)
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    flat = logits.reshape(-1, logits.shape[-1])  # [B·T, V]
+    predicting = rows * logits.shape[1] + positions  # the logits row of each label position
+    sums = torch.zeros(examples, dtype=torch.float32, device=logits.device)
     with torch.no_grad():
-        for example_logits, example_labels in zip(logits, labels, strict=True):
-            mask = example_labels != IGNORE_INDEX
-            neg_log_probs = -torch.log_softmax(example_logits[mask].float(), dim=-1)  # [n_b, V]
-            nll = neg_log_probs.gather(-1, example_labels[mask].unsqueeze(-1)).squeeze(-1)
-            per_token = (1.0 - smoothing) * nll + smoothing * neg_log_probs.mean(-1) if smoothing else nll
-            sums.append(per_token.sum())
-            tokens.append(mask.sum().float())
-    return OwnLosses(torch.stack(sums), torch.stack(tokens))
+        for chunk in torch.arange(rows.numel(), device=rows.device).split(TOKEN_CHUNK):
+            neg_log_probs = -torch.log_softmax(flat[predicting[chunk]].float(), dim=-1)
+            wanted = targets[rows[chunk], positions[chunk]].to(logits.device)
+            per_token = neg_log_probs.gather(-1, wanted.unsqueeze(-1)).squeeze(-1)
+            if smoothing:
+                per_token = (1.0 - smoothing) * per_token + smoothing * neg_log_probs.mean(-1)
+            sums.index_add_(0, owner[rows[chunk], positions[chunk]].to(logits.device), per_token)
+    tokens = torch.bincount(owner[rows, positions], minlength=examples).float().to(logits.device)
+    return OwnLosses(sums, tokens)
 
 
-def own_losses(outputs: Any, labels: torch.Tensor, shifted: bool, smoothing: float) -> OwnLosses | None:
+def own_losses(
+    outputs: Any, labels: torch.Tensor, shifted: bool, smoothing: float, sequences: torch.Tensor | None = None
+) -> OwnLosses | None:
     """The examples' own losses from a model's outputs, or None if the outputs do not allow it."""
     get = outputs.get if isinstance(outputs, Mapping) else (lambda key: getattr(outputs, key, None))
     logits = get("logits")
     if isinstance(logits, torch.Tensor):
         if logits.dim() == 2 and labels.dim() == 1 and not shifted:  # classification: one "token" per example
-            return _token_losses(logits.unsqueeze(1), labels.unsqueeze(1), smoothing)
+            return _grouped_token_losses(logits.unsqueeze(1), labels.unsqueeze(1), False, smoothing, None)
         if logits.dim() == labels.dim() + 1 and logits.shape[:2] == labels.shape[:2]:
-            labels = labels.to(logits.device)
-            if shifted:
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            return _token_losses(logits, labels, smoothing)
+            return _grouped_token_losses(logits, labels.to(logits.device), shifted, smoothing, sequences)
         return None
     log_probs, label_mask = get("log_probs"), get("label_mask")
     if isinstance(log_probs, torch.Tensor) and isinstance(label_mask, torch.Tensor) and not smoothing:
-        with torch.no_grad():  # TRL's fused LM head: log p of each (shifted) label, zero where ignored
-            sums = -(log_probs.float() * label_mask).reshape(log_probs.shape[0], -1).sum(1)
-            return OwnLosses(sums, label_mask.reshape(label_mask.shape[0], -1).sum(1).float())
+        # TRL's fused LM head: log p of each label position (zero where ignored), already aligned with the
+        # shifted labels when it is one position shorter than them
+        index, examples = example_index(labels, sequences)
+        owner = index[:, 1:] if log_probs.shape[1] == labels.shape[1] - 1 else index
+        if owner.shape != log_probs.shape:
+            return None
+        owner = owner.to(log_probs.device)
+        with torch.no_grad():
+            sums = torch.zeros(examples, device=log_probs.device).index_add_(
+                0, owner.flatten(), -(log_probs.float() * label_mask).flatten()
+            )
+            tokens = torch.zeros(examples, device=log_probs.device).index_add_(
+                0, owner.flatten(), label_mask.float().flatten()
+            )
+        return OwnLosses(sums, tokens)
     return None
 
 
@@ -140,19 +179,21 @@ def identify_loss_weighting(
     num_items_in_batch: Any,
     processes: int,
     smoothing: float = 0.0,
+    sequences: torch.Tensor | None = None,
     rtol: float = 2e-3,
 ) -> LossWeighting:
-    """The weighting among the module's table with which Σ_b a_b·ℓ_b reproduces the observed ``loss``.
+    """The weighting among the module's table with which Σ_e a_e·ℓ_e reproduces the observed ``loss``.
 
     ``labels`` are the labels the loss was computed on (``shift_labels`` with ``labels_are_shifted=True``: they
-    are never shifted again). Raises :class:`ExampleWeightError` when none does.
+    are never shifted again); ``sequences`` the packed sequences' ids (examples are then sequences). Raises
+    :class:`ExampleWeightError` when none does.
     """
     observed = float(loss.detach().float())
     shifts = (False,) if labels_are_shifted or labels.dim() < 2 else (True, False)
     tried = []
     for shifted in shifts:
-        losses = own_losses(outputs, labels, shifted, smoothing)
-        if losses is None or not torch.equal(losses.tokens.cpu(), token_counts(labels, shifted).cpu()):
+        losses = own_losses(outputs, labels, shifted, smoothing, sequences)
+        if losses is None or not torch.equal(losses.tokens.cpu(), token_counts(labels, shifted, sequences).cpu()):
             continue
         per_example = torch.where(losses.tokens > 0, losses.sums / losses.tokens.clamp_min(1.0), 0.0)
         for name in WEIGHTINGS:

@@ -6,6 +6,13 @@ This is the implementation used on CPU and on any device without Triton, and the
 Shapes: ``x`` is viewed as ``[B, R, D]``: B examples (the first dimension of the module's input), R rows per example
 (all middle dimensions: tokens, heads, ...), D features (the normalized last dimension).
 
+Segments (packed and padding-free batches): with ``segment_ids``, an integer tensor of shape ``x.shape[:2]`` (``[N]``
+for a 2-D ``x`` of shape ``[N, D]``), the examples are sequences, not rows of dimension 0. ``segment_ids[b, t]`` is
+the example e of token (b, t), in [0, E) with E = max + 1, non-decreasing in row-major order (each sequence's tokens
+are contiguous, sequences in order; an unused id is an example with a zero gradient). The rows of further dimensions
+(heads of ``[B, T, H, D]``) belong to the example of their (b, t). Every per-example quantity below is then per
+segment: b runs over the E segments and "rows of b" are the rows of segment b.
+
 Forward, per row, in float32 (``offset`` is 1 for Gemma's ``(1 + w)``, else 0)::
 
     layer_norm: μ = mean(x),  r = 1/√(mean((x − μ)²) + eps),  x̂ = (x − μ)·r
@@ -22,13 +29,20 @@ where x̂' is x̂ rounded as the original module rounds it (``rounding``):
 Backward, with dy the upstream gradient and ĝ = dy ⊙ (offset + w) (float32)::
 
     dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂))        (the mean(ĝ) term only for layer_norm)
-    per-example weight gradient   G_w[b] = Σ_rows dy ⊙ x̂'      dw = Σ_b G_w[b]
-    per-example bias gradient     G_b[b] = Σ_rows dy            db = Σ_b G_b[b]
+    per-example weight gradient   G_w[b] = Σ_{rows of b} dy ⊙ x̂'      dw = Σ_b G_w[b]
+    per-example bias gradient     G_b[b] = Σ_{rows of b} dy            db = Σ_b G_b[b]
     statistics = (Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²)
 
-where c_b are optional per-example scales (``example_scales``, 1 when not given): with c_b = 1/a_b², a_b the
-weight of example b in the batch loss, the last two entries are the sums of the squared per-example gradients of
-the examples' own losses.
+where c_b are optional per-example scales (``example_scales``, shape [B], 1 when not given): with c_b = 1/a_b², a_b
+the weight of example b in the batch loss, the last two entries are the sums of the squared per-example gradients of
+the examples' own losses. With segments, B is E and ``example_scales`` has shape [E]; dx, dw and db do not depend on
+the segments (they are computed exactly as without them, bit for bit), only the statistics do.
+
+Checks of ``segment_ids``: :func:`check_segment_layout` (dtype int32/int64, shape, device; reads no values) wherever
+the ids enter; :func:`check_segment_values` (≥ 0, non-decreasing, E entries in ``example_scales``) reads the values:
+the operator calls it in the forward for CPU tensors, and this module's backward always calls it (on an accelerator
+that is a host synchronisation, acceptable off the Triton path). The Triton backward reads nothing on the host; it
+returns NaN statistics for ids that fail these checks (see :mod:`hf_gns_spam.kernels.gns_norm`).
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ import torch
 ROUNDINGS = ("layer_norm", "llama", "fp32", "t5")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 STATISTICS_SIZE = 5  # Σ‖G_w[b]‖², Σ‖G_b[b]‖², examples, Σ c_b‖G_w[b]‖², Σ c_b‖G_b[b]‖²
+SEGMENT_ID_DTYPES = (torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,66 @@ def norm_forward(
     return y.to(out_dtype), mean, rstd
 
 
+def segment_shape(x_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    """The shape ``segment_ids`` must have for an input of shape ``x_shape``: ``x_shape[:2]``, ``[N]`` for 2-D."""
+    return tuple(x_shape[:2]) if len(x_shape) >= 3 else tuple(x_shape[:1])
+
+
+def check_segment_layout(segment_ids: torch.Tensor, x: torch.Tensor) -> None:
+    """Raise unless ``segment_ids`` is an int32/int64 tensor of shape :func:`segment_shape` on x's device.
+
+    Reads no values (no host synchronisation; traceable by ``torch.compile``)."""
+    if not isinstance(segment_ids, torch.Tensor):
+        raise TypeError(f"segment_ids must be a tensor, got {type(segment_ids).__name__}")
+    if segment_ids.dtype not in SEGMENT_ID_DTYPES:
+        raise TypeError(f"segment_ids must have dtype int32 or int64, got {segment_ids.dtype}")
+    expected = segment_shape(x.shape)
+    if tuple(segment_ids.shape) != expected:
+        raise ValueError(
+            f"segment_ids must have shape {list(expected)} (x.shape[:2]; [N] for a 2-D x) for x of shape "
+            f"{list(x.shape)}, got {list(segment_ids.shape)}"
+        )
+    if segment_ids.device != x.device:
+        raise ValueError(f"segment_ids must be on x's device {x.device}, got {segment_ids.device}")
+
+
+def check_segment_values(segment_ids: torch.Tensor, num_example_scales: int | None = None) -> int:
+    """Raise unless the ids are ≥ 0 and non-decreasing in row-major order (and, when ``num_example_scales`` is
+    given, E = max + 1 equals it); return E (0 for no ids). Reads the values: a host synchronisation off the CPU."""
+    flat = segment_ids.reshape(-1)
+    if flat.numel() == 0:
+        num_segments = 0
+    else:
+        decreasing = flat[1:] < flat[:-1]
+        if bool(decreasing.any()):
+            position = int(decreasing.nonzero()[0, 0]) + 1
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), segment_ids.shape))
+            raise ValueError(
+                "segment_ids must be non-decreasing in row-major order (each sequence's tokens contiguous, sequences "
+                f"in order): segment_ids{list(index)} = {int(flat[position])} follows {int(flat[position - 1])}"
+            )
+        if int(flat[0]) < 0:
+            raise ValueError(f"segment_ids must be ≥ 0, got {int(flat[0])}")
+        num_segments = int(flat[-1]) + 1
+    if num_example_scales is not None and num_example_scales != num_segments:
+        raise ValueError(
+            f"example_scales must have one entry per segment: shape [{num_segments}] (max segment id + 1), "
+            f"got [{num_example_scales}]"
+        )
+    return num_segments
+
+
+def segment_sums(rows: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Per-segment sums ``[E, D]`` of ``rows`` ``[N, D]`` (float32, deterministic); the tokens of ``segment_ids``
+    (already checked) own N / numel consecutive rows each."""
+    flat = segment_ids.reshape(-1)
+    if num_segments == 0:
+        return rows.new_zeros((0, rows.shape[-1]), dtype=torch.float32)
+    rows_per_token = rows.shape[0] // flat.numel()
+    lengths = torch.bincount(flat, minlength=num_segments) * rows_per_token
+    return torch.segment_reduce(rows.float(), "sum", lengths=lengths, axis=0, unsafe=True)
+
+
 def per_example_statistics(
     weight_per_example: torch.Tensor | None,
     bias_per_example: torch.Tensor | None,
@@ -146,11 +221,18 @@ def norm_backward(
     need_weight_grad: bool,
     need_bias_grad: bool,
     example_scales: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Return (dx, dw, db, statistics), statistics as :func:`per_example_statistics` gives them.
 
-    Per-example terms are computed only for the parameters whose gradient is needed.
+    Per-example terms are computed only for the parameters whose gradient is needed. With ``segment_ids`` (module
+    docstring) the examples are the segments: the ids are checked (:func:`check_segment_values`, a host read) and
+    the statistics are those of the per-segment gradients; dx, dw and db are unchanged.
     """
+    num_segments = None
+    if segment_ids is not None:
+        check_segment_layout(segment_ids, x)
+        num_segments = check_segment_values(segment_ids, None if example_scales is None else example_scales.numel())
     num_examples = x.shape[0]
     x3 = x.reshape(num_examples, -1, x.shape[-1])
     dy3 = dy.reshape(x3.shape).float()
@@ -167,10 +249,19 @@ def norm_backward(
         dx = ((scaled_dy - correction) * rstd3).to(x.dtype).reshape(x.shape)
     weight_per_example = bias_per_example = None
     if need_weight_grad:
-        weight_per_example = (dy3 * rounded_normalized(spec, x_hat, x.dtype, weight.dtype)).sum(1)  # [B, D]
+        weight_products = dy3 * rounded_normalized(spec, x_hat, x.dtype, weight.dtype)
+        weight_per_example = weight_products.sum(1)  # [B, D]
         dw = weight_per_example.sum(0).to(weight.dtype)
     if need_bias_grad:
         bias_per_example = dy3.sum(1)
         db = bias_per_example.sum(0).to(bias.dtype)
+    if num_segments is not None:
+        # the same products, summed per segment instead of per row of dimension 0 (dw and db as above)
+        d = x.shape[-1]
+        if need_weight_grad:
+            weight_per_example = segment_sums(weight_products.reshape(-1, d), segment_ids, num_segments)
+        if need_bias_grad:
+            bias_per_example = segment_sums(dy3.reshape(-1, d), segment_ids, num_segments)
+        num_examples = num_segments
     statistics = per_example_statistics(weight_per_example, bias_per_example, num_examples, example_scales, x.device)
     return dx, dw, db, statistics
