@@ -90,12 +90,12 @@ class PatchReport:
 
 @dataclass
 class BatchContext:
-    """What the latest forward call of a patched model says about its examples.
+    """What the latest forward call with gradients of a patched model says about its examples.
 
     Written by a pre-hook on the module ``patch_model`` was called on (its root) and read by that root's patched
     norms, so that two patched models in one process (a policy and its reference model, a teacher and a student)
-    never see each other's batches. Kept after the forward: gradient checkpointing re-runs the norms during the
-    backward of the same batch.
+    never see each other's batches. Kept after the forward, and left alone by forwards without gradients (which
+    take no statistics): gradient checkpointing re-runs the norms during the backward of the same batch.
     """
 
     batch_size: int | None = None  # rows of the forward's inputs (dim 0 of input_ids, inputs_embeds, ...)
@@ -112,6 +112,8 @@ _INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "i
 
 
 def _record_batch_context(root: nn.Module, args: tuple, kwargs: dict) -> None:
+    if not torch.is_grad_enabled():  # no statistics to take; a checkpointed backward may still need the context
+        return
     context: BatchContext = root._gns_batch_context
     context.forward_index += 1
     context.batch_size = None
@@ -124,8 +126,7 @@ def _record_batch_context(root: nn.Module, args: tuple, kwargs: dict) -> None:
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 context.batch_size = value.shape[0]
                 break
-    # sequence boundaries cost a host read: only when a backward (with statistics) can follow
-    context.sequence_ids = sequence_ids(kwargs) if torch.is_grad_enabled() else None
+    context.sequence_ids = sequence_ids(kwargs)
     scales_function = _EXAMPLE_SCALES_FUNCTIONS.get(root)
     context.example_scales = None if scales_function is None else scales_function(context.batch_size, kwargs)
 
@@ -184,7 +185,7 @@ class _GNSNormMixin:
             # F.layer_norm runs in float32 under autocast; do as it does
             hidden_states, weight = hidden_states.float(), weight.float()
             bias = None if bias is None else bias.float()
-        shape, batch = hidden_states.shape, context.batch_size
+        shape, batch = hidden_states.shape, context.batch_size if statistics is not None else None
         if batch is not None and shape[0] != batch:
             if hidden_states.dim() >= 3 and shape[1] == batch:
                 raise ValueError(

@@ -130,10 +130,10 @@ def first_step(
     return callback.history[0]
 
 
-def assert_split_invariant(measured: list[dict[str, float]]) -> None:
+def assert_split_invariant(measured: list[dict[str, float]], rel: float = 1e-4) -> None:
     for key in ("small", "big", "effective_batch"):
         values = [m[key] for m in measured]
-        assert values == pytest.approx([values[0]] * len(values), rel=1e-4), key
+        assert values == pytest.approx([values[0]] * len(values), rel=rel), key
 
 
 @pytest.mark.slow

@@ -30,6 +30,28 @@ The launcher then reduces in torch (deterministic, no atomics)::
     G_b[b] = Σ_t partial_b[b, t]     db = Σ_b G_b[b]     statistics[1] = Σ_b ‖G_b[b]‖²
     statistics[2] = B      (and the c_b-scaled sums: norm_reference.per_example_statistics)
 
+Segments (``segment_ids``, packed rows: the examples are sequences, see the reference): the grid, the tiles and the
+passes over x and dy are the same; only the partial sums are kept per sequence, in the same pass. The rows of a tile
+are consecutive, so are the rows of a sequence, and sequences are in order: a tile meets a run of sequences
+s_first … s_last, of which only s_first and s_last can extend beyond it. The program keeps the open sequence's sums
+in its [BLOCK_ROWS, BLOCK_D] accumulator; a block of rows that starts a new sequence (one loop iteration per distinct
+id in the block, usually none) closes the open one. When a sequence closes, its vector G (float32, [D] or the
+chunk's columns) goes to ``seg[t, 0]`` if it is s_first, else (it lies wholly inside the tile) only ‖G‖² and c_e‖G‖²
+are added to the tile's scalars. At the tile's end the open sequence goes to ``seg[t, 0]`` (if it is s_first) or
+``seg[t, 1]``, and ``partial[t]`` = the closed sequences' sum + the open one (bitwise the unsegmented partial when
+the tile lies in one sequence). In torch::
+
+    slots: the 2·P vectors seg[t, 0], seg[t, 1] with ids s_first(t), s_last(t)   (non-decreasing in t)
+    G[s] = segment_reduce(sum) over the runs of equal ids  (each a sequential sum over at most 2·P slots)
+    statistics[0] = Σ_s ‖G_w[s]‖² + Σ_t inner_w[t]        statistics[3] = Σ_s c_s‖G_w[s]‖² + Σ_t inner_c_w[t]
+    statistics[2] = E = segment_ids[-1] + 1  (a device tensor: no host read)
+
+Memory is 2·P·D floats per parameter besides the P·D partial sums, whatever E; nothing is read on the host (no tile
+table, no count), so the backward neither waits for the GPU nor stops a CUDA graph. The ids are checked on the host
+only when they are on the CPU; on a GPU, ids that are negative, decreasing or ≥ 2³¹ − 1 (the kernel reads int32), or
+``example_scales`` without E entries, make the statistics NaN (and never cause an out-of-bounds access). dx does not
+depend on the segments; dw and db only through the summation order of tiles holding several sequences.
+
 Rows of up to ``max_block_d`` (default 8192) features are held in one block: one read of x (forward) and of x and
 dy (backward). Wider rows are processed in chunks of ``min(max_block_d, 2048)`` features: the forward makes one pass
 for the sums (two for layer_norm: the mean, then the centred sum of squares) and one for the outputs; the backward
@@ -53,7 +75,15 @@ import triton.language as tl
 from torch import Tensor
 
 from hf_gns_spam.kernels.rounding import cast, interpreting
-from hf_gns_spam.ops.norm_reference import HALF_DTYPES, NormSpec, output_dtype, per_example_statistics
+from hf_gns_spam.ops.norm_reference import (
+    HALF_DTYPES,
+    STATISTICS_SIZE,
+    NormSpec,
+    check_segment_layout,
+    check_segment_values,
+    output_dtype,
+    per_example_statistics,
+)
 
 __all__ = ["MAX_BLOCK_D", "gns_norm_backward", "gns_norm_forward"]
 
@@ -210,6 +240,99 @@ def _gns_norm_fwd_kernel(
 
 
 @triton.jit
+def _load_segments(Seg, rows, first, row_mask, rows_per_token):
+    """The segment ids of a block of rows; masked rows get the id of the block's first row (their sums are zero)."""
+    segs = tl.load(Seg + rows // rows_per_token, mask=row_mask, other=0)
+    return tl.where(row_mask, segs, tl.load(Seg + first // rows_per_token))
+
+
+@triton.jit
+def _segment_close(acc, cur, s_first, SegPart, seg_off, c, col_mask, scale):
+    """Close the open segment ``cur`` of one parameter (its sums are ``acc``, [BLOCK_ROWS, BLOCK_D]).
+
+    The tile's first segment (``cur == s_first``) may have begun in an earlier tile: its vector goes to slot 0 of the
+    tile's boundary partials. Any later segment closed inside the tile lies wholly in it: only its squared norm is
+    kept. Returns (G, ‖G‖², c·‖G‖²), the squared norms zero for the first segment."""
+    v = tl.sum(acc, axis=0)
+    is_first = cur == s_first
+    tl.store(SegPart + seg_off + c, v, mask=tl.where(is_first, col_mask, False))
+    squared = tl.where(is_first, 0.0, tl.sum(v * v, axis=0))
+    return v, squared, squared * scale
+
+
+@triton.jit
+def _segment_end(acc, closed, cur, s_first, SegPart, seg_off, Partial, partial_off, c, col_mask, D):
+    """The tile's open segment at its end: slot 0 if it is the tile's first segment (slot 1 then zero), else slot 1
+    (a segment that may continue in the next tile); and the tile's partial sum, ``closed`` (the sum of the segments
+    closed before) plus this one: exactly the unsegmented partial sum when the tile holds one segment."""
+    v = tl.sum(acc, axis=0)
+    is_first = cur == s_first
+    tl.store(SegPart + seg_off + c, v, mask=tl.where(is_first, col_mask, False))
+    tl.store(SegPart + seg_off + D + c, tl.where(is_first, 0.0, v), mask=col_mask)
+    tl.store(Partial + partial_off + c, closed + v, mask=col_mask)
+
+
+@triton.jit
+def _segment_block(
+    segs,
+    prod_w,
+    prod_b,
+    cur,
+    s_first,
+    acc_w,
+    acc_b,
+    closed_w,
+    closed_b,
+    sq_w,
+    sc_w,
+    sq_b,
+    sc_b,
+    SegW,
+    SegB,
+    seg_off,
+    c,
+    col_mask,
+    Scales,
+    n_scales,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+):
+    """Add a block of rows to the sums of their segments: ``prod_w`` (dy ⊙ x̂') and ``prod_b`` (dy) are the block's
+    [BLOCK_ROWS, BLOCK_D] products, ``segs`` [BLOCK_ROWS] the rows' segment ids (masked rows: any id of the block;
+    their products are zero). ``acc_*`` hold the open segment ``cur``, ``closed_*`` ([BLOCK_D]) the sum of the
+    segments closed so far in the tile. One iteration per distinct id in the block, in increasing order: usually
+    one, which only adds to ``acc_*``."""
+    hi = tl.max(segs, axis=0)
+    s = tl.min(segs, axis=0)
+    while s <= hi:
+        if s != cur:
+            scale = 1.0
+            if HAS_SCALES:
+                scale = tl.load(Scales + cur, mask=(cur >= 0) & (cur < n_scales), other=0.0)
+            if NEED_DW:
+                v, squared, scaled = _segment_close(acc_w, cur, s_first, SegW, seg_off, c, col_mask, scale)
+                closed_w += v
+                sq_w += squared
+                sc_w += scaled
+                acc_w = tl.zeros_like(acc_w)
+            if NEED_DB:
+                v, squared, scaled = _segment_close(acc_b, cur, s_first, SegB, seg_off, c, col_mask, scale)
+                closed_b += v
+                sq_b += squared
+                sc_b += scaled
+                acc_b = tl.zeros_like(acc_b)
+            cur = s
+        selected = (segs == s)[:, None]
+        if NEED_DW:
+            acc_w += tl.where(selected, prod_w, 0.0)
+        if NEED_DB:
+            acc_b += tl.where(selected, prod_b, 0.0)
+        s = tl.min(tl.where(segs > s, segs, hi + 1), axis=0)
+    return cur, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b
+
+
+@triton.jit
 def _gns_norm_bwd_kernel(
     DY,
     X,
@@ -221,18 +344,27 @@ def _gns_norm_bwd_kernel(
     PartialB,
     ScratchG,
     ScratchGX,
+    Seg,
+    SegW,
+    SegB,
+    SegStats,
+    Scales,
     rows_per_example,
     D,
     d_float,
     n_tiles,
     rows_per_tile,
     offset,
+    rows_per_token,
+    n_scales,
     IS_LAYER_NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ROUND: tl.constexpr,
     NEED_DX: tl.constexpr,
     NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr,
+    SEGMENTED: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
@@ -242,6 +374,11 @@ def _gns_norm_bwd_kernel(
 
     Program ``pid = b·n_tiles + t`` owns rows ``[b·R + t·rows_per_tile, min(b·R + (t + 1)·rows_per_tile, (b + 1)·R))``
     and writes row ``pid`` of the ``[B·n_tiles, D]`` partial buffers.
+
+    SEGMENTED (segment ids ``Seg``, one per ``rows_per_token`` consecutive rows): the same rows are also summed per
+    segment. The tile's first segment goes to ``Seg{W,B}[pid, 0]``, its last (if another) to ``Seg{W,B}[pid, 1]``
+    (these two may extend into neighbouring tiles); the segments in between lie wholly in the tile and leave only
+    ``SegStats[pid] = (Σ‖G_w‖², Σ c‖G_w‖², Σ‖G_b‖², Σ c‖G_b‖²)`` over them.
     """
     pid = tl.program_id(0)
     example = pid // n_tiles
@@ -251,6 +388,13 @@ def _gns_norm_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_tile, example_start + rows_per_example)
     partial_off = pid.to(tl.int64) * D
     cols = tl.arange(0, BLOCK_D)
+    if SEGMENTED:
+        s_first = tl.load(Seg + row_start // rows_per_token)
+        seg_off = pid.to(tl.int64) * 2 * D
+        sq_w = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
+        sc_w = sq_w
+        sq_b = sq_w
+        sc_b = sq_w
     if NUM_CHUNKS == 1:
         col_mask = cols < D
         w = 1.0
@@ -258,6 +402,10 @@ def _gns_norm_bwd_kernel(
             w = offset + tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         acc_w = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        if SEGMENTED:  # acc_* hold the open segment, closed_* the segments closed before it in the tile
+            cur = s_first
+            closed_w = tl.zeros([BLOCK_D], dtype=tl.float32)
+            closed_b = tl.zeros([BLOCK_D], dtype=tl.float32)
         for first in range(row_start, row_end, BLOCK_ROWS):
             rows = first + tl.arange(0, BLOCK_ROWS)
             row_mask = rows < row_end
@@ -273,10 +421,20 @@ def _gns_norm_bwd_kernel(
                 else:
                     x_hat = x * rstd[:, None]
                 # the accumulations first: dy is then dead across the reductions below (fewer live registers)
-                if NEED_DW:
-                    acc_w += dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
-                if NEED_DB:
-                    acc_b += dy
+                if SEGMENTED:
+                    prod_w = 0.0
+                    if NEED_DW:
+                        prod_w = dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
+                    segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
+                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b = _segment_block(
+                        segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b,
+                        SegW, SegB, seg_off, cols, col_mask, Scales, n_scales, NEED_DW, NEED_DB, HAS_SCALES,
+                    )  # fmt: skip
+                else:
+                    if NEED_DW:
+                        acc_w += dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
+                    if NEED_DB:
+                        acc_b += dy
                 if NEED_DX:
                     g = dy * w
                     mean_gx = tl.div_rn(tl.sum(g * x_hat, axis=1), d_float)
@@ -286,11 +444,24 @@ def _gns_norm_bwd_kernel(
                     dx = (g - correction) * rstd[:, None]
                     tl.store(DX + ptr, cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
             elif NEED_DB:
-                acc_b += dy
-        if NEED_DW:
-            tl.store(PartialW + partial_off + cols, tl.sum(acc_w, axis=0), mask=col_mask)
-        if NEED_DB:
-            tl.store(PartialB + partial_off + cols, tl.sum(acc_b, axis=0), mask=col_mask)
+                if SEGMENTED:
+                    segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
+                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b = _segment_block(
+                        segs, 0.0, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b,
+                        SegW, SegB, seg_off, cols, col_mask, Scales, n_scales, NEED_DW, NEED_DB, HAS_SCALES,
+                    )  # fmt: skip
+                else:
+                    acc_b += dy
+        if SEGMENTED:
+            if NEED_DW:
+                _segment_end(acc_w, closed_w, cur, s_first, SegW, seg_off, PartialW, partial_off, cols, col_mask, D)
+            if NEED_DB:
+                _segment_end(acc_b, closed_b, cur, s_first, SegB, seg_off, PartialB, partial_off, cols, col_mask, D)
+        else:
+            if NEED_DW:
+                tl.store(PartialW + partial_off + cols, tl.sum(acc_w, axis=0), mask=col_mask)
+            if NEED_DB:
+                tl.store(PartialB + partial_off + cols, tl.sum(acc_b, axis=0), mask=col_mask)
     else:
         if NEED_DX:
             # pass 1, row by row: mean(ĝ) and mean(ĝ ⊙ x̂), kept in the float32 scratch buffers
@@ -328,12 +499,17 @@ def _gns_norm_bwd_kernel(
                 w = offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             acc_w = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
             acc_b = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+            if SEGMENTED:
+                cur = s_first
+                closed_w = tl.zeros([BLOCK_D], dtype=tl.float32)
+                closed_b = tl.zeros([BLOCK_D], dtype=tl.float32)
             for first in range(row_start, row_end, BLOCK_ROWS):
                 rows = first + tl.arange(0, BLOCK_ROWS)
                 row_mask = rows < row_end
                 mask = row_mask[:, None] & col_mask[None, :]
                 ptr = rows.to(tl.int64)[:, None] * D + c[None, :]
                 dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+                prod_w = 0.0
                 if NEED_DX or NEED_DW:
                     x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
                     rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
@@ -347,13 +523,33 @@ def _gns_norm_bwd_kernel(
                         dx = (g - correction) * rstd[:, None]
                         tl.store(DX + ptr, cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
                     if NEED_DW:
-                        acc_w += dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
-                if NEED_DB:
+                        prod_w = dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
+                        if not SEGMENTED:
+                            acc_w += prod_w
+                if SEGMENTED:
+                    segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
+                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b = _segment_block(
+                        segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b,
+                        SegW, SegB, seg_off, c, col_mask, Scales, n_scales, NEED_DW, NEED_DB, HAS_SCALES,
+                    )  # fmt: skip
+                elif NEED_DB:
                     acc_b += dy
-            if NEED_DW:
-                tl.store(PartialW + partial_off + c, tl.sum(acc_w, axis=0), mask=col_mask)
-            if NEED_DB:
-                tl.store(PartialB + partial_off + c, tl.sum(acc_b, axis=0), mask=col_mask)
+            if SEGMENTED:
+                if NEED_DW:
+                    _segment_end(acc_w, closed_w, cur, s_first, SegW, seg_off, PartialW, partial_off, c, col_mask, D)
+                if NEED_DB:
+                    _segment_end(acc_b, closed_b, cur, s_first, SegB, seg_off, PartialB, partial_off, c, col_mask, D)
+            else:
+                if NEED_DW:
+                    tl.store(PartialW + partial_off + c, tl.sum(acc_w, axis=0), mask=col_mask)
+                if NEED_DB:
+                    tl.store(PartialB + partial_off + c, tl.sum(acc_b, axis=0), mask=col_mask)
+    if SEGMENTED:
+        stats_off = pid.to(tl.int64) * 4
+        tl.store(SegStats + stats_off, sq_w)
+        tl.store(SegStats + stats_off + 1, sc_w)
+        tl.store(SegStats + stats_off + 2, sq_b)
+        tl.store(SegStats + stats_off + 3, sc_b)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -524,6 +720,69 @@ def _plan_tiles(num_examples: int, rows_per_example: int, sm_count: int, rows_pe
     return rows_per_tile, triton.cdiv(rows_per_example, rows_per_tile)
 
 
+#: Largest segment id the kernel takes (it reads int32 ids and compares with id + 1).
+_MAX_SEGMENT_ID = torch.iinfo(torch.int32).max - 1
+
+
+def _kernel_segment_ids(segment_ids: Tensor) -> Tensor:
+    """The ids as the kernel reads them: int32 (fewer registers than int64), clamped to [-1, _MAX_SEGMENT_ID] so that
+    no id wraps or overflows (ids outside [0, _MAX_SEGMENT_ID] make the statistics NaN anyway)."""
+    return segment_ids.clamp(-1, _MAX_SEGMENT_ID).to(torch.int32)
+
+
+def _segment_statistics(
+    segment_ids: Tensor,
+    seg_w: Tensor | None,
+    seg_b: Tensor | None,
+    seg_stats: Tensor | None,
+    example_scales: Tensor | None,
+    tiles: tuple[int, int, int, int],
+    rows_per_token: int,
+) -> Tensor:
+    """The statistics vector from the segmented kernel's outputs (module docstring), without a host read.
+
+    ``tiles`` is (programs, tiles per example, rows per example, rows per tile) of the launch. Each program left its
+    first and last segments' partial sums (slots 0 and 1 of ``seg_w`` / ``seg_b``, [programs, 2, D]) and the
+    statistics of the segments wholly inside it (``seg_stats``, [programs, 4]). The 2·programs slots are ordered by
+    segment; runs of equal ids are one segment each, summed by ``torch.segment_reduce`` (each output a sequential sum:
+    deterministic) into at most 2·programs vectors, then squared.
+    """
+    n_programs, n_tiles, rows_per_example, rows_per_tile = tiles
+    device = segment_ids.device
+    flat = segment_ids.reshape(-1)
+    statistics = torch.zeros(STATISTICS_SIZE, dtype=torch.float32, device=device)
+    statistics[2] = flat[-1] + 1  # E, on the device
+    if seg_stats is not None:
+        pid = torch.arange(n_programs, device=device)
+        example, tile = pid // n_tiles, pid % n_tiles
+        start = example * rows_per_example + tile * rows_per_tile
+        end = torch.minimum(start + rows_per_tile, (example + 1) * rows_per_example)
+        ids = torch.stack([flat[start // rows_per_token], flat[(end - 1) // rows_per_token]], 1).view(-1)  # [2P]
+        group = torch.cat([ids.new_zeros(1), (ids[1:] != ids[:-1]).cumsum(0)])  # non-decreasing, [2P]
+        slots = torch.arange(2 * n_programs, device=device)
+        group_start = torch.searchsorted(group, slots)
+        lengths = torch.searchsorted(group, slots, right=True) - group_start  # zero for unused groups
+        scales = None
+        if example_scales is not None:
+            group_ids = ids[group_start.clamp_max(2 * n_programs - 1)]
+            in_range = (group_ids >= 0) & (group_ids < example_scales.numel()) & (lengths > 0)
+            scales = torch.where(in_range, example_scales.float()[group_ids.clamp(0, example_scales.numel() - 1)], 0.0)
+        for index, boundary in ((0, seg_w), (1, seg_b)):
+            if boundary is None:
+                continue
+            sums = torch.segment_reduce(boundary.view(2 * n_programs, -1), "sum", lengths=lengths, axis=0, unsafe=True)
+            squared = sums.square().sum(-1)  # [2P], zero for unused groups
+            statistics[index] = squared.sum() + seg_stats[:, 2 * index].sum()
+            scaled = squared if scales is None else squared * scales
+            statistics[3 + index] = scaled.sum() + seg_stats[:, 2 * index + 1].sum()
+    # ids the host did not check: NaN statistics (no host read) unless ≥ 0, non-decreasing, at most _MAX_SEGMENT_ID
+    # (the kernel reads them as int32), and E scales
+    valid = (flat[0] >= 0) & (flat[-1] <= _MAX_SEGMENT_ID) & (flat[1:] >= flat[:-1]).all()
+    if example_scales is not None:
+        valid = valid & (flat[-1] + 1 == example_scales.numel())
+    return torch.where(valid, statistics, torch.nan)
+
+
 def gns_norm_backward(
     spec: NormSpec,
     dy: Tensor,
@@ -536,6 +795,7 @@ def gns_norm_backward(
     need_weight_grad: bool,
     need_bias_grad: bool,
     example_scales: Tensor | None = None,
+    segment_ids: Tensor | None = None,
     *,
     max_block_d: int | None = None,
     rows_per_tile: int | None = None,
@@ -549,7 +809,12 @@ def gns_norm_backward(
         mean, rstd: float32 ``x.shape[:-1]``, as returned by :func:`gns_norm_forward`.
         need_input_grad, need_weight_grad, need_bias_grad: which gradients to compute; work for the others is
             skipped (no per-example buffers for a frozen weight or bias).
-        example_scales: optional float32 [B] factors c_b for the scaled statistics (see the reference).
+        example_scales: optional float32 [B] factors c_b for the scaled statistics (see the reference); [E] with
+            segments.
+        segment_ids: optional int32/int64 ``x.shape[:2]`` (``[N]`` for 2-D x) example (sequence) of each token, ≥ 0
+            and non-decreasing in row-major order (module docstring). Not read on the host: on CPU tensors the ids
+            are checked here (:func:`norm_reference.check_segment_values`), on other devices statistics computed
+            from ids that fail those checks (or with example_scales not of E entries) are NaN.
         max_block_d: largest feature block held at once (power of two); defaults to :data:`MAX_BLOCK_D`.
         rows_per_tile: rows of one example handled by one program; defaults to a value that gives about
             two programs per SM. Changing it changes the summation order of dw, db and the statistics.
@@ -557,7 +822,8 @@ def gns_norm_backward(
     Returns:
         ``(dx, dw, db, statistics)``: dx in x's dtype, dw and db in the parameters' dtypes (None when not needed);
         statistics float32 ``[Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²]`` with G the
-        per-example gradients (:func:`norm_reference.per_example_statistics`).
+        per-example gradients (:func:`norm_reference.per_example_statistics`), per segment with ``segment_ids``
+        (then the count E is read from the ids on the device). dx, dw and db do not depend on ``segment_ids``.
     """
     _check(x, weight, bias)
     if need_weight_grad and weight is None:
@@ -571,13 +837,28 @@ def gns_norm_backward(
     x2 = x.contiguous().view(-1, d)
     n_rows = x2.shape[0]
     rows_per_example = n_rows // num_examples if num_examples else 0
+    seg = None
+    if segment_ids is not None:
+        check_segment_layout(segment_ids, x)
+        if segment_ids.device.type == "cpu":
+            check_segment_values(segment_ids, None if example_scales is None else example_scales.numel())
+        seg = segment_ids.reshape(-1).contiguous()
+    segmented = seg is not None and n_rows > 0 and (need_weight_grad or need_bias_grad)
+
+    def no_work_statistics() -> Tensor:
+        if seg is None:
+            return per_example_statistics(None, None, num_examples, example_scales, device)
+        if seg.numel() == 0:
+            return torch.zeros(STATISTICS_SIZE, dtype=torch.float32, device=device)
+        return _segment_statistics(seg, None, None, None, example_scales, (0, 1, 0, 1), 1)
+
     if n_rows == 0:
         dx = torch.zeros_like(x) if need_input_grad else None
         dw = torch.zeros_like(weight) if need_weight_grad else None
         db = torch.zeros_like(bias) if need_bias_grad else None
-        return dx, dw, db, per_example_statistics(None, None, num_examples, example_scales, device)
+        return dx, dw, db, no_work_statistics()
     if not (need_input_grad or need_weight_grad or need_bias_grad):
-        return None, None, None, per_example_statistics(None, None, num_examples, example_scales, device)
+        return None, None, None, no_work_statistics()
 
     dy2 = dy.contiguous().view(-1, d)
     mean1 = mean.reshape(-1).to(torch.float32).contiguous()
@@ -596,6 +877,16 @@ def gns_norm_backward(
     if need_input_grad and num_chunks > 1:
         scratch_g = torch.empty(n_rows, dtype=torch.float32, device=device)
         scratch_gx = torch.empty(n_rows, dtype=torch.float32, device=device)
+    seg_w = seg_b = seg_stats = None
+    rows_per_token = 1
+    if segmented:
+        rows_per_token = n_rows // seg.numel()
+        seg_w = torch.empty((n_programs, 2, d), dtype=torch.float32, device=device) if need_weight_grad else None
+        seg_b = torch.empty((n_programs, 2, d), dtype=torch.float32, device=device) if need_bias_grad else None
+        seg_stats = torch.empty((n_programs, 4), dtype=torch.float32, device=device)
+    scales = None
+    if segmented and example_scales is not None:
+        scales = example_scales.to(device=device, dtype=torch.float32).contiguous()
 
     def arg(t: Tensor | None) -> Tensor:
         return rstd1 if t is None else t  # a placeholder pointer for buffers a disabled branch never touches
@@ -612,18 +903,27 @@ def gns_norm_backward(
             arg(partial_b),
             arg(scratch_g),
             arg(scratch_gx),
+            _kernel_segment_ids(seg) if segmented else rstd1,
+            arg(seg_w),
+            arg(seg_b),
+            arg(seg_stats),
+            arg(scales),
             rows_per_example,
             d,
             float(d),
             n_tiles,
             rows_per_tile,
             float(spec.offset),
+            rows_per_token,
+            0 if scales is None else scales.numel(),
             IS_LAYER_NORM=spec.kind == "layer_norm",
             HAS_WEIGHT=weight is not None,
             ROUND=_rounding_mode(spec, x.dtype, None if weight is None else weight.dtype),
             NEED_DX=need_input_grad,
             NEED_DW=need_weight_grad,
             NEED_DB=need_bias_grad,
+            SEGMENTED=segmented,
+            HAS_SCALES=scales is not None,
             BLOCK_ROWS=block_rows,
             BLOCK_D=block_d,
             NUM_CHUNKS=num_chunks,
@@ -641,5 +941,11 @@ def gns_norm_backward(
     if need_bias_grad:
         bias_per_example = partial_b.view(num_examples, n_tiles, d).sum(1)
         db = bias_per_example.sum(0).to(bias.dtype)
-    statistics = per_example_statistics(weight_per_example, bias_per_example, num_examples, example_scales, device)
+    if segmented:
+        tiles = (n_programs, n_tiles, rows_per_example, rows_per_tile)
+        statistics = _segment_statistics(seg, seg_w, seg_b, seg_stats, example_scales, tiles, rows_per_token)
+    elif seg is not None:
+        statistics = no_work_statistics()
+    else:
+        statistics = per_example_statistics(weight_per_example, bias_per_example, num_examples, example_scales, device)
     return dx, dw, db, statistics

@@ -1,13 +1,22 @@
 """The GNS-aware normalization as a ``torch.library`` custom operator with autograd.
 
-``gns_norm(x, weight, bias, spec, statistics, example_scales)`` returns what the original normalization module
-returns. Its backward returns the usual dx, dw, db and, as the gradient of ``statistics`` (a float32 leaf tensor of
-shape [5] with ``requires_grad=True``), the per-example statistics of this backward pass::
+``gns_norm(x, weight, bias, spec, statistics, example_scales, segment_ids)`` returns what the original normalization
+module returns. Its backward returns the usual dx, dw, db and, as the gradient of ``statistics`` (a float32 leaf
+tensor of shape [5] with ``requires_grad=True``), the per-example statistics of this backward pass::
 
     statistics.grad += [Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²]
 
 where G_w[b] (G_b[b]) is the contribution of example b to the weight (bias) gradient and c_b the optional
-``example_scales`` (1 when not given). Because autograd accumulates
+``example_scales`` (shape [B], 1 when not given). An example is a row of dimension 0 of ``x``, or, with
+``segment_ids`` (packed / padding-free batches: several sequences per row), a sequence: ``segment_ids`` (int32 or
+int64, shape ``x.shape[:2]``, ``[N]`` for a 2-D x) gives each token's sequence e in [0, E), non-decreasing in
+row-major order; B is then E = max + 1 and ``example_scales`` has shape [E]. See
+:mod:`hf_gns_spam.ops.norm_reference` for the maths.
+
+Checks of ``segment_ids``: dtype, shape and device in :func:`gns_norm` (no value read, so ``torch.compile`` traces
+it); the values (≥ 0, non-decreasing, E entries in ``example_scales``) in the forward when the ids are on the CPU (a
+cheap check, ``ValueError``), and again in the pure-torch backward (a host read on an accelerator). The Triton backward
+on a GPU reads nothing on the host: there, ids that fail the checks give NaN statistics. Because autograd accumulates
 leaf gradients, successive backward passes (gradient accumulation, gradient checkpointing's recomputation) add up
 until the leaf's ``.grad`` is reset, with no side effects inside the backward: ``torch.compile`` traces it as one
 opaque operator in the forward graph and one in the backward graph. ``statistics=None`` (a frozen weight) computes
@@ -72,18 +81,22 @@ def _gns_norm_forward(
     bias: torch.Tensor | None,
     statistics: torch.Tensor | None,
     example_scales: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
     kind: str,
     eps: float,
     offset: float,
     rounding: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd); ``statistics`` is only an autograd handle for the backward's statistics."""
+    """(y, mean, rstd); ``statistics`` is only an autograd handle for the backward's statistics, ``example_scales``
+    and ``segment_ids`` are saved for it (ids on the CPU are checked here, before any work)."""
+    if segment_ids is not None and segment_ids.device.type == "cpu":
+        norm_reference.check_segment_values(segment_ids, None if example_scales is None else example_scales.numel())
     forward, _ = _implementation(x)
     return forward(_spec(kind, eps, offset, rounding), x, weight, bias)
 
 
 @_gns_norm_forward.register_fake
-def _(x, weight, bias, statistics, example_scales, kind, eps, offset, rounding):
+def _(x, weight, bias, statistics, example_scales, segment_ids, kind, eps, offset, rounding):
     out_dtype = output_dtype(_spec(kind, eps, offset, rounding), x.dtype, None if weight is None else weight.dtype)
     row_shape = x.shape[:-1]
     return (
@@ -102,6 +115,7 @@ def _gns_norm_backward(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     example_scales: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
     kind: str,
     eps: float,
     offset: float,
@@ -124,6 +138,7 @@ def _gns_norm_backward(
         need_weight_grad,
         need_bias_grad,
         example_scales,
+        segment_ids,
     )
     empty = x.new_empty(0)
     return (
@@ -135,7 +150,9 @@ def _gns_norm_backward(
 
 
 @_gns_norm_backward.register_fake
-def _(dy, x, weight, bias, mean, rstd, example_scales, kind, eps, offset, rounding, need_input, need_weight, need_bias):
+def _(
+    dy, x, weight, bias, mean, rstd, scales, segments, kind, eps, offset, rounding, need_input, need_weight, need_bias
+):
     return (
         x.new_empty(x.shape) if need_input else x.new_empty(0),
         weight.new_empty(weight.shape) if need_weight else x.new_empty(0),
@@ -145,24 +162,37 @@ def _(dy, x, weight, bias, mean, rstd, example_scales, kind, eps, offset, roundi
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, statistics, example_scales, kind, eps, offset, rounding = inputs
+    x, weight, bias, statistics, example_scales, segment_ids, kind, eps, offset, rounding = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd, example_scales)
+    # without statistics the segments change nothing (dx, dw, db do not depend on them): no per-segment work
+    ctx.save_for_backward(x, weight, bias, mean, rstd, example_scales, segment_ids if statistics is not None else None)
     ctx.spec_args = (kind, eps, offset, rounding)
     ctx.has_statistics = statistics is not None
 
 
 def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd, example_scales = ctx.saved_tensors
+    x, weight, bias, mean, rstd, example_scales, segment_ids = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     dx, dw, db, statistics = torch.ops.hf_gns_spam.gns_norm_backward(
-        dy.contiguous(), x, weight, bias, mean, rstd, example_scales, *ctx.spec_args, need_input, need_weight, need_bias
+        dy.contiguous(),
+        x,
+        weight,
+        bias,
+        mean,
+        rstd,
+        example_scales,
+        segment_ids,
+        *ctx.spec_args,
+        need_input,
+        need_weight,
+        need_bias,
     )
     return (
         dx if need_input else None,
         dw if need_weight else None,
         db if need_bias else None,
         statistics if ctx.has_statistics else None,
+        None,
         None,
         None,
         None,
@@ -181,15 +211,29 @@ def gns_norm(
     spec: NormSpec,
     statistics: torch.Tensor | None = None,
     example_scales: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Normalize ``x`` over its last dimension as ``spec`` says; see the module docstring for the statistics."""
+    """Normalize ``x`` over its last dimension as ``spec`` says; see the module docstring for the statistics.
+
+    ``segment_ids`` (optional, int32/int64 of shape ``x.shape[:2]``, ``[N]`` for a 2-D x, on x's device): the
+    example (sequence) of each token, in [0, E), non-decreasing in row-major order; the statistics are then per
+    sequence and ``example_scales`` has shape [E]. Only dtype, shape and device are checked here (module docstring).
+    """
     if x.dim() < 2:
         raise ValueError(f"gns_norm needs an input of shape [batch, ..., features], got shape {tuple(x.shape)}")
     if bias is not None and spec.rounding not in ("layer_norm", "fp32"):
         raise ValueError(f"a bias is supported with the 'layer_norm' and 'fp32' roundings, not {spec.rounding!r}")
-    if example_scales is not None and example_scales.shape != (x.shape[0],):
-        raise ValueError(f"example_scales must have shape [{x.shape[0]}], got {tuple(example_scales.shape)}")
+    if segment_ids is None:
+        if example_scales is not None and example_scales.shape != (x.shape[0],):
+            raise ValueError(f"example_scales must have shape [{x.shape[0]}], got {tuple(example_scales.shape)}")
+    else:
+        norm_reference.check_segment_layout(segment_ids, x)
+        if example_scales is not None and example_scales.dim() != 1:
+            raise ValueError(
+                "with segment_ids, example_scales must have shape [E] (one entry per segment), "
+                f"got {tuple(example_scales.shape)}"
+            )
     y, _, _ = torch.ops.hf_gns_spam.gns_norm_forward(
-        x, weight, bias, statistics, example_scales, spec.kind, spec.eps, spec.offset, spec.rounding
+        x, weight, bias, statistics, example_scales, segment_ids, spec.kind, spec.eps, spec.offset, spec.rounding
     )
     return y

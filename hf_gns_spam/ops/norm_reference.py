@@ -35,14 +35,16 @@ Backward, with dy the upstream gradient and ĝ = dy ⊙ (offset + w) (float32)::
 
 where c_b are optional per-example scales (``example_scales``, shape [B], 1 when not given): with c_b = 1/a_b², a_b
 the weight of example b in the batch loss, the last two entries are the sums of the squared per-example gradients of
-the examples' own losses. With segments, B is E and ``example_scales`` has shape [E]; dx, dw and db do not depend on
-the segments (they are computed exactly as without them, bit for bit), only the statistics do.
+the examples' own losses. With segments, B is E and ``example_scales`` has shape [E]; here dx, dw and db are computed
+exactly as without segments (bit for bit), only the statistics change (the Triton kernels' dw and db may differ in
+the last bits: summation order).
 
 Checks of ``segment_ids``: :func:`check_segment_layout` (dtype int32/int64, shape, device; reads no values) wherever
 the ids enter; :func:`check_segment_values` (≥ 0, non-decreasing, E entries in ``example_scales``) reads the values:
 the operator calls it in the forward for CPU tensors, and this module's backward always calls it (on an accelerator
-that is a host synchronisation, acceptable off the Triton path). The Triton backward reads nothing on the host; it
-returns NaN statistics for ids that fail these checks (see :mod:`hf_gns_spam.kernels.gns_norm`).
+that is a host synchronisation, acceptable off the Triton path). The Triton backward checks CPU tensors the same
+way; on a GPU it reads nothing on the host and returns NaN statistics for ids that fail these checks (see
+:mod:`hf_gns_spam.kernels.gns_norm`).
 """
 
 from __future__ import annotations
