@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         "patched_norms": len(report.patched),
         "history": [{k: r.get(k) for k in ("step", "num_input_tokens_seen", "loss", "batch_size")} for r in records],
     }
+    if not trainer.is_world_process_zero():  # several processes (torchrun): one writes
+        return metrics
     (Path(training.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_run(training.output_dir)
     print(

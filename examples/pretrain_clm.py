@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
             for record in records
         ],
     }
+    if not trainer.is_world_process_zero():  # several processes (torchrun): one writes
+        return metrics
     Path(training.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(training.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
     plot = plot_run(training.output_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,27 @@ def test_walkthrough_notebook_runs_top_to_bottom(tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot was drawn
     assert (tmp_path / "notebook_run" / "gns_plot.png").exists()
+
+
+@pytest.mark.slow
+def test_main_job_script_under_torchrun_two_processes(tmp_path):
+    """accelerate launch cannot start several CPU processes without MPI (it falls back to one), so the suite runs
+    the main job's script the way torchrun users do: 2 processes, gloo."""
+    output_dir = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29542",
+        str(REPO_ROOT / "examples" / "pretrain_clm.py"),
+        "--output_dir", str(output_dir), "--max_corpus_bytes", "150000", "--vocab_size", "512",
+        "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64",
+        "--block_size", "32", "--per_device_train_batch_size", "4", "--max_batch_size", "32",
+        "--gns_warmup_steps", "4", "--gns_update_interval", "2", "--logging_steps", "2", "--disable_tqdm", "true",
+        "--use_cpu", "true", "--ddp_backend", "gloo",
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("written to") == 1  # one process writes the outputs
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    sizes = [h["batch_size"] for h in metrics["history"]]
+    assert sizes[0] == 8 and max(sizes) > 8  # 2 processes x 4 examples to start with, then the batch grew
+    assert metrics["final_train_loss"] < metrics["first_train_loss"]

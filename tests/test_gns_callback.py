@@ -196,3 +196,12 @@ def test_a_trainer_with_other_internals_is_refused_when_the_hooks_are_installed(
 
     with pytest.raises(TrainerIntegrationError, match=r"Trainer._init_training_state does not exist"):
         wrap_trainer_class(Missing)
+
+
+def test_deepspeed_is_a_clear_error_not_a_silent_missing_estimate(tmp_path):
+    model = model_zoo.build("llama")
+    patch_model(model)
+    trainer = make_trainer(tmp_path, model, GNSCallback(), max_steps=1)
+    trainer.is_deepspeed_enabled = True  # what the Trainer sets under DeepSpeed (not installed here)
+    with pytest.raises(ValueError, match="GNSCallback does not work with DeepSpeed"):
+        trainer.train()

@@ -140,7 +140,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._weight_sum: torch.Tensor | float = 0.0
         self._weight_sq_sum: torch.Tensor | float = 0.0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._big: torch.Tensor | None = None
+        self._big: torch.Tensor | None = None  # ‖G‖² of replicated gradients (None: not measured)
+        self._big_shards = torch.zeros(())  # this process's part of ‖G‖² of sharded gradients
         self._unusable_step = False  # a micro-batch whose weights could not be identified
 
     # ------------------------------------------------------------------------------------------ attaching
@@ -156,12 +157,16 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
     def attach(self, trainer: Trainer) -> None:
         self._trainer = trainer
         self._check_model(trainer.model)
+        if trainer.is_deepspeed_enabled:
+            raise ValueError(
+                "GNSCallback does not work with DeepSpeed: ZeRO keeps the gradients in its own partitioned buffers, "
+                "where the accumulated gradient of the norms cannot be read, and its accumulation is fixed in its "
+                "config. Use DDP or FSDP2 (accelerate launch --use_fsdp --fsdp_version 2) instead."
+            )
         args = trainer.args
         if self.schedule is None:
             self._min_accumulation = args.gradient_accumulation_steps
             return
-        if trainer.is_deepspeed_enabled:
-            raise ValueError("GNSCallback batch-size schedules do not work with DeepSpeed (its accumulation is fixed)")
         self.batch_schedule = self._batch_schedule(args)
         self._min_accumulation = self.batch_schedule.min_accumulation
 
@@ -345,9 +350,15 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         return [p for n, p in self._trainer.model.named_parameters() if n in stats and p.grad is not None]
 
     def before_clipping(self, trainer: Trainer) -> None:
-        # FSDP2 shards the (small) norm gradients: the squared norm is of the whole tensor
-        grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in self._norm_parameters()]
-        self._big = sum(g.float().square().sum() for g in grads) if grads else None
+        """‖G‖² of the patched norms' gradient: replicated gradients (one process, DDP) are summed here; FSDP2's
+        shards (DTensor) are summed locally here and over the processes with the step's other statistics."""
+        grads = [p.grad for p in self._norm_parameters()]
+        if not grads:
+            self._big = None
+            return
+        zero = torch.zeros((), device=grads[0].device)
+        self._big = sum((g.float().square().sum() for g in grads if not isinstance(g, DTensor)), zero)
+        self._big_shards = sum((g.to_local().float().square().sum() for g in grads if isinstance(g, DTensor)), zero)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer
@@ -366,11 +377,14 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 zero + self._rows,
                 zero + self._label_tokens,
                 torch.stack([s.count for s in stats]).max() if stats else zero,
+                zero if self._big is None else self._big_shards.to(device),
             ]
         )
         totals = trainer.accelerator.reduce(local, reduction="sum")
-        sum_sq, weight_sum, weight_sq_sum, micro, rows, label_tokens, measured = (float(v) for v in totals.tolist())
-        big = None if self._big is None else float(self._big)
+        sum_sq, weight_sum, weight_sq_sum, micro, rows, label_tokens, measured, big_shards = (
+            float(v) for v in totals.tolist()
+        )
+        big = None if self._big is None else float(self._big) + big_shards
         processes = trainer.accelerator.num_processes
         if round(micro) != processes * self._micro_batches:
             raise AccumulationError(
