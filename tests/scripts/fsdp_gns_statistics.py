@@ -1,0 +1,52 @@
+"""Run by tests/test_gns_fsdp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): a patched tiny LLaMA sharded with
+FSDP2's ``fully_shard`` (DTensor parameters), one backward of each rank's half of a batch, and the statistics the
+GNS needs written to OUTPUT_DIR/rank{R}.pt: the per-example statistics of the norms (local), and ‖G‖² of the norms'
+sharded gradient as GNSCallback measures it (its local shard part, summed over the ranks here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from hf_gns_spam import GNSCallback, patch_model, per_example_grad_stats
+from tests import model_zoo
+from tests.test_per_example_stats import token_losses
+
+
+def main() -> None:
+    output_dir = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = model_zoo.build("llama")
+    patch_model(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    batch = model_zoo.batch("llama", batch_size=4)
+    mine = {k: v[rank * 2 : (rank + 1) * 2] for k, v in batch.items()}
+    tokens = (batch["labels"][:, 1:] != -100).sum()  # all ranks' label tokens
+    logits = model(input_ids=mine["input_ids"], attention_mask=mine["attention_mask"], use_cache=False).logits
+    # FSDP2 averages the gradients over the ranks: × world makes the step's gradient Σ token losses / tokens
+    (token_losses(logits, mine["labels"]).sum() / tokens * world).backward()
+    callback = GNSCallback()
+    callback._trainer = SimpleNamespace(model=model)
+    callback.before_clipping(None)
+    shards = callback._big_shards.clone()
+    dist.all_reduce(shards)
+    stats = {n: (float(s.sum_sq), float(s.count)) for n, s in per_example_grad_stats(model).items()}
+    torch.save(
+        {"stats": stats, "big": float(callback._big) + float(shards), "replicated": float(callback._big)},
+        output_dir / f"rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

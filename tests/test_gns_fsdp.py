@@ -1,0 +1,48 @@
+"""The norms' statistics under FSDP2 (``fully_shard``, DTensor parameters; torchrun, gloo, CPU) equal one process's.
+
+The Trainer cannot drive FSDP2 on CPU (accelerate ignores FSDP without GPUs), so the script shards the model with
+``fully_shard`` directly and measures what GNSCallback measures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_gns_spam import patch_model, per_example_grad_stats
+from tests import model_zoo
+from tests.test_per_example_stats import token_losses
+
+SCRIPT = Path(__file__).parent / "scripts" / "fsdp_gns_statistics.py"
+
+
+@pytest.mark.slow
+def test_fsdp2_statistics_and_sharded_gradient_norm_equal_one_process(tmp_path):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+         str(SCRIPT), str(tmp_path)],
+        capture_output=True, text=True, env=environment, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+    model = model_zoo.build("llama")
+    patch_model(model)
+    batch = model_zoo.batch("llama", batch_size=4)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    (token_losses(logits, batch["labels"]).sum() / (batch["labels"][:, 1:] != -100).sum()).backward()
+    expected = {n: (float(s.sum_sq), float(s.count)) for n, s in per_example_grad_stats(model).items()}
+    big = sum(float(p.grad.square().sum()) for n, p in model.named_parameters() if n in expected)
+
+    assert ranks[0]["replicated"] == 0.0  # every norm gradient is a shard
+    assert ranks[0]["big"] == ranks[1]["big"] == pytest.approx(big, rel=1e-5)
+    for name, (sum_sq, count) in expected.items():
+        # each rank measured its 2 examples, weighted x2 (FSDP2 averages the 2 ranks' gradients): sum / 2² = one run
+        measured = sum(rank["stats"][name][0] for rank in ranks) / 4
+        assert sum(rank["stats"][name][1] for rank in ranks) == count == 4
+        assert measured == pytest.approx(sum_sq, rel=1e-5), name
