@@ -17,6 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hf_gns_spam.kernels.norm_contract import (
+    BIAS_SCALED_SUM_SQ,
+    BIAS_SUM_SQ,
+    EXAMPLES,
+    WEIGHT_SCALED_SUM_SQ,
+    WEIGHT_SUM_SQ,
+)
 from hf_gns_spam.patching import is_patched
 
 __all__ = ["PerExampleStats", "per_example_grad_stats", "reset_per_example_grad_stats"]
@@ -49,9 +56,14 @@ def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
         if accumulated is None:
             accumulated = torch.zeros_like(module._gns_statistics)
         prefix = f"{module_name}." if module_name else ""
-        stats[prefix + "weight"] = PerExampleStats(accumulated[0], accumulated[2], accumulated[3])
+        examples = accumulated[EXAMPLES]
+        stats[prefix + "weight"] = PerExampleStats(
+            accumulated[WEIGHT_SUM_SQ], examples, accumulated[WEIGHT_SCALED_SUM_SQ]
+        )
         if getattr(module, "bias", None) is not None:
-            stats[prefix + "bias"] = PerExampleStats(accumulated[1], accumulated[2], accumulated[4])
+            stats[prefix + "bias"] = PerExampleStats(
+                accumulated[BIAS_SUM_SQ], examples, accumulated[BIAS_SCALED_SUM_SQ]
+            )
     return stats
 
 

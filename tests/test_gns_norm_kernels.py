@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_gns_spam.kernels import gns_norm_backward, gns_norm_forward
+from hf_gns_spam.kernels.gns_norm import gns_norm_backward, gns_norm_forward
 from hf_gns_spam.ops import norm_reference
 from hf_gns_spam.ops.norm_reference import NormSpec, norm_backward, norm_forward, output_dtype
 

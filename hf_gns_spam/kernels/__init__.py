@@ -1,5 +1,9 @@
-"""Triton kernels: the fused GNS-aware normalization forward and backward (see :mod:`.gns_norm`)."""
+"""Triton kernels (importing them needs triton) and the contracts they implement (plain torch).
 
-from hf_gns_spam.kernels.gns_norm import gns_norm_backward, gns_norm_forward
+* :mod:`.norm_contract`: what the GNS-aware normalization computes and the layout of its statistics;
+* :mod:`.gns_norm`: the fused normalization forward and backward with per-example statistics;
+* :mod:`.stable_spam_step`: the fused Stable-SPAM step.
 
-__all__ = ["gns_norm_backward", "gns_norm_forward"]
+Nothing here imports from the layers above (``ops``, ``optim``, ``gns``, ``integrations``, ``patching``), and this
+``__init__`` imports no kernel, so that the contracts load without triton.
+"""

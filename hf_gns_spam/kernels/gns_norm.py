@@ -28,7 +28,7 @@ The launcher then reduces in torch (deterministic, no atomics)::
 
     G_w[b] = Σ_t partial_w[b, t]     dw = Σ_b G_w[b]     statistics[0] = Σ_b ‖G_w[b]‖²
     G_b[b] = Σ_t partial_b[b, t]     db = Σ_b G_b[b]     statistics[1] = Σ_b ‖G_b[b]‖²
-    statistics[2] = B      (and the c_b-scaled sums: norm_reference.per_example_statistics)
+    statistics[2] = B      (and the c_b-scaled sums: norm_contract.per_example_statistics)
 
 Segments (``segment_ids``, packed rows: the examples are sequences, see the reference): the grid, the tiles and the
 passes over x and dy are the same; only the partial sums are kept per sequence, in the same pass. The rows of a tile
@@ -74,8 +74,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hf_gns_spam.kernels.rounding import cast, interpreting
-from hf_gns_spam.ops.norm_reference import (
+from hf_gns_spam.kernels.norm_contract import (
     HALF_DTYPES,
     STATISTICS_SIZE,
     NormSpec,
@@ -84,6 +83,7 @@ from hf_gns_spam.ops.norm_reference import (
     output_dtype,
     per_example_statistics,
 )
+from hf_gns_spam.kernels.rounding import cast, interpreting
 
 __all__ = ["MAX_BLOCK_D", "gns_norm_backward", "gns_norm_forward"]
 
@@ -813,7 +813,7 @@ def gns_norm_backward(
             segments.
         segment_ids: optional int32/int64 ``x.shape[:2]`` (``[N]`` for 2-D x) example (sequence) of each token, ≥ 0
             and non-decreasing in row-major order (module docstring). Not read on the host: on CPU tensors the ids
-            are checked here (:func:`norm_reference.check_segment_values`), on other devices statistics computed
+            are checked here (:func:`norm_contract.check_segment_values`), on other devices statistics computed
             from ids that fail those checks (or with example_scales not of E entries) are NaN.
         max_block_d: largest feature block held at once (power of two); defaults to :data:`MAX_BLOCK_D`.
         rows_per_tile: rows of one example handled by one program; defaults to a value that gives about
@@ -822,7 +822,7 @@ def gns_norm_backward(
     Returns:
         ``(dx, dw, db, statistics)``: dx in x's dtype, dw and db in the parameters' dtypes (None when not needed);
         statistics float32 ``[Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²]`` with G the
-        per-example gradients (:func:`norm_reference.per_example_statistics`), per segment with ``segment_ids``
+        per-example gradients (:func:`norm_contract.per_example_statistics`), per segment with ``segment_ids``
         (then the count E is read from the ids on the device). dx, dw and db do not depend on ``segment_ids``.
     """
     _check(x, weight, bias)

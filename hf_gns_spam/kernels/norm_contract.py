@@ -1,0 +1,152 @@
+"""The contract the GNS-aware normalization kernels implement, shared with the pure-torch reference.
+
+What a normalization computes (:class:`NormSpec`), which dtype it returns, how sequences of a packed batch are laid
+out (``segment_ids``), and the layout of the per-example statistics vector every backward returns::
+
+    statistics = [Σ_e ‖G_w[e]‖², Σ_e ‖G_b[e]‖², E, Σ_e c_e‖G_w[e]‖², Σ_e c_e‖G_b[e]‖²]
+
+(slots :data:`WEIGHT_SUM_SQ`, :data:`BIAS_SUM_SQ`, :data:`EXAMPLES`, :data:`WEIGHT_SCALED_SUM_SQ`,
+:data:`BIAS_SCALED_SUM_SQ`), with G_w[e], G_b[e] example e's contributions to the weight and bias gradients and c_e
+optional per-example scales. This module imports nothing but torch, so it sits at the bottom of the package's
+layers: the Triton kernels (:mod:`hf_gns_spam.kernels.gns_norm`), the reference (:mod:`hf_gns_spam.ops.norm_reference`)
+and everything above read it from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "BIAS_SCALED_SUM_SQ",
+    "BIAS_SUM_SQ",
+    "EXAMPLES",
+    "HALF_DTYPES",
+    "ROUNDINGS",
+    "SEGMENT_ID_DTYPES",
+    "STATISTICS_SIZE",
+    "WEIGHT_SCALED_SUM_SQ",
+    "WEIGHT_SUM_SQ",
+    "NormKind",
+    "NormSpec",
+    "Rounding",
+    "check_segment_layout",
+    "check_segment_values",
+    "output_dtype",
+    "per_example_statistics",
+    "segment_shape",
+]
+
+NormKind = Literal["layer_norm", "rms_norm"]
+Rounding = Literal["layer_norm", "llama", "fp32", "t5"]
+
+# the statistics vector's slots
+WEIGHT_SUM_SQ, BIAS_SUM_SQ, EXAMPLES, WEIGHT_SCALED_SUM_SQ, BIAS_SCALED_SUM_SQ = range(5)
+
+ROUNDINGS = ("layer_norm", "llama", "fp32", "t5")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+STATISTICS_SIZE = 5
+SEGMENT_ID_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What a normalization module computes: enough to reproduce its output, dtype and gradients."""
+
+    kind: NormKind
+    eps: float
+    offset: float = 0.0  # the weight enters as (offset + w): 1.0 for Gemma-style zero-centred weights
+    rounding: Rounding = "layer_norm"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("layer_norm", "rms_norm"):
+            raise ValueError(f"NormSpec.kind must be 'layer_norm' or 'rms_norm', got {self.kind!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"NormSpec.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.offset != 0.0 and self.rounding != "fp32":
+            raise ValueError("NormSpec.offset (the (offset + w) form) is supported with rounding 'fp32' only")
+
+
+def output_dtype(spec: NormSpec, x_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the original module returns for this input and weight dtype."""
+    if weight_dtype is None or spec.rounding in ("layer_norm", "fp32"):
+        return x_dtype
+    if spec.rounding == "llama":
+        return torch.promote_types(weight_dtype, x_dtype)
+    # t5: x̂ is float32, cast to the weight's dtype only when that is half precision
+    return weight_dtype if weight_dtype in HALF_DTYPES else torch.promote_types(weight_dtype, torch.float32)
+
+
+def segment_shape(x_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    """The shape ``segment_ids`` must have for an input of shape ``x_shape``: ``x_shape[:2]``, ``[N]`` for 2-D."""
+    return tuple(x_shape[:2]) if len(x_shape) >= 3 else tuple(x_shape[:1])
+
+
+def check_segment_layout(segment_ids: torch.Tensor, x: torch.Tensor) -> None:
+    """Raise unless ``segment_ids`` is an int32/int64 tensor of shape :func:`segment_shape` on x's device.
+
+    Reads no values (no host synchronisation; traceable by ``torch.compile``)."""
+    if not isinstance(segment_ids, torch.Tensor):
+        raise TypeError(f"segment_ids must be a tensor, got {type(segment_ids).__name__}")
+    if segment_ids.dtype not in SEGMENT_ID_DTYPES:
+        raise TypeError(f"segment_ids must have dtype int32 or int64, got {segment_ids.dtype}")
+    expected = segment_shape(x.shape)
+    if tuple(segment_ids.shape) != expected:
+        raise ValueError(
+            f"segment_ids must have shape {list(expected)} (x.shape[:2]; [N] for a 2-D x) for x of shape "
+            f"{list(x.shape)}, got {list(segment_ids.shape)}"
+        )
+    if segment_ids.device != x.device:
+        raise ValueError(f"segment_ids must be on x's device {x.device}, got {segment_ids.device}")
+
+
+def check_segment_values(segment_ids: torch.Tensor, num_example_scales: int | None = None) -> int:
+    """Raise unless the ids are ≥ 0 and non-decreasing in row-major order (and, when ``num_example_scales`` is
+    given, E = max + 1 equals it); return E (0 for no ids). Reads the values: a host synchronisation off the CPU."""
+    flat = segment_ids.reshape(-1)
+    if flat.numel() == 0:
+        num_segments = 0
+    else:
+        decreasing = flat[1:] < flat[:-1]
+        if bool(decreasing.any()):
+            position = int(decreasing.nonzero()[0, 0]) + 1
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), segment_ids.shape))
+            raise ValueError(
+                "segment_ids must be non-decreasing in row-major order (each sequence's tokens contiguous, sequences "
+                f"in order): segment_ids{list(index)} = {int(flat[position])} follows {int(flat[position - 1])}"
+            )
+        if int(flat[0]) < 0:
+            raise ValueError(f"segment_ids must be ≥ 0, got {int(flat[0])}")
+        num_segments = int(flat[-1]) + 1
+    if num_example_scales is not None and num_example_scales != num_segments:
+        raise ValueError(
+            f"example_scales must have one entry per segment: shape [{num_segments}] (max segment id + 1), "
+            f"got [{num_example_scales}]"
+        )
+    return num_segments
+
+
+def per_example_statistics(
+    weight_per_example: torch.Tensor | None,
+    bias_per_example: torch.Tensor | None,
+    num_examples: int,
+    example_scales: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """The float32 statistics vector (module docstring) from the per-example gradients G[b], shape [B, D]."""
+    statistics = torch.zeros(STATISTICS_SIZE, dtype=torch.float32, device=device)
+    statistics[EXAMPLES] = num_examples
+    slots = (
+        (WEIGHT_SUM_SQ, WEIGHT_SCALED_SUM_SQ, weight_per_example),
+        (BIAS_SUM_SQ, BIAS_SCALED_SUM_SQ, bias_per_example),
+    )
+    for plain, scaled_slot, per_example in slots:
+        if per_example is None:
+            continue
+        squared_norms = per_example.float().square().sum(-1)  # [B]
+        statistics[plain] = squared_norms.sum()
+        scaled = squared_norms if example_scales is None else squared_norms * example_scales.to(squared_norms)
+        statistics[scaled_slot] = scaled.sum()
+    return statistics
