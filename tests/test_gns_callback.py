@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_gns_spam import GNSCallback, StableSPAM, patch_model
-from hf_gns_spam.gns.callback import METRIC_NAMES
+from hf_gns_spam import GNSCallback, StableSPAM, patch_model, per_example_grad_stats
+from hf_gns_spam.gns.callback import METRIC_NAMES, TOTAL_METRIC_NAMES
+from hf_gns_spam.gns.estimator import unbiased_estimates
+from hf_gns_spam.gns.whole_model import StoredMicroBatch, weighted_squared_norms
 from tests import model_zoo
 from tests.test_per_example_stats import token_losses
 
@@ -89,7 +91,11 @@ def test_impossible_schedules_are_clear_errors(tmp_path):
 
 def per_example_norm_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, P] float64: the gradient of each example's own mean-token loss w.r.t. the norm parameters (torch.func)."""
-    names = [n for n, _ in model.named_parameters() if "norm" in n or ".ln_" in n]
+    return per_example_gradients(model, batch, [n for n, _ in model.named_parameters() if "norm" in n or ".ln_" in n])
+
+
+def per_example_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """[B, P] float64: the gradient of each example's own mean-token loss w.r.t. the parameters ``names``."""
     reference = copy.deepcopy(model).double()
     params = {n: p.detach() for n, p in reference.named_parameters()}
 
@@ -205,3 +211,170 @@ def test_deepspeed_is_a_clear_error_not_a_silent_missing_estimate(tmp_path):
     trainer.is_deepspeed_enabled = True  # what the Trainer sets under DeepSpeed (not installed here)
     with pytest.raises(ValueError, match="GNSCallback does not work with DeepSpeed"):
         trainer.train()
+
+
+# ---------------------------------------------------------------------------------------------- validate_every
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "5"])
+def test_validate_every_refuses_bad_values(value):
+    with pytest.raises(ValueError, match="validate_every must be None"):
+        GNSCallback(validate_every=value)
+
+
+def record_training_micro_batches(model: torch.nn.Module) -> tuple[list[dict], list[float]]:
+    """The Trainer's micro-batches (forwards with labels: the validation's recomputation calls without them)."""
+    micro_batches, num_items = [], []
+
+    def record(module, args, kwargs):
+        if "labels" in kwargs:
+            micro_batches.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")})
+            num_items.append(float(kwargs["num_items_in_batch"]))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    return micro_batches, num_items
+
+
+class SnapshotAfterStep(TrainerCallback):
+    """The trainable parameters after optimizer step ``step`` (those the next step's examples see)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.state_dict = step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            self.state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_whole_model_estimate_on_a_validation_step_equals_torch_func(tmp_path, architecture):
+    """validate_every=2 on padded data with accumulation 2: step 2's logged gns_total, |G|² and tr Σ equal the
+    estimates from per-example gradients of ALL trainable parameters computed independently with torch.func."""
+    model = model_zoo.build(architecture)
+    patch_model(model)
+    callback = GNSCallback(validate_every=2)
+    trainer = make_trainer(tmp_path, model, callback, max_steps=2)
+    snapshot = SnapshotAfterStep(1)
+    trainer.add_callback(snapshot)
+    micro_batches, num_items = record_training_micro_batches(model)
+    trainer.train()
+    assert len(micro_batches) == 4 and len(callback.total_history) == 1
+
+    reference = model_zoo.build(architecture)  # unpatched, at the parameters step 2 started from
+    reference.load_state_dict(snapshot.state_dict)
+    batch = {k: torch.cat([m[k] for m in micro_batches[2:]]) for k in micro_batches[0]}
+    names = [n for n, p in reference.named_parameters() if p.requires_grad]
+    assert len(names) > 10  # embeddings, attention, MLP, norms (and GPT-2's biases)
+    per_example = per_example_gradients(reference, batch, names)
+    tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
+    assert num_items[2] == num_items[3]
+    small, big, effective_batch = weighted_small_big(per_example, tokens / num_items[2])
+    grad_sq, trace_sigma = unbiased_estimates(small, big, effective_batch)
+
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert not set(TOTAL_METRIC_NAMES) & set(records[0])  # step 1 was not validated
+    logged = records[1]
+    assert {*METRIC_NAMES, *TOTAL_METRIC_NAMES} <= set(logged)
+    measured = callback.total_history[0]
+    assert measured["step"] == 2
+    assert measured["small"] == pytest.approx(small, rel=1e-4)
+    assert measured["big"] == pytest.approx(big, rel=1e-4)
+    assert measured["effective_batch"] == pytest.approx(effective_batch, rel=1e-6)
+    # one update of the EMA, bias-corrected: the step's own estimates
+    assert logged["gns_total_grad_sq"] == pytest.approx(grad_sq, rel=1e-4)
+    assert logged["gns_total_trace_sigma"] == pytest.approx(trace_sigma, rel=1e-4)
+    assert logged["gns_total"] == pytest.approx(trace_sigma / grad_sq if grad_sq > 0 else math.inf, rel=1e-4)
+    # the recomputed gradients restricted to the norms give the norms' own small (from their statistics)
+    assert measured["norms_small_recomputed"] == pytest.approx(measured["norms_small"], rel=1e-4)
+    assert measured["gns"] == logged["gns"]
+
+
+def test_validation_leaves_training_bit_identical(tmp_path):
+    """Parameters after 4 steps, the norms' estimate and the log records are the same with and without
+    validate_every; dropout is on, so a recomputation that drew from the RNG would change the trajectory."""
+
+    def run(validate_every):
+        model = model_zoo.build("llama")
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.2
+        patch_model(model)
+        callback = GNSCallback(validate_every=validate_every)
+        trainer = make_trainer(tmp_path / str(validate_every), model, callback, max_steps=4)
+        trainer.train()
+        return model, callback, [r for r in trainer.state.log_history if "loss" in r]
+
+    plain_model, plain, plain_records = run(None)
+    model, validated, records = run(2)
+    for (name, p), q in zip(model.named_parameters(), plain_model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert list(validated.history) == list(plain.history) and len(plain.history) == 4
+    assert validated.estimator.state_dict() == plain.estimator.state_dict()
+    assert [r["step"] for r in records if "gns_total" in r] == [2, 4]
+    assert not any(set(TOTAL_METRIC_NAMES) & set(r) for r in plain_records)
+    for with_total, without in zip(records, plain_records, strict=True):
+        assert {k: v for k, v in with_total.items() if k not in TOTAL_METRIC_NAMES} == without
+    assert validated.total_estimator.updates == 2 and math.isfinite(records[-1]["gns_total_trace_sigma"])
+
+
+def test_recomputation_leaves_grads_statistics_mode_and_rng_alone():
+    """weighted_squared_norms after a real backward: .grad, the norms' statistics, the train mode and the RNG
+    state are as they were, and its Σ α²‖g‖² equals torch.func's over all trainable parameters."""
+    model = model_zoo.build("llama")
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.2
+    patch_model(model)
+    model.train()
+    batch = model_zoo.batch("llama", batch_size=3)
+    model(**batch).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    stats = {n: (s.sum_sq.clone(), s.count.clone()) for n, s in per_example_grad_stats(model).items()}
+    rng = torch.get_rng_state()
+    tokens = (batch["labels"][:, 1:] != -100).sum(1).float()
+    weights = tokens / tokens.sum()
+    stored = StoredMicroBatch({k: v for k, v in batch.items()}, batch["labels"], None, tokens, weights=weights)
+    sums = weighted_squared_norms(model, [stored], shifted=True)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    for name, s in per_example_grad_stats(model).items():
+        assert torch.equal(s.sum_sq, stats[name][0]) and torch.equal(s.count, stats[name][1]), name
+
+    reference = model_zoo.build("llama")  # dropout off: the recomputation's masks are random
+    names = [n for n, p in reference.named_parameters() if p.requires_grad]
+    model.eval()
+    eval_sums = weighted_squared_norms(model, [stored], shifted=True)
+    expected = (weights.double().square() * per_example_gradients(reference, batch, names).square().sum(1)).sum()
+    assert float(eval_sums["all"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(sums["all"]) != float(eval_sums["all"])  # dropout was on in training mode
+
+
+def test_validation_under_fsdp_is_a_clear_error(tmp_path):
+    model = model_zoo.build("llama")
+    patch_model(model)
+    trainer = make_trainer(tmp_path, model, GNSCallback(validate_every=1), max_steps=1)
+    trainer.is_fsdp_enabled = True  # what the Trainer sets with an FSDP plugin
+    with pytest.raises(ValueError, match=r"validate_every=\.\.\.\) does not work with FSDP"):
+        trainer.train()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["label_smoothing", "sequence_classification"])
+def test_recomputed_gradients_reproduce_the_norms_statistics(tmp_path, case):
+    """On every validation step, the recomputed per-example gradients restricted to the norms give the norms' own
+    small (from the statistics of the real backward): the own losses (label smoothing, a classifier's
+    cross-entropy) and the weights are those the training loss was made of."""
+    from tests.test_gns_trainer_paths import classification_model
+
+    data, overrides = padded_dataset(size=8), {}
+    if case == "label_smoothing":
+        model, overrides = model_zoo.build("llama"), {"label_smoothing_factor": 0.1}
+    else:
+        data = data.remove_columns("labels").map(lambda row, i: {"labels": i % 3}, with_indices=True)
+        model = classification_model()
+    patch_model(model)
+    callback = GNSCallback(validate_every=1)
+    trainer = make_trainer(tmp_path, model, callback, max_steps=2, **overrides)
+    trainer.train_dataset = data
+    trainer.train()
+    assert len(callback.total_history) == 2
+    for measured in callback.total_history:
+        assert measured["norms_small_recomputed"] == pytest.approx(measured["norms_small"], rel=1e-4)
+        assert measured["small"] > measured["norms_small"] and math.isfinite(measured["trace_sigma"])

@@ -28,6 +28,19 @@ tr Σ and GNS = tr Σ / |G|². Every step checks that it consumed the micro-batc
 The estimate and the step's batch are merged into the Trainer's own log record (so TensorBoard, W&B and
 ``state.log_history`` get them next to ``loss``): ``gns``, ``gns_tokens``, ``gns_grad_sq``, ``gns_trace_sigma``,
 ``batch_size`` (examples in the step, all processes) and ``grad_accum_steps`` (its micro-batches per process).
+
+Validation against the whole model (``validate_every=N``, off by default): every N-th optimizer step (steps N, 2N,
+…) the callback keeps that step's micro-batch inputs (detached, on their device) and, before the optimizer step,
+recomputes each example's own-loss gradient g_e over ALL trainable parameters (:mod:`hf_gns_spam.gns.whole_model`:
+one extra forward and backward per example, at batch size 1, without touching the parameters' gradients, the
+norms' statistics, the train/eval mode or the RNG). The same estimator inputs as for the norms,
+
+    small = Σ_e α_e²‖g_e‖² / Σ_e α_e²        big = ‖G‖²·P² / (Σ_e α_e)²     (G: all trainable parameters' gradient)
+
+feed a second :class:`~hf_gns_spam.gns.estimator.GradientNoiseScale` (EMA decay ``ema_decay``^N per validation
+step, the same horizon in optimizer steps as the norms' EMA), logged as ``gns_total``, ``gns_total_grad_sq`` and
+``gns_total_trace_sigma`` in the first log record at or after each validation step; ``total_history`` keeps each
+validation step's values beside the norms' ``gns``.
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_gns_spam.gns.accumulation import AccumulationController, AccumulationError, EpochLoop
-from hf_gns_spam.gns.estimator import GradientNoiseScale
+from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.example_weights import (
     ExampleWeightError,
     LossWeighting,
@@ -52,6 +65,7 @@ from hf_gns_spam.gns.example_weights import (
     token_counts,
 )
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
+from hf_gns_spam.gns.whole_model import StoredMicroBatch, squared_gradient_norm, weighted_squared_norms
 from hf_gns_spam.integrations.trainer_loop import TrainerLoopObserver, install_trainer_hooks
 from hf_gns_spam.patching import is_patched
 from hf_gns_spam.sequences import sequence_ids
@@ -61,6 +75,8 @@ __all__ = ["GNSCallback"]
 
 HISTORY_LENGTH = 10_000
 METRIC_NAMES = ("gns", "gns_tokens", "gns_grad_sq", "gns_trace_sigma", "batch_size", "grad_accum_steps")
+# logged besides METRIC_NAMES with validate_every, in the first record at or after each validation step
+TOTAL_METRIC_NAMES = ("gns_total", "gns_total_grad_sq", "gns_total_trace_sigma")
 
 
 class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
@@ -80,6 +96,12 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         ema_decay: decay of the EMAs of |G|² and tr Σ, per optimizer step.
         verify_interval: optimizer steps between two checks that the loss still weights its examples as
             identified on the first micro-batch (each check recomputes one micro-batch's per-example losses).
+        validate_every: ``None`` (default) or N ≥ 1: every N-th optimizer step, also estimate the GNS of all
+            trainable parameters from their per-example gradients and log it as ``gns_total`` (with
+            ``gns_total_grad_sq`` and ``gns_total_trace_sigma``) beside ``gns``, to check the norms' estimate.
+            Cost: one extra forward and backward per example of the validated step, at batch size 1 (about the
+            step's own compute again, at a batch-1 speed), and its micro-batch inputs kept until its optimizer
+            step; training itself is unchanged (bit for bit). Not with FSDP or reentrant gradient checkpointing.
 
     Call ``patch_model(model)`` before training; the callback measures the patched norms only. It can be passed
     in ``Trainer(callbacks=[...])``, added with ``trainer.add_callback``, or restored from a checkpoint.
@@ -96,6 +118,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         max_growth: float = 2.0,
         ema_decay: float = 0.99,
         verify_interval: int = 100,
+        validate_every: int | None = None,
     ) -> None:
         if schedule is not None:
             if min_batch_size is None or max_batch_size is None:
@@ -106,6 +129,12 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             )
         if verify_interval < 1:
             raise ValueError(f"verify_interval must be >= 1, got {verify_interval}")
+        if validate_every is not None and (
+            isinstance(validate_every, bool) or not isinstance(validate_every, int) or validate_every < 1
+        ):
+            raise ValueError(
+                f"validate_every must be None (off) or an int >= 1 (optimizer steps), got {validate_every!r}"
+            )
         install_trainer_hooks()
         self.schedule = schedule
         self.min_batch_size = min_batch_size
@@ -116,6 +145,11 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.max_growth = max_growth
         self.ema_decay = ema_decay
         self.verify_interval = verify_interval
+        self.validate_every = validate_every
+        # the whole model's estimate (validate_every): one update per validation step, the norms' horizon in steps
+        self.total_estimator = GradientNoiseScale(ema_decay=ema_decay ** (validate_every or 1))
+        self.total_history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_LENGTH)
+        self._total_unlogged = False  # a validation step ran since the latest log record
         self.batch_schedule: BatchSizeSchedule | None = None
         self.controller: AccumulationController | None = None
         self.estimator = GradientNoiseScale(ema_decay=ema_decay)
@@ -143,6 +177,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._big: torch.Tensor | None = None  # ‖G‖² of replicated gradients (None: not measured)
         self._big_shards = torch.zeros(())  # this process's part of ‖G‖² of sharded gradients
         self._unusable_step = False  # a micro-batch whose weights could not be identified
+        self._validating = False  # this step is a validation step (validate_every)
+        self._stored: list[StoredMicroBatch] = []  # its micro-batches
+        self._total_big: torch.Tensor | None = None  # its ‖G‖² over all trainable parameters, before clipping
 
     # ------------------------------------------------------------------------------------------ attaching
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -162,6 +199,11 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "GNSCallback does not work with DeepSpeed: ZeRO keeps the gradients in its own partitioned buffers, "
                 "where the accumulated gradient of the norms cannot be read, and its accumulation is fixed in its "
                 "config. Use DDP or FSDP2 (accelerate launch --use_fsdp --fsdp_version 2) instead."
+            )
+        if self.validate_every is not None and trainer.is_fsdp_enabled:
+            raise ValueError(
+                "GNSCallback(validate_every=...) does not work with FSDP: the per-example gradients of all "
+                "parameters need the whole parameters on every process"
             )
         args = trainer.args
         if self.schedule is None:
@@ -308,6 +350,10 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 f"come from them); this one has none (inputs: {sorted(inputs)})"
             )
         self._rows += labels.shape[0] if sequences is None else int(sequences.max()) + 1
+        if self._micro_batches == 1:
+            self._validating = self.validate_every is not None and (
+                (trainer.state.global_step + 1) % self.validate_every == 0
+            )
         verify = self._micro_batches == 1 and self._steps_since_verified >= self.verify_interval
         due = self.weighting is None or verify
         if due and not torch.isfinite(loss.detach()).all():  # nothing to identify on (fp16 overflow, a dead run)
@@ -331,6 +377,15 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._label_tokens += int(tokens.sum())
         weights = example_weights(tokens, self.weighting, num_items_in_batch).to(loss.device)
         self._pending = (weights, loss.detach())
+        if self._validating:
+            self._stored.append(
+                StoredMicroBatch(
+                    {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
+                    labels.detach(),
+                    sequences,
+                    tokens,
+                )
+            )
 
     def observe_backward(self, trainer: Trainer, loss: torch.Tensor, loss_scale: float) -> None:
         if self._pending is None:
@@ -342,6 +397,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         computed = computed.float()
         factor = torch.where(computed != 0, loss.detach().float() / computed, 1.0) * loss_scale
         weights = weights * factor
+        if self._validating and self._stored and self._stored[-1].weights is None:
+            self._stored[-1].weights = weights
         self._weight_sum = self._weight_sum + weights.sum()
         self._weight_sq_sum = self._weight_sq_sum + weights.square().sum()
 
@@ -351,7 +408,10 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
 
     def before_clipping(self, trainer: Trainer) -> None:
         """‖G‖² of the patched norms' gradient: replicated gradients (one process, DDP) are summed here; FSDP2's
-        shards (DTensor) are summed locally here and over the processes with the step's other statistics."""
+        shards (DTensor) are summed locally here and over the processes with the step's other statistics.
+        On a validation step, also ‖G‖² of all trainable parameters."""
+        if self._validating and self._total_big is None:
+            self._total_big = squared_gradient_norm(trainer.model)
         grads = [p.grad for p in self._norm_parameters()]
         if not grads:
             self._big = None
@@ -365,9 +425,18 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         if self._big is None:  # no clipping (max_grad_norm=0, DeepSpeed): the gradient is as it was
             self.before_clipping(trainer)
         model = trainer.model
-        stats = list(per_example_grad_stats(model).values())
+        named_stats = per_example_grad_stats(model)
+        stats = list(named_stats.values())
         device = stats[0].sum_sq.device if stats else args.device
         zero = torch.zeros((), device=device)
+        validated = self._validating and not self._unusable_step and self._total_big is not None
+        total_sq = norms_sq = zero
+        if validated:  # the whole model's Σ α_e²‖g_e‖² (and the norms' share of it, recomputed)
+            smoothing = getattr(trainer.label_smoother, "epsilon", 0.0) if trainer.label_smoother else 0.0
+            sums = weighted_squared_norms(
+                model, self._stored, self.weighting.shifted, smoothing, {"norms": list(named_stats)}
+            )
+            total_sq, norms_sq = sums["all"].to(device, torch.float32), sums["norms"].to(device, torch.float32)
         local = torch.stack(
             [
                 sum((s.sum_sq for s in stats), zero),
@@ -378,20 +447,25 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 zero + self._label_tokens,
                 torch.stack([s.count for s in stats]).max() if stats else zero,
                 zero if self._big is None else self._big_shards.to(device),
+                total_sq,
+                norms_sq,
+                zero + float(validated),
             ]
         )
         totals = trainer.accelerator.reduce(local, reduction="sum")
-        sum_sq, weight_sum, weight_sq_sum, micro, rows, label_tokens, measured, big_shards = (
-            float(v) for v in totals.tolist()
-        )
-        big = None if self._big is None else float(self._big) + big_shards
+        (sum_sq, weight_sum, weight_sq_sum, micro, rows, label_tokens, measured, big_shards, total_sq, norms_sq,
+         validated_processes) = (float(v) for v in totals.tolist())  # fmt: skip
+        total_big = float(self._total_big) if validated else math.nan
         processes = trainer.accelerator.num_processes
+        validated = round(validated_processes) == processes  # every process recomputed its examples
+        big = None if self._big is None else float(self._big) + big_shards
         if round(micro) != processes * self._micro_batches:
             raise AccumulationError(
                 f"this optimizer step ran {self._micro_batches} micro-batches on this process but {round(micro)} on "
                 f"{processes} processes together: the processes are out of step"
             )
         unusable = self._unusable_step
+        validating = self._validating
         self.last_accumulation, self.last_batch_size = self._micro_batches, round(rows)
         self.samples += self.last_batch_size
         self._steps_since_verified += 1
@@ -402,11 +476,53 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         effective_batch = weight_sum**2 / weight_sq_sum if weight_sq_sum > 0 else 0.0
         if unusable or measured < 2 or big is None or not effective_batch > 1.0:  # e.g. frozen norms (LoRA)
             self.estimator.skip()
+            small = math.nan
+        else:
+            small = sum_sq / weight_sq_sum
+            big = big * processes**2 / weight_sum**2
+            self.history.append({"small": small, "big": big, "effective_batch": effective_batch, "batch_size": rows})
+            self.estimator.update(small, big, effective_batch)
+        if validating:
+            self._update_total(
+                state.global_step + 1, validated, total_sq, total_big, norms_sq, weight_sum, weight_sq_sum, small
+            )
+
+    def _update_total(
+        self,
+        step: int,
+        validated: bool,
+        total_sq: float,
+        total_big: float,
+        norms_sq: float,
+        weight_sum: float,
+        weight_sq_sum: float,
+        norms_small: float,
+    ) -> None:
+        """One validation step into the whole model's estimator and ``total_history``."""
+        self._total_unlogged = True
+        effective_batch = weight_sum**2 / weight_sq_sum if weight_sq_sum > 0 else 0.0
+        if not validated or not effective_batch > 1.0:
+            self.total_estimator.skip()
             return
-        small = sum_sq / weight_sq_sum
-        big = big * processes**2 / weight_sum**2
-        self.history.append({"small": small, "big": big, "effective_batch": effective_batch, "batch_size": rows})
-        self.estimator.update(small, big, effective_batch)
+        processes = self._trainer.accelerator.num_processes
+        small = total_sq / weight_sq_sum
+        big = total_big * processes**2 / weight_sum**2
+        grad_sq, trace_sigma = unbiased_estimates(small, big, effective_batch)
+        self.total_estimator.update(small, big, effective_batch)
+        self.total_history.append(
+            {
+                "step": step,
+                "small": small,
+                "big": big,
+                "effective_batch": effective_batch,
+                "grad_sq": grad_sq,  # this step's unbiased estimates (before smoothing)
+                "trace_sigma": trace_sigma,
+                "gns_total": self.total_metrics()["gns_total"],  # the smoothed estimates after this step
+                "gns": self.metrics()["gns"],
+                "norms_small": norms_small,  # the norms' small from their statistics ...
+                "norms_small_recomputed": norms_sq / weight_sq_sum,  # ... and from the recomputed gradients
+            }
+        )
 
     # ------------------------------------------------------------------------------------------ reporting
     def metrics(self) -> dict[str, float]:
@@ -420,8 +536,22 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             "grad_accum_steps": self.last_accumulation,
         }
 
+    def total_metrics(self) -> dict[str, float]:
+        """The whole model's smoothed estimate (``validate_every``); nan before the first validation step and
+        while the latest one gave no estimate."""
+        estimator = self.total_estimator
+        return {
+            "gns_total": estimator.gns if estimator.is_current else math.nan,
+            "gns_total_grad_sq": estimator.grad_sq,
+            "gns_total_trace_sigma": estimator.trace_sigma,
+        }
+
     def log_metrics(self) -> dict[str, float]:
-        return self.metrics() if self.last_accumulation else {}
+        metrics = self.metrics() if self.last_accumulation else {}
+        if self._total_unlogged:  # the first record at or after a validation step
+            self._total_unlogged = False
+            metrics.update(self.total_metrics())
+        return metrics
 
     def state(self) -> dict:
         return {
@@ -435,6 +565,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "max_growth": self.max_growth,
                 "ema_decay": self.ema_decay,
                 "verify_interval": self.verify_interval,
+                "validate_every": self.validate_every,
             },
             "attributes": {
                 "estimator_state": self.estimator.state_dict(),
@@ -444,6 +575,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "last_batch_size": self.last_batch_size,
                 "last_accumulation": self.last_accumulation,
                 "steps_since_verified": self._steps_since_verified,
+                "total_estimator_state": self.total_estimator.state_dict(),
             },
         }
 
@@ -452,3 +584,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         for name in ("samples", "tokens_per_example", "last_batch_size", "last_accumulation"):
             setattr(self, name, attributes[name])
         self._steps_since_verified = attributes["steps_since_verified"]
+        if attributes.get("total_estimator_state") is not None:  # checkpoints from before validate_every lack it
+            self.total_estimator = GradientNoiseScale(
+                ema_decay=self.total_estimator.ema_decay, **attributes["total_estimator_state"]
+            )
