@@ -27,7 +27,7 @@ from hf_gns_spam.optim.stable_spam import _StepHyperparameters, _update_tensor
 from tests.host_sync import forbid_host_sync
 
 SHAPES = [(), (7,), (33, 65), (3, 4, 129)]  # 2145 elements: two blocks of the default 2048
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "clip_max_ema", "norm_ema", "norm_sq_ema")
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "clip_max_ema", "norm_ema", "norm_sq_ema", "nonfinite_grad_steps")
 STEPS = 20
 ZERO_STEP = 5  # every gradient is zero at this step
 SPIKE_STEP = 9  # one entry of every gradient ×100
@@ -160,9 +160,10 @@ def fresh_state(param: torch.Tensor, moment_dtype: torch.dtype, seed: int) -> di
     return {
         "exp_avg": (torch.randn(param.shape, generator=gen) * 0.1).to(moment_dtype),
         "exp_avg_sq": (torch.rand(param.shape, generator=gen) * 0.01).to(moment_dtype),
-        "clip_max_ema": torch.tensor(1.5),
-        "norm_ema": torch.tensor(2.0),
-        "norm_sq_ema": torch.tensor(5.0),
+        "clip_max_ema": torch.tensor(1.5, dtype=torch.float64),
+        "norm_ema": torch.tensor(2.0, dtype=torch.float64),
+        "norm_sq_ema": torch.tensor(5.0, dtype=torch.float64),
+        "nonfinite_grad_steps": torch.tensor(0),
     }
 
 
@@ -228,7 +229,7 @@ def test_workspace_is_reused_and_checked():
     ref = param.detach().clone()
     ref.grad = param.grad.clone()
     ref_state, state = fresh_state(param, torch.float32, 0), fresh_state(param, torch.float32, 0)
-    workspace = torch.full((workspace_numel(1000, block=128, max_programs=4) + 3,), float("nan"))
+    workspace = torch.full((workspace_numel(1000, block=128, max_programs=4) + 3,), float("nan"), dtype=torch.float64)
     with torch.no_grad():
         triton_update_tensor(param, state, hp, 1, 1, workspace=workspace, block=128, max_programs=4)
     torch_update(ref, ref_state, hp, 1, 1)
@@ -301,23 +302,45 @@ def test_no_host_synchronisation(mode, state_bits, monkeypatch):
     assert all(torch.isfinite(p).all() for p in params)
 
 
-@pytest.mark.parametrize("special", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("moments", ["fp32", "8bit", "4bit"])
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("faithful", [False, True])
-def test_non_finite_gradient_propagates_as_in_torch(special, faithful):
-    """A NaN or inf gradient entry poisons exactly the same values as in the torch path (NaN-propagating max)."""
+def test_non_finite_gradient_entries_count_as_zero_in_both_paths(special, faithful, moments):
+    """A NaN or ±inf gradient entry is treated as 0 by both paths: each gives bitwise what it gives with that entry
+    set to 0 (everything finite, the quantization block included), both agree to rounding, and both count the step
+    in ``nonfinite_grad_steps``."""
     hp = _StepHyperparameters(1e-2, 0.1, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, faithful, False)
-    init = torch.randn(300, generator=torch.Generator().manual_seed(0))
-    grad = torch.randn(300, generator=torch.Generator().manual_seed(1))
-    grad[5] = special
-    ref, tri = init.clone(), init.clone()
-    ref.grad, tri.grad = grad.clone(), grad.clone()
-    ref_state, tri_state = fresh_state(init, torch.float32, 0), fresh_state(init, torch.float32, 0)
-    torch_update(ref, ref_state, hp, 3, 3)
-    triton_update_tensor(tri, tri_state, hp, 3, 3, block=128, max_programs=2)
-    torch.testing.assert_close(tri, ref, equal_nan=True, rtol=1e-6, atol=1e-7)
-    for key in STATE_KEYS:
-        torch.testing.assert_close(tri_state[key], ref_state[key], equal_nan=True, rtol=1e-6, atol=1e-7)
-    assert not torch.isfinite(tri_state["exp_avg"]).all()
+    numel = 300 if moments == "fp32" else 4097
+    init = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(numel, generator=torch.Generator().manual_seed(1))
+    zeroed = grad.clone()
+    grad[5], zeroed[5] = special, 0.0
+
+    def state():
+        if moments == "fp32":
+            return fresh_state(init, torch.float32, 0)
+        return random_quantized_state(numel, 8 if moments == "8bit" else 4, seed=2)
+
+    keys = STATE_KEYS if moments == "fp32" else Q_STATE_KEYS
+    results = {}
+    for name, update in (
+        ("torch", lambda p, st: torch_update(p, st, hp, 3, 3)),
+        ("triton", lambda p, st: triton_update_tensor(p, st, hp, 3, 3, block=512, max_programs=2)),
+    ):
+        for label, g in (("special", grad), ("zero", zeroed)):
+            param, param_state = init.clone(), state()
+            param.grad = g.clone()
+            update(param, param_state)
+            results[name, label] = (param, param_state)
+        (param, param_state), (param0, state0) = results[name, "special"], results[name, "zero"]
+        assert torch.isfinite(param).all() and torch.equal(param, param0), name
+        assert param_state["nonfinite_grad_steps"].item() == 1 and state0["nonfinite_grad_steps"].item() == 0
+        for key in keys:
+            if key != "nonfinite_grad_steps":
+                assert torch.equal(param_state[key], state0[key]), (name, key)
+    assert_close_scaled(results["triton", "special"][0], results["torch", "special"][0], 1e-6, "param")
+    for key in ("clip_max_ema", "norm_ema", "norm_sq_ema", "nonfinite_grad_steps"):
+        assert_close_scaled(results["triton", "special"][1][key], results["torch", "special"][1][key], 1e-6, key)
 
 
 def test_optimizer_dispatches_supported_tensors_to_the_kernel(monkeypatch):

@@ -1,15 +1,19 @@
 """Fused Triton step of the Stable-SPAM optimizer for one parameter tensor.
 
-:func:`triton_update_tensor` computes exactly what :func:`hf_gns_spam.optim.stable_spam._update_tensor` computes
-(same state layout, same formulas, same float32 roundings where it matters), in three passes over memory instead of
-about a dozen torch kernels. For a tensor W with gradient g at AdaClip/AdaGN step k and Adam step a, all in float32:
+:func:`triton_update_tensor` computes what :func:`hf_gns_spam.optim.stable_spam._update_tensor` computes (same state
+layout, same formulas, the same float32/float64 roundings where it matters), in three passes over memory instead of
+about fifteen torch kernels. For a tensor W with gradient g at AdaClip/AdaGN step k and Adam step a (elementwise work
+in float32, the per-tensor statistics T, μ, ν in float64):
 
+0. non-finite gradient entries (NaN, ±inf) count as 0 everywhere below; a step in which the tensor had one adds 1 to
+   ``state["nonfinite_grad_steps"]`` (an int64 counter);
 1. decoupled weight decay ``W ← W·(1 − lr·wd)``, rounded to W's dtype (as torch's in-place ``mul_``);
-2. AdaClip: ``T ← lerp(T, max|g|, 1 − γ3)``, ``T̂ = T / (1 − γ3^k)``,
-   ``g̃_i = g_i · (T̂ / max|g|)`` where ``|g_i| > T̂``, else ``g_i``;
-3. AdaGN: ``n = √Σg̃²``, ``μ ← lerp(μ, n, w1)``, ``ν ← lerp(ν, n·n, w2)``,
-   ``s = (μ / (1 − γ1^k)) / (√(ν / (1 − γ2^k)) + ε)``, ``ĝ = g̃ · (s / n)`` (``ĝ = g̃`` when n = 0);
-   faithful: ``w1 = 1 − γ1``, ``w2 = 1 − γ2``; clean: the same times ``[n > 0]`` (a zero-norm tensor keeps μ, ν);
+2. AdaClip: ``T ← lerp(T, max|g|, 1 − γ3)``, ``T̂ = T / (1 − γ3^k)`` (float64, rounded to float32 for the
+   comparison), ``g̃_i = g_i · (T̂ / max|g|)`` where ``|g_i| > T̂``, else ``g_i``;
+3. AdaGN: ``n = s·√Σ(g̃/s)²`` with s a power of two (below), ``μ ← lerp(μ, n, w1)``, ``ν ← lerp(ν, n·n, w2)``,
+   ``c = (μ / (1 − γ1^k)) / (√(ν / (1 − γ2^k)) + ε)`` (float64), ``ĝ = (g̃/s) · (c / (n/s))`` (``ĝ = g̃`` when
+   n = 0); faithful: ``w1 = 1 − γ1``, ``w2 = 1 − γ2``; clean: the same times ``[n > 0]`` (a zero-norm tensor keeps
+   μ, ν);
 4. MoRet: clean mode reads m = v = 0 on a reset step (a fresh first Adam step); faithful mode updates with the old
    moments and stores m = v = 0 afterwards;
 5. Adam: ``m ← lerp(m, ĝ, 1 − β1)``, ``v ← β2·v + (1 − β2)·ĝ·ĝ``,
@@ -18,20 +22,27 @@ about a dozen torch kernels. For a tensor W with gradient g at AdaClip/AdaGN ste
    (weight decay still applies). Moments are loaded and updated in float32 and stored in their own dtype (float32,
    or bfloat16 rounded to nearest even for ``state_bits=16``); W is stored in its dtype.
 
-``lerp(a, b, w)`` is torch's: ``a + w·(b − a)`` for ``|w| < 0.5``, else ``b − (b − a)·(1 − w)``. Divisions and
-square roots are IEEE-rounded (``div_rn``, ``sqrt_rn``), as in torch.
+The scale s keeps ``Σ(g̃/s)²`` in float32 range for any finite gradient: with E the binary exponent of
+``min(max|g|, T̂)`` (the largest |g̃|), ``s = 2^(E − clamp(E, −40, 40))``, so s = 1 (and the computation is the
+unscaled one) for every gradient whose largest clipped entry lies in [2^-40, 2^41). The hyperparameter constants
+(1 − γ, bias corrections, ε) are float32 kernel arguments, used in float64 arithmetic; the torch path rounds them to
+float32 the same way.
 
-Kernel plan (no host synchronisation: the per-tensor scalars live in a small float32 workspace on the device). The
+``lerp(a, b, w)`` is torch's: ``a + w·(b − a)`` for ``|w| < 0.5``, else ``b − (b − a)·(1 − w)``. float32 divisions
+and square roots are IEEE-rounded (``div_rn``, ``sqrt_rn``), as in torch; float64 ones are IEEE by definition.
+
+Kernel plan (no host synchronisation: the per-tensor scalars live in a small float64 workspace on the device). The
 tensor is a flat contiguous array of n elements cut into blocks of ``BLOCK`` elements; each kernel runs
 ``P = min(⌈n / BLOCK⌉, max_programs)`` programs, program p handling blocks p, p + P, p + 2P, … (a grid-stride loop),
 so every partial-result buffer has at most ``max_programs`` entries::
 
-    K1 _max_abs_kernel:        pmax[p] = max |g| over p's blocks (NaN-propagating, like torch.amax);
+    K1 _max_abs_kernel:        pmax[p] = max |g| over p's finite entries, pbad[p] = its count of non-finite ones;
                                program 0 snapshots T, μ, ν into the workspace.
     K2 _clipped_sumsq_kernel:  every program reduces pmax[0:P] → max|g| (same order in every program, so the same
-                               value), computes T, T̂ and T̂/max|g| from the snapshot; pss[p] = Σ g̃² over p's blocks;
-                               program 0 writes T to the state and T̂, T̂/max|g| to the workspace.
-    K3 _update_kernel:         every program reduces pss[0:P] → n, computes μ, ν and the AdaGN factor s/n from the
+                               value), computes T, T̂, T̂/max|g| and s from the snapshot; pss[p] = Σ (g̃/s)² over p's
+                               blocks; program 0 writes T and the non-finite counter to the state and T̂,
+                               (T̂/max|g|)/s, 1/s and s to the workspace.
+    K3 _update_kernel:         every program reduces pss[0:P] → n, computes μ, ν and the AdaGN factor from the
                                snapshot; program 0 writes μ, ν to the state; then the fused elementwise pass
                                (weight decay, clip, AdaGN scale, MoRet, Adam moments, parameter update, stores).
 
@@ -41,11 +52,20 @@ configuration that depends only on n, ``BLOCK`` and ``max_programs``, so results
 atomics). Under the Triton interpreter (CPU tests) the float32 → bfloat16 stores round to nearest even on the bits,
 because the interpreter's own conversion truncates.
 
+Sharded tensors (FSDP2; :mod:`hf_gns_spam.optim.stable_spam` drives this): max|g| and Σ(g̃/s)² must cover the whole
+logical tensor, so the three kernels are also callable one at a time (:func:`launch_max_abs`, :func:`launch_clip`,
+:func:`launch_update`) on a row of a shared workspace whose partial buffers have a fixed ``stride``: between K1 and
+K2 the caller reduces each row's pmax/pbad across the ranks and writes the global values back into every slot of
+pmax (and pbad[0], the rest 0); between K2 and K3 it does the same with the sum of pss in pss[0]. A rank whose shard
+is empty runs the kernels on n = 0 (the scalar work only), so every rank computes the replicated statistics with
+the same code.
+
 Requirements (checked on the host from metadata only): parameter and moments contiguous; parameter of dtype
 float32, bfloat16 or float16 (float64 parameters, whose compute dtype is float64, are not supported); gradient of one
 of those dtypes (a non-contiguous gradient is copied); moments float32 or bfloat16, or blockwise-quantized
 (``quantized_bits`` 8 or 4, the layout of :mod:`hf_gns_spam.optim.quantized_state`); the three statistics 0-dim
-float32 tensors; everything on one CUDA device (or on the CPU under ``TRITON_INTERPRET=1``).
+float64 tensors and the counter a 0-dim int64 one; everything on one CUDA device (or on the CPU under
+``TRITON_INTERPRET=1``).
 
 Quantized moments (K3 is then ``_update_quantized_kernel``): BLOCK must be a multiple of the quantization block
 (256 at 8 bits, 128 at 4), so a program holds whole quantization blocks, laid out as [BLOCK/QBLOCK, QBLOCK/2, 2]
@@ -77,6 +97,11 @@ from hf_gns_spam.optim.stable_spam import _StepHyperparameters
 __all__ = [
     "DEFAULT_BLOCK",
     "DEFAULT_MAX_PROGRAMS",
+    "PARTIALS_OFFSET",
+    "launch_clip",
+    "launch_max_abs",
+    "launch_update",
+    "num_programs",
     "triton_update_supported",
     "triton_update_tensor",
     "workspace_numel",
@@ -92,15 +117,22 @@ DEFAULT_MAX_PROGRAMS = 1024
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 _STAT_KEYS = ("clip_max_ema", "norm_ema", "norm_sq_ema")
+_NONFINITE_KEY = "nonfinite_grad_steps"
+#: s = 2^(E − clamp(E, −_SCALE_RANGE, _SCALE_RANGE)); also in :mod:`hf_gns_spam.optim.stable_spam`.
+_SCALE_RANGE = tl.constexpr(40)
 
-# Workspace layout (float32): snapshot of the statistics, the AdaClip scalars, then the two partial buffers.
-# (tl.constexpr: the only kind of global a kernel may read when compiled.)
+# Workspace layout (float64): snapshot of the statistics, the AdaClip scalars, then the three partial buffers of
+# ``stride`` entries each. (tl.constexpr: the only kind of global a kernel may read when compiled.)
 _WS_CLIP_EMA = tl.constexpr(0)  # T before the step
 _WS_NORM_EMA = tl.constexpr(1)  # μ before the step
 _WS_NORM_SQ_EMA = tl.constexpr(2)  # ν before the step
-_WS_THRESHOLD = tl.constexpr(3)  # T̂
-_WS_RATIO = tl.constexpr(4)  # T̂ / max|g|
-_WS_PARTIALS = tl.constexpr(8)  # pmax[0:P], then pss[0:P]
+_WS_THRESHOLD = tl.constexpr(3)  # T̂ (a float32 value)
+_WS_SPIKE_FACTOR = tl.constexpr(4)  # (T̂ / max|g|) / s (a float32 value)
+_WS_INV_SCALE = tl.constexpr(5)  # 1 / s (a float32 power of two)
+_WS_SCALE = tl.constexpr(6)  # s (a float32 power of two)
+_WS_PARTIALS = tl.constexpr(8)  # pmax[0:stride], pbad[0:stride], pss[0:stride]
+#: Index of the first partial buffer in a workspace row (pmax; pbad and pss follow at ``stride`` intervals).
+PARTIALS_OFFSET = _WS_PARTIALS.value
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -109,23 +141,26 @@ _WS_PARTIALS = tl.constexpr(8)  # pmax[0:P], then pss[0:P]
 
 
 @triton.jit
-def _nan_max(a, b):
-    """max(a, b), NaN if either is NaN (torch.amax's behaviour)."""
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _nan_max_reduce(x):
-    """max over a 1-D block, NaN if any entry is NaN (tl.max alone drops NaNs; a custom tl.reduce combine is slow
-    under the interpreter)."""
-    has_nan = tl.max((x != x).to(tl.int32), 0) > 0
-    return tl.where(has_nan, float("nan"), tl.max(x, 0))
-
-
-@triton.jit
 def _lerp(start, end, weight):
     """torch.lerp's formula: ``start + w·(end − start)`` for ``|w| < 0.5``, else ``end − (end − start)·(1 − w)``."""
     return tl.where(tl.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+
+
+@triton.jit
+def _finite(g):
+    """g with its non-finite entries (NaN, ±inf) replaced by 0."""
+    return tl.where(tl.abs(g) < float("inf"), g, 0.0)
+
+
+@triton.jit
+def _power_of_two_scale(clipped_max):
+    """(1/s, s) as float32 powers of two, s = 2^(E − clamp(E, −40, 40)) with E the exponent of ``clipped_max``
+    (a finite float32 >= 0; 0 and subnormals count as E = −127)."""
+    exponent = (clipped_max.to(tl.int32, bitcast=True) >> 23) - 127
+    shift = exponent - tl.minimum(tl.maximum(exponent, -_SCALE_RANGE), _SCALE_RANGE)
+    inv_scale = ((127 - shift) << 23).to(tl.float32, bitcast=True)
+    scale = ((127 + shift) << 23).to(tl.float32, bitcast=True)
+    return inv_scale, scale
 
 
 @triton.jit
@@ -137,17 +172,23 @@ def _max_abs_kernel(
     NORM_SQ_EMA,
     n,
     num_programs,
+    stride,
     BLOCK: tl.constexpr,
 ):
-    """K1: ``pmax[p] = max |g|`` over program p's blocks; program 0 snapshots T, μ, ν into the workspace."""
+    """K1: ``pmax[p] = max |g|`` over program p's finite entries and ``pbad[p]`` = the count of non-finite ones;
+    program 0 snapshots T, μ, ν into the workspace."""
     pid = tl.program_id(0)
     offsets = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(pid * BLOCK, n, num_programs * BLOCK):
         idx = start + offsets
-        g = tl.load(G + idx, mask=idx < n, other=0.0).to(tl.float32)
-        acc = _nan_max(acc, tl.abs(g))
-    tl.store(WS + _WS_PARTIALS + pid, _nan_max_reduce(acc))
+        g = tl.abs(tl.load(G + idx, mask=idx < n, other=0.0).to(tl.float32))
+        finite = g < float("inf")  # NaN compares False
+        acc = tl.maximum(acc, tl.where(finite, g, 0.0))
+        bad += tl.where(finite, 0, 1)
+    tl.store(WS + _WS_PARTIALS + pid, tl.max(acc, 0).to(tl.float64))
+    tl.store(WS + _WS_PARTIALS + stride + pid, tl.sum(bad, 0).to(tl.float64))
     if pid == 0:
         tl.store(WS + _WS_CLIP_EMA, tl.load(CLIP_EMA))
         tl.store(WS + _WS_NORM_EMA, tl.load(NORM_EMA))
@@ -159,35 +200,45 @@ def _clipped_sumsq_kernel(
     G,
     WS,
     CLIP_EMA,
+    NONFINITE,
     n,
     num_programs,
+    stride,
     clip_weight,  # 1 − γ3
     clip_bias_correction,  # 1 − γ3^k
     BLOCK: tl.constexpr,
     PARTIALS_BLOCK: tl.constexpr,
 ):
-    """K2: max|g|, T, T̂ and T̂/max|g| (every program, from the snapshot); ``pss[p] = Σ g̃²`` over p's blocks."""
+    """K2: max|g|, T, T̂, T̂/max|g| and s (every program, from the snapshot); ``pss[p] = Σ (g̃/s)²`` over p's
+    blocks; program 0 stores T, the non-finite counter and the AdaClip scalars."""
     pid = tl.program_id(0)
     partial_offsets = tl.arange(0, PARTIALS_BLOCK)
-    partials = tl.load(WS + _WS_PARTIALS + partial_offsets, mask=partial_offsets < num_programs, other=0.0)
-    grad_max = _nan_max_reduce(partials)
-    clip_max_ema = _lerp(tl.load(WS + _WS_CLIP_EMA), grad_max, clip_weight)
-    threshold = tl.div_rn(clip_max_ema, clip_bias_correction)
+    in_use = partial_offsets < num_programs
+    grad_max = tl.max(tl.load(WS + _WS_PARTIALS + partial_offsets, mask=in_use, other=0.0), 0).to(tl.float32)
+    bad = tl.sum(tl.load(WS + _WS_PARTIALS + stride + partial_offsets, mask=in_use, other=0.0), 0) > 0
+    clip_max_ema = _lerp(tl.load(WS + _WS_CLIP_EMA), grad_max.to(tl.float64), tl.cast(clip_weight, tl.float64))
+    threshold64 = clip_max_ema / tl.cast(clip_bias_correction, tl.float64)
+    threshold = threshold64.to(tl.float32)
     # inf or nan only when max|g| = 0, and then no entry exceeds the threshold
-    ratio = tl.div_rn(threshold, grad_max)
+    ratio = (threshold64 / grad_max.to(tl.float64)).to(tl.float32)
+    inv_scale, scale = _power_of_two_scale(tl.minimum(grad_max, threshold))
+    spike_factor = ratio * inv_scale
 
     offsets = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(pid * BLOCK, n, num_programs * BLOCK):
         idx = start + offsets
-        g = tl.load(G + idx, mask=idx < n, other=0.0).to(tl.float32)
-        clipped = tl.where(tl.abs(g) > threshold, g * ratio, g)
+        g = _finite(tl.load(G + idx, mask=idx < n, other=0.0).to(tl.float32))
+        clipped = g * tl.where(tl.abs(g) > threshold, spike_factor, inv_scale)
         acc += clipped * clipped
-    tl.store(WS + _WS_PARTIALS + num_programs + pid, tl.sum(acc, 0))
+    tl.store(WS + _WS_PARTIALS + 2 * stride + pid, tl.sum(acc, 0).to(tl.float64))
     if pid == 0:
         tl.store(CLIP_EMA, clip_max_ema)
-        tl.store(WS + _WS_THRESHOLD, threshold)
-        tl.store(WS + _WS_RATIO, ratio)
+        tl.store(NONFINITE, tl.load(NONFINITE) + bad.to(tl.int64))
+        tl.store(WS + _WS_THRESHOLD, threshold.to(tl.float64))
+        tl.store(WS + _WS_SPIKE_FACTOR, spike_factor.to(tl.float64))
+        tl.store(WS + _WS_INV_SCALE, inv_scale.to(tl.float64))
+        tl.store(WS + _WS_SCALE, scale.to(tl.float64))
 
 
 @triton.jit
@@ -196,6 +247,7 @@ def _step_scalars(
     NORM_EMA,
     NORM_SQ_EMA,
     num_programs,
+    stride,
     norm_weight,
     norm_sq_weight,
     norm_bias_correction,
@@ -207,47 +259,55 @@ def _step_scalars(
     FAITHFUL: tl.constexpr,
     PARTIALS_BLOCK: tl.constexpr,
 ):
-    """K3's prologue: n from pss[0:P], μ and ν (program 0 stores them), the AdaGN factor s/n, the clip threshold
-    and ratio, and the Adam weights of this step (a clean-mode zero-norm tensor gets the "keep everything" ones).
+    """K3's prologue: n from pss[0:P], μ and ν (program 0 stores them), the AdaGN factor c/(n/s), the AdaClip
+    scalars, and the Adam weights of this step (a clean-mode zero-norm tensor gets the "keep everything" ones).
 
-    Returns (T̂, T̂/max|g|, s/n, weight of m's EMA, decay of v, ε term of the denominator)."""
+    Returns (T̂, (T̂/max|g|)/s, 1/s, c/(n/s), weight of m's EMA, decay of v, ε term of the denominator)."""
     pid = tl.program_id(0)
     partial_offsets = tl.arange(0, PARTIALS_BLOCK)
-    partials = tl.load(
-        WS + _WS_PARTIALS + num_programs + partial_offsets, mask=partial_offsets < num_programs, other=0.0
-    )
-    norm = tl.sqrt_rn(tl.sum(partials, 0))
-    has_norm = norm > 0
-    active = has_norm.to(tl.float32)
+    partials = tl.load(WS + _WS_PARTIALS + 2 * stride + partial_offsets, mask=partial_offsets < num_programs, other=0.0)
+    scaled_norm = tl.sqrt(tl.sum(partials, 0)).to(tl.float32)  # n/s
+    scaled_norm64 = scaled_norm.to(tl.float64)
+    norm = scaled_norm64 * tl.load(WS + _WS_SCALE)
+    has_norm = scaled_norm > 0
+    active = has_norm.to(tl.float64)
+    w1 = tl.cast(norm_weight, tl.float64)
+    w2 = tl.cast(norm_sq_weight, tl.float64)
     if FAITHFUL:
-        norm_ema = _lerp(tl.load(WS + _WS_NORM_EMA), norm, norm_weight)
-        norm_sq_ema = _lerp(tl.load(WS + _WS_NORM_SQ_EMA), norm * norm, norm_sq_weight)
+        norm_ema = _lerp(tl.load(WS + _WS_NORM_EMA), norm, w1)
+        norm_sq_ema = _lerp(tl.load(WS + _WS_NORM_SQ_EMA), norm * norm, w2)
     else:  # clean: a zero-norm tensor keeps its statistics (EMA weight 0)
-        norm_ema = _lerp(tl.load(WS + _WS_NORM_EMA), norm, active * norm_weight)
-        norm_sq_ema = _lerp(tl.load(WS + _WS_NORM_SQ_EMA), norm * norm, active * norm_sq_weight)
-    norm_sq_ema_hat_sqrt = tl.sqrt_rn(tl.div_rn(norm_sq_ema, norm_sq_bias_correction))
-    adagn_scale = tl.div_rn(tl.div_rn(norm_ema, norm_bias_correction), norm_sq_ema_hat_sqrt + eps)
-    scale = tl.where(has_norm, tl.div_rn(adagn_scale, tl.where(has_norm, norm, 1.0)), 1.0)
+        norm_ema = _lerp(tl.load(WS + _WS_NORM_EMA), norm, active * w1)
+        norm_sq_ema = _lerp(tl.load(WS + _WS_NORM_SQ_EMA), norm * norm, active * w2)
+    norm_sq_ema_hat_sqrt = tl.sqrt(norm_sq_ema / tl.cast(norm_sq_bias_correction, tl.float64))
+    adagn_scale = (norm_ema / tl.cast(norm_bias_correction, tl.float64)) / (
+        norm_sq_ema_hat_sqrt + tl.cast(eps, tl.float64)
+    )
+    factor = tl.where(has_norm, adagn_scale / tl.where(has_norm, scaled_norm64, 1.0), 1.0).to(tl.float32)
     if pid == 0:
         tl.store(NORM_EMA, norm_ema)
         tl.store(NORM_SQ_EMA, norm_sq_ema)
-    threshold = tl.load(WS + _WS_THRESHOLD)
-    ratio = tl.load(WS + _WS_RATIO)
+    threshold = tl.load(WS + _WS_THRESHOLD).to(tl.float32)
+    spike_factor = tl.load(WS + _WS_SPIKE_FACTOR).to(tl.float32)
+    inv_scale = tl.load(WS + _WS_INV_SCALE).to(tl.float32)
     if FAITHFUL:
         m_weight = beta1_weight
         v_decay = beta2
         eps_term = denominator_eps
     else:  # a skipped tensor keeps m and v (ĝ is 0: EMA weight 0, decay 1) and gets an infinite denominator
-        m_weight = active * beta1_weight
+        m_weight = has_norm.to(tl.float32) * beta1_weight
         v_decay = tl.where(has_norm, beta2, 1.0)
         eps_term = tl.where(has_norm, denominator_eps, float("inf"))
-    return threshold, ratio, scale, m_weight, v_decay, eps_term
+    return threshold, spike_factor, inv_scale, factor, m_weight, v_decay, eps_term
 
 
 @triton.jit
-def _adam_elementwise(w, g, m, v, threshold, ratio, scale, m_weight, v_decay, beta2_weight, eps_term, step_size):
-    """Clip, AdaGN scale (ĝ), Adam's moments and the parameter update, all float32; returns (W, m, v)."""
-    update = tl.where(tl.abs(g) > threshold, g * ratio, g) * scale  # ĝ
+def _adam_elementwise(
+    w, g, m, v, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term, step_size
+):
+    """Clip (and scale by 1/s), AdaGN factor (ĝ), Adam's moments and the parameter update, all float32; ``g`` has
+    its non-finite entries zeroed already. Returns (W, m, v)."""
+    update = g * tl.where(tl.abs(g) > threshold, spike_factor, inv_scale) * factor  # ĝ
     m = _lerp(m, update, m_weight)
     v = v * v_decay + beta2_weight * update * update
     denominator = tl.sqrt_rn(v) + eps_term
@@ -266,6 +326,7 @@ def _update_kernel(
     NORM_SQ_EMA,
     n,
     num_programs,
+    stride,
     decay,  # 1 − lr·weight_decay
     norm_weight,  # 1 − γ1
     norm_sq_weight,  # 1 − γ2
@@ -286,11 +347,12 @@ def _update_kernel(
 ):
     """K3: n, μ, ν and the AdaGN factor (every program, from the snapshot), then the fused elementwise update."""
     pid = tl.program_id(0)
-    threshold, ratio, scale, m_weight, v_decay, eps_term = _step_scalars(
+    threshold, spike_factor, inv_scale, factor, m_weight, v_decay, eps_term = _step_scalars(
         WS,
         NORM_EMA,
         NORM_SQ_EMA,
         num_programs,
+        stride,
         norm_weight,
         norm_sq_weight,
         norm_bias_correction,
@@ -309,7 +371,7 @@ def _update_kernel(
         w = tl.load(W + idx, mask=mask, other=0.0).to(tl.float32)
         if APPLY_DECAY:  # torch's in-place mul_ rounds to W's dtype before the update
             w = cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
-        g = tl.load(G + idx, mask=mask, other=0.0).to(tl.float32)
+        g = _finite(tl.load(G + idx, mask=mask, other=0.0).to(tl.float32))
         if RESET and not FAITHFUL:  # clean MoRet: zero moments before the update
             m = tl.zeros([BLOCK], dtype=tl.float32)
             v = tl.zeros([BLOCK], dtype=tl.float32)
@@ -317,7 +379,7 @@ def _update_kernel(
             m = tl.load(M + idx, mask=mask, other=0.0).to(tl.float32)
             v = tl.load(V + idx, mask=mask, other=0.0).to(tl.float32)
         w, m, v = _adam_elementwise(
-            w, g, m, v, threshold, ratio, scale, m_weight, v_decay, beta2_weight, eps_term, step_size
+            w, g, m, v, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term, step_size
         )
         tl.store(W + idx, cast(w, W.dtype.element_ty, MANUAL_BF16), mask=mask)
         if RESET and FAITHFUL:  # faithful MoRet: the update used the old moments; zero them now
@@ -388,6 +450,7 @@ def _update_quantized_kernel(
     NORM_SQ_EMA,
     n,
     num_programs,
+    stride,
     decay,
     norm_weight,
     norm_sq_weight,
@@ -412,11 +475,12 @@ def _update_quantized_kernel(
     absmax) in registers and requantized after the update. A program's block of BLOCK elements is BLOCK/QBLOCK whole
     quantization blocks, laid out as [rows, QBLOCK/2, 2] (element pairs, for the 4-bit packing)."""
     pid = tl.program_id(0)
-    threshold, ratio, scale, m_weight, v_decay, eps_term = _step_scalars(
+    threshold, spike_factor, inv_scale, factor, m_weight, v_decay, eps_term = _step_scalars(
         WS,
         NORM_EMA,
         NORM_SQ_EMA,
         num_programs,
+        stride,
         norm_weight,
         norm_sq_weight,
         norm_bias_correction,
@@ -442,7 +506,7 @@ def _update_quantized_kernel(
         w = tl.load(W + idx, mask=mask, other=0.0).to(tl.float32)
         if APPLY_DECAY:
             w = cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
-        g = tl.load(G + idx, mask=mask, other=0.0).to(tl.float32)
+        g = _finite(tl.load(G + idx, mask=mask, other=0.0).to(tl.float32))
         if RESET and not FAITHFUL:
             m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
             v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
@@ -450,13 +514,13 @@ def _update_quantized_kernel(
             m = _dequantize(M_Q, M_ABSMAX, TABLES, rows, idx, mask, pairs, n, BITS, QBLOCK)
             v = _dequantize(V_Q, V_ABSMAX, TABLES + CODES, rows, idx, mask, pairs, n, BITS, QBLOCK)
         w, m, v = _adam_elementwise(
-            w, g, m, v, threshold, ratio, scale, m_weight, v_decay, beta2_weight, eps_term, step_size
+            w, g, m, v, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term, step_size
         )
         tl.store(W + idx, cast(w, W.dtype.element_ty, MANUAL_BF16), mask=mask)
         if RESET and FAITHFUL:
             m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
             v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
-        else:  # elements beyond the tensor are quantize's zero padding (ĝ = 0·s/n is NaN there if s/n is)
+        else:  # elements beyond the tensor are quantize's zero padding
             m = tl.where(mask, m, 0.0)
             v = tl.where(mask, v, 0.0)
         m_index, m_absmax = _quantize(m, TABLES + 2 * CODES, BITS)
@@ -466,28 +530,28 @@ def _update_quantized_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Launcher
+# Launchers
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _num_programs(numel: int, block: int, max_programs: int) -> int:
+def num_programs(numel: int, block: int = DEFAULT_BLOCK, max_programs: int = DEFAULT_MAX_PROGRAMS) -> int:
+    """The programs P each kernel runs for a tensor of ``numel`` elements (1 for an empty tensor)."""
     return max(1, min(triton.cdiv(numel, block), max_programs))
 
 
 def workspace_numel(numel: int, block: int = DEFAULT_BLOCK, max_programs: int = DEFAULT_MAX_PROGRAMS) -> int:
-    """float32 elements of the workspace :func:`triton_update_tensor` needs for a tensor of ``numel`` elements."""
-    return _WS_PARTIALS.value + 2 * _num_programs(numel, block, max_programs)
+    """float64 elements of the workspace :func:`triton_update_tensor` needs for a tensor of ``numel`` elements."""
+    return PARTIALS_OFFSET + 3 * num_programs(numel, block, max_programs)
 
 
-def _unsupported_reason(param: Tensor, state: dict[str, Any]) -> str | None:
+def _unsupported_reason(param: Tensor, state: dict[str, Any], grad: Tensor | None) -> str | None:
     """Why the Triton step cannot handle this tensor (None when it can); metadata only, no device access."""
-    if param.grad is None:
+    if grad is None:
         return "the parameter has no gradient"
     if param.device.type != "cuda" and not (param.device.type == "cpu" and interpreting()):
         return f"device {param.device} (CUDA, or the CPU under TRITON_INTERPRET=1)"
     if param.dtype not in _PARAM_DTYPES:
         return f"parameter dtype {param.dtype} (float32, bfloat16 or float16)"
-    grad = param.grad
     if grad.is_sparse or grad.dtype not in _PARAM_DTYPES or grad.shape != param.shape or grad.device != param.device:
         return "a sparse gradient, or one of another dtype family, shape or device"
     if not param.is_contiguous():
@@ -504,8 +568,13 @@ def _unsupported_reason(param: Tensor, state: dict[str, Any]) -> str | None:
         stat = state.get(key)
         if not isinstance(stat, Tensor):
             return f"state[{key!r}] missing"
-        if stat.dtype != torch.float32 or stat.numel() != 1 or stat.device != param.device:
-            return f"state[{key!r}] must be a float32 scalar on the parameter's device"
+        if stat.dtype != torch.float64 or stat.numel() != 1 or stat.device != param.device:
+            return f"state[{key!r}] must be a float64 scalar on the parameter's device"
+    counter = state.get(_NONFINITE_KEY)
+    if not isinstance(counter, Tensor) or counter.dtype != torch.int64 or counter.numel() != 1:
+        return f"state[{_NONFINITE_KEY!r}] must be an int64 scalar"
+    if counter.device != param.device:
+        return f"state[{_NONFINITE_KEY!r}] must be on the parameter's device"
     return None
 
 
@@ -544,9 +613,10 @@ def _unsupported_moments_reason(param: Tensor, state: dict[str, Any]) -> str | N
     return None
 
 
-def triton_update_supported(param: Tensor, state: dict[str, Any]) -> bool:
-    """Whether :func:`triton_update_tensor` can update ``param`` with this ``state`` (host metadata only)."""
-    return _unsupported_reason(param, state) is None
+def triton_update_supported(param: Tensor, state: dict[str, Any], grad: Tensor | None = None) -> bool:
+    """Whether :func:`triton_update_tensor` can update ``param`` with this ``state`` (host metadata only);
+    ``grad`` defaults to ``param.grad``."""
+    return _unsupported_reason(param, state, param.grad if grad is None else grad) is None
 
 
 def _bias_correction(decay: float, steps: int) -> float:
@@ -572,38 +642,18 @@ def _quantization_tables(bits: int, device: torch.device) -> Tensor:
     return _TABLES[key]
 
 
-def triton_update_tensor(
-    param: Tensor,
-    state: dict[str, Any],
-    hp: _StepHyperparameters,
-    stat_step: int,
-    adam_step: int,
-    *,
-    workspace: Tensor | None = None,
-    block: int = DEFAULT_BLOCK,
-    max_programs: int = DEFAULT_MAX_PROGRAMS,
-) -> None:
-    """One Stable-SPAM step of one tensor, in place, as ``stable_spam._update_tensor`` (formulas: module docstring).
+def _pointer(tensor: Tensor) -> Tensor:
+    """``tensor``, or a one-element stand-in of its dtype when it is empty (a rank's empty shard): the kernels never
+    touch it then (n = 0), but a launch wants a real address."""
+    return tensor if tensor.numel() else tensor.new_empty(1)
 
-    Args:
-        param: the parameter (its ``.grad`` is read, never written); updated in place.
-        state: its optimizer state; ``exp_avg``, ``exp_avg_sq`` (or, for 8/4-bit moments, ``exp_avg_q``,
-            ``exp_avg_absmax``, ``exp_avg_sq_q`` and ``exp_avg_sq_absmax``), ``clip_max_ema``, ``norm_ema`` and
-            ``norm_sq_ema`` are updated in place (``state["step"]``, faithful mode's counter, is the caller's business).
-        hp: the group's hyperparameters at this step, s(t) already applied to β1 and γ1.
-        stat_step: k of the AdaClip and AdaGN bias corrections.
-        adam_step: the step of Adam's bias corrections.
-        workspace: optional float32 buffer on the parameter's device with at least :func:`workspace_numel` elements,
-            reused across calls to avoid an allocation; its contents are overwritten.
-        block: elements per block, a power of two (tests use small blocks to cover several blocks per program); a
-            multiple of the quantization block (256 at 8 bits, 128 at 4) for quantized moments.
-        max_programs: the most programs per kernel (and partial results per reduction).
 
-    Raises:
-        ValueError: the tensor is not supported (see :func:`triton_update_supported`), or a bad workspace/launch
-            setting. Nothing is read back from the device.
-    """
-    reason = _unsupported_reason(param, state)
+def _device_guard(param: Tensor):
+    return torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext()
+
+
+def _check_launch(param: Tensor, state: dict[str, Any], grad: Tensor, block: int, max_programs: int) -> None:
+    reason = _unsupported_reason(param, state, grad)
     if reason is not None:
         raise ValueError(f"triton_update_tensor does not support this tensor: {reason}")
     if block < 16 or block & (block - 1) or max_programs < 1:
@@ -615,54 +665,126 @@ def triton_update_tensor(
             raise ValueError(f"{bits}-bit moments with different block sizes")
         if block % qblock:
             raise ValueError(f"block must be a multiple of the {bits}-bit quantization block ({qblock}), got {block}")
-    numel = param.numel()
-    num_programs = _num_programs(numel, block, max_programs)
-    needed = _WS_PARTIALS.value + 2 * num_programs
-    if workspace is None:
-        workspace = torch.empty(needed, dtype=torch.float32, device=param.device)
-    elif workspace.dtype != torch.float32 or workspace.device != param.device or workspace.numel() < needed:
-        raise ValueError(f"workspace must be float32 on {param.device} with at least {needed} elements")
-    elif not workspace.is_contiguous():
+
+
+def _check_workspace(workspace: Tensor, param: Tensor, programs: int, stride: int) -> None:
+    if stride < programs:
+        raise ValueError(f"stride {stride} is smaller than the {programs} programs")
+    needed = PARTIALS_OFFSET + 3 * stride
+    if workspace.dtype != torch.float64 or workspace.device != param.device or workspace.numel() < needed:
+        raise ValueError(f"workspace must be float64 on {param.device} with at least {needed} elements")
+    if not workspace.is_contiguous():
         raise ValueError("workspace must be contiguous")
 
-    grad = param.grad if param.grad.is_contiguous() else param.grad.contiguous()
+
+def launch_max_abs(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    workspace: Tensor,
+    stride: int,
+    *,
+    block: int = DEFAULT_BLOCK,
+    max_programs: int = DEFAULT_MAX_PROGRAMS,
+) -> None:
+    """K1 on one tensor: pmax, pbad (``workspace[8 : 8 + P]``, ``[8 + stride : …]``) and the statistics' snapshot."""
+    _check_launch(param, state, grad, block, max_programs)
+    programs = num_programs(param.numel(), block, max_programs)
+    _check_workspace(workspace, param, programs, stride)
+    clip_max_ema, norm_ema, norm_sq_ema = (state[key] for key in _STAT_KEYS)
+    with _device_guard(param):
+        _max_abs_kernel[(programs,)](
+            _pointer(grad),
+            workspace,
+            clip_max_ema,
+            norm_ema,
+            norm_sq_ema,
+            param.numel(),
+            programs,
+            stride,
+            BLOCK=block,
+            num_warps=_NUM_WARPS,
+        )
+
+
+def launch_clip(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    workspace: Tensor,
+    stride: int,
+    hp: _StepHyperparameters,
+    stat_step: int,
+    *,
+    block: int = DEFAULT_BLOCK,
+    max_programs: int = DEFAULT_MAX_PROGRAMS,
+) -> None:
+    """K2 on one tensor: AdaClip (T and the non-finite counter in the state) and pss (``workspace[8 + 2·stride :]``),
+    from the max|g| and non-finite count that pmax and pbad hold."""
+    _check_launch(param, state, grad, block, max_programs)
+    programs = num_programs(param.numel(), block, max_programs)
+    _check_workspace(workspace, param, programs, stride)
+    clip_max_ema, counter = state[_STAT_KEYS[0]], state[_NONFINITE_KEY]
+    with _device_guard(param):
+        _clipped_sumsq_kernel[(programs,)](
+            _pointer(grad),
+            workspace,
+            clip_max_ema,
+            counter,
+            param.numel(),
+            programs,
+            stride,
+            1.0 - hp.gamma3,
+            _bias_correction(hp.gamma3, stat_step),
+            BLOCK=block,
+            PARTIALS_BLOCK=triton.next_power_of_2(programs),
+            num_warps=_NUM_WARPS,
+        )
+    torch.autograd.graph.increment_version((clip_max_ema, counter))
+
+
+def launch_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    workspace: Tensor,
+    stride: int,
+    hp: _StepHyperparameters,
+    stat_step: int,
+    adam_step: int,
+    *,
+    block: int = DEFAULT_BLOCK,
+    max_programs: int = DEFAULT_MAX_PROGRAMS,
+) -> None:
+    """K3 on one tensor: AdaGN (μ, ν in the state) from the Σ(g̃/s)² that pss holds, MoRet, Adam and the update."""
+    _check_launch(param, state, grad, block, max_programs)
+    numel = param.numel()
+    programs = num_programs(numel, block, max_programs)
+    _check_workspace(workspace, param, programs, stride)
+    bits = state.get("quantized_bits")
     if bits is None:
         moments: tuple[Tensor, ...] = (state["exp_avg"], state["exp_avg_sq"])
     else:
         keys = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
-        moments = (*(state[key] for key in keys), _quantization_tables(bits, param.device))
-    clip_max_ema, norm_ema, norm_sq_ema = (state[key] for key in _STAT_KEYS)
-    partials_block = triton.next_power_of_2(num_programs)
+        moments = tuple(state[key] for key in keys)
+    launched_moments = tuple(_pointer(moment) for moment in moments)
+    if bits is not None:
+        launched_moments += (_quantization_tables(bits, param.device),)
+    norm_ema, norm_sq_ema = state[_STAT_KEYS[1]], state[_STAT_KEYS[2]]
     sqrt_bc2 = math.sqrt(_bias_correction(hp.beta2, adam_step))
-    grid = (num_programs,)
-    device_guard = torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext()
-    with device_guard:
-        _max_abs_kernel[grid](
-            grad, workspace, clip_max_ema, norm_ema, norm_sq_ema, numel, num_programs, BLOCK=block, num_warps=_NUM_WARPS
-        )
-        _clipped_sumsq_kernel[grid](
-            grad,
-            workspace,
-            clip_max_ema,
-            numel,
-            num_programs,
-            1.0 - hp.gamma3,
-            _bias_correction(hp.gamma3, stat_step),
-            BLOCK=block,
-            PARTIALS_BLOCK=partials_block,
-            num_warps=_NUM_WARPS,
-        )
-        update_kernel = _update_kernel if bits is None else _update_quantized_kernel
-        quantized = {} if bits is None else {"BITS": bits, "QBLOCK": qblock}
-        update_kernel[grid](
-            param,
-            grad,
-            *moments,
+    update_kernel = _update_kernel if bits is None else _update_quantized_kernel
+    quantized = {} if bits is None else {"BITS": bits, "QBLOCK": moment_format(bits, False).blocksize}
+    with _device_guard(param):
+        update_kernel[(programs,)](
+            _pointer(param),
+            _pointer(grad),
+            *launched_moments,
             workspace,
             norm_ema,
             norm_sq_ema,
             numel,
-            num_programs,
+            programs,
+            stride,
             1.0 - hp.lr * hp.weight_decay,
             1.0 - hp.gamma1,
             1.0 - hp.gamma2,
@@ -680,9 +802,55 @@ def triton_update_tensor(
             MANUAL_BF16=interpreting(),
             **quantized,
             BLOCK=block,
-            PARTIALS_BLOCK=partials_block,
+            PARTIALS_BLOCK=triton.next_power_of_2(programs),
             num_warps=_NUM_WARPS,
         )
     # The kernels wrote behind autograd's back: bump the version counters as torch's in-place ops would.
-    written = moments if bits is None else moments[:4]
-    torch.autograd.graph.increment_version((param, *written, clip_max_ema, norm_ema, norm_sq_ema))
+    torch.autograd.graph.increment_version((param, *moments, norm_ema, norm_sq_ema))
+
+
+def triton_update_tensor(
+    param: Tensor,
+    state: dict[str, Any],
+    hp: _StepHyperparameters,
+    stat_step: int,
+    adam_step: int,
+    *,
+    grad: Tensor | None = None,
+    workspace: Tensor | None = None,
+    block: int = DEFAULT_BLOCK,
+    max_programs: int = DEFAULT_MAX_PROGRAMS,
+) -> None:
+    """One Stable-SPAM step of one tensor, in place, as ``stable_spam._update_tensor`` (formulas: module docstring).
+
+    Args:
+        param: the parameter; updated in place.
+        state: its optimizer state; ``exp_avg``, ``exp_avg_sq`` (or, for 8/4-bit moments, ``exp_avg_q``,
+            ``exp_avg_absmax``, ``exp_avg_sq_q`` and ``exp_avg_sq_absmax``), ``clip_max_ema``, ``norm_ema``,
+            ``norm_sq_ema`` and ``nonfinite_grad_steps`` are updated in place (``state["step"]``, faithful mode's
+            counter, is the caller's business).
+        hp: the group's hyperparameters at this step, s(t) already applied to β1 and γ1.
+        stat_step: k of the AdaClip and AdaGN bias corrections.
+        adam_step: the step of Adam's bias corrections.
+        grad: the gradient (read, never written); ``param.grad`` when None.
+        workspace: optional float64 buffer on the parameter's device with at least :func:`workspace_numel` elements,
+            reused across calls to avoid an allocation; its contents are overwritten.
+        block: elements per block, a power of two (tests use small blocks to cover several blocks per program); a
+            multiple of the quantization block (256 at 8 bits, 128 at 4) for quantized moments.
+        max_programs: the most programs per kernel (and partial results per reduction).
+
+    Raises:
+        ValueError: the tensor is not supported (see :func:`triton_update_supported`), or a bad workspace/launch
+            setting. Nothing is read back from the device.
+    """
+    grad = param.grad if grad is None else grad
+    _check_launch(param, state, grad, block, max_programs)
+    programs = num_programs(param.numel(), block, max_programs)
+    if workspace is None:
+        workspace = torch.empty(PARTIALS_OFFSET + 3 * programs, dtype=torch.float64, device=param.device)
+    _check_workspace(workspace, param, programs, programs)
+    grad = grad if grad.is_contiguous() else grad.contiguous()
+    launch = {"block": block, "max_programs": max_programs}
+    launch_max_abs(param, grad, state, workspace, programs, **launch)
+    launch_clip(param, grad, state, workspace, programs, hp, stat_step, **launch)
+    launch_update(param, grad, state, workspace, programs, hp, stat_step, adam_step, **launch)
