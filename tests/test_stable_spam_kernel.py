@@ -22,8 +22,9 @@ from hf_gns_spam.kernels.stable_spam_step import (
     triton_update_tensor,
     workspace_numel,
 )
+from hf_gns_spam.kernels.step_contract import StepHyperparameters
 from hf_gns_spam.optim.quantized_state import dequantize, moment_format, quantize, unpack_nibbles
-from hf_gns_spam.optim.stable_spam import _StepHyperparameters, _update_tensor
+from hf_gns_spam.optim.stable_spam import _update_tensor
 from tests.host_sync import forbid_host_sync
 
 SHAPES = [(), (7,), (33, 65), (3, 4, 129)]  # 2145 elements: two blocks of the default 2048
@@ -181,7 +182,7 @@ def torch_update(param, state, hp, stat_step, adam_step):
 def test_direct_call_with_large_ema_weights(shape, faithful, reset):
     """Direct calls on a warm state: EMA weights ≥ 0.5 (torch.lerp's other branch), a bf16 parameter with a float32
     gradient, a spike, and a zero gradient (clean mode: statistics, moments and value stay; decay applies)."""
-    hp = _StepHyperparameters(
+    hp = StepHyperparameters(
         lr=3e-2,
         weight_decay=0.05,
         beta1=0.3,
@@ -225,7 +226,7 @@ def test_direct_call_with_large_ema_weights(shape, faithful, reset):
 def test_workspace_is_reused_and_checked():
     param = torch.randn(1000).requires_grad_()
     param.grad = torch.randn(1000)
-    hp = _StepHyperparameters(1e-2, 0.0, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, False, False)
+    hp = StepHyperparameters(1e-2, 0.0, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, False, False)
     ref = param.detach().clone()
     ref.grad = param.grad.clone()
     ref_state, state = fresh_state(param, torch.float32, 0), fresh_state(param, torch.float32, 0)
@@ -239,7 +240,7 @@ def test_workspace_is_reused_and_checked():
 
 
 def test_unsupported_tensors_are_refused_without_touching_them():
-    hp = _StepHyperparameters(1e-2, 0.0, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, False, False)
+    hp = StepHyperparameters(1e-2, 0.0, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, False, False)
     double = torch.randn(4, 4, dtype=torch.float64)
     double.grad = torch.randn(4, 4, dtype=torch.float64)
     state64 = {k: v.double() for k, v in fresh_state(double, torch.float32, 0).items()}
@@ -309,7 +310,7 @@ def test_non_finite_gradient_entries_count_as_zero_in_both_paths(special, faithf
     """A NaN or ±inf gradient entry is treated as 0 by both paths: each gives bitwise what it gives with that entry
     set to 0 (everything finite, the quantization block included), both agree to rounding, and both count the step
     in ``nonfinite_grad_steps``."""
-    hp = _StepHyperparameters(1e-2, 0.1, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, faithful, False)
+    hp = StepHyperparameters(1e-2, 0.1, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, faithful, False)
     numel = 300 if moments == "fp32" else 4097
     init = torch.randn(numel, generator=torch.Generator().manual_seed(0))
     grad = torch.randn(numel, generator=torch.Generator().manual_seed(1))
@@ -514,7 +515,7 @@ def test_quantized_kernel_is_dequantize_float_kernel_quantize_bitwise(bits, fait
     all-zero blocks; a spike gradient and a zero one. Two runs are bitwise equal; on the zero gradient in clean mode
     (a skipped tensor: its moments are requantized unchanged) parameter and state equal the torch path's bitwise."""
     numel = 4097
-    hp = _StepHyperparameters(3e-2, 0.05, 0.8, 0.95, 0.6, 0.9, 0.7, 1e-6, faithful, reset)
+    hp = StepHyperparameters(3e-2, 0.05, 0.8, 0.95, 0.6, 0.9, 0.7, 1e-6, faithful, reset)
     gen = torch.Generator().manual_seed(7)
     init = torch.randn(numel, generator=gen)
     grad = torch.randn(numel, generator=gen)

@@ -91,8 +91,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hf_gns_spam.kernels.rounding import cast, interpreting
-from hf_gns_spam.optim.quantized_state import moment_format
-from hf_gns_spam.optim.stable_spam import _StepHyperparameters
+from hf_gns_spam.kernels.step_contract import StepHyperparameters, moment_format
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -713,7 +712,7 @@ def launch_clip(
     state: dict[str, Any],
     workspace: Tensor,
     stride: int,
-    hp: _StepHyperparameters,
+    hp: StepHyperparameters,
     stat_step: int,
     *,
     block: int = DEFAULT_BLOCK,
@@ -749,7 +748,7 @@ def launch_update(
     state: dict[str, Any],
     workspace: Tensor,
     stride: int,
-    hp: _StepHyperparameters,
+    hp: StepHyperparameters,
     stat_step: int,
     adam_step: int,
     *,
@@ -812,7 +811,7 @@ def launch_update(
 def triton_update_tensor(
     param: Tensor,
     state: dict[str, Any],
-    hp: _StepHyperparameters,
+    hp: StepHyperparameters,
     stat_step: int,
     adam_step: int,
     *,

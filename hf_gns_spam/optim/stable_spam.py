@@ -105,6 +105,7 @@ from typing import Any
 
 import torch
 
+from hf_gns_spam.kernels.step_contract import StepHyperparameters
 from hf_gns_spam.optim.hyperparameters import HYPERPARAMETERS, check_hyperparameter
 from hf_gns_spam.optim.quantized_state import MIN_QUANTIZED_NUMEL, dequantize, moment_format, quantize
 
@@ -479,12 +480,12 @@ class StableSPAM(torch.optim.Optimizer):
         return state
 
     @staticmethod
-    def _step_hyperparameters(group: dict[str, Any]) -> tuple[_StepHyperparameters, int]:
+    def _step_hyperparameters(group: dict[str, Any]) -> tuple[StepHyperparameters, int]:
         """The group's hyperparameters at its current step, and clean mode's Adam step."""
         t = group["step"]
         s = momentum_decay_factor(t, group["total_steps"], group["eta_min"], group["mode"])
         reset_interval = group["reset_interval"]
-        hyper = _StepHyperparameters(
+        hyper = StepHyperparameters(
             lr=group["lr"],
             weight_decay=group["weight_decay"],
             beta1=group["betas"][0] * s,
@@ -502,7 +503,7 @@ class StableSPAM(torch.optim.Optimizer):
 
     @staticmethod
     def _tensor_steps(
-        state: dict[str, Any], group: dict[str, Any], hyper: _StepHyperparameters, clean_adam_step: int
+        state: dict[str, Any], group: dict[str, Any], hyper: StepHyperparameters, clean_adam_step: int
     ) -> tuple[int, int]:
         """(k of the AdaClip/AdaGN bias corrections, Adam's step) for one tensor; advances faithful mode's k."""
         if hyper.faithful:  # the official per-tensor counter k, set back to 1 at a reset
@@ -742,22 +743,6 @@ def _triton_step() -> types.ModuleType | None:
 
 
 @dataclass(frozen=True)
-class _StepHyperparameters:
-    """The hyperparameters of one group at one step, with s(t) already applied to β1 and γ1."""
-
-    lr: float
-    weight_decay: float
-    beta1: float
-    beta2: float
-    gamma1: float
-    gamma2: float
-    gamma3: float
-    eps: float
-    faithful: bool
-    is_reset_step: bool
-
-
-@dataclass(frozen=True)
 class _Clip:
     """AdaClip's outcome for one tensor (0-dim tensors): the threshold T̂ (compute dtype) and the factors that turn
     g into g̃/s, ``(T̂/max|g|)/s`` for clipped entries and ``1/s`` for the others; s in the statistics' dtype."""
@@ -796,7 +781,7 @@ def _masked_abs_max(grad: torch.Tensor, work: torch.Tensor) -> tuple[torch.Tenso
 
 def _adaclip(
     state: dict[str, Any],
-    hp: _StepHyperparameters,
+    hp: StepHyperparameters,
     stat_step: int,
     grad_max: torch.Tensor,
     nonfinite: torch.Tensor,
@@ -832,7 +817,7 @@ def _update_tensor(
     state: dict[str, Any],
     work: torch.Tensor,
     spikes: torch.Tensor,
-    hp: _StepHyperparameters,
+    hp: StepHyperparameters,
     stat_step: int,
     adam_step: int,
     one: torch.Tensor,
@@ -853,7 +838,7 @@ def _adagn_adam(
     param: torch.Tensor,
     state: dict[str, Any],
     work: torch.Tensor,
-    hp: _StepHyperparameters,
+    hp: StepHyperparameters,
     stat_step: int,
     adam_step: int,
     one: torch.Tensor,
@@ -953,7 +938,7 @@ class _Shard:
     param: torch.Tensor  # the local shard (aliases the DTensor's data)
     grad: torch.Tensor
     state: dict[str, Any]
-    hp: _StepHyperparameters
+    hp: StepHyperparameters
     stat_step: int
     adam_step: int
     process_group: Any  # None: replicated, no reduction

@@ -1,0 +1,67 @@
+"""What the fused Stable-SPAM step (:mod:`hf_gns_spam.kernels.stable_spam_step`) receives, shared with the optimizer.
+
+* :class:`StepHyperparameters`: one parameter group's scalar hyperparameters at one step;
+* :class:`QuantizedFormat` and :func:`moment_format`: the blockwise formats of Adam's moments at 8 and 4 bits
+  (bitsandbytes' layout; :mod:`hf_gns_spam.optim.quantized_state` quantizes and dequantizes with them).
+
+This module imports nothing from the package's upper layers, so the kernels and the optimizer both read it from here.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["QuantizedFormat", "StepHyperparameters", "moment_format"]
+
+
+@dataclass(frozen=True)
+class StepHyperparameters:
+    """The hyperparameters of one group at one step, with s(t) already applied to β1 and γ1."""
+
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    gamma1: float
+    gamma2: float
+    gamma3: float
+    eps: float
+    faithful: bool
+    is_reset_step: bool
+
+
+@dataclass(frozen=True)
+class QuantizedFormat:
+    bits: int  # 8: one index per byte; 4: two indices per byte
+    blocksize: int
+    map_name: str  # "dynamic_signed", "dynamic_unsigned", "linear_no_zero"
+
+    def code(self, device: torch.device) -> torch.Tensor:
+        """The sorted code map (2**bits float32 values)."""
+        return _code(self.bits, self.map_name).to(device)
+
+
+@functools.cache
+def _code(bits: int, map_name: str) -> torch.Tensor:
+    from bitsandbytes.functional import create_dynamic_map
+
+    if map_name == "linear_no_zero":
+        values = torch.arange(1, 2**bits + 1, dtype=torch.float32) / 2**bits
+    else:
+        # bitsandbytes pads maps of fewer than 8 bits with zeros to 256 entries: keep the distinct values
+        values = create_dynamic_map(signed=map_name == "dynamic_signed", total_bits=bits).float().unique()
+    if values.numel() > 2**bits:
+        raise RuntimeError(f"{map_name} map has {values.numel()} values, more than {bits} bits can index")
+    return values.sort().values.contiguous()
+
+
+def moment_format(bits: int, second_moment: bool) -> QuantizedFormat:
+    """The storage format of Adam's first (m) or second (v) moment at 8 or 4 bits."""
+    if bits == 8:
+        return QuantizedFormat(8, 256, "dynamic_unsigned" if second_moment else "dynamic_signed")
+    if bits == 4:
+        return QuantizedFormat(4, 128, "linear_no_zero" if second_moment else "dynamic_signed")
+    raise ValueError(f"quantized moments have 8 or 4 bits, not {bits}")
