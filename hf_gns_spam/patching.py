@@ -51,14 +51,20 @@ EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon", "layer_norm_eps")
 
 @dataclass(frozen=True)
 class PatchedModule:
+    """A normalization module ``patch_model`` took over: its name in ``model.named_modules()``, its original class
+    name, how it was recognised (``kind``, e.g. ``"rms_norm(1+w), rounding fp32"``; the same on a re-patch) and the
+    :class:`NormSpec` its statistics are computed with."""
+
     name: str
     original_class: str
-    kind: str  # e.g. "rms_norm(1+w), rounding fp32"
+    kind: str
     spec: NormSpec
 
 
 @dataclass(frozen=True)
 class SkippedModule:
+    """A module that looks like a normalization layer but was left alone, and why (``reason``)."""
+
     name: str
     class_name: str
     reason: str
@@ -248,6 +254,7 @@ def _new_statistics(device: torch.device) -> torch.Tensor:
 
 
 def is_patched(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization module swapped by :func:`patch_model` (and not yet unpatched)."""
     return isinstance(module, _GNSNormMixin)
 
 

@@ -2,7 +2,8 @@
 
 * :class:`StepHyperparameters`: one parameter group's scalar hyperparameters at one step;
 * :class:`QuantizedFormat` and :func:`moment_format`: the blockwise formats of Adam's moments at 8 and 4 bits
-  (bitsandbytes' layout; :mod:`hf_gns_spam.optim.quantized_state` quantizes and dequantizes with them).
+  (bitsandbytes' layout; :mod:`hf_gns_spam.optim.quantized_state` quantizes and dequantizes with them);
+* the names of the moments' entries in the optimizer state (:data:`MOMENTS`, :data:`QUANTIZED_KEYS`, ...).
 
 This module imports nothing from the package's upper layers, so the kernels and the optimizer both read it from here.
 """
@@ -14,7 +15,25 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantizedFormat", "StepHyperparameters", "moment_format"]
+__all__ = [
+    "ABSMAX",
+    "EXP_AVG",
+    "EXP_AVG_SQ",
+    "INDICES",
+    "MOMENTS",
+    "QUANTIZED_BITS",
+    "QUANTIZED_KEYS",
+    "QuantizedFormat",
+    "StepHyperparameters",
+    "moment_format",
+]
+
+# The optimizer state's moment entries per parameter: read by the optimizer, its checkpoints and the fused step.
+EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"
+MOMENTS = ((EXP_AVG, False), (EXP_AVG_SQ, True))  # (state key, is it the second moment)
+QUANTIZED_BITS = "quantized_bits"  # present (8 or 4) when the moments are stored quantized
+INDICES, ABSMAX = "_q", "_absmax"  # suffixes of a quantized moment's two buffers: code indices, per-block absmax
+QUANTIZED_KEYS = tuple(key + suffix for key, _ in MOMENTS for suffix in (INDICES, ABSMAX))
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,10 @@ devices use the pure-torch reference (:mod:`hf_gns_spam.ops.norm_reference`). :f
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -40,30 +41,37 @@ from hf_gns_spam.ops.norm_reference import STATISTICS_SIZE, NormSpec, output_dty
 
 __all__ = ["NormSpec", "gns_norm", "norm_backend"]
 
-_BACKENDS = ("auto", "torch", "triton")
-_backend = "auto"
+Backend = Literal["auto", "torch", "triton"]
+_BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
+# the implementation in force: a context variable, so that a switch in one thread or task leaves the others alone
+_backend: contextvars.ContextVar[Backend] = contextvars.ContextVar("hf_gns_spam_norm_backend", default="auto")
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 @contextlib.contextmanager
-def norm_backend(name: str) -> Iterator[None]:
+def norm_backend(name: Backend) -> Iterator[None]:
     """Force the implementation inside the block: ``"torch"``, ``"triton"`` (also for CPU tensors, e.g. under
-    ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors, torch otherwise)."""
-    global _backend
+    ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors, torch otherwise). The choice is made at the
+    forward and recorded for its backward, which may run in another thread (autograd's device threads)."""
     if name not in _BACKENDS:
         raise ValueError(f"norm backend must be one of {_BACKENDS}, got {name!r}")
     if name == "triton" and not _TRITON_AVAILABLE:
         raise RuntimeError("norm backend 'triton' requested but triton is not installed (pip install triton)")
-    previous, _backend = _backend, name
+    token = _backend.set(name)
     try:
         yield
     finally:
-        _backend = previous
+        _backend.reset(token)
 
 
-def _implementation(x: torch.Tensor) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """(forward, backward) for ``x``: the Triton kernels or the pure-torch reference (same contracts)."""
-    if _backend == "triton" or (_backend == "auto" and x.is_cuda and _TRITON_AVAILABLE):
+def _resolved_backend(x: torch.Tensor) -> Literal["torch", "triton"]:
+    backend = _backend.get()
+    return "triton" if backend == "triton" or (backend == "auto" and x.is_cuda and _TRITON_AVAILABLE) else "torch"
+
+
+def _implementation(backend: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(forward, backward) of the Triton kernels or of the pure-torch reference (same contracts)."""
+    if backend == "triton":
         from hf_gns_spam.kernels import gns_norm as kernels
 
         return kernels.gns_norm_forward, kernels.gns_norm_backward
@@ -91,7 +99,7 @@ def _gns_norm_forward(
     and ``segment_ids`` are saved for it (ids on the CPU are checked here, before any work)."""
     if segment_ids is not None and segment_ids.device.type == "cpu":
         norm_reference.check_segment_values(segment_ids, None if example_scales is None else example_scales.numel())
-    forward, _ = _implementation(x)
+    forward, _ = _implementation(_resolved_backend(x))
     return forward(_spec(kind, eps, offset, rounding), x, weight, bias)
 
 
@@ -123,9 +131,11 @@ def _gns_norm_backward(
     need_input_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw, db, statistics); a gradient that is not needed comes back as an empty tensor."""
-    _, backward = _implementation(x)
+    """(dx, dw, db, statistics); a gradient that is not needed comes back as an empty tensor of its own (outputs of
+    a custom operator may not alias each other); ``backend`` is the one the forward used."""
+    _, backward = _implementation(backend)
     dx, dw, db, statistics = backward(
         _spec(kind, eps, offset, rounding),
         dy,
@@ -140,19 +150,19 @@ def _gns_norm_backward(
         example_scales,
         segment_ids,
     )
-    empty = x.new_empty(0)
     return (
-        empty if dx is None else dx,
-        empty if dw is None else dw,
-        empty.clone() if db is None else db,
+        x.new_empty(0) if dx is None else dx,
+        x.new_empty(0) if dw is None else dw,
+        x.new_empty(0) if db is None else db,
         statistics,
     )
 
 
 @_gns_norm_backward.register_fake
 def _(
-    dy, x, weight, bias, mean, rstd, scales, segments, kind, eps, offset, rounding, need_input, need_weight, need_bias
-):
+    dy, x, weight, bias, mean, rstd, scales, segments, kind, eps, offset, rounding, need_input, need_weight, need_bias,
+    backend,
+):  # fmt: skip
     return (
         x.new_empty(x.shape) if need_input else x.new_empty(0),
         weight.new_empty(weight.shape) if need_weight else x.new_empty(0),
@@ -168,6 +178,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, weight, bias, mean, rstd, example_scales, segment_ids if statistics is not None else None)
     ctx.spec_args = (kind, eps, offset, rounding)
     ctx.has_statistics = statistics is not None
+    ctx.backend = _resolved_backend(x)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
@@ -186,6 +197,7 @@ def _backward(ctx, dy, _dmean, _drstd):
         need_input,
         need_weight,
         need_bias,
+        ctx.backend,
     )
     return (
         dx if need_input else None,

@@ -101,13 +101,25 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from hf_gns_spam.kernels.step_contract import StepHyperparameters
+from hf_gns_spam.kernels.step_contract import (
+    ABSMAX,
+    EXP_AVG,
+    EXP_AVG_SQ,
+    INDICES,
+    MOMENTS,
+    QUANTIZED_BITS,
+    QUANTIZED_KEYS,
+    StepHyperparameters,
+)
 from hf_gns_spam.optim.hyperparameters import HYPERPARAMETERS, check_hyperparameter
 from hf_gns_spam.optim.quantized_state import MIN_QUANTIZED_NUMEL, dequantize, moment_format, quantize
+
+Mode = Literal["clean", "faithful"]
+StateBits = Literal[32, 16, 8, 4]
 
 __all__ = ["StableSPAM", "momentum_decay_factor"]
 
@@ -117,15 +129,13 @@ _NORM_EMA = "norm_ema"  # μ, AdaGN's EMA of ‖g̃‖
 _NORM_SQ_EMA = "norm_sq_ema"  # ν, AdaGN's EMA of ‖g̃‖²
 _STAT_KEYS = (_CLIP_MAX_EMA, _NORM_EMA, _NORM_SQ_EMA)
 _NONFINITE = "nonfinite_grad_steps"  # int64: steps in which the gradient had a NaN or ±inf entry
-_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-_QUANTIZED_KEYS = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
 #: ‖g̃‖ is computed as s·‖g̃/s‖, s = 2^(E − clamp(E, −_SCALE_RANGE, _SCALE_RANGE)) (see the module docstring).
 _SCALE_RANGE = 40
 # optim names of the Trainer integration, for the messages of load_state_dict
 _TRAINER_NAMES = {32: "optim='stable_spam'", 8: "optim='stable_spam_8bit'", 4: "optim='stable_spam_4bit'"}
 
 
-def momentum_decay_factor(step: int, total_steps: int | None, eta_min: float, mode: str) -> float:
+def momentum_decay_factor(step: int, total_steps: int | None, eta_min: float, mode: Mode) -> float:
     """The cosine factor s(t) that multiplies β1 and γ1 (1.0 when ``total_steps`` is None).
 
     clean:    s(t) = eta_min + (1 − eta_min)·(1 + cos(π·min(t, T)/T)) / 2      (reaches eta_min at T, stays there)
@@ -246,8 +256,8 @@ class StableSPAM(torch.optim.Optimizer):
         reset_interval: int = 1000,
         total_steps: int | None = None,
         eta_min: float = 0.5,
-        mode: str = "clean",
-        state_bits: int = 32,
+        mode: Mode = "clean",
+        state_bits: StateBits = 32,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -465,12 +475,12 @@ class StableSPAM(torch.optim.Optimizer):
             bits = group["state_bits"]
             if bits in (8, 4) and param.numel() >= MIN_QUANTIZED_NUMEL:
                 zeros = torch.zeros(local.numel(), dtype=torch.float32, device=local.device)
-                state["quantized_bits"] = bits
-                for key, second_moment in (("exp_avg", False), ("exp_avg_sq", True)):
-                    state[f"{key}_q"], state[f"{key}_absmax"] = quantize(zeros, moment_format(bits, second_moment))
+                state[QUANTIZED_BITS] = bits
+                for key, second_moment in MOMENTS:
+                    state[key + INDICES], state[key + ABSMAX] = quantize(zeros, moment_format(bits, second_moment))
             else:  # bits 8/4 keep small tensors in 32 bits, as bitsandbytes does
                 moment_dtype = torch.bfloat16 if bits == 16 else compute_dtype
-                for key in _MOMENT_KEYS:
+                for key in (EXP_AVG, EXP_AVG_SQ):
                     state[key] = torch.zeros_like(local, dtype=moment_dtype, memory_format=torch.preserve_format)
             for key in _STAT_KEYS:
                 state[key] = torch.zeros((), dtype=_stat_dtype(local.device), device=local.device)
@@ -639,24 +649,24 @@ def _state_layout_problem(saved_state: dict[str, Any], param: torch.Tensor, bits
     local = _local(param)
     numel = local.numel()
     quantized = bits in (8, 4) and param.numel() >= MIN_QUANTIZED_NUMEL
-    if "quantized_bits" in saved_state:
-        saved_bits = saved_state["quantized_bits"]
+    if QUANTIZED_BITS in saved_state:
+        saved_bits = saved_state[QUANTIZED_BITS]
         if not quantized or saved_bits != bits:
             return f"it holds {saved_bits}-bit quantized moments"
-        for key, second_moment in (("exp_avg", False), ("exp_avg_sq", True)):
+        for key, second_moment in MOMENTS:
             blocks = -(-numel // moment_format(bits, second_moment).blocksize)
-            for suffix, size in (("_q", numel if bits == 8 else (numel + 1) // 2), ("_absmax", blocks)):
+            for suffix, size in ((INDICES, numel if bits == 8 else (numel + 1) // 2), (ABSMAX, blocks)):
                 value = saved_state.get(key + suffix)
                 if torch.is_tensor(value):
                     value = _loaded_local(key + suffix, value, param, saved_state)
                 if value is None or not torch.is_tensor(value) or value.numel() != size:
                     return f"{key + suffix} is missing or has another size than this parameter's (shard's) {size}"
         return None
-    if not any(key in saved_state for key in _MOMENT_KEYS):
+    if not any(key in saved_state for key in (EXP_AVG, EXP_AVG_SQ)):
         return None  # no moments saved (nothing to check against)
     if quantized:
         return f"it holds unquantized moments, this optimizer keeps this tensor in {bits} bits"
-    for key in _MOMENT_KEYS:
+    for key in (EXP_AVG, EXP_AVG_SQ):
         value = saved_state.get(key)
         if not torch.is_tensor(value) or _local(value).shape != local.shape:
             shape = None if not torch.is_tensor(value) else tuple(_local(value).shape)
@@ -669,9 +679,9 @@ def _state_layout_problem(saved_state: dict[str, Any], param: torch.Tensor, bits
 
 def _quantized_length(key: str, bits: int, numel: int) -> int:
     """Elements of the 8/4-bit buffer ``key`` (``exp_avg_q``, ``exp_avg_sq_absmax``, …) of ``numel`` elements."""
-    if key.endswith("_q"):
+    if key.endswith(INDICES):
         return numel if bits == 8 else (numel + 1) // 2
-    return -(-numel // moment_format(bits, key.startswith("exp_avg_sq")).blocksize)
+    return -(-numel // moment_format(bits, key.startswith(EXP_AVG_SQ)).blocksize)
 
 
 def _shard_dims(param: torch.Tensor) -> tuple[int, int] | None:
@@ -692,19 +702,19 @@ def _state_as_dtensors(param: torch.Tensor, state: dict[str, Any]) -> dict[str, 
     mesh_dim, tensor_dim = dims
     mesh = param.device_mesh
     out = dict(state)
-    for key in _MOMENT_KEYS:
+    for key in (EXP_AVG, EXP_AVG_SQ):
         if key in state:
             out[key] = DTensor.from_local(
                 state[key], mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
             )
-    if "quantized_bits" in state:
+    if QUANTIZED_BITS in state:
         shards = mesh.size(mesh_dim)
         rows = param.shape[tensor_dim]
         largest_shard = -(-rows // shards) * (param.numel() // rows)  # torch.chunk's first (largest) piece
         placements = [Shard(0) if dim == mesh_dim else Replicate() for dim in range(mesh.ndim)]
-        for key in _QUANTIZED_KEYS:
+        for key in QUANTIZED_KEYS:
             local = state[key]
-            length = _quantized_length(key, state["quantized_bits"], largest_shard)
+            length = _quantized_length(key, state[QUANTIZED_BITS], largest_shard)
             row = local.new_zeros(1, length)
             row[0, : local.numel()] = local
             out[key] = DTensor.from_local(
@@ -719,8 +729,8 @@ def _loaded_local(key: str, value: torch.Tensor, param: torch.Tensor, saved_stat
     if not _is_dtensor(value):
         return value
     local = value.to_local()
-    if key in _QUANTIZED_KEYS and "quantized_bits" in saved_state and value.dim() == 2:
-        length = _quantized_length(key, saved_state["quantized_bits"], _local(param).numel())
+    if key in QUANTIZED_KEYS and QUANTIZED_BITS in saved_state and value.dim() == 2:
+        length = _quantized_length(key, saved_state[QUANTIZED_BITS], _local(param).numel())
         if local.shape[0] != 1 or local.shape[1] < length:
             return None
         return local[0, :length]
@@ -901,29 +911,29 @@ def _adagn_adam(
 def _load_moments(state: dict[str, Any], param: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam's moments in the compute dtype: the state tensors themselves when they are stored in it, else copies
     (bf16 moments cast up; 8/4-bit moments dequantized)."""
-    if "exp_avg" in state:
-        return state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype)
-    bits = state["quantized_bits"]
+    if EXP_AVG in state:
+        return state[EXP_AVG].to(dtype), state[EXP_AVG_SQ].to(dtype)
+    bits = state[QUANTIZED_BITS]
     moments = []
-    for key, second_moment in (("exp_avg", False), ("exp_avg_sq", True)):
+    for key, second_moment in MOMENTS:
         fmt = moment_format(bits, second_moment)
-        values = dequantize(state[f"{key}_q"], state[f"{key}_absmax"], fmt, param.numel())
+        values = dequantize(state[key + INDICES], state[key + ABSMAX], fmt, param.numel())
         moments.append(values.view(param.shape).to(dtype))
     return moments[0], moments[1]
 
 
 def _store_moments(state: dict[str, Any], m: torch.Tensor, v: torch.Tensor) -> None:
     """Write back moments that :func:`_load_moments` returned as copies."""
-    if "exp_avg" in state:
-        if m is not state["exp_avg"]:
-            state["exp_avg"].copy_(m)
-            state["exp_avg_sq"].copy_(v)
+    if EXP_AVG in state:
+        if m is not state[EXP_AVG]:
+            state[EXP_AVG].copy_(m)
+            state[EXP_AVG_SQ].copy_(v)
         return
-    bits = state["quantized_bits"]
-    for key, values, second_moment in (("exp_avg", m, False), ("exp_avg_sq", v, True)):
+    bits = state[QUANTIZED_BITS]
+    for key, values, second_moment in ((EXP_AVG, m, False), (EXP_AVG_SQ, v, True)):
         indices, absmax = quantize(values, moment_format(bits, second_moment))
-        state[f"{key}_q"].copy_(indices)
-        state[f"{key}_absmax"].copy_(absmax)
+        state[key + INDICES].copy_(indices)
+        state[key + ABSMAX].copy_(absmax)
 
 
 # --------------------------------------------------------------------------------------------------------------------
