@@ -99,14 +99,14 @@ _PROGRAMS_PER_SM = 2
 _MIN_ROWS_PER_TILE = 8
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# affine modes (constexpr)
-_AFFINE_NONE = 0
-_AFFINE_SCALE_SHIFT = 1  # y = x̂ ⊙ (offset + w) + b in float32 ("layer_norm", "fp32")
-_AFFINE_MULTIPLY = 2  # y = w ⊙ x̂' ("llama", "t5")
+# affine modes (constexpr, compared by name inside the kernels)
+_AFFINE_NONE = tl.constexpr(0)
+_AFFINE_SCALE_SHIFT = tl.constexpr(1)  # y = x̂ ⊙ (offset + w) + b in float32 ("layer_norm", "fp32")
+_AFFINE_MULTIPLY = tl.constexpr(2)  # y = w ⊙ x̂' ("llama", "t5")
 # rounding of x̂ before the multiplication by w (constexpr)
-_ROUND_NONE = 0
-_ROUND_X_DTYPE = 1
-_ROUND_W_DTYPE = 2
+_ROUND_NONE = tl.constexpr(0)
+_ROUND_X_DTYPE = tl.constexpr(1)
+_ROUND_W_DTYPE = tl.constexpr(2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -116,10 +116,10 @@ _ROUND_W_DTYPE = 2
 
 @triton.jit
 def _round_normalized(x_hat, X, W, ROUND: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """x̂' in float32: x̂ rounded through x's (ROUND == 1) or w's (ROUND == 2) dtype and back."""
-    if ROUND == 1:
+    """x̂' in float32: x̂ rounded through x's or w's dtype and back (or not), as ROUND says."""
+    if ROUND == _ROUND_X_DTYPE:
         x_hat = cast(x_hat, X.dtype.element_ty, MANUAL_BF16).to(tl.float32)
-    elif ROUND == 2:
+    elif ROUND == _ROUND_W_DTYPE:
         x_hat = cast(x_hat, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
     return x_hat
 
@@ -138,15 +138,50 @@ def _affine(
     MANUAL_BF16: tl.constexpr,
 ):
     """y in float32 from x̂ (float32) and the loaded weight and bias rows (broadcastable to x̂)."""
-    if AFFINE == 0:
+    if AFFINE == _AFFINE_NONE:
         y = x_hat
-    elif AFFINE == 1:
+    elif AFFINE == _AFFINE_SCALE_SHIFT:
         y = x_hat * (offset + w.to(tl.float32))
         if HAS_BIAS:
             y = y + bias.to(tl.float32)
     else:
         y = w.to(tl.float32) * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
     return y
+
+
+@triton.jit
+def _inv_std(sum_squares, d_float, eps):
+    """r = 1/√(Σ(x − μ)² / D + eps) from the rows' sums of squares (float32, IEEE-rounded)."""
+    var = tl.div_rn(sum_squares, d_float)
+    return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def _store_affine(
+    Y,
+    ptr,
+    mask,
+    x_hat,
+    X,
+    W,
+    Bias,
+    c,
+    col_mask,
+    offset,
+    AFFINE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROUND: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
+):
+    """Store y for a [BLOCK_ROWS, BLOCK_D] tile of x̂ at ``ptr``, loading the weight and bias at columns ``c``."""
+    w = 0.0
+    bias = 0.0
+    if AFFINE != 0:
+        w = tl.load(W + c, mask=col_mask, other=0.0)[None, :]
+        if HAS_BIAS:
+            bias = tl.load(Bias + c, mask=col_mask, other=0.0)[None, :]
+    y = _affine(x_hat, w, bias, offset, X, W, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
+    tl.store(Y + ptr, cast(y, Y.dtype.element_ty, MANUAL_BF16), mask=mask)
 
 
 @triton.jit
@@ -188,18 +223,12 @@ def _gns_norm_fwd_kernel(
         else:
             mean = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
             centred = x
-        var = tl.div_rn(tl.sum(centred * centred, axis=1), d_float)
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        rstd = _inv_std(tl.sum(centred * centred, axis=1), d_float, eps)
         x_hat = centred * rstd[:, None]
-        w = 0.0
-        bias = 0.0
-        if AFFINE != 0:
-            w = tl.load(W + cols, mask=col_mask, other=0.0)[None, :]
-            if HAS_BIAS:
-                bias = tl.load(Bias + cols, mask=col_mask, other=0.0)[None, :]
-        y = _affine(x_hat, w, bias, offset, X, W, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
-        tl.store(Y + ptr, cast(y, Y.dtype.element_ty, MANUAL_BF16), mask=mask)
+        _store_affine(Y, ptr, mask, x_hat, X, W, Bias, cols, col_mask, offset, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
     else:
+        # the statistics stay separate from the one-block path: they accumulate chunk by chunk in a tile (one more
+        # pass over x for layer_norm) where that path reduces the row it holds
         # pass 1 (and 2 for layer_norm): row statistics, accumulated chunk-wise in a [BLOCK_ROWS, BLOCK_D] tile
         acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
         if IS_LAYER_NORM:
@@ -217,8 +246,7 @@ def _gns_norm_fwd_kernel(
             x = tl.load(X + row_off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
             centred = tl.where(mask, x - mean[:, None], 0.0)
             acc += centred * centred
-        var = tl.div_rn(tl.sum(acc, axis=1), d_float)
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        rstd = _inv_std(tl.sum(acc, axis=1), d_float, eps)
         # last pass: outputs
         for chunk in range(NUM_CHUNKS):
             c = chunk * BLOCK_D + cols
@@ -227,14 +255,7 @@ def _gns_norm_fwd_kernel(
             ptr = row_off[:, None] + c[None, :]
             x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
             x_hat = (x - mean[:, None]) * rstd[:, None]
-            w = 0.0
-            bias = 0.0
-            if AFFINE != 0:
-                w = tl.load(W + c, mask=col_mask, other=0.0)[None, :]
-                if HAS_BIAS:
-                    bias = tl.load(Bias + c, mask=col_mask, other=0.0)[None, :]
-            y = _affine(x_hat, w, bias, offset, X, W, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
-            tl.store(Y + ptr, cast(y, Y.dtype.element_ty, MANUAL_BF16), mask=mask)
+            _store_affine(Y, ptr, mask, x_hat, X, W, Bias, c, col_mask, offset, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
@@ -333,6 +354,30 @@ def _segment_block(
 
 
 @triton.jit
+def _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, CENTRE: tl.constexpr):
+    """(x̂, r) of a [BLOCK_ROWS, BLOCK_D] tile of x at ``ptr`` (rows ``rows``), float32; x̂ is 0 where masked.
+    Without CENTRE (rms_norm, one block) x̂ = x·r: masked x is 0 already and μ is 0."""
+    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    if CENTRE:
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    else:
+        x_hat = x * rstd[:, None]
+    return x_hat, rstd
+
+
+@triton.jit
+def _store_dx(DX, ptr, mask, g, x_hat, rstd, mean_gx, mean_g, IS_LAYER_NORM: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """Store dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)) (the mean(ĝ) term only for layer_norm) of a tile of rows."""
+    correction = mean_gx[:, None] * x_hat
+    if IS_LAYER_NORM:
+        correction = correction + mean_g[:, None]
+    dx = (g - correction) * rstd[:, None]
+    tl.store(DX + ptr, cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
+
+
+@triton.jit
 def _gns_norm_bwd_kernel(
     DY,
     X,
@@ -413,13 +458,7 @@ def _gns_norm_bwd_kernel(
             ptr = rows.to(tl.int64)[:, None] * D + cols[None, :]
             dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
             if NEED_DX or NEED_DW:
-                x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
-                rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-                if IS_LAYER_NORM:
-                    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-                    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                else:
-                    x_hat = x * rstd[:, None]
+                x_hat, rstd = _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, IS_LAYER_NORM)
                 # the accumulations first: dy is then dead across the reductions below (fewer live registers)
                 if SEGMENTED:
                     prod_w = 0.0
@@ -438,11 +477,10 @@ def _gns_norm_bwd_kernel(
                 if NEED_DX:
                     g = dy * w
                     mean_gx = tl.div_rn(tl.sum(g * x_hat, axis=1), d_float)
-                    correction = mean_gx[:, None] * x_hat
+                    mean_g = 0.0
                     if IS_LAYER_NORM:
-                        correction = correction + tl.div_rn(tl.sum(g, axis=1), d_float)[:, None]
-                    dx = (g - correction) * rstd[:, None]
-                    tl.store(DX + ptr, cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
+                        mean_g = tl.div_rn(tl.sum(g, axis=1), d_float)
+                    _store_dx(DX, ptr, mask, g, x_hat, rstd, mean_gx, mean_g, IS_LAYER_NORM, MANUAL_BF16)
             elif NEED_DB:
                 if SEGMENTED:
                     segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
@@ -463,6 +501,8 @@ def _gns_norm_bwd_kernel(
             if NEED_DB:
                 tl.store(PartialB + partial_off + cols, tl.sum(acc_b, axis=0), mask=col_mask)
     else:
+        # the means of pass 1 stay separate from the one-block path's: they accumulate over the chunks of a row into
+        # a scratch buffer, where that path reduces the rows it holds
         if NEED_DX:
             # pass 1, row by row: mean(ĝ) and mean(ĝ ⊙ x̂), kept in the float32 scratch buffers
             for first in range(row_start, row_end, BLOCK_ROWS):
@@ -511,17 +551,15 @@ def _gns_norm_bwd_kernel(
                 dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
                 prod_w = 0.0
                 if NEED_DX or NEED_DW:
-                    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
-                    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-                    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-                    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                    # always centred (μ is 0 for rms_norm): the chunk's masked columns need the where
+                    x_hat, rstd = _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, True)
                     if NEED_DX:
                         g = dy * w
-                        correction = tl.load(ScratchGX + rows, mask=row_mask, other=0.0)[:, None] * x_hat
+                        mean_gx = tl.load(ScratchGX + rows, mask=row_mask, other=0.0)
+                        mean_g = 0.0
                         if IS_LAYER_NORM:
-                            correction = correction + tl.load(ScratchG + rows, mask=row_mask, other=0.0)[:, None]
-                        dx = (g - correction) * rstd[:, None]
-                        tl.store(DX + ptr, cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
+                            mean_g = tl.load(ScratchG + rows, mask=row_mask, other=0.0)
+                        _store_dx(DX, ptr, mask, g, x_hat, rstd, mean_gx, mean_g, IS_LAYER_NORM, MANUAL_BF16)
                     if NEED_DW:
                         prod_w = dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
                         if not SEGMENTED:

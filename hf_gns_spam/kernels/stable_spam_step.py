@@ -91,7 +91,17 @@ import triton.language as tl
 from torch import Tensor
 
 from hf_gns_spam.kernels.rounding import cast, interpreting
-from hf_gns_spam.kernels.step_contract import StepHyperparameters, moment_format
+from hf_gns_spam.kernels.step_contract import (
+    ABSMAX,
+    EXP_AVG,
+    EXP_AVG_SQ,
+    INDICES,
+    MOMENTS,
+    QUANTIZED_BITS,
+    QUANTIZED_KEYS,
+    StepHyperparameters,
+    moment_format,
+)
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -315,6 +325,16 @@ def _adam_elementwise(
 
 
 @triton.jit
+def _load_param_and_grad(W, G, idx, mask, decay, APPLY_DECAY: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """(W after weight decay, g with its non-finite entries zeroed), float32, at ``idx`` (any shape); 0 where masked."""
+    w = tl.load(W + idx, mask=mask, other=0.0).to(tl.float32)
+    if APPLY_DECAY:  # torch's in-place mul_ rounds to W's dtype before the update
+        w = cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
+    g = _finite(tl.load(G + idx, mask=mask, other=0.0).to(tl.float32))
+    return w, g
+
+
+@triton.jit
 def _update_kernel(
     W,
     G,
@@ -367,10 +387,8 @@ def _update_kernel(
     for start in range(pid * BLOCK, n, num_programs * BLOCK):
         idx = start + offsets
         mask = idx < n
-        w = tl.load(W + idx, mask=mask, other=0.0).to(tl.float32)
-        if APPLY_DECAY:  # torch's in-place mul_ rounds to W's dtype before the update
-            w = cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
-        g = _finite(tl.load(G + idx, mask=mask, other=0.0).to(tl.float32))
+        w, g = _load_param_and_grad(W, G, idx, mask, decay, APPLY_DECAY, MANUAL_BF16)
+        # moments as flat float32/bfloat16 elements, not _update_quantized_kernel's (index, absmax) blocks: kept apart
         if RESET and not FAITHFUL:  # clean MoRet: zero moments before the update
             m = tl.zeros([BLOCK], dtype=tl.float32)
             v = tl.zeros([BLOCK], dtype=tl.float32)
@@ -502,10 +520,8 @@ def _update_quantized_kernel(
         idx = rows[:, None, None] * QBLOCK + in_row[None, :, :]
         pairs = rows[:, None] * HALF + pair_offsets[None, :]
         mask = idx < n
-        w = tl.load(W + idx, mask=mask, other=0.0).to(tl.float32)
-        if APPLY_DECAY:
-            w = cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
-        g = _finite(tl.load(G + idx, mask=mask, other=0.0).to(tl.float32))
+        w, g = _load_param_and_grad(W, G, idx, mask, decay, APPLY_DECAY, MANUAL_BF16)
+        # moments in quantization blocks (packed nibbles at 4 bits), not the float elements of _update_kernel
         if RESET and not FAITHFUL:
             m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
             v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
@@ -555,7 +571,7 @@ def _unsupported_reason(param: Tensor, state: dict[str, Any], grad: Tensor | Non
         return "a sparse gradient, or one of another dtype family, shape or device"
     if not param.is_contiguous():
         return "a non-contiguous parameter"
-    if "quantized_bits" in state:
+    if QUANTIZED_BITS in state:
         reason = _unsupported_quantized_reason(param, state)
         if reason is not None:
             return reason
@@ -579,15 +595,15 @@ def _unsupported_reason(param: Tensor, state: dict[str, Any], grad: Tensor | Non
 
 def _unsupported_quantized_reason(param: Tensor, state: dict[str, Any]) -> str | None:
     """Checks of blockwise-quantized moments: the layout :func:`hf_gns_spam.optim.quantized_state.quantize` makes."""
-    bits = state["quantized_bits"]
+    bits = state[QUANTIZED_BITS]
     if bits not in (8, 4):
         return f"quantized_bits {bits!r} (8 or 4)"
     numel = param.numel()
-    for key, second_moment in (("exp_avg", False), ("exp_avg_sq", True)):
+    for key, second_moment in MOMENTS:
         blocksize = moment_format(bits, second_moment).blocksize
         for suffix, dtype, size in (
-            ("_q", torch.uint8, numel if bits == 8 else (numel + 1) // 2),
-            ("_absmax", torch.float32, triton.cdiv(numel, blocksize)),
+            (INDICES, torch.uint8, numel if bits == 8 else (numel + 1) // 2),
+            (ABSMAX, torch.float32, triton.cdiv(numel, blocksize)),
         ):
             tensor = state.get(key + suffix)
             if not isinstance(tensor, Tensor):
@@ -601,7 +617,7 @@ def _unsupported_quantized_reason(param: Tensor, state: dict[str, Any]) -> str |
 
 def _unsupported_moments_reason(param: Tensor, state: dict[str, Any]) -> str | None:
     """Checks of float32/bfloat16 moments."""
-    for key in ("exp_avg", "exp_avg_sq"):
+    for key in (EXP_AVG, EXP_AVG_SQ):
         moment = state.get(key)
         if not isinstance(moment, Tensor):
             return f"state[{key!r}] missing"
@@ -657,7 +673,7 @@ def _check_launch(param: Tensor, state: dict[str, Any], grad: Tensor, block: int
         raise ValueError(f"triton_update_tensor does not support this tensor: {reason}")
     if block < 16 or block & (block - 1) or max_programs < 1:
         raise ValueError(f"block must be a power of two ≥ 16 and max_programs ≥ 1, got {block}, {max_programs}")
-    bits = state.get("quantized_bits")
+    bits = state.get(QUANTIZED_BITS)
     if bits is not None:
         qblock = moment_format(bits, False).blocksize
         if moment_format(bits, True).blocksize != qblock:  # one layout for both moments
@@ -760,11 +776,11 @@ def launch_update(
     numel = param.numel()
     programs = num_programs(numel, block, max_programs)
     _check_workspace(workspace, param, programs, stride)
-    bits = state.get("quantized_bits")
+    bits = state.get(QUANTIZED_BITS)
     if bits is None:
-        moments: tuple[Tensor, ...] = (state["exp_avg"], state["exp_avg_sq"])
+        moments: tuple[Tensor, ...] = (state[EXP_AVG], state[EXP_AVG_SQ])
     else:
-        keys = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
+        keys = QUANTIZED_KEYS
         moments = tuple(state[key] for key in keys)
     launched_moments = tuple(_pointer(moment) for moment in moments)
     if bits is not None:

@@ -51,8 +51,9 @@ _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 @contextlib.contextmanager
 def norm_backend(name: Backend) -> Iterator[None]:
     """Force the implementation inside the block: ``"torch"``, ``"triton"`` (also for CPU tensors, e.g. under
-    ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors, torch otherwise). The choice is made at the
-    forward and recorded for its backward, which may run in another thread (autograd's device threads)."""
+    ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors, torch otherwise). It is read when the forward
+    and the backward run (inside the operators, so that a compiled graph does not freeze it); autograd runs a CUDA
+    backward in its own thread, which sees ``"auto"``: both implementations have the same contract."""
     if name not in _BACKENDS:
         raise ValueError(f"norm backend must be one of {_BACKENDS}, got {name!r}")
     if name == "triton" and not _TRITON_AVAILABLE:
@@ -131,11 +132,10 @@ def _gns_norm_backward(
     need_input_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
-    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw, db, statistics); a gradient that is not needed comes back as an empty tensor of its own (outputs of
-    a custom operator may not alias each other); ``backend`` is the one the forward used."""
-    _, backward = _implementation(backend)
+    a custom operator may not alias each other)."""
+    _, backward = _implementation(_resolved_backend(x))
     dx, dw, db, statistics = backward(
         _spec(kind, eps, offset, rounding),
         dy,
@@ -160,9 +160,8 @@ def _gns_norm_backward(
 
 @_gns_norm_backward.register_fake
 def _(
-    dy, x, weight, bias, mean, rstd, scales, segments, kind, eps, offset, rounding, need_input, need_weight, need_bias,
-    backend,
-):  # fmt: skip
+    dy, x, weight, bias, mean, rstd, scales, segments, kind, eps, offset, rounding, need_input, need_weight, need_bias
+):
     return (
         x.new_empty(x.shape) if need_input else x.new_empty(0),
         weight.new_empty(weight.shape) if need_weight else x.new_empty(0),
@@ -178,7 +177,6 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, weight, bias, mean, rstd, example_scales, segment_ids if statistics is not None else None)
     ctx.spec_args = (kind, eps, offset, rounding)
     ctx.has_statistics = statistics is not None
-    ctx.backend = _resolved_backend(x)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
@@ -197,7 +195,6 @@ def _backward(ctx, dy, _dmean, _drstd):
         need_input,
         need_weight,
         need_bias,
-        ctx.backend,
     )
     return (
         dx if need_input else None,
