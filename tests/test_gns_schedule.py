@@ -179,3 +179,20 @@ def test_resume_is_bit_identical(tmp_path):
     straight_callback = next(c for c in straight.callback_handler.callbacks if isinstance(c, GNSCallback))
     assert resumed_callback.estimator == straight_callback.estimator
     assert auditor.max_relative_error < 1e-5
+
+
+@pytest.mark.slow
+def test_learning_rate_follows_the_batch_with_lr_batch_power(tmp_path):
+    """lr = base · f(samples before the step / min_batch_size) · (B / B_min)^0.5, every step exact."""
+    callback = GNSCallback(schedule="linear", min_batch_size=1, max_batch_size=4, lr_batch_power=0.5)
+    trainer, auditor = run(tmp_path, callback, num_train_epochs=2)
+    trainer.train()
+    assert auditor.max_relative_error < 1e-5
+    sizes = [len(step) for step in auditor.steps]
+    assert max(sizes) > 1
+    factor = trainer.lr_scheduler.lr_lambdas[0]
+    before = [sum(sizes[:k]) for k in range(len(sizes))]
+    expected = [1e-3 * factor(s) * size**0.5 for s, size in zip(before, sizes, strict=True)]
+    assert auditor.learning_rates == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="lr_batch_power must be in"):
+        GNSCallback(schedule="linear", min_batch_size=1, max_batch_size=4, lr_batch_power=2.0)

@@ -93,6 +93,10 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         warmup_steps: ``"gns"``: optimizer steps before the first decision.
         gns_multiplier: ``"gns"``: the batch target is this × the GNS in examples.
         max_growth: ``"gns"``: the most one decision may multiply the batch by.
+        lr_batch_power: with a schedule, the learning rate is the LR schedule at the data consumed times
+            (B / min_batch_size)^lr_batch_power for the step's batch B: 0 (default) keeps the schedule in data of a
+            fixed batch; 0.5 (square-root scaling) lets a larger batch take larger steps (benchmarks/batch_schedule.py:
+            without it a growing batch saved no optimizer steps there).
         ema_decay: decay of the EMAs of |G|² and tr Σ, per optimizer step.
         verify_interval: optimizer steps between two checks that the loss still weights its examples as
             identified on the first micro-batch (each check recomputes one micro-batch's per-example losses).
@@ -116,6 +120,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         warmup_steps: int = 0,
         gns_multiplier: float = 1.0,
         max_growth: float = 2.0,
+        lr_batch_power: float = 0.0,
         ema_decay: float = 0.99,
         verify_interval: int = 100,
         validate_every: int | None = None,
@@ -127,6 +132,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             BatchSizeSchedule(
                 schedule, min_batch_size, max_batch_size, 1, update_interval, warmup_steps, gns_multiplier, max_growth
             )
+        if not 0.0 <= lr_batch_power <= 1.0:
+            raise ValueError(f"lr_batch_power must be in [0, 1] (0.5: square-root scaling), got {lr_batch_power}")
         if verify_interval < 1:
             raise ValueError(f"verify_interval must be >= 1, got {verify_interval}")
         if validate_every is not None and (
@@ -143,6 +150,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.warmup_steps = warmup_steps
         self.gns_multiplier = gns_multiplier
         self.max_growth = max_growth
+        self.lr_batch_power = lr_batch_power
         self.ema_decay = ema_decay
         self.verify_interval = verify_interval
         self.validate_every = validate_every
@@ -274,11 +282,13 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         if self.batch_schedule is not None:
             self._update_horizon(state)
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
+    def on_epoch_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if self._resumed_mid_epoch:  # the restored position and accumulation stand
             self._resumed_mid_epoch = False
             return
         args.gradient_accumulation_steps = self.controller.start_epoch(self._target(state))
+        if self.batch_schedule is not None and self.lr_batch_power:  # the epoch's first batch may differ
+            self._set_learning_rate(lr_scheduler)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.controller.finish_epoch(self._micro_batches)
@@ -287,12 +297,13 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.controller.finish_group(self.last_accumulation, self._trainer.current_gradient_accumulation_steps)
         if self.batch_schedule is None:
             return
-        self._follow_progress(lr_scheduler)
         if self.controller.budget_used:
+            self._set_learning_rate(lr_scheduler)
             control.should_training_stop = True
             state.max_steps = state.global_step
             return
         args.gradient_accumulation_steps = self.controller.next_accumulation(self._target(state))
+        self._set_learning_rate(lr_scheduler)
         self._update_horizon(state)
 
     def _target(self, state) -> int:
@@ -309,16 +320,18 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             self.estimator.is_current,
         )
 
-    def _follow_progress(self, lr_scheduler) -> None:
-        """Put the LR schedule at the progress in reference steps: in data, the schedule of a fixed batch."""
+    def _set_learning_rate(self, lr_scheduler) -> None:
+        """The next step's learning rate: the LR schedule at the progress in reference steps (in data, the schedule
+        of a fixed batch), times (B / B_min)^lr_batch_power for the next step's batch B."""
         if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
             return
         position = min(self.controller.progress, self.controller.loop.budget)
+        batch_factor = (self.controller.accumulation / self._min_accumulation) ** self.lr_batch_power
         lr_scheduler.last_epoch = position
         for group, base_lr, factor in zip(
             lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
         ):
-            group["lr"] = base_lr * factor(position)
+            group["lr"] = base_lr * factor(position) * batch_factor
         lr_scheduler._last_lr = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
 
     def _update_horizon(self, state) -> None:
@@ -563,6 +576,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "warmup_steps": self.warmup_steps,
                 "gns_multiplier": self.gns_multiplier,
                 "max_growth": self.max_growth,
+                "lr_batch_power": self.lr_batch_power,
                 "ema_decay": self.ema_decay,
                 "verify_interval": self.verify_interval,
                 "validate_every": self.validate_every,
