@@ -46,8 +46,6 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import datasets
 import torch
 from transformers import (
-    DataCollatorForLanguageModeling,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
@@ -315,15 +313,7 @@ def train_one(name: str, spec: dict, seed: int, args, model_args, tokenizer, lm_
         rows = torch.randperm(len(lm_data["train"]), generator=generator)[: args.probe_examples].tolist()
         probe = FullGNSProbe(torch.tensor(lm_data["train"].select(rows)["input_ids"]))
     clock = SampleClock(points, args.block_size, callback, probe)
-    trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=lm_data["train"],
-        eval_dataset=lm_data["validation"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        callbacks=[callback, clock],
-    )
+    trainer = clm.causal_lm_trainer(model, tokenizer, lm_data, training, [callback, clock])
     trainer.remove_callback(PrinterCallback)  # disable_tqdm would print every log record
     started = time.time()
     trainer.train()

@@ -40,12 +40,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from transformers import (
-    DataCollatorForLanguageModeling,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -158,14 +156,7 @@ def train_family(family: str, args: argparse.Namespace, tokenizer, lm_data, outp
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
-    trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=lm_data["train"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        callbacks=[callback],
-    )
+    trainer = clm.causal_lm_trainer(model, tokenizer, lm_data, training, [callback])
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

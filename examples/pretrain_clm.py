@@ -215,20 +215,27 @@ def gns_callback(gns_args: GNSArguments, training: TrainingArguments) -> GNSCall
     )
 
 
-def train_evaluate_save(model, tokenizer, lm_data: datasets.DatasetDict, training: TrainingArguments, callback):
-    """Train a causal LM on ``lm_data`` with the Trainer, evaluate it, save the model and trainer_state.json.
-
-    Returns (trainer, train output, evaluation metrics).
-    """
-    trainer = Trainer(
+def causal_lm_trainer(
+    model, tokenizer, lm_data: datasets.DatasetDict, training: TrainingArguments, callbacks: list
+) -> Trainer:
+    """A Trainer for causal language modelling on ``lm_data``'s train and validation blocks."""
+    return Trainer(
         model=model,
         args=training,
         train_dataset=lm_data["train"],
         eval_dataset=lm_data["validation"],
         processing_class=tokenizer,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        callbacks=[callback],
+        callbacks=callbacks,
     )
+
+
+def train_evaluate_save(model, tokenizer, lm_data: datasets.DatasetDict, training: TrainingArguments, callback):
+    """Train a causal LM on ``lm_data`` with the Trainer, evaluate it, save the model and trainer_state.json.
+
+    Returns (trainer, train output, evaluation metrics).
+    """
+    trainer = causal_lm_trainer(model, tokenizer, lm_data, training, [callback])
     result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     evaluation = trainer.evaluate()
     trainer.save_model()

@@ -109,12 +109,9 @@ def test_token_weighted_estimates_are_unbiased_in_a_simulation():
     assert equal[:, 0].mean().item() > 5 * true_grad_sq
 
 
-@pytest.mark.slow
-def test_weighted_estimates_are_unbiased_on_a_patched_model():
-    """A real model, loss L = Σ_b a_b ℓ_b with random weights a_b = n_b / 10 (n_b uniform in 1..16, independent of
-    the examples): small from the patched norms with example scales c_b = 1/a_b², big = ‖grad‖² / (Σ a_b)², and
-    B_eff; the mean per-step |G|² and tr Σ are within 3 s.e. of the dataset's exact values (torch.func)."""
-    dataset_size, batch_size, steps = 24, 4, 300
+def patched_llama_and_exact_moments(dataset_size: int) -> tuple[torch.nn.Module, dict, float, float]:
+    """A patched tiny LLaMA, a data set of full-length sequences, and the data set's exact |G|² and tr Σ of the
+    patched norms' per-example gradients (torch.func on an unpatched copy)."""
     reference = model_zoo.build("llama")
     model = copy.deepcopy(reference)
     patch_model(model)
@@ -125,6 +122,16 @@ def test_weighted_estimates_are_unbiased_on_a_patched_model():
     per_example = exact_per_example_gradients(reference, data, norm_names)
     true_grad_sq = per_example.mean(0).square().sum().item()
     true_trace_sigma = (per_example - per_example.mean(0)).square().sum(1).mean().item()
+    return model, data, true_grad_sq, true_trace_sigma
+
+
+@pytest.mark.slow
+def test_weighted_estimates_are_unbiased_on_a_patched_model():
+    """A real model, loss L = Σ_b a_b ℓ_b with random weights a_b = n_b / 10 (n_b uniform in 1..16, independent of
+    the examples): small from the patched norms with example scales c_b = 1/a_b², big = ‖grad‖² / (Σ a_b)², and
+    B_eff; the mean per-step |G|² and tr Σ are within 3 s.e. of the dataset's exact values (torch.func)."""
+    dataset_size, batch_size, steps = 24, 4, 300
+    model, data, true_grad_sq, true_trace_sigma = patched_llama_and_exact_moments(dataset_size)
 
     scales = torch.ones(batch_size)
     set_example_scales_function(model, lambda examples, kwargs: scales)
@@ -175,16 +182,7 @@ def test_per_step_estimates_are_unbiased_on_a_patched_model():
     """Equal weights (B_eff = B): mean over many steps of |G|² and tr Σ from the patched norms vs the dataset's exact
     values (3 s.e.)."""
     dataset_size, batch_size, steps = 24, 4, 300
-    reference = model_zoo.build("llama")
-    model = copy.deepcopy(reference)
-    patch_model(model)
-    data = model_zoo.batch("llama", batch_size=dataset_size, length=8)
-    data["attention_mask"] = torch.ones_like(data["attention_mask"])
-    data["labels"] = data["input_ids"].clone()
-    norm_names = list(per_example_grad_stats(model))
-    per_example = exact_per_example_gradients(reference, data, norm_names)
-    true_grad_sq = per_example.mean(0).square().sum().item()
-    true_trace_sigma = (per_example - per_example.mean(0)).square().sum(1).mean().item()
+    model, data, true_grad_sq, true_trace_sigma = patched_llama_and_exact_moments(dataset_size)
 
     generator = torch.Generator().manual_seed(1)
     estimates = []
