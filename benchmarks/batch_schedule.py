@@ -10,9 +10,10 @@ and the data order, so the runs of a seed are paired):
     small    fixed batch of min_batch examples (GNSCallback measuring only)
     large    fixed batch of max_batch examples (micro-batches of min_batch accumulated; measuring only)
     linear   GNSCallback(schedule="linear"): min_batch -> max_batch linearly in examples
-    gns      GNSCallback(schedule="gns") with the main job's settings (pretrain_clm.gns_callback defaults)
-    ...      variants prototyped here (see VARIANTS): other multipliers, EMA decays, intervals, a learning rate
-             that follows the batch
+    gns      GNSCallback(schedule="gns") with the main job's settings (pretrain_clm.GNSArguments defaults:
+             gns_multiplier=2, lr_batch_power=0.5, ema_decay=0.95)
+    ...      variants (see VARIANTS): multiplier 1 or 2 with or without the learning rate following the batch, a
+             fixed large batch with a scaled learning rate
 
 The loss is measured on a fixed held-out set (the first ``--eval_examples`` validation blocks) at ``--eval_points``
 points evenly spaced in examples (at the first optimizer step that reaches each point); steps and tokens to reach
@@ -59,62 +60,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 import pretrain_clm as clm  # noqa: E402
 
 from hf_gns_spam import GNSCallback, patch_model  # noqa: E402
-from hf_gns_spam.gns.schedule import BatchSizeSchedule  # noqa: E402
 
 datasets.disable_progress_bars()
 hf_logging.set_verbosity_error()
-
-
-# ------------------------------------------------------------------------------------------------ prototypes
-class ScaledLRGNSCallback(GNSCallback):
-    """Prototype: the learning rate follows the batch, lr = lr_schedule(examples) × (B / B_min)^lr_power.
-
-    The callback already puts the LR schedule at the examples consumed (``_follow_progress``) and then chooses the
-    next step's accumulation; this rescales the LR of the next step by the batch it will have."""
-
-    def __init__(self, *args, lr_power: float = 0.5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lr_power = lr_power
-
-    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
-        result = super().on_step_end(args, state, control, lr_scheduler=lr_scheduler, **kwargs)
-        if self.controller is not None and lr_scheduler is not None and not control.should_training_stop:
-            factor = (self.controller.accumulation / self._min_accumulation) ** self.lr_power
-            for group in lr_scheduler.optimizer.param_groups:
-                group["lr"] *= factor
-            lr_scheduler._last_lr = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
-        return result
-
-
-class TargetScheduleGNSCallback(GNSCallback):
-    """Prototype: the "gns" schedule with a different batch target, through a subclass of BatchSizeSchedule.
-
-    ``target(gns, schedule)`` returns the wanted batch in examples (before rounding, clamping and the growth cap)."""
-
-    def __init__(self, *args, target=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.target_function = target
-
-    def _batch_schedule(self, args):
-        schedule = super()._batch_schedule(args)
-        if schedule is None or self.target_function is None:
-            return schedule
-        return _CustomTargetSchedule(**{f: getattr(schedule, f) for f in schedule.__dataclass_fields__}).with_target(
-            self.target_function
-        )
-
-
-class _CustomTargetSchedule(BatchSizeSchedule):
-    def with_target(self, target):
-        object.__setattr__(self, "_target", target)
-        return self
-
-    def target_accumulation(self, current, step, samples, budget, gns, estimate_is_current):
-        if step < self.warmup_steps or step % self.update_interval or math.isnan(gns) or not estimate_is_current:
-            return current
-        cap = math.floor(self.max_growth * current + 1e-9)
-        wanted = min(self._accumulation(self._target(gns, self)), cap)
-        return max(current, wanted)
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -126,13 +74,20 @@ RUNS: dict[str, dict] = {
     "gns": {"kind": "gns", "help": 'GNSCallback(schedule="gns"), the main job\'s settings'},
 }
 VARIANTS: dict[str, dict] = {
-    "gns_m2": {"kind": "gns", "callback": {"gns_multiplier": 2.0}, "help": "gns, gns_multiplier=2"},
-    "gns_lr": {"kind": "gns", "lr_power": 0.5, "help": "gns, lr x sqrt(B / B_min)"},
-    "gns_m2_lr": {
+    "gns_m1": {
         "kind": "gns",
-        "callback": {"gns_multiplier": 2.0},
-        "lr_power": 0.5,
-        "help": "gns, gns_multiplier=2, lr x sqrt(B / B_min)",
+        "callback": {"gns_multiplier": 1.0, "lr_batch_power": 0.0},
+        "help": "gns, gns_multiplier=1, lr in examples only (the main job's settings before 2026-12-01)",
+    },
+    "gns_m2": {
+        "kind": "gns",
+        "callback": {"gns_multiplier": 2.0, "lr_batch_power": 0.0},
+        "help": "gns, gns_multiplier=2, lr in examples only",
+    },
+    "gns_lr": {
+        "kind": "gns",
+        "callback": {"gns_multiplier": 1.0, "lr_batch_power": 0.5},
+        "help": "gns, gns_multiplier=1, lr x sqrt(B / B_min)",
     },
     "large_lr": {
         "kind": "fixed",
@@ -155,6 +110,7 @@ def main_job_gns_settings() -> dict:
         "update_interval": defaults.gns_update_interval,
         "gns_multiplier": defaults.gns_multiplier,
         "ema_decay": defaults.gns_ema_decay,
+        "lr_batch_power": defaults.gns_lr_batch_power,
     }
 
 
@@ -168,10 +124,6 @@ def make_callback(spec: dict, min_batch: int, max_batch: int) -> GNSCallback:
         )
     settings.update(spec.get("callback", {}))
     common = {"schedule": "gns", "min_batch_size": min_batch, "max_batch_size": max_batch, **settings}
-    if "lr_power" in spec:
-        return ScaledLRGNSCallback(lr_power=spec["lr_power"], **common)
-    if "target" in spec:
-        return TargetScheduleGNSCallback(target=spec["target"], **common)
     return GNSCallback(**common)
 
 
@@ -598,7 +550,7 @@ def fmt_pct(s: dict) -> str:
     return text + ("" if s["reached"] == s["of"] else f" ({s['reached']}/{s['of']})")
 
 
-def plot(results: dict, names: list[str], seeds: list[int], path: Path) -> None:
+def plot(results: dict, names: list[str], seeds: list[int], block_size: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -629,7 +581,7 @@ def plot(results: dict, names: list[str], seeds: list[int], path: Path) -> None:
                 ys = [p[key] if p[key] is not None and math.isfinite(p[key]) else np.nan for p in r["steps"]]
                 curves.append(np.interp(grid, xs, ys))
             curves = np.array(curves)
-            axis.plot(grid * RUN_BLOCK[0] / 1e6, np.nanmean(curves, 0), color=color, label=name)
+            axis.plot(grid * block_size / 1e6, np.nanmean(curves, 0), color=color, label=name)
     tokens_axis.set_xlabel("tokens (M)")
     steps_axis.set_xlabel("optimizer steps")
     for axis in (tokens_axis, steps_axis):
@@ -651,9 +603,6 @@ def plot(results: dict, names: list[str], seeds: list[int], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-RUN_BLOCK = [128]
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -700,7 +649,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown runs {unknown}; --list shows them")
     if args.budget % args.max_batch:
         raise SystemExit(f"--budget must be a multiple of --max_batch ({args.max_batch})")
-    RUN_BLOCK[0] = args.block_size
     torch.set_num_threads(args.threads)
     output = Path(args.output_dir)
     cache = output / "runs"
@@ -749,7 +697,7 @@ def main(argv: list[str] | None = None) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""
     figure = output / f"batch_schedule{suffix}.png"
-    plot(results, args.runs, args.seeds, figure)
+    plot(results, args.runs, args.seeds, args.block_size, figure)
     document = {
         "config": config,
         "seeds": args.seeds,

@@ -9,12 +9,21 @@ files (a real text corpus on every machine, no download), with a byte-level BPE 
     python examples/pretrain_clm.py --model_name_or_path gpt2 --dataset_name wikitext \\
         --dataset_config_name wikitext-2-raw-v1 --output_dir runs/gpt2 --bf16   # any Hub model / datasets source
 
+Unless ``--baseline none``, it then trains the same model (same seed, data, budget and learning-rate schedule) with
+the batch fixed at ``--min_batch_size`` into ``OUTPUT_DIR/baseline_fixed_batch``, and compares: both runs are
+evaluated on the held-out blocks at ``--eval_points`` points evenly spaced in training examples, and the comparison
+gives the optimizer steps and tokens each needs to reach the scheduled run's final held-out loss.
+
 It writes the model and tokenizer, ``metrics.json`` (final loss, evaluation loss and perplexity, tokens, the GNS
-and batch-size history) and ``gns_plot.png`` (loss, GNS and batch size against tokens) to ``--output_dir``.
+and batch-size history, the evaluations; the baseline's and the comparison) and ``gns_plot.png`` (held-out loss
+against tokens and against optimizer steps, GNS and batch size, both runs overlaid) to ``--output_dir``.
+``--quantize int4`` trains with the projections fake-quantized to 4 bits (weights and activations, the Stable-SPAM
+paper's W4A4 quantization-aware training).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,12 +44,14 @@ from transformers import (
     LlamaConfig,
     PreTrainedTokenizerFast,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
 from hf_gns_spam import GNSCallback, patch_model
-from hf_gns_spam.plotting import plot_run, training_records
+from hf_gns_spam.fake_quant import apply_fake_quantization
+from hf_gns_spam.plotting import plot_runs, training_records
 
 DEFAULT_OUTPUT_DIR = "runs/pretrain_clm"
 # the main job's TrainingArguments when the command line does not set them
@@ -73,6 +84,14 @@ class ModelArguments:
     num_attention_heads: int = field(default=4, metadata={"help": "new model: attention heads"})
     intermediate_size: int = field(default=344, metadata={"help": "new model: MLP width"})
     vocab_size: int = field(default=2048, metadata={"help": "new tokenizer: byte-level BPE vocabulary size"})
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "none, or int4: train with the q/k/v/o/gate/up/down projections' weights and inputs fake-"
+            "quantized to 4 bits (the Stable-SPAM paper's W4A4 setting, hf_gns_spam.fake_quant)"
+        },
+    )
+    quantize_group_size: int = field(default=256, metadata={"help": "--quantize: elements per quantization group"})
 
 
 @dataclass
@@ -98,8 +117,21 @@ class GNSArguments:
     max_batch_size: int | None = field(default=None, metadata={"help": "default: 8 x min_batch_size"})
     gns_warmup_steps: int = field(default=20, metadata={"help": "optimizer steps before the first change"})
     gns_update_interval: int = field(default=10, metadata={"help": "optimizer steps between changes"})
-    gns_multiplier: float = field(default=1.0, metadata={"help": "batch target = multiplier x GNS"})
+    gns_multiplier: float = field(default=2.0, metadata={"help": "batch target = multiplier x GNS"})
+    gns_lr_batch_power: float = field(
+        default=0.5, metadata={"help": "learning rate x (batch / min_batch_size)^power on top of its schedule"}
+    )
     gns_ema_decay: float = field(default=0.95, metadata={"help": "EMA decay of |G|^2 and tr(Sigma)"})
+    baseline: str = field(
+        default="fixed",
+        metadata={
+            "help": "fixed: also train the same model on the same data and budget with a fixed batch of "
+            "min_batch_size, and compare (loss against tokens and optimizer steps); none: the scheduled run only"
+        },
+    )
+    eval_points: int = field(
+        default=12, metadata={"help": "held-out evaluations per run, evenly spaced in training examples"}
+    )
 
 
 def standard_library_corpus(max_bytes: int) -> datasets.Dataset:
@@ -199,11 +231,29 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     return AutoModelForCausalLM.from_config(config)
 
 
+QUANTIZATION_BITS = {"none": None, "int4": 4}
+
+
+def quantize_model(model, model_args: ModelArguments) -> list[str]:
+    """Apply ``--quantize`` (fake quantization of the projections for quantization-aware training)."""
+    if model_args.quantize not in QUANTIZATION_BITS:
+        raise ValueError(f"--quantize must be one of {list(QUANTIZATION_BITS)}, got {model_args.quantize!r}")
+    bits = QUANTIZATION_BITS[model_args.quantize]
+    if bits is None:
+        return []
+    return apply_fake_quantization(model, bits=bits, group_size=model_args.quantize_group_size)
+
+
+def min_batch_size(gns_args: GNSArguments, training: TrainingArguments) -> int:
+    """--min_batch_size, by default the batch the TrainingArguments give (micro-batch x accumulation x processes)."""
+    unit = training.per_device_train_batch_size * training.world_size
+    return gns_args.min_batch_size or unit * training.gradient_accumulation_steps
+
+
 def gns_callback(gns_args: GNSArguments, training: TrainingArguments) -> GNSCallback:
     if gns_args.schedule == "none":
         return GNSCallback(ema_decay=gns_args.gns_ema_decay)
-    unit = training.per_device_train_batch_size * training.world_size
-    minimum = gns_args.min_batch_size or unit * training.gradient_accumulation_steps
+    minimum = min_batch_size(gns_args, training)
     return GNSCallback(
         schedule=gns_args.schedule,
         min_batch_size=minimum,
@@ -211,6 +261,7 @@ def gns_callback(gns_args: GNSArguments, training: TrainingArguments) -> GNSCall
         warmup_steps=gns_args.gns_warmup_steps,
         update_interval=gns_args.gns_update_interval,
         gns_multiplier=gns_args.gns_multiplier,
+        lr_batch_power=gns_args.gns_lr_batch_power,
         ema_decay=gns_args.gns_ema_decay,
     )
 
@@ -230,12 +281,75 @@ def causal_lm_trainer(
     )
 
 
-def train_evaluate_save(model, tokenizer, lm_data: datasets.DatasetDict, training: TrainingArguments, callback):
+class EvaluateAtExamples(TrainerCallback):
+    """Evaluates on the held-out set when the examples consumed (all processes, from the ``GNSCallback``) first
+    reach each of ``points``, so that runs with different batch sizes are compared at the same data."""
+
+    def __init__(self, points: list[int], gns_callback: GNSCallback):
+        self.points, self.gns_callback = sorted(points), gns_callback
+        self.next = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        reached = self.next
+        while reached < len(self.points) and self.gns_callback.samples >= self.points[reached]:
+            reached += 1
+        if reached > self.next:
+            control.should_evaluate = True
+            self.next = reached
+
+
+def evaluation_points(lm_data: datasets.DatasetDict, training: TrainingArguments, count: int) -> list[int]:
+    """``count`` points evenly spaced over the run's training examples (its budget)."""
+    if training.max_steps > 0:
+        batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
+        budget = training.max_steps * batch
+    else:
+        budget = math.floor(len(lm_data["train"]) * training.num_train_epochs)
+    return [max(1, round(budget * (i + 1) / count)) for i in range(count)]
+
+
+def first_crossing(xs: list[float], losses: list[float], target: float) -> float | None:
+    """x at which the loss first reaches ``target``, linearly interpolated between points; None if never."""
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return xs[0]
+            x0, x1, l0, l1 = xs[i - 1], xs[i], losses[i - 1], loss
+            return x0 + (x1 - x0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def evaluations(log_history: list[dict]) -> list[dict]:
+    """The run's held-out evaluations: optimizer step, tokens seen, loss."""
+    return [
+        {"step": r["step"], "tokens": r.get("num_input_tokens_seen"), "loss": r["eval_loss"]}
+        for r in log_history
+        if "eval_loss" in r
+    ]
+
+
+def compare_to_baseline(run: list[dict], baseline: list[dict]) -> dict:
+    """Optimizer steps and tokens the scheduled run and the fixed-batch baseline need to reach the scheduled run's
+    final held-out loss (interpolated between evaluations), and the steps saved, 1 − steps(run)/steps(baseline)."""
+    target = run[-1]["loss"]
+
+    def reach(evals: list[dict], key: str) -> float | None:
+        return first_crossing([e[key] for e in evals], [e["loss"] for e in evals], target)
+
+    result = {"target_loss": target}
+    for key, name in (("step", "steps"), ("tokens", "tokens")):
+        ours, theirs = reach(run, key), reach(baseline, key)
+        result[f"run_{name}"], result[f"baseline_{name}"] = ours, theirs
+        result[f"{name}_saved"] = None if ours is None or theirs is None or theirs == 0 else 1 - ours / theirs
+    return result
+
+
+def train_evaluate_save(model, tokenizer, lm_data: datasets.DatasetDict, training: TrainingArguments, callbacks):
     """Train a causal LM on ``lm_data`` with the Trainer, evaluate it, save the model and trainer_state.json.
 
     Returns (trainer, train output, evaluation metrics).
     """
-    trainer = causal_lm_trainer(model, tokenizer, lm_data, training, [callback])
+    trainer = causal_lm_trainer(model, tokenizer, lm_data, training, callbacks)
     result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     evaluation = trainer.evaluate()
     trainer.save_model()
@@ -243,26 +357,30 @@ def train_evaluate_save(model, tokenizer, lm_data: datasets.DatasetDict, trainin
     return trainer, result, evaluation
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, gns_args, training = parse_arguments(list(sys.argv[1:] if argv is None else argv))
+def train_run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    tokenizer,
+    lm_data: datasets.DatasetDict,
+    training: TrainingArguments,
+    callback: GNSCallback,
+    eval_points: int,
+) -> tuple[dict, bool]:
+    """Build the model (from the seed), quantize and patch it, train, evaluate and save.
+
+    Returns the run's metrics and whether this process is the one that writes (the main process)."""
     set_seed(training.seed)
-    raw = load_raw_datasets(data_args)
-    if model_args.tokenizer_name or model_args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-    else:
-        tokenizer = train_byte_level_tokenizer(raw["train"], data_args.text_column, model_args.vocab_size)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm_data = truncated(tokenized_blocks(raw, tokenizer, data_args.text_column, data_args.block_size), data_args)
-
     model = build_model(model_args, tokenizer, data_args.block_size)
+    quantized = quantize_model(model, model_args)
     report = patch_model(model)
-    print(report)
-    callback = gns_callback(gns_args, training)
-    trainer, result, evaluation = train_evaluate_save(model, tokenizer, lm_data, training, callback)
-
+    if training.process_index == 0:
+        print(report)
+        if quantized:
+            print(f"fake-quantized to {model_args.quantize}: {len(quantized)} linear layers")
+    clock = EvaluateAtExamples(evaluation_points(lm_data, training, eval_points), callback)
+    trainer, result, evaluation = train_evaluate_save(model, tokenizer, lm_data, training, [callback, clock])
     records = training_records({"log_history": trainer.state.log_history})
-    metrics = {
+    return {
         "final_train_loss": records[-1]["loss"] if records else math.nan,
         "first_train_loss": records[0]["loss"] if records else math.nan,
         "train_loss_mean": result.training_loss,
@@ -274,6 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
         "train_tokens": trainer.state.num_input_tokens_seen,
         "optimizer_steps": trainer.state.global_step,
         "patched_norms": len(report.patched),
+        "quantized_layers": len(quantized),
+        "output_dir": training.output_dir,
         "history": [
             {
                 key: record.get(key)
@@ -281,17 +401,67 @@ def main(argv: list[str] | None = None) -> dict:
             }
             for record in records
         ],
-    }
-    if not trainer.is_world_process_zero():  # several processes (torchrun): one writes
+        "evaluations": evaluations(trainer.state.log_history),
+    }, trainer.is_world_process_zero()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, gns_args, training = parse_arguments(list(sys.argv[1:] if argv is None else argv))
+    if gns_args.baseline not in ("fixed", "none"):
+        raise ValueError(f"--baseline must be fixed or none, got {gns_args.baseline!r}")
+    set_seed(training.seed)
+    raw = load_raw_datasets(data_args)
+    if model_args.tokenizer_name or model_args.model_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    else:
+        tokenizer = train_byte_level_tokenizer(raw["train"], data_args.text_column, model_args.vocab_size)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm_data = truncated(tokenized_blocks(raw, tokenizer, data_args.text_column, data_args.block_size), data_args)
+
+    callback = gns_callback(gns_args, training)
+    minimum = min_batch_size(gns_args, training)
+    metrics, writes = train_run(model_args, data_args, tokenizer, lm_data, training, callback, gns_args.eval_points)
+    runs = {f"{gns_args.schedule} schedule": training.output_dir}
+    if gns_args.baseline == "fixed" and gns_args.schedule != "none":
+        # the same model, seed, data, budget and learning-rate schedule, the batch fixed at min_batch_size
+        unit = training.per_device_train_batch_size * training.world_size
+        if minimum % unit:
+            raise ValueError(f"--min_batch_size {minimum} is not a multiple of micro-batch x processes ({unit})")
+        baseline_args = dataclasses.replace(
+            training,
+            output_dir=str(Path(training.output_dir) / "baseline_fixed_batch"),
+            gradient_accumulation_steps=minimum // unit,
+            resume_from_checkpoint=None,
+        )
+        measuring = GNSCallback(ema_decay=gns_args.gns_ema_decay)
+        baseline, _ = train_run(
+            model_args, data_args, tokenizer, lm_data, baseline_args, measuring, gns_args.eval_points
+        )
+        metrics["baseline"] = baseline
+        metrics["comparison"] = compare_to_baseline(metrics["evaluations"], baseline["evaluations"])
+        runs[f"fixed batch {minimum}"] = baseline_args.output_dir
+    if not writes:  # several processes (torchrun): one writes
         return metrics
     Path(training.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(training.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
-    plot = plot_run(training.output_dir)
+    plot = plot_runs(runs, Path(training.output_dir) / "gns_plot.png")
     print(f"model, metrics.json and {plot.name} written to {training.output_dir}")
     print(
         f"loss {metrics['first_train_loss']:.3f} -> {metrics['final_train_loss']:.3f}, eval perplexity "
         f"{metrics['eval_perplexity']:.2f}, {metrics['train_tokens']:,} tokens, {metrics['optimizer_steps']} steps"
     )
+    if "comparison" in metrics:
+        comparison = metrics["comparison"]
+        steps = comparison["baseline_steps"]
+        print(
+            f"to its final held-out loss {comparison['target_loss']:.3f}: {comparison['run_steps']:.0f} optimizer "
+            + (
+                f"steps against the fixed batch's {steps:.0f} ({100 * comparison['steps_saved']:+.1f}% saved)"
+                if steps is not None
+                else "steps; the fixed batch never reaches it"
+            )
+        )
     return metrics
 
 

@@ -1,9 +1,10 @@
-"""Plot a training run's loss, gradient noise scale and batch size against tokens seen.
+"""Plot training runs' loss, gradient noise scale and batch size, one run or several overlaid.
 
 Reads the Trainer's ``trainer_state.json`` (its ``log_history``, where :class:`~hf_gns_spam.GNSCallback` puts
-``gns``, ``gns_tokens`` and ``batch_size`` beside ``loss``) and draws three stacked panels sharing the x axis:
-tokens seen when the run logged ``num_input_tokens_seen`` (``include_num_input_tokens_seen=True``), else optimizer
-steps.
+``gns``, ``gns_tokens`` and ``batch_size`` beside ``loss``) and draws four panels: loss against tokens seen (when the
+run logged ``num_input_tokens_seen``, ``include_num_input_tokens_seen=True``; else optimizer steps) and against
+optimizer steps, the GNS and the batch size against tokens. Comparing runs that grow the batch with fixed-batch
+runs needs both loss panels: a growing batch buys fewer optimizer steps with more data.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["find_trainer_state", "plot_run", "training_records"]
+__all__ = ["find_trainer_state", "plot_run", "plot_runs", "training_records"]
 
 
 def find_trainer_state(run_dir: str | Path) -> Path:
@@ -41,57 +42,69 @@ def training_records(trainer_state: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Draw loss, GNS and batch size against tokens for a run; returns the PNG's path (default: in the run)."""
+    """Draw loss, GNS and batch size of a run; returns the PNG's path (default: ``gns_plot.png`` in the run)."""
+    state_path = find_trainer_state(run_dir)
+    return plot_runs({"run": state_path}, output if output is not None else state_path.parent / "gns_plot.png")
+
+
+def plot_runs(runs: dict[str, str | Path], output: str | Path) -> Path:
+    """Overlay runs (label -> run folder or trainer_state.json) in four panels: loss against tokens seen and against
+    optimizer steps (training loss as a line, held-out evaluations as markers), the GNS and the batch size against
+    tokens; returns ``output``. Tokens are optimizer steps for a run that did not log ``num_input_tokens_seen``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    state_path = find_trainer_state(run_dir)
-    records = training_records(json.loads(state_path.read_text()))
-    if not records:
-        raise ValueError(f"{state_path} has no training log records (set logging_steps to log during training)")
-    by_tokens = all("num_input_tokens_seen" in r for r in records)
-    x = [r["num_input_tokens_seen"] if by_tokens else r["step"] for r in records]
-    x_label = "tokens seen" if by_tokens else "optimizer step"
+    figure, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    (tokens_axis, steps_axis), (gns_axis, batch_axis) = axes
+    token_runs = 0
+    for (label, run_dir), color in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
+        state_path = find_trainer_state(run_dir)
+        history = json.loads(state_path.read_text()).get("log_history", [])
+        records = training_records({"log_history": history})
+        if not records:
+            raise ValueError(f"{state_path} has no training log records (set logging_steps to log during training)")
+        by_tokens = all("num_input_tokens_seen" in r for r in records)
+        token_runs += by_tokens
+        x_key = "num_input_tokens_seen" if by_tokens else "step"
+        evaluations = [r for r in history if "eval_loss" in r and x_key in r]
+        for axis, key in ((tokens_axis, x_key), (steps_axis, "step")):
+            axis.plot([r[key] for r in records], [r["loss"] for r in records], color=color, alpha=0.45, lw=1)
+            axis.plot(
+                [r[key] for r in evaluations],
+                [r["eval_loss"] for r in evaluations],
+                "o-",
+                color=color,
+                ms=4,
+                label=f"{label}: held-out" if evaluations else None,
+            )
+            axis.plot([], [], color=color, alpha=0.45, label=f"{label}: training")
 
-    figure, (loss_axis, gns_axis, batch_axis) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    loss_axis.plot(x, [r["loss"] for r in records], color="tab:blue", label="training loss")
-    evaluations = [r for r in json.loads(state_path.read_text()).get("log_history", []) if "eval_loss" in r]
-    if evaluations and by_tokens and all("num_input_tokens_seen" in r for r in evaluations):
-        loss_axis.plot(
-            [r["num_input_tokens_seen"] for r in evaluations],
-            [r["eval_loss"] for r in evaluations],
-            "o",
-            color="tab:red",
-            label="evaluation loss",
-        )
-    loss_axis.set_ylabel("cross-entropy (nats / token)")
-    loss_axis.set_title("Loss")
+        def positive(key: str, records=records, x_key=x_key) -> tuple[list[float], list[float]]:
+            pairs = [(r[x_key], r.get(key, math.nan)) for r in records]
+            pairs = [(x, value) for x, value in pairs if isinstance(value, (int, float)) and value > 0]
+            return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    def finite(key: str) -> tuple[list[float], list[float]]:
-        pairs = [(xi, r[key]) for xi, r in zip(x, records, strict=True) if math.isfinite(r.get(key, math.nan))]
-        pairs = [(xi, value) for xi, value in pairs if value > 0]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-
-    gns_x, gns_y = finite("gns")
-    if gns_y:
-        gns_axis.plot(gns_x, gns_y, color="tab:green", label="GNS (examples)")
+        gns_x, gns_y = positive("gns")
+        if gns_y:
+            gns_axis.plot(gns_x, gns_y, color=color, label=label)
+        batch_x, batch_y = positive("batch_size")
+        if batch_y:
+            batch_axis.step(batch_x, batch_y, where="post", color=color, label=label)
+    x_label = "tokens seen" if token_runs == len(runs) else "tokens seen (optimizer steps where not logged)"
+    tokens_axis.set(title="Loss against data", xlabel=x_label, ylabel="cross-entropy (nats / token)")
+    steps_axis.set(title="Loss against optimizer steps", xlabel="optimizer step", ylabel="cross-entropy (nats / token)")
+    gns_axis.set(title="Gradient noise scale, from the normalization layers", xlabel=x_label, ylabel="examples")
+    if gns_axis.get_lines():
         gns_axis.set_yscale("log")
-    gns_axis.set_ylabel("gradient noise scale (examples)")
-    gns_axis.set_title("Gradient noise scale, from the normalization layers (EMA ratio)")
-
-    batch_x, batch_y = finite("batch_size")
-    batch_axis.step(batch_x, batch_y, where="post", color="tab:purple", label="batch size")
-    batch_axis.set_ylabel("batch size (examples per optimizer step)")
-    batch_axis.set_xlabel(x_label)
-    batch_axis.set_title("Batch size")
-    for axis in (loss_axis, gns_axis, batch_axis):
+    batch_axis.set(title="Batch size", xlabel=x_label, ylabel="examples per optimizer step")
+    for axis in axes.flat:
         axis.grid(True, alpha=0.3)
-        if axis.get_lines():
-            axis.legend(loc="best")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(loc="best", fontsize=8)
     figure.tight_layout()
-    output = Path(output) if output is not None else state_path.parent / "gns_plot.png"
-    figure.savefig(output, dpi=120)
+    output = Path(output)
+    figure.savefig(output, dpi=110)
     plt.close(figure)
     return output

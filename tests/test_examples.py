@@ -39,6 +39,20 @@ def test_pretrain_clm_writes_model_metrics_and_plot(tmp_path):
     assert any(h["gns"] is not None and math.isfinite(h["gns"]) for h in history)
     assert history[0]["batch_size"] == 4 and max(h["batch_size"] for h in history) > 4  # the batch grew
     assert (output_dir / "gns_plot.png").stat().st_size > 10_000
+
+    # the fixed-batch baseline: same seed, data and budget, batch 4 throughout, its own output folder
+    baseline = metrics["baseline"]
+    assert {h["batch_size"] for h in baseline["history"]} <= {4, 1, 2, 3}  # 4, and an epoch's shorter last step
+    assert baseline["train_tokens"] == metrics["train_tokens"]  # the same budget
+    assert baseline["optimizer_steps"] > metrics["optimizer_steps"]
+    assert baseline["first_train_loss"] == pytest.approx(metrics["first_train_loss"], rel=1e-6)  # same start
+    assert (output_dir / "baseline_fixed_batch" / "trainer_state.json").exists()
+    for run in (metrics, baseline):  # held-out evaluations at 12 points evenly spaced in data, then the final one
+        assert len(run["evaluations"]) == 13
+    comparison = metrics["comparison"]
+    assert comparison["target_loss"] == metrics["eval_loss"] and comparison["run_steps"] <= metrics["optimizer_steps"]
+    if comparison["baseline_steps"] is not None:
+        assert comparison["steps_saved"] == pytest.approx(1 - comparison["run_steps"] / comparison["baseline_steps"])
     assert (output_dir / "model.safetensors").exists() and (output_dir / "tokenizer.json").exists()
 
     # the console script draws the same figure from the run's trainer_state.json
@@ -93,7 +107,8 @@ def test_main_job_script_under_torchrun_two_processes(tmp_path):
         "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64",
         "--block_size", "32", "--per_device_train_batch_size", "4", "--max_batch_size", "32",
         "--gns_warmup_steps", "4", "--gns_update_interval", "2", "--logging_steps", "2", "--disable_tqdm", "true",
-        "--use_cpu", "true", "--ddp_backend", "gloo",
+        "--use_cpu", "true", "--ddp_backend", "gloo", "--baseline", "none", "--quantize", "int4",
+        "--quantize_group_size", "16",
     ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environment, timeout=600)
@@ -103,3 +118,37 @@ def test_main_job_script_under_torchrun_two_processes(tmp_path):
     sizes = [h["batch_size"] for h in metrics["history"]]
     assert sizes[0] == 8 and max(sizes) > 8  # 2 processes x 4 examples to start with, then the batch grew
     assert metrics["final_train_loss"] < metrics["first_train_loss"]
+    assert metrics["quantized_layers"] == 14 and "baseline" not in metrics  # 7 projections x 2 layers, W4A4
+
+
+def load_main_job():
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain_clm
+    finally:
+        sys.path.remove(str(REPO_ROOT / "examples"))
+    return pretrain_clm
+
+
+def test_comparison_interpolates_the_first_crossing():
+    clm = load_main_job()
+    run = [{"step": 10, "tokens": 100, "loss": 5.0}, {"step": 20, "tokens": 300, "loss": 4.0}]
+    baseline = [
+        {"step": 10, "tokens": 50, "loss": 5.5},
+        {"step": 30, "tokens": 150, "loss": 4.5},
+        {"step": 50, "tokens": 250, "loss": 3.5},
+    ]
+    comparison = clm.compare_to_baseline(run, baseline)
+    # the baseline crosses 4.0 halfway between its 2nd and 3rd evaluations: step 40, 200 tokens
+    assert comparison["baseline_steps"] == pytest.approx(40) and comparison["baseline_tokens"] == pytest.approx(200)
+    assert comparison["steps_saved"] == pytest.approx(0.5) and comparison["tokens_saved"] == pytest.approx(-0.5)
+    never = clm.compare_to_baseline(run, baseline[:2])
+    assert never["baseline_steps"] is None and never["steps_saved"] is None
+
+
+def test_main_job_refuses_an_unknown_quantization():
+    clm = load_main_job()
+    with pytest.raises(ValueError, match="--quantize must be one of"):
+        clm.quantize_model(None, clm.ModelArguments(quantize="int3"))
+    with pytest.raises(ValueError, match="--baseline must be"):
+        clm.main(["--baseline", "random", "--output_dir", "unused"])

@@ -104,6 +104,7 @@ def test_linear_schedule_epochs_every_step_exact_no_data_lost(tmp_path):
     sizes = [len(step) for step in auditor.steps]
     # 1 -> 4 in samples; a change waits until the epoch position is a multiple of it: 4 never comes in time
     assert sizes == [1] * 8 + [2] * 8 + [3] * 8 and callback.controller.accumulation == 3
+    assert trainer.args.gradient_accumulation_steps == 1  # the arguments come out as they went in
     # every example exactly once per epoch
     dataset_rows = sorted(tuple(r) for r in padded_dataset(size=24)["input_ids"])
     seen = rows([m for step in auditor.steps for m in step])
@@ -150,6 +151,7 @@ def test_gns_schedule_grows_with_the_measured_gns(tmp_path):
     assert auditor.max_relative_error < 1e-5
     sizes = [len(step) for step in auditor.steps]
     assert sizes[:3] == [2, 2, 2] and max(sizes) == 8
+    assert trainer.args.gradient_accumulation_steps == 1  # the user's value, not the schedule's minimum (2)
     assert callback.samples == 48
     assert not math.isnan(callback.estimator.gns)  # inf is legitimate: the smoothed |G|² can be negative
 

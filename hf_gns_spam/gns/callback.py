@@ -170,6 +170,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_LENGTH)
         self._trainer: Trainer | None = None
         self._min_accumulation = 1
+        self._arguments_accumulation: int | None = None  # the TrainingArguments' value when training started
         self._resumed_mid_epoch = False
         self._steps_since_verified = 0
         self._reset_step()
@@ -237,6 +238,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         )
 
     def before_loop_bounds(self, trainer: Trainer) -> None:
+        self._arguments_accumulation = trainer.args.gradient_accumulation_steps  # given back at the end
         trainer.args.gradient_accumulation_steps = self._min_accumulation
 
     def loop_bounds(
@@ -292,6 +294,12 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.controller.finish_epoch(self._micro_batches)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # the TrainingArguments come out as they went in: the model's saved training_args.bin, and a second
+        # Trainer or run built from the same arguments, get the user's accumulation, not the grown one
+        if self._arguments_accumulation is not None:
+            args.gradient_accumulation_steps = self._arguments_accumulation
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         self.controller.finish_group(self.last_accumulation, self._trainer.current_gradient_accumulation_steps)
