@@ -215,18 +215,15 @@ class FullGNSProbe:
 
 
 def prepare_data(args) -> tuple:
-    data = clm.DataArguments(block_size=args.block_size)
+    data = clm.DataArguments(block_size=args.block_size, max_eval_examples=args.eval_examples)
     model_args = clm.ModelArguments(
         hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers,
         num_attention_heads=args.num_attention_heads,
         intermediate_size=args.intermediate_size,
     )
-    raw = clm.load_raw_datasets(data)
     set_seed(0)
-    tokenizer = clm.train_byte_level_tokenizer(raw["train"], data.text_column, model_args.vocab_size)
-    lm_data = clm.tokenized_blocks(raw, tokenizer, data.text_column, data.block_size)
-    lm_data["validation"] = lm_data["validation"].select(range(min(args.eval_examples, len(lm_data["validation"]))))
+    tokenizer, lm_data = clm.prepare_data(model_args, data)
     return model_args, tokenizer, lm_data
 
 

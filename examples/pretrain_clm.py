@@ -201,6 +201,20 @@ def truncated(lm_data: datasets.DatasetDict, data: DataArguments) -> datasets.Da
     return lm_data
 
 
+def prepare_data(model_args: ModelArguments, data_args: DataArguments) -> tuple:
+    """The tokenizer (the model's, or a byte-level BPE trained on the training texts) and the training and
+    validation blocks."""
+    raw = load_raw_datasets(data_args)
+    if model_args.tokenizer_name or model_args.model_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    else:
+        tokenizer = train_byte_level_tokenizer(raw["train"], data_args.text_column, model_args.vocab_size)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm_data = truncated(tokenized_blocks(raw, tokenizer, data_args.text_column, data_args.block_size), data_args)
+    return tokenizer, lm_data
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, GNSArguments, TrainingArguments]:
     for flag, value in DEFAULT_TRAINING_FLAGS.items():
         if flag not in argv:
@@ -410,14 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
     if gns_args.baseline not in ("fixed", "none"):
         raise ValueError(f"--baseline must be fixed or none, got {gns_args.baseline!r}")
     set_seed(training.seed)
-    raw = load_raw_datasets(data_args)
-    if model_args.tokenizer_name or model_args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-    else:
-        tokenizer = train_byte_level_tokenizer(raw["train"], data_args.text_column, model_args.vocab_size)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm_data = truncated(tokenized_blocks(raw, tokenizer, data_args.text_column, data_args.block_size), data_args)
+    tokenizer, lm_data = prepare_data(model_args, data_args)
 
     callback = gns_callback(gns_args, training)
     minimum = min_batch_size(gns_args, training)

@@ -8,8 +8,8 @@ elements along the input dimension:
 * weights, asymmetric min-max, round to nearest (levels 0 … 2^b − 1):
       s = (max − min) / (2^b − 1),   z = round(−min / s),   ŵ = (clamp(round(w / s) + z, 0, 2^b − 1) − z) · s
 * activations, symmetric absmax with the ``keep_outliers`` largest |x| of the group kept exactly
-  (levels −(2^(b−1) − 1) … 2^(b−1) − 1):
-      s = max_{rest} |x| / (2^(b−1) − 1),   x̂ = clamp(round(x / s), −q, q) · s   (outliers: x̂ = x)
+  (levels −q … q, q = 2^(b−1) − 1):
+      s = max_{rest} |x| / q,   x̂ = clamp(round(x / s), −q, q) · s   (outliers: x̂ = x)
 
 When G does not divide the input dimension, its last n mod G elements form one shorter group. The forward pass
 computes y = x̂ ŵᵀ + b; the backward pass is the straight-through estimator the paper uses, x̂ and ŵ treated as x
