@@ -6,7 +6,9 @@ Loads a causal LM (any Hub id or local path; the main job's output works offline
 (bitsandbytes, CPU or GPU), prepares it for k-bit training, adds LoRA adapters to every linear layer, patches its
 normalization layers (frozen here: they cost nothing and give no GNS — the callback still logs the batch size),
 and trains with ``optim="stable_spam"`` through the Trainer. Data arguments and every ``TrainingArguments`` flag
-are those of ``examples/pretrain_clm.py``. It writes the adapter, ``metrics.json`` and ``gns_plot.png``.
+are those of ``examples/pretrain_clm.py``. It writes the adapter, ``metrics.json`` (with the held-out next-token
+accuracy, ``eval_accuracy``, from :func:`hf_gns_spam.metrics.causal_lm_accuracy` through ``evaluate``) and
+``gns_plot.png``.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# first: importing hf_gns_spam silences the message bitsandbytes logs when peft imports it on a CPU run
+import hf_gns_spam  # isort: split
+
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from pretrain_clm import (
     DataArguments,
     GNSArguments,
+    causal_lm_trainer,
     gns_callback,
     load_raw_datasets,
     tokenized_blocks,
-    train_evaluate_save,
     truncated,
 )
 from transformers import (
@@ -37,7 +42,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_gns_spam import patch_model
+from hf_gns_spam.metrics import causal_lm_accuracy
 from hf_gns_spam.plotting import plot_run, training_records
 
 DEFAULT_TRAINING_FLAGS = {
@@ -88,15 +93,22 @@ def main(argv: list[str] | None = None) -> dict:
     lora = LoraConfig(r=qlora.lora_rank, lora_alpha=qlora.lora_alpha, target_modules="all-linear", lora_dropout=0.0)
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
-    report = patch_model(model)
+    report = hf_gns_spam.patch_model(model)
     print(report)
 
-    trainer, _, evaluation = train_evaluate_save(model, tokenizer, lm_data, training, gns_callback(gns_args, training))
+    trainer = causal_lm_trainer(model, tokenizer, lm_data, training, [gns_callback(gns_args, training)])
+    # next-token accuracy on the held-out blocks, through evaluate (eval_accuracy)
+    trainer.compute_metrics, trainer.preprocess_logits_for_metrics = causal_lm_accuracy()
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    evaluation = trainer.evaluate()
+    trainer.save_model()
+    trainer.save_state()
     records = training_records({"log_history": trainer.state.log_history})
     metrics = {
         "first_train_loss": records[0]["loss"],
         "final_train_loss": records[-1]["loss"],
         "eval_loss": evaluation["eval_loss"],
+        "eval_accuracy": evaluation["eval_accuracy"],
         "eval_perplexity": math.exp(evaluation["eval_loss"]),
         "perplexity_note": "exp(eval_loss), computed locally (evaluate's perplexity metric needs the Hub)",
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),

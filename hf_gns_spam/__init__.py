@@ -2,10 +2,19 @@
 
 Importing the package registers ``optim="stable_spam"`` with ``transformers.TrainingArguments``. On a transformers
 whose internals differ, the import still succeeds with a warning (``StableSPAM`` stays usable through
-``Trainer(optimizer_cls_and_kwargs=...)``).
+``Trainer(optimizer_cls_and_kwargs=...)``). It also silences two third-party messages every CPU run printed
+(:mod:`hf_gns_spam.integrations.known_warnings`), exactly those.
 """
 
+# ruff: noqa: E402  (the filters are installed before the imports below load transformers' Trainer)
+
 import warnings
+
+from hf_gns_spam.integrations.known_warnings import silence_known_warnings
+
+# Before anything imports transformers' Trainer, which imports peft, which imports bitsandbytes: bitsandbytes logs
+# the message silenced here while it is imported (hf_gns_spam/integrations/known_warnings.py).
+silence_known_warnings()
 
 from hf_gns_spam.gns import GNSCallback
 from hf_gns_spam.integrations.bitsandbytes_cpu import CPURepackingError

@@ -72,6 +72,7 @@ def test_pretrain_clm_writes_model_metrics_and_plot(tmp_path):
     qlora_metrics = json.loads((qlora_dir / "metrics.json").read_text())
     assert len(qlora_metrics["history"]) == 4 and math.isfinite(qlora_metrics["final_train_loss"])
     assert qlora_metrics["patched_norms"] == 5 and 0 < qlora_metrics["trainable_parameters"] < 20_000
+    assert 0.0 < qlora_metrics["eval_accuracy"] < 1.0  # next-token accuracy (hf_gns_spam.metrics, evaluate)
     assert (qlora_dir / "adapter_model.safetensors").exists()
 
 

@@ -25,6 +25,8 @@ LAYERS = {
     "integrations": 3,
     "gns": 3,
     "plotting": 4,
+    "metrics": 4,
+    "launch": 4,
     "cli": 4,
     "": 4,  # hf_gns_spam/__init__.py
 }

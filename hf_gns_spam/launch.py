@@ -1,0 +1,476 @@
+"""``hf-gns-spam launch``: run an unmodified training script with GNS-aware norms, Stable-SPAM and a GNSCallback.
+
+    hf-gns-spam launch [options] SCRIPT [script args]       # as `python SCRIPT [script args]` would
+    hf-gns-spam launch [options] -m MODULE [module args]    # as `python -m MODULE [module args]` would
+    torchrun --nproc_per_node 4 -m hf_gns_spam.cli launch [options] SCRIPT [script args]
+    accelerate launch -m hf_gns_spam.cli launch [options] SCRIPT [script args]
+
+In the process the script runs in (torchrun and accelerate start the launcher as they would start the script):
+
+1. ``hf_gns_spam`` is imported before the script imports transformers: ``--optim stable_spam`` (``stable_spam_8bit``,
+   ``stable_spam_4bit``) and ``--optim_args`` parse, and the two known third-party messages of a CPU run are
+   silenced (:mod:`hf_gns_spam.integrations.known_warnings`).
+2. ``transformers.Trainer`` is wrapped at the class level (:class:`TrainerLauncher`), so that its subclasses, TRL's
+   trainers among them, are covered, whether they are given a model or load it themselves from a name (TRL's
+   ``SFTTrainer(model="...")`` calls ``Trainer.__init__`` with the loaded, possibly peft-wrapped, model):
+
+   * the model each Trainer is built with, or gets from ``model_init``, is patched with
+     :func:`~hf_gns_spam.patch_model` before ``Trainer.__init__`` runs (``--no-patch``: not; a model the script
+     patched itself is left as it is), and the patch report is printed once, by the main process, on stderr;
+   * a :class:`~hf_gns_spam.GNSCallback` built from the options is added to each Trainer (``--no-gns``: not), unless
+     the script gives the Trainer its own, which is then the one used (and one the script adds later with
+     ``add_callback`` replaces the launcher's). Its defaults are those of ``examples/pretrain_clm.py``
+     (:data:`GNS_OPTIONS`): ``--min-batch-size`` = per_device_train_batch_size × processes ×
+     gradient_accumulation_steps of the script's ``TrainingArguments``, ``--max-batch-size`` = 8 × that.
+3. The script runs with :mod:`runpy` as python runs it: ``__name__ == "__main__"``, ``sys.argv == [SCRIPT,
+   *script args]``, ``sys.path[0]`` the script's folder (the current folder for ``-m``).
+
+Errors in the launcher's own options (an unknown option before SCRIPT, a missing script, options that contradict
+each other or the script's ``TrainingArguments``) name the option and the fix, and exit with status 2. Everything
+after SCRIPT belongs to the script; a launcher option put there by mistake gets a hint when the script's argument
+parser rejects it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import functools
+import importlib.util
+import inspect
+import os
+import re
+import runpy
+import sys
+import traceback
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import nn
+
+from hf_gns_spam.gns import GNSCallback
+from hf_gns_spam.patching import is_patched, patch_model
+
+__all__ = [
+    "DESCRIPTION",
+    "EPILOG",
+    "GNS_OPTIONS",
+    "USAGE",
+    "GNSOption",
+    "LaunchOptionError",
+    "LaunchOptions",
+    "TrainerLauncher",
+    "add_arguments",
+    "main",
+    "run",
+]
+
+_PREFIX = "hf-gns-spam launch"
+USAGE = "hf-gns-spam launch [options] SCRIPT [args]  |  hf-gns-spam launch [options] -m MODULE [args]"
+DESCRIPTION = """Run an unmodified training script as python would, with hf_gns_spam imported (--optim stable_spam
+works), the model of every Trainer patched with patch_model and a GNSCallback added to it."""
+EPILOG = """examples:
+  hf-gns-spam launch run_clm.py --model_name_or_path gpt2 --optim stable_spam --output_dir out
+  hf-gns-spam launch --gns-schedule gns --max-batch-size 256 run_clm.py ...
+  hf-gns-spam launch --no-gns -m trl.scripts.sft --optim stable_spam_8bit ...
+  torchrun --nproc_per_node 4 -m hf_gns_spam.cli launch --gns-schedule linear run_clm.py ...
+  accelerate launch -m hf_gns_spam.cli launch run_clm.py ..."""
+
+
+class LaunchOptionError(ValueError):
+    """The launcher's options are invalid, contradict each other, or do not fit the script's TrainingArguments."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GNSOption:
+    """One launcher option that sets the :class:`~hf_gns_spam.GNSCallback` parameter of the same meaning."""
+
+    flag: str
+    parameter: str  # GNSCallback's keyword
+    type: Callable[[str], Any]
+    default: Any
+    schedules: tuple[str | None, ...]  # the schedules it applies to
+    help: str
+
+
+_ANY_SCHEDULE = (None, "linear", "gns")
+_SCHEDULED = ("linear", "gns")
+# Declared once: the argument parser, the checks that options fit the schedule, and the translation of
+# GNSCallback's messages into option names all read this table. The defaults are examples/pretrain_clm.py's (where
+# they differ from GNSCallback's: gns_multiplier 2 and lr_batch_power 0.5 are what let a growing batch save optimizer
+# steps in benchmarks/batch_schedule.py; warmup 20 steps; ema_decay 0.95 for short runs).
+GNS_OPTIONS = (
+    GNSOption("--min-batch-size", "min_batch_size", int, None, _SCHEDULED,
+              "global batch (examples per optimizer step, all processes) to start from; default: the script's "
+              "per_device_train_batch_size x processes x gradient_accumulation_steps"),
+    GNSOption("--max-batch-size", "max_batch_size", int, None, _SCHEDULED,
+              "global batch the schedule may grow to; default: 8 x --min-batch-size"),
+    GNSOption("--gns-warmup-steps", "warmup_steps", int, 20, ("gns",),
+              "optimizer steps before the first batch-size decision"),
+    GNSOption("--gns-update-interval", "update_interval", int, 10, ("gns",),
+              "optimizer steps between batch-size decisions"),
+    GNSOption("--gns-multiplier", "gns_multiplier", float, 2.0, ("gns",), "the batch follows this x the GNS"),
+    GNSOption("--gns-max-growth", "max_growth", float, 2.0, ("gns",),
+              "the most one decision multiplies the batch by"),
+    GNSOption("--gns-lr-batch-power", "lr_batch_power", float, 0.5, _SCHEDULED,
+              "learning rate x (batch / min batch)^p on top of its schedule (0.5: square-root scaling; 0: the "
+              "schedule in data of a fixed batch)"),
+    GNSOption("--gns-ema-decay", "ema_decay", float, 0.95, _ANY_SCHEDULE,
+              "decay of the EMAs of |G|^2 and tr(Sigma), per optimizer step"),
+    GNSOption("--gns-verify-interval", "verify_interval", int, 100, _ANY_SCHEDULE,
+              "optimizer steps between two checks of how the loss weights its examples"),
+    GNSOption("--gns-validate-every", "validate_every", int, None, _ANY_SCHEDULE,
+              "also log the whole model's GNS (gns_total) every N optimizer steps (costly; off by default)"),
+)  # fmt: skip
+_SCHEDULE_FLAG = "--gns-schedule"
+# GNSCallback checks these itself; the others are checked by its batch schedule, which needs both bounds
+_CHECKED_WITHOUT_SCHEDULE = ("lr_batch_power", "ema_decay", "verify_interval", "validate_every")
+_OPTION_OF_PARAMETER = {"schedule": _SCHEDULE_FLAG, **{o.parameter: o.flag for o in GNS_OPTIONS}}
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchOptions:
+    """What the launcher does to every Trainer (see the module's docstring); ``gns_values`` by GNSCallback keyword,
+    only those set on the command line (the others take :data:`GNS_OPTIONS`' defaults)."""
+
+    patch: bool = True
+    patch_include: tuple[str, ...] | None = None
+    patch_exclude: tuple[str, ...] | None = None
+    gns: bool = True
+    schedule: str | None = None
+    gns_values: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def callback_kwargs(self, args: Any = None) -> dict[str, Any]:
+        """GNSCallback's keyword arguments for a Trainer with TrainingArguments ``args``.
+
+        Without ``args``, a batch bound that defaults from them is None (the maximum is known when the minimum is
+        given)."""
+        kwargs: dict[str, Any] = {"schedule": self.schedule} if self.schedule else {}
+        for option in GNS_OPTIONS:
+            if self.schedule in option.schedules:
+                kwargs[option.parameter] = self.gns_values.get(option.parameter, option.default)
+        if self.schedule:
+            if kwargs["min_batch_size"] is None and args is not None:
+                unit = args.per_device_train_batch_size * args.world_size
+                kwargs["min_batch_size"] = unit * args.gradient_accumulation_steps
+            if kwargs["max_batch_size"] is None and kwargs["min_batch_size"] is not None:
+                kwargs["max_batch_size"] = 8 * kwargs["min_batch_size"]
+        return kwargs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The launcher's options, for ``hf-gns-spam launch --help``; :func:`main` parses the command line with it."""
+    patching = parser.add_argument_group("patching the model of every Trainer")
+    patching.add_argument("--no-patch", action="store_true", help="do not patch (the script patches, or no GNS)")
+    for flag, what in (("--patch-include", "patch only the norms"), ("--patch-exclude", "leave alone the norms")):
+        patching.add_argument(
+            flag, action="append", metavar="GLOB", help=f"{what} whose module name matches (repeatable)"
+        )
+    gns = parser.add_argument_group("the GNSCallback added to every Trainer")
+    gns.add_argument("--no-gns", action="store_true", help="add no GNSCallback")
+    gns.add_argument(
+        _SCHEDULE_FLAG,
+        choices=("none", "linear", "gns"),
+        help="batch-size schedule; default none: measure and log the GNS, leave the batch alone",
+    )
+    for option in GNS_OPTIONS:
+        default = "" if option.default is None else f" (default {option.default})"
+        metavar = "N" if option.type is int else "X"
+        gns.add_argument(
+            option.flag, dest=option.parameter, type=option.type, metavar=metavar, help=option.help + default
+        )
+    parser.add_argument("-m", dest="module", metavar="MODULE", help="run a module, as python -m (ends the options)")
+    parser.add_argument("script", nargs="?", metavar="SCRIPT", help="the training script (ends the options)")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, metavar="...", help="the script's own arguments")
+
+
+def _split_command_line(
+    parser: argparse.ArgumentParser, argv: list[str]
+) -> tuple[list[str], str | None, bool, list[str]]:
+    """(launcher options, SCRIPT or MODULE, whether it is a module, the script's arguments, verbatim).
+
+    The first word that is not a launcher option or its value is SCRIPT, as with python; ``-m MODULE`` ends the
+    options too. Everything after belongs to the script, untouched (argparse alone would drop a ``--`` there).
+    """
+    actions = parser._option_string_actions  # argparse has no public lookup of an option string
+    position = 0
+    while position < len(argv):
+        word = argv[position]
+        if word == "-m" or (word.startswith("-m") and not word.startswith("--")):
+            module = word[2:] or (argv[position + 1] if position + 1 < len(argv) else None)
+            if not module:
+                parser.error("-m needs a MODULE: hf-gns-spam launch [options] -m MODULE [args]")
+            return argv[:position], module, True, argv[position + (1 if word[2:] else 2) :]
+        if word == "--":  # ends the options, as for python
+            rest = argv[position + 1 :]
+            return argv[:position], rest[0] if rest else None, False, rest[1:]
+        if not word.startswith("-") or word == "-":
+            return argv[:position], word, False, argv[position + 1 :]
+        name = word.split("=", 1)[0]
+        if name not in actions:
+            close = difflib.get_close_matches(name, [s for s in actions if s.startswith("--")], n=1)
+            parser.error(
+                f"unknown option {name}{f' (did you mean {close[0]}?)' if close else ''}. The launcher's options "
+                "(hf-gns-spam launch --help) come before SCRIPT and the script's own after it: "
+                f"hf-gns-spam launch [options] SCRIPT {word} ..."
+            )
+        position += 1 if actions[name].nargs == 0 or "=" in word else 2
+    return argv, None, False, []
+
+
+def _options_from(namespace: argparse.Namespace) -> LaunchOptions:
+    """The checked options; LaunchOptionError names each option that is out of place and the fix."""
+    given = {o.parameter: getattr(namespace, o.parameter) for o in GNS_OPTIONS}
+    given = {parameter: value for parameter, value in given.items() if value is not None}
+    flags = [_OPTION_OF_PARAMETER[p] for p in given] + ([_SCHEDULE_FLAG] if namespace.gns_schedule else [])
+    if namespace.no_gns and flags:
+        raise LaunchOptionError(
+            f"--no-gns adds no GNSCallback, so {', '.join(flags)} would do nothing: drop --no-gns, or drop them"
+        )
+    if namespace.no_patch and (namespace.patch_include or namespace.patch_exclude):
+        raise LaunchOptionError("--no-patch patches nothing: drop it, or drop --patch-include/--patch-exclude")
+    schedule = None if namespace.gns_schedule in (None, "none") else namespace.gns_schedule
+    for option in GNS_OPTIONS:
+        if option.parameter in given and schedule not in option.schedules:
+            wanted = " or ".join(s for s in option.schedules if s)
+            raise LaunchOptionError(
+                f"{option.flag} applies to --gns-schedule {wanted} (this run's is {schedule or 'none'}): add "
+                f"--gns-schedule {option.schedules[-1]}, or drop {option.flag}"
+            )
+    options = LaunchOptions(
+        patch=not namespace.no_patch,
+        patch_include=tuple(namespace.patch_include) if namespace.patch_include else None,
+        patch_exclude=tuple(namespace.patch_exclude) if namespace.patch_exclude else None,
+        gns=not namespace.no_gns,
+        schedule=schedule,
+        gns_values=given,
+    )
+    if options.gns:  # check now what can be checked without the script's TrainingArguments
+        kwargs = options.callback_kwargs()
+        if schedule and kwargs["min_batch_size"] is None:  # the schedule is checked when a Trainer is built
+            kwargs = {k: v for k, v in kwargs.items() if k in _CHECKED_WITHOUT_SCHEDULE}
+        with _in_launcher_terms():
+            GNSCallback(**kwargs)
+    return options
+
+
+def _launcher_terms(message: str) -> str:
+    """A GNSCallback message with its keywords replaced by the launcher's options (``min_batch_size=6`` becomes
+    ``--min-batch-size 6``) and the script's TrainingArguments named as its flags."""
+    for parameter, flag in sorted(_OPTION_OF_PARAMETER.items(), key=lambda item: -len(item[0])):
+        message = re.sub(rf"(?<![\w-]){parameter}(=?)", lambda m, f=flag: f + (" " if m.group(1) else ""), message)
+    return message.replace("per_device_train_batch_size", "the script's --per_device_train_batch_size")
+
+
+@contextlib.contextmanager
+def _in_launcher_terms(context: str = "") -> Iterator[None]:
+    """Re-raise GNSCallback's ValueErrors as LaunchOptionError in the launcher's terms."""
+    try:
+        yield
+    except ValueError as error:
+        if isinstance(error, LaunchOptionError):
+            raise
+        raise LaunchOptionError(_launcher_terms(str(error)) + context) from error
+
+
+class TrainerLauncher:
+    """While :meth:`installed`: patch every Trainer's model and add a GNSCallback to every Trainer (module docstring).
+
+    Wraps ``Trainer.__init__`` (patch the model it is given, then add the callback), ``Trainer.call_model_init``
+    (patch each model ``model_init`` makes, at construction and again at ``train()``) and ``Trainer.add_callback``
+    (a GNSCallback the script adds replaces the launcher's; a Trainer can have one) on the class itself.
+    """
+
+    def __init__(self, options: LaunchOptions) -> None:
+        self.options = options
+        self._patched_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._callbacks: weakref.WeakSet[GNSCallback] = weakref.WeakSet()
+        self._announced: set[str] = set()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[TrainerLauncher]:
+        from transformers import Trainer
+
+        originals = {name: Trainer.__dict__[name] for name in ("__init__", "call_model_init", "add_callback")}
+        Trainer.__init__ = self._wrap_init(originals["__init__"])
+        Trainer.call_model_init = self._wrap_call_model_init(originals["call_model_init"])
+        Trainer.add_callback = self._wrap_add_callback(originals["add_callback"])
+        try:
+            yield self
+        finally:
+            for name, original in originals.items():
+                setattr(Trainer, name, original)
+
+    # ------------------------------------------------------------------------------------------ the model
+    def _prepare_model(self, model: Any) -> str | None:
+        """Patch ``model`` unless told not to or already done; returns what to announce."""
+        if not self.options.patch or not isinstance(model, nn.Module) or model in self._patched_models:
+            return None
+        self._patched_models.add(model)
+        if any(is_patched(module) for module in model.modules()):
+            return "the script patched the model itself: left as it is"
+        report = patch_model(model, include=self.options.patch_include, exclude=self.options.patch_exclude)
+        return f"patch_model: {report}"
+
+    def _announce(self, trainer: Any, message: str | None) -> None:
+        """Print ``message`` on stderr once per process, from the main process only."""
+        if message is None or message in self._announced or not trainer.is_world_process_zero():
+            return
+        self._announced.add(message)
+        print(f"{_PREFIX}: {message}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------------------------------ the callback
+    def _add_gns_callback(self, trainer: Any) -> str | None:
+        """Add a GNSCallback from the options to ``trainer`` (checked now against its model and arguments)."""
+        if not self.options.gns:
+            return None
+        if any(isinstance(c, GNSCallback) for c in trainer.callback_handler.callbacks):
+            return "the script gives the Trainer its own GNSCallback: the launcher adds none, its GNS options unused"
+        if not any(is_patched(module) for module in trainer.model.modules()):
+            fix = (
+                "drop --no-patch, or add --no-gns"
+                if not self.options.patch
+                else "the patch report lists why; add --no-gns, or change --patch-include/--patch-exclude"
+            )
+            raise LaunchOptionError(
+                f"the Trainer's model has no patched normalization layer, and GNSCallback measures those: {fix}"
+            )
+        kwargs = self.options.callback_kwargs(trainer.args)
+        defaults = (
+            f" (--min-batch-size defaults to the script's --per_device_train_batch_size x processes x "
+            f"--gradient_accumulation_steps = {kwargs['min_batch_size']})"
+            if self.options.schedule and "min_batch_size" not in self.options.gns_values
+            else ""
+        )
+        with _in_launcher_terms(defaults):
+            callback = GNSCallback(**kwargs)
+            # the checks GNSCallback makes when a Trainer is built, which add_callback skips
+            callback.on_init_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+        self._callbacks.add(callback)
+        trainer.add_callback(callback)
+        return f"GNSCallback({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) added to the Trainer"
+
+    # ------------------------------------------------------------------------------------------ the wrappers
+    def _wrap_init(self, original: Callable) -> Callable:
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def __init__(trainer, *args, **kwargs):
+            if getattr(trainer, "_gns_launched", False):  # Trainer.__init__ run again on one instance
+                return original(trainer, *args, **kwargs)
+            trainer._gns_launched = True
+            try:
+                model = signature.bind(trainer, *args, **kwargs).arguments.get("model")
+            except TypeError:  # the Trainer's own error says what is wrong
+                model = None
+            messages = [self._prepare_model(model)]  # before the Trainer builds anything from it
+            original(trainer, *args, **kwargs)
+            messages += [self._prepare_model(trainer.model), self._add_gns_callback(trainer)]
+            for message in messages:
+                self._announce(trainer, message)
+
+        return __init__
+
+    def _wrap_call_model_init(self, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def call_model_init(trainer, *args, **kwargs):
+            model = original(trainer, *args, **kwargs)
+            self._announce(trainer, self._prepare_model(model))
+            return model
+
+        return call_model_init
+
+    def _wrap_add_callback(self, original: Callable) -> Callable:
+        @functools.wraps(original)
+        def add_callback(trainer, callback):
+            kind = callback if isinstance(callback, type) else type(callback)
+            if issubclass(kind, GNSCallback) and callback not in self._callbacks:
+                for ours in [c for c in trainer.callback_handler.callbacks if c in self._callbacks]:
+                    trainer.callback_handler.remove_callback(ours)
+                    self._announce(trainer, "the script adds its own GNSCallback: it replaces the launcher's")
+            return original(trainer, callback)
+
+        return add_callback
+
+
+def _misplaced_options(parser: argparse.ArgumentParser, script_args: list[str]) -> list[str]:
+    """Launcher options among the script's arguments (put after SCRIPT by mistake)."""
+    ours = {s for s in parser._option_string_actions if s.startswith("--") and s != "--help"}
+    return [word.split("=", 1)[0] for word in script_args if word.split("=", 1)[0] in ours]
+
+
+def _check_target(target: str, as_module: bool) -> None:
+    """A missing script or module is a LaunchOptionError (checked with the script's sys.path in place)."""
+    if not as_module:
+        if not os.path.exists(target):
+            raise LaunchOptionError(f"SCRIPT {target}: no such file")
+        return
+    try:
+        found = importlib.util.find_spec(target) is not None
+    except ImportError:  # a missing parent package
+        found = False
+    if not found:
+        raise LaunchOptionError(f"-m {target}: no module named {target!r} here or in {sys.prefix}")
+
+
+def _print_misplaced_hint(misplaced: list[str], target: str) -> None:
+    print(
+        f"{_PREFIX}: note: the script got {', '.join(misplaced)}, which the launcher takes before SCRIPT: "
+        f"hf-gns-spam launch {' '.join(misplaced)} ... {target} ...",
+        file=sys.stderr,
+    )
+
+
+def run(options: LaunchOptions, target: str, script_args: list[str], as_module: bool = False) -> None:
+    """Run ``target`` (a path, or a module name with ``as_module``) as python would, with the Trainer wrapped.
+
+    Raises:
+        LaunchOptionError: the script or module does not exist, or, while a Trainer is built, the options do not
+            fit it.
+    """
+    saved_argv, saved_path = sys.argv, sys.path[:]
+    sys.argv = [target, *script_args]  # run_module puts the module's file in sys.argv[0], as python -m does
+    if as_module:
+        sys.path[0] = os.getcwd()
+    elif os.path.isfile(target):  # run_path puts a folder or zip file with a __main__.py there itself
+        sys.path[0] = os.path.dirname(os.path.realpath(target))
+    try:
+        _check_target(target, as_module)
+        with TrainerLauncher(options).installed():
+            if as_module:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(target, run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+
+
+def main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """``hf-gns-spam launch`` with the arguments after ``launch``; ``parser`` has :func:`add_arguments`."""
+    option_words, target, as_module, script_args = _split_command_line(parser, argv)
+    namespace = parser.parse_args(option_words)
+    if target is None:
+        parser.error("missing SCRIPT: hf-gns-spam launch [options] SCRIPT [args] (or -m MODULE [args])")
+    try:
+        options = _options_from(namespace)
+    except LaunchOptionError as error:
+        parser.error(str(error))
+    try:
+        run(options, target, script_args, as_module)
+    except LaunchOptionError as error:  # no such script, or the options do not fit a Trainer the script builds
+        print(f"{_PREFIX}: error: {error}", file=sys.stderr)
+        return 2
+    except (Exception, SystemExit) as failure:
+        misplaced = _misplaced_options(parser, script_args)
+        if not misplaced or (isinstance(failure, SystemExit) and failure.code in (0, None)):
+            raise
+        if isinstance(failure, SystemExit):  # the script's argument parser printed why: the hint goes below it
+            _print_misplaced_hint(misplaced, target)
+            raise
+        traceback.print_exc()  # as python reports the script's error, with the hint below it
+        _print_misplaced_hint(misplaced, target)
+        return 1
+    return 0
