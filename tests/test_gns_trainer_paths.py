@@ -250,6 +250,41 @@ def test_trl_sft_trainer_split_invariance(tmp_path):
 
 
 @pytest.mark.slow
+def test_trl_outputs_are_asked_for_only_when_the_weighting_is_identified(tmp_path):
+    """TRL's SFTTrainer runs a second, no-grad forward whenever compute_loss is asked for the outputs (its fused LM
+    head builds no logits): the callback asks on the first micro-batch and then once every verify_interval steps,
+    not on every micro-batch, and TRL's deprecation notice for that request is not shown to the user."""
+    import warnings
+
+    trl = pytest.importorskip("trl")
+    data = padded_dataset(size=24).remove_columns(["attention_mask", "labels"])
+    model = model_zoo.build("llama")
+    patch_model(model)
+    forwards = {"grad": 0, "no_grad": 0}
+    model.register_forward_pre_hook(
+        lambda module, args: forwards.__setitem__(key := "grad" if torch.is_grad_enabled() else "no_grad",
+                                                  forwards[key] + 1)
+    )  # fmt: skip
+    steps, accumulation, verify_interval = 5, 2, 2
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
+        max_steps=steps, learning_rate=1e-3, optim="stable_spam", report_to="none", save_strategy="no",
+        use_cpu=True, disable_tqdm=True, seed=0, max_length=None,
+    )  # fmt: skip
+    callback = GNSCallback(verify_interval=verify_interval)
+    trainer = trl.SFTTrainer(
+        model=model, args=config, train_dataset=data, processing_class=model_zoo.tokenizer(), callbacks=[callback]
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert forwards["grad"] == steps * accumulation
+    assert forwards["no_grad"] == 1 + (steps - 1) // verify_interval  # identified at step 1, verified at 3 and 5
+    assert not [w for w in caught if "return_outputs" in str(w.message)]
+    assert len(callback.history) == steps and all(math.isfinite(h["small"]) for h in callback.history)
+
+
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_estimate(tmp_path):
     data = padded_dataset(size=8)
     plain = first_step(tmp_path / "plain", model_zoo.build("llama"), 2, data)

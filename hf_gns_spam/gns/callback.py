@@ -358,6 +358,14 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 bar.refresh()
 
     # ------------------------------------------------------------------------------------------ measurement
+    def _weighting_due(self, micro_batch: int) -> bool:
+        """Whether the examples' weighting is identified (or verified) on this step's ``micro_batch``-th
+        micro-batch (from 1): until it is known, then on a step's first every ``verify_interval`` steps."""
+        return self.weighting is None or (micro_batch == 1 and self._steps_since_verified >= self.verify_interval)
+
+    def wants_outputs(self, trainer: Trainer) -> bool:
+        return self._weighting_due(self._micro_batches + 1)
+
     def observe_loss(
         self, trainer: Trainer, inputs: dict, num_items_in_batch: Any, loss: torch.Tensor, outputs: Any
     ) -> None:
@@ -375,8 +383,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             self._validating = self.validate_every is not None and (
                 (trainer.state.global_step + 1) % self.validate_every == 0
             )
-        verify = self._micro_batches == 1 and self._steps_since_verified >= self.verify_interval
-        due = self.weighting is None or verify
+        due = self._weighting_due(self._micro_batches)
         if due and not torch.isfinite(loss.detach()).all():  # nothing to identify on (fp16 overflow, a dead run)
             self._unusable_step = True
             if self.weighting is None:

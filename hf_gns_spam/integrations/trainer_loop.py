@@ -20,7 +20,9 @@ Installed on the Trainer instance being trained (:func:`_attach`):
 
 * ``trainer.compute_loss``: the loss of each micro-batch, the outputs and labels it was computed on, and
   ``num_items_in_batch``, are seen nowhere else (the labels are popped before the forward for label smoothing and
-  ``compute_loss_func``; subclasses such as TRL's ``SFTTrainer`` compute the loss themselves).
+  ``compute_loss_func``; subclasses such as TRL's ``SFTTrainer`` compute the loss themselves). The outputs are asked
+  for (``return_outputs=True``) only on the micro-batches where an observer wants them: TRL's ``SFTTrainer`` (1.16)
+  computes its loss through a fused LM head without logits and runs a second forward pass to return them.
 * ``trainer.accelerator.backward``: the loss actually back-propagated (after the Trainer's division by the
   accumulation for losses not normalised by ``num_items_in_batch``) and the fp16 loss scale.
 * ``trainer.accelerator.clip_grad_norm_``: the accumulated gradient after the all-reduce and before clipping;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -40,6 +43,9 @@ from transformers import Trainer
 from transformers.trainer_utils import has_length
 
 from hf_gns_spam.integrations.trainer_optimizer import TrainerIntegrationError
+
+# the start of the FutureWarning TRL's SFTTrainer (1.16) gives for compute_loss(return_outputs=True)
+TRL_RETURN_OUTPUTS_NOTICE = r"`return_outputs=True`, and the logits it passes to `compute_metrics`"
 
 __all__ = ["TrainerLoopObserver", "install_trainer_hooks", "observers_of", "wrap_trainer_class"]
 
@@ -77,10 +83,16 @@ class TrainerLoopObserver:
         """(epoch, micro-batches to skip in it) to restart from; the Trainer's own values come in."""
         return epochs_trained, skip
 
+    def wants_outputs(self, trainer: Trainer) -> bool:
+        """Whether ``observe_loss`` needs the model's outputs for the next training micro-batch. Asking costs an
+        extra forward pass in Trainers whose loss does not come from the logits (TRL's fused LM head)."""
+        return False
+
     def observe_loss(
         self, trainer: Trainer, inputs: dict, num_items_in_batch: Any, loss: torch.Tensor, outputs: Any
     ) -> None:
-        """One training micro-batch's loss, as ``compute_loss`` returned it, with what it was computed on."""
+        """One training micro-batch's loss, as ``compute_loss`` returned it, with what it was computed on; the
+        outputs are None unless an observer wanted them (``wants_outputs``) or the Trainer asked for them."""
 
     def observe_backward(self, trainer: Trainer, loss: torch.Tensor, loss_scale: float) -> None:
         """The loss handed to the backward, and the fp16 loss scale applied to it (1 without)."""
@@ -140,8 +152,17 @@ def _wrap_compute_loss(trainer: Trainer) -> None:
         if not (torch.is_grad_enabled() and model.training):  # evaluation
             return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         seen = dict(inputs)  # compute_loss may pop the labels
-        loss, outputs = original(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch, **kwargs)
-        for observer in observers_of(trainer):
+        observers = observers_of(trainer)
+        if return_outputs or any(observer.wants_outputs(trainer) for observer in observers):
+            with warnings.catch_warnings():  # asked for by the observer, not the user: TRL's notice is not theirs
+                if not return_outputs:
+                    warnings.filterwarnings("ignore", message=TRL_RETURN_OUTPUTS_NOTICE, category=FutureWarning)
+                loss, outputs = original(
+                    model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch, **kwargs
+                )
+        else:
+            loss, outputs = original(model, inputs, num_items_in_batch=num_items_in_batch, **kwargs), None
+        for observer in observers:
             observer.observe_loss(trainer, seen, num_items_in_batch, loss, outputs)
         return (loss, outputs) if return_outputs else loss
 
