@@ -7,10 +7,14 @@ reports INT4 Stable-SPAM below BF16 Adam's perplexity, with INT4 Adam worst. Thi
 main job's model and data (``examples/pretrain_clm.py``: a small LLaMA on the Python standard library's source,
 ``patch_model`` and a measuring ``GNSCallback`` in every run) with the real ``Trainer``:
 
-    adamw_bf16        optim="adamw_torch", bf16=True (autocast)
+    adamw_bf16        optim="adamw_torch" in BF16
     adamw_int4        the same, the projections fake-quantized to INT4
     stable_spam_bf16  optim="stable_spam" (γ1, γ2, γ3 = 0.7, 0.9, 0.999, ΔT = 1000: the paper's 4-bit settings)
     stable_spam_int4  the same, INT4
+
+BF16 is ``--precision mixed`` (the default; what ``--bf16`` gives a Trainer user: autocast, float32 weights and
+optimizer states) or ``--precision pure`` (the paper's: the model cast to bfloat16, so weights, gradients and
+optimizer states are bfloat16 and every update is rounded to bfloat16).
 
 Same seed (initialisation, data order), data, budget, learning rate and cosine schedule for all four; no gradient
 clipping (``max_grad_norm=0``, as the paper's baselines). Reported: the final held-out loss and perplexity (mean
@@ -76,6 +80,8 @@ def train_one(name: str, seed: int, args, model_args: clm.ModelArguments, tokeni
     set_seed(seed)
     model = clm.build_model(model_args, tokenizer, args.block_size)
     quantized = clm.quantize_model(model, clm.ModelArguments(quantize="none" if precision == "bf16" else precision))
+    if args.precision == "pure":
+        model.to(torch.bfloat16)
     patch_model(model)
     work = Path(args.output_dir) / "tmp" / f"{name}_seed{seed}"
     training = TrainingArguments(
@@ -87,7 +93,7 @@ def train_one(name: str, seed: int, args, model_args: clm.ModelArguments, tokeni
         max_steps=args.budget // args.batch_size,
         max_grad_norm=0.0,
         weight_decay=0.0,
-        bf16=True,
+        bf16=args.precision == "mixed",
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=64,
         logging_steps=1,
@@ -213,6 +219,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_points", type=int, default=8)
     parser.add_argument("--spike_window", type=int, default=20)
     parser.add_argument("--spike_threshold", type=float, default=0.5, help="nats above the window's median")
+    parser.add_argument(
+        "--precision", choices=("mixed", "pure"), default="mixed", help="BF16 autocast, or the model in bfloat16"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core CPU)")
     return parser.parse_args(argv)
 

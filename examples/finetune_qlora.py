@@ -42,7 +42,6 @@ from transformers import (
     set_seed,
 )
 
-from hf_gns_spam.metrics import causal_lm_accuracy
 from hf_gns_spam.plotting import plot_run, training_records
 
 DEFAULT_TRAINING_FLAGS = {
@@ -97,8 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(report)
 
     trainer = causal_lm_trainer(model, tokenizer, lm_data, training, [gns_callback(gns_args, training)])
-    # next-token accuracy on the held-out blocks, through evaluate (eval_accuracy)
-    trainer.compute_metrics, trainer.preprocess_logits_for_metrics = causal_lm_accuracy()
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     evaluation = trainer.evaluate()
     trainer.save_model()

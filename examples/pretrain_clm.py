@@ -35,6 +35,9 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# first: importing hf_gns_spam silences the message bitsandbytes logs when transformers' Trainer imports it
+from hf_gns_spam import GNSCallback, patch_model  # isort: split
+
 import datasets
 from transformers import (
     AutoModelForCausalLM,
@@ -49,8 +52,8 @@ from transformers import (
     set_seed,
 )
 
-from hf_gns_spam import GNSCallback, patch_model
 from hf_gns_spam.fake_quant import apply_fake_quantization
+from hf_gns_spam.metrics import causal_lm_accuracy
 from hf_gns_spam.plotting import plot_runs, training_records
 
 DEFAULT_OUTPUT_DIR = "runs/pretrain_clm"
@@ -283,7 +286,9 @@ def gns_callback(gns_args: GNSArguments, training: TrainingArguments) -> GNSCall
 def causal_lm_trainer(
     model, tokenizer, lm_data: datasets.DatasetDict, training: TrainingArguments, callbacks: list
 ) -> Trainer:
-    """A Trainer for causal language modelling on ``lm_data``'s train and validation blocks."""
+    """A Trainer for causal language modelling on ``lm_data``'s train and validation blocks; its evaluations report
+    the next-token accuracy (``eval_accuracy``) beside the loss."""
+    compute_metrics, preprocess_logits_for_metrics = causal_lm_accuracy()
     return Trainer(
         model=model,
         args=training,
@@ -292,6 +297,8 @@ def causal_lm_trainer(
         processing_class=tokenizer,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=callbacks,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
 
 
@@ -399,6 +406,7 @@ def train_run(
         "first_train_loss": records[0]["loss"] if records else math.nan,
         "train_loss_mean": result.training_loss,
         "eval_loss": evaluation["eval_loss"],
+        "eval_accuracy": evaluation["eval_accuracy"],
         # evaluate's "perplexity" metric downloads a model from the Hub; the perplexity of this model on the
         # evaluation blocks is exp(mean token cross-entropy), computed here from the Trainer's eval_loss
         "eval_perplexity": math.exp(evaluation["eval_loss"]),
@@ -456,7 +464,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model, metrics.json and {plot.name} written to {training.output_dir}")
     print(
         f"loss {metrics['first_train_loss']:.3f} -> {metrics['final_train_loss']:.3f}, eval perplexity "
-        f"{metrics['eval_perplexity']:.2f}, {metrics['train_tokens']:,} tokens, {metrics['optimizer_steps']} steps"
+        f"{metrics['eval_perplexity']:.2f}, next-token accuracy {metrics['eval_accuracy']:.3f}, "
+        f"{metrics['train_tokens']:,} tokens, {metrics['optimizer_steps']} steps"
     )
     if "comparison" in metrics:
         comparison = metrics["comparison"]
