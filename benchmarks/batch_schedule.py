@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import pretrain_clm as clm  # noqa: E402
+from run_cache import RunCache  # noqa: E402
 
 from hf_gns_spam import GNSCallback, patch_model  # noqa: E402
 
@@ -290,28 +291,16 @@ def train_one(name: str, spec: dict, seed: int, args, model_args, tokenizer, lm_
         "tokens": trainer.state.num_input_tokens_seen,
         "wall_s": elapsed,
         "probe": probe.records if probe is not None else None,
-        "spec": catalogue_help(name),
     }
 
 
 # ------------------------------------------------------------------------------------------------ analysis
-def first_crossing(xs: list[float], losses: list[float], target: float) -> float | None:
-    """x at which the loss first reaches ``target``, linearly interpolated; None if never."""
-    for i, loss in enumerate(losses):
-        if loss <= target:
-            if i == 0:
-                return xs[0]
-            x0, x1, l0, l1 = xs[i - 1], xs[i], losses[i - 1], loss
-            return x0 + (x1 - x0) * (l0 - target) / (l0 - l1)
-    return None
-
-
 def reach(run: dict, target: float) -> tuple[float | None, float | None]:
     """(optimizer steps, tokens) to reach ``target`` on the held-out set."""
     losses = [e["loss"] for e in run["eval"]]
     return (
-        first_crossing([e["step"] for e in run["eval"]], losses, target),
-        first_crossing([e["tokens"] for e in run["eval"]], losses, target),
+        clm.first_crossing([e["step"] for e in run["eval"]], losses, target),
+        clm.first_crossing([e["tokens"] for e in run["eval"]], losses, target),
     )
 
 
@@ -648,22 +637,19 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--budget must be a multiple of --max_batch ({args.max_batch})")
     torch.set_num_threads(args.threads)
     output = Path(args.output_dir)
-    cache = output / "runs"
-    cache.mkdir(parents=True, exist_ok=True)
     ignored = ("seeds", "runs", "rerun", "output_dir", "list", "threads", "probe_runs", "probe_examples", "tag")
     config = {k: v for k, v in vars(args).items() if k not in ignored}
+    cache = RunCache(output / "runs", config, args.rerun)
 
     model_args = tokenizer = lm_data = None
     results: dict[str, dict[int, dict]] = {}
     started = time.time()
     for name in args.runs:
         for seed in args.seeds:
-            path = cache / f"{name}_seed{seed}.json"
-            if path.exists() and not args.rerun:
-                cached = json.loads(path.read_text())
-                if cached.get("config") == config and cached.get("spec") == catalogue_help(name):
-                    results.setdefault(name, {})[seed] = cached
-                    continue
+            cached = cache.get(name, seed, catalogue_help(name))
+            if cached is not None:
+                results.setdefault(name, {})[seed] = cached
+                continue
             if lm_data is None:
                 model_args, tokenizer, lm_data = prepare_data(args)
                 print(
@@ -673,8 +659,7 @@ def main(argv: list[str] | None = None) -> dict:
                     flush=True,
                 )
             run = train_one(name, catalogue[name], seed, args, model_args, tokenizer, lm_data)
-            run["config"] = config
-            path.write_text(json.dumps(run, allow_nan=True))
+            cache.put(name, seed, run, catalogue_help(name))
             results.setdefault(name, {})[seed] = run
             print(
                 f"{name:>16} seed {seed}: final held-out loss {run['eval'][-1]['loss']:.4f}, "

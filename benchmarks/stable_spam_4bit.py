@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import pretrain_clm as clm  # noqa: E402
+from run_cache import RunCache  # noqa: E402
 
 from hf_gns_spam import GNSCallback, patch_model  # noqa: E402
 
@@ -230,27 +231,23 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     output = Path(args.output_dir)
-    cache = output / "runs"
-    cache.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("seeds", "runs", "rerun", "output_dir", "threads")}
+    cache = RunCache(output / "runs", config, args.rerun)
     model_args = clm.ModelArguments()
     data_args = clm.DataArguments(block_size=args.block_size, max_eval_examples=args.eval_examples)
     tokenizer = lm_data = None
     results: dict[str, dict[int, dict]] = {}
     for name in args.runs:
         for seed in args.seeds:
-            path = cache / f"{name}_seed{seed}.json"
-            if path.exists() and not args.rerun:
-                cached = json.loads(path.read_text())
-                if cached.get("config") == config:
-                    results.setdefault(name, {})[seed] = cached
-                    continue
+            cached = cache.get(name, seed)
+            if cached is not None:
+                results.setdefault(name, {})[seed] = cached
+                continue
             if lm_data is None:
                 set_seed(0)
                 tokenizer, lm_data = clm.prepare_data(model_args, data_args)
             run = train_one(name, seed, args, model_args, tokenizer, lm_data)
-            run["config"] = config
-            path.write_text(json.dumps(run, allow_nan=True))
+            cache.put(name, seed, run)
             results.setdefault(name, {})[seed] = run
             print(
                 f"{name:>18} seed {seed}: final held-out loss {run['final_eval_loss']:.4f}, {run['spikes']} spikes, "
