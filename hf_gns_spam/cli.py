@@ -1,6 +1,8 @@
 """The ``hf-gns-spam`` command line (also ``python -m hf_gns_spam.cli``).
 
-hf-gns-spam plot RUN_DIR [--output FILE.png]     loss, GNS and batch size against tokens for a Trainer run
+hf-gns-spam plot RUN_DIR [RUN_DIR ...] [--output FILE.png]
+                                                 loss against tokens and steps, GNS and batch size of Trainer
+                                                 runs, several overlaid
 hf-gns-spam launch [options] SCRIPT [args]       run an unmodified training script with patched norms, Stable-SPAM's
                                                  optim names and a GNSCallback (hf_gns_spam/launch.py)
 """
@@ -9,18 +11,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from hf_gns_spam import launch
-from hf_gns_spam.plotting import plot_run
+from hf_gns_spam.plotting import find_trainer_state, plot_run, plot_runs
+
+
+def run_labels(run_dirs: list[str]) -> dict[str, str]:
+    """Each run under its folder's name (its path where two names are the same)."""
+    names = [Path(run_dir).resolve().name for run_dir in run_dirs]
+    return {name if names.count(name) == 1 else run_dir: run_dir for name, run_dir in zip(names, run_dirs, strict=True)}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="hf-gns-spam", description="hf-gns-spam tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    plot = commands.add_parser("plot", help="plot loss, GNS and batch size of a Trainer run")
-    plot.add_argument("run_dir", help="the run's output_dir (or a checkpoint folder, or a trainer_state.json)")
-    plot.add_argument("--output", help="PNG to write (default: gns_plot.png next to trainer_state.json)")
+    plot = commands.add_parser("plot", help="plot loss, GNS and batch size of Trainer runs, several overlaid")
+    plot.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="a run's output_dir, a checkpoint folder or a trainer_state.json"
+    )
+    plot.add_argument(
+        "--output", help="PNG to write (default: gns_plot.png next to the first run's trainer_state.json)"
+    )
     launcher = commands.add_parser(
         "launch",
         help="run a training script with patched norms, the stable_spam optim names and a GNSCallback",
@@ -35,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return launch.main(launcher, argv[1:])
     args = parser.parse_args(argv)
     try:
-        path = plot_run(args.run_dir, args.output)
+        if len(args.run_dirs) == 1:
+            path = plot_run(args.run_dirs[0], args.output)
+        else:
+            output = args.output or find_trainer_state(args.run_dirs[0]).parent / "gns_plot.png"
+            path = plot_runs(run_labels(args.run_dirs), output)
     except (FileNotFoundError, ValueError) as error:
         print(f"hf-gns-spam plot: {error}", file=sys.stderr)
         return 1

@@ -59,6 +59,8 @@ def test_pretrain_clm_writes_model_metrics_and_plot(tmp_path):
     # the console script draws the same figure from the run's trainer_state.json
     assert cli_main(["plot", str(output_dir), "--output", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").stat().st_size > 10_000
+    both = ["plot", str(output_dir), str(output_dir / "baseline_fixed_batch"), "--output", str(tmp_path / "both.png")]
+    assert cli_main(both) == 0 and (tmp_path / "both.png").stat().st_size > 10_000
 
     # QLoRA on the model just trained (a local model): bitsandbytes 4-bit base weights, LoRA, stable_spam
     qlora_dir = tmp_path / "qlora"
@@ -80,6 +82,26 @@ def test_pretrain_clm_writes_model_metrics_and_plot(tmp_path):
 def test_plot_command_reports_a_missing_run(tmp_path, capsys):
     assert cli_main(["plot", str(tmp_path)]) == 1
     assert "no trainer_state.json" in capsys.readouterr().err
+
+
+def test_plot_command_overlays_runs_under_their_folder_names(tmp_path):
+    from hf_gns_spam.cli import run_labels
+
+    for name, batch in (("gns", 16), ("fixed", 8)):
+        records = [
+            {"step": k, "loss": 5 - k / 10, "num_input_tokens_seen": 100 * k * batch, "gns": 2.0, "batch_size": batch}
+            for k in range(1, 6)
+        ] + [{"step": 5, "eval_loss": 4.6, "num_input_tokens_seen": 500 * batch}]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps({"log_history": records}))
+    assert cli_main(["plot", str(tmp_path / "gns"), str(tmp_path / "fixed")]) == 0
+    assert (tmp_path / "gns" / "gns_plot.png").stat().st_size > 10_000  # by default next to the first run's state
+    assert run_labels([str(tmp_path / "gns"), str(tmp_path / "fixed")]) == {
+        "gns": str(tmp_path / "gns"),
+        "fixed": str(tmp_path / "fixed"),
+    }
+    twice = [str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]
+    assert list(run_labels(twice)) == twice  # the same folder name: the paths
 
 
 @pytest.mark.slow
