@@ -80,7 +80,7 @@ def train_one(name: str, seed: int, args, model_args: clm.ModelArguments, tokeni
     optimizer, precision = name.rsplit("_", 1)
     set_seed(seed)
     model = clm.build_model(model_args, tokenizer, args.block_size)
-    quantized = clm.quantize_model(model, clm.ModelArguments(quantize="none" if precision == "bf16" else precision))
+    quantized = clm.quantize_model(model, "none" if precision == "bf16" else precision, model_args.quantize_group_size)
     if args.precision == "pure":
         model.to(torch.bfloat16)
     patch_model(model)

@@ -251,14 +251,15 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
 QUANTIZATION_BITS = {"none": None, "int4": 4}
 
 
-def quantize_model(model, model_args: ModelArguments) -> list[str]:
-    """Apply ``--quantize`` (fake quantization of the projections for quantization-aware training)."""
-    if model_args.quantize not in QUANTIZATION_BITS:
-        raise ValueError(f"--quantize must be one of {list(QUANTIZATION_BITS)}, got {model_args.quantize!r}")
-    bits = QUANTIZATION_BITS[model_args.quantize]
+def quantize_model(model, quantize: str, group_size: int) -> list[str]:
+    """Apply ``--quantize`` (fake quantization of the projections for quantization-aware training); returns the
+    quantized layers' names."""
+    if quantize not in QUANTIZATION_BITS:
+        raise ValueError(f"--quantize must be one of {list(QUANTIZATION_BITS)}, got {quantize!r}")
+    bits = QUANTIZATION_BITS[quantize]
     if bits is None:
         return []
-    return apply_fake_quantization(model, bits=bits, group_size=model_args.quantize_group_size)
+    return apply_fake_quantization(model, bits=bits, group_size=group_size)
 
 
 def min_batch_size(gns_args: GNSArguments, training: TrainingArguments) -> int:
@@ -392,7 +393,7 @@ def train_run(
     Returns the run's metrics and whether this process is the one that writes (the main process)."""
     set_seed(training.seed)
     model = build_model(model_args, tokenizer, data_args.block_size)
-    quantized = quantize_model(model, model_args)
+    quantized = quantize_model(model, model_args.quantize, model_args.quantize_group_size)
     report = patch_model(model)
     if training.process_index == 0:
         print(report)

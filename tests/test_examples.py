@@ -173,6 +173,6 @@ def test_comparison_interpolates_the_first_crossing():
 def test_main_job_refuses_an_unknown_quantization():
     clm = load_main_job()
     with pytest.raises(ValueError, match="--quantize must be one of"):
-        clm.quantize_model(None, clm.ModelArguments(quantize="int3"))
+        clm.quantize_model(None, "int3", 256)
     with pytest.raises(ValueError, match="--baseline must be"):
         clm.main(["--baseline", "random", "--output_dir", "unused"])
