@@ -1,0 +1,243 @@
+"""Compile every Triton kernel configuration for a GPU that is not there, and report its resources.
+
+The kernels run on CPU tensors only under the Triton interpreter, which accepts programs that the compiler rejects and
+says nothing about registers or spills. This script compiles them for real, for an NVIDIA target (sm_90 by default,
+the H100/H200), on a machine without a GPU: a stand-in Triton driver names the target, and each launch in the
+package's own launchers (``gns_norm_forward``/``gns_norm_backward``, ``triton_update_tensor``) is turned into a
+compile (``JITFunction.warmup``) with the arguments and constexprs the launcher chose for a CPU tensor of the
+configured shape. ptxas (shipped in Triton's wheel) produces the cubin; ``cuobjdump --dump-resource-usage`` reads
+its registers, stack frame, local memory (spills) and shared memory.
+
+    python benchmarks/kernel_resources.py            # the configurations a GPU session runs (about a minute)
+    python benchmarks/kernel_resources.py --quick    # one configuration of each kernel variant
+    python benchmarks/kernel_resources.py --check    # exit 1 if a configuration does not compile
+    python benchmarks/kernel_resources.py --arch 100 # another target (compute capability × 10)
+
+Nothing is launched and the outputs the launchers return are meaningless: only the compiled kernels are kept. The
+launchers plan backward tiles for an H100/H200's 132 SMs (``--sms``). Run it with ``TRITON_INTERPRET`` unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("kernel_resources.py compiles kernels: run it with TRITON_INTERPRET unset")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver as triton_driver
+
+from hf_gns_spam import StableSPAM
+from hf_gns_spam.kernels import gns_norm, stable_spam_step
+from hf_gns_spam.kernels.norm_contract import NormSpec
+from hf_gns_spam.kernels.step_contract import StepHyperparameters
+
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _TargetOnlyDriver:
+    """The parts of a Triton driver that compiling needs: a device, a stream and the target to compile for."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+@dataclass
+class Compiled:
+    """One compiled kernel: which configuration asked for it, and the cubin's resource usage."""
+
+    config: str
+    kernel: str
+    num_warps: int
+    resources: dict[str, int]
+
+
+class _CompileOnLaunch:
+    """Stands in for a ``@triton.jit`` kernel in a launcher's module: ``kernel[grid](...)`` compiles instead."""
+
+    def __init__(self, kernel: Any, sink: list[tuple[str, Any, int]]) -> None:
+        self.kernel = kernel
+        self.sink = sink
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        def compile_only(*args: Any, **kwargs: Any) -> None:
+            compiled = self.kernel.warmup(*args, grid=grid, **kwargs)
+            self.sink.append((self.kernel.__name__, compiled, kwargs.get("num_warps", 4)))
+
+        return compile_only
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL, … of the one function in ``cubin`` (``cuobjdump --dump-resource-usage``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run(
+            [_CUOBJDUMP, "--dump-resource-usage", file.name], capture_output=True, text=True, check=True
+        ).stdout
+    line = next(line for line in report.splitlines() if "REG:" in line)
+    return {key: int(value) for key, value in (field.split(":") for field in line.split() if ":" in field)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# configurations: each drives a launcher once on CPU tensors
+# --------------------------------------------------------------------------------------------------------------------
+
+_NORM_SPECS = {
+    "rms_llama": NormSpec("rms_norm", 1e-6, rounding="llama"),
+    "rms_gemma": NormSpec("rms_norm", 1e-6, offset=1.0, rounding="fp32"),
+    "layer_norm": NormSpec("layer_norm", 1e-5, rounding="layer_norm"),
+}
+
+
+def _norm_case(spec_name: str, dtype: str, d: int, tokens: int, segmented: bool, frozen: bool) -> Callable[[], None]:
+    """Forward and backward of one norm configuration: ``tokens`` rows of ``d`` features in 4 examples."""
+
+    def run() -> None:
+        spec = _NORM_SPECS[spec_name]
+        x = torch.randn(4, tokens // 4, d, dtype=_DTYPES[dtype])
+        weight = torch.randn(d, dtype=_DTYPES[dtype])
+        bias = torch.randn(d, dtype=_DTYPES[dtype]) if spec.kind == "layer_norm" else None
+        _, mean, rstd = gns_norm.gns_norm_forward(spec, x, weight, bias)
+        segment_ids = None
+        if segmented:  # three sequences per row, as a packed batch
+            per_row = torch.arange(tokens // 4) * 3 // (tokens // 4)
+            segment_ids = (torch.arange(4)[:, None] * 3 + per_row).to(torch.int64)
+        gns_norm.gns_norm_backward(
+            spec, torch.randn_like(x), x, weight, bias, mean, rstd, True, not frozen, bias is not None and not frozen,
+            segment_ids=segment_ids,
+        )  # fmt: skip
+
+    return run
+
+
+def _step_case(param_dtype: str, state_bits: int, mode: str, weight_decay: float, reset: bool) -> Callable[[], None]:
+    """One fused Stable-SPAM step on a 1M-element tensor with the optimizer's own state for ``state_bits``."""
+
+    def run() -> None:
+        param = torch.randn(1024, 1024, dtype=_DTYPES[param_dtype])
+        optimizer = StableSPAM([param], lr=1e-3, state_bits=state_bits, mode=mode, weight_decay=weight_decay)
+        state = optimizer._init_state(param, optimizer.param_groups[0])
+        hp = StepHyperparameters(
+            lr=1e-3, weight_decay=weight_decay, beta1=0.9, beta2=0.999, gamma1=0.7, gamma2=0.9, gamma3=0.999,
+            eps=1e-8, faithful=mode == "faithful", is_reset_step=reset,
+        )  # fmt: skip
+        stable_spam_step.triton_update_tensor(param, state, hp, 3, 3, grad=torch.randn_like(param))
+
+    return run
+
+
+def configurations(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(name, run) for every configuration: the shapes and dtypes the GPU tests and benchmarks launch."""
+    widths = (4096,) if quick else (128, 1024, 2048, 4096, 8192, 16384)
+    dtypes = ("bf16",) if quick else ("bf16", "fp32", "fp16")
+    for spec_name in _NORM_SPECS:
+        for dtype in dtypes:
+            for d in widths:
+                for segmented in (False, True):
+                    name = f"norm {spec_name} {dtype} D={d}{' segmented' if segmented else ''}"
+                    yield name, _norm_case(spec_name, dtype, d, 64, segmented, frozen=False)
+        yield f"norm {spec_name} bf16 D=4096 frozen", _norm_case(spec_name, "bf16", 4096, 64, False, frozen=True)
+    for param_dtype in ("fp32", "bf16") if quick else ("fp32", "bf16", "fp16"):
+        for state_bits in (32, 16, 8, 4):
+            for mode in ("clean", "faithful"):
+                name = f"step {param_dtype} moments={state_bits}bit {mode}"
+                yield name, _step_case(param_dtype, state_bits, mode, weight_decay=0.1, reset=mode == "faithful")
+    yield "step bf16 moments=32bit clean no decay", _step_case("bf16", 32, "clean", weight_decay=0.0, reset=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def compile_all(quick: bool, arch: int, sms: int) -> tuple[list[Compiled], list[tuple[str, str]]]:
+    """Compile every configuration's kernels; returns the compiled kernels and the (configuration, error) failures."""
+    triton_driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
+    sink: list[tuple[str, Any, int]] = []
+    originals = {
+        (gns_norm, "_gns_norm_fwd_kernel"): gns_norm._gns_norm_fwd_kernel,
+        (gns_norm, "_gns_norm_bwd_kernel"): gns_norm._gns_norm_bwd_kernel,
+        (stable_spam_step, "_max_abs_kernel"): stable_spam_step._max_abs_kernel,
+        (stable_spam_step, "_clipped_sumsq_kernel"): stable_spam_step._clipped_sumsq_kernel,
+        (stable_spam_step, "_update_kernel"): stable_spam_step._update_kernel,
+        (stable_spam_step, "_update_quantized_kernel"): stable_spam_step._update_quantized_kernel,
+    }
+    sm_count, unsupported_reason = gns_norm._sm_count, stable_spam_step._unsupported_reason
+    compiled: list[Compiled] = []
+    failures: list[tuple[str, str]] = []
+    try:
+        for (module, name), kernel in originals.items():
+            setattr(module, name, _CompileOnLaunch(kernel, sink))
+        gns_norm._sm_count = functools.cache(lambda device: sms)
+        # CPU tensors are refused outside the interpreter; the checks are the host's business, not the compiler's.
+        stable_spam_step._unsupported_reason = lambda param, state, grad: None
+        for config, run in configurations(quick):
+            sink.clear()
+            try:
+                run()
+            except Exception:  # report every configuration's failure, then fail at the end
+                failures.append((config, traceback.format_exc(limit=-3)))
+                continue
+            for kernel_name, kernel, num_warps in sink:
+                compiled.append(Compiled(config, kernel_name, num_warps, resource_usage(kernel.asm["cubin"])))
+    finally:
+        for (module, name), kernel in originals.items():
+            setattr(module, name, kernel)
+        gns_norm._sm_count, stable_spam_step._unsupported_reason = sm_count, unsupported_reason
+    return compiled, failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one configuration of each kernel variant")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a configuration does not compile")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 to compile for (90: H100/H200)")
+    parser.add_argument("--sms", type=int, default=132, help="SMs the backward's tile plan assumes")
+    args = parser.parse_args()
+    if not os.path.exists(_CUOBJDUMP):
+        sys.exit(f"Triton {triton.__version__} has no NVIDIA backend tools here ({_CUOBJDUMP})")
+
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}, {args.sms} SMs")
+    compiled, failures = compile_all(args.quick, args.arch, args.sms)
+    header = f"{'configuration':<44} {'kernel':<26} {'warps':>5} {'regs':>5} {'stack':>6} {'local':>6} {'shared':>7}"
+    print(header)
+    print("-" * len(header))
+    for item in compiled:
+        r = item.resources
+        print(
+            f"{item.config:<44} {item.kernel.lstrip('_'):<26} {item.num_warps:>5} {r['REG']:>5} {r['STACK']:>6} "
+            f"{r['LOCAL']:>6} {r['SHARED']:>7}"
+        )
+    spilled = [item for item in compiled if item.resources["LOCAL"] or item.resources["STACK"]]
+    for config, error in failures:
+        print(f"\nFAILED {config}:\n{error}")
+    print(f"\n{len(compiled)} kernels compiled, {len(failures)} configurations failed, {len(spilled)} use local memory")
+    if args.check and failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
