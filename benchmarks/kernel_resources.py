@@ -6,7 +6,8 @@ the H100/H200), on a machine without a GPU: a stand-in Triton driver names the t
 package's own launchers (``gns_norm_forward``/``gns_norm_backward``, ``triton_update_tensor``) is turned into a
 compile (``JITFunction.warmup``) with the arguments and constexprs the launcher chose for a CPU tensor of the
 configured shape. ptxas (shipped in Triton's wheel) produces the cubin; ``cuobjdump --dump-resource-usage`` reads
-its registers, stack frame, local memory (spills) and shared memory.
+its registers, stack frame, local memory (spills) and shared memory, and the PTX gives the widest global load per
+thread ("load B": 16 when the element loads are vectorized to 128 bits).
 
     python benchmarks/kernel_resources.py            # the configurations a GPU session runs (about a minute)
     python benchmarks/kernel_resources.py --quick    # one configuration of each kernel variant
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -74,6 +76,7 @@ class Compiled:
     kernel: str
     num_warps: int
     resources: dict[str, int]
+    widest_load: int  # bytes of the widest global load per thread in the PTX (16: vectorized 128-bit loads)
 
 
 class _CompileOnLaunch:
@@ -89,6 +92,15 @@ class _CompileOnLaunch:
             self.sink.append((self.kernel.__name__, compiled, kwargs.get("num_warps", 4)))
 
         return compile_only
+
+
+def widest_global_load(ptx: str) -> int:
+    """Bytes of the widest ``ld.global`` in ``ptx`` (``ld.global.v4.b32``: 16)."""
+    widths = [
+        int(vector or 1) * int(bits) // 8
+        for vector, bits in re.findall(r"ld\.global(?:\.\w+)*?(?:\.v(\d))?\.[bfus](\d+)", ptx)
+    ]
+    return max(widths, default=0)
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -202,7 +214,9 @@ def compile_all(quick: bool, arch: int, sms: int) -> tuple[list[Compiled], list[
                 failures.append((config, traceback.format_exc(limit=-3)))
                 continue
             for kernel_name, kernel, num_warps in sink:
-                compiled.append(Compiled(config, kernel_name, num_warps, resource_usage(kernel.asm["cubin"])))
+                resources = resource_usage(kernel.asm["cubin"])
+                widest = widest_global_load(kernel.asm["ptx"])
+                compiled.append(Compiled(config, kernel_name, num_warps, resources, widest))
     finally:
         for (module, name), kernel in originals.items():
             setattr(module, name, kernel)
@@ -222,14 +236,17 @@ def main() -> None:
 
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}, {args.sms} SMs")
     compiled, failures = compile_all(args.quick, args.arch, args.sms)
-    header = f"{'configuration':<44} {'kernel':<26} {'warps':>5} {'regs':>5} {'stack':>6} {'local':>6} {'shared':>7}"
+    header = (
+        f"{'configuration':<44} {'kernel':<26} {'warps':>5} {'regs':>5} {'stack':>6} {'local':>6} {'shared':>7} "
+        f"{'load B':>6}"
+    )
     print(header)
     print("-" * len(header))
     for item in compiled:
         r = item.resources
         print(
             f"{item.config:<44} {item.kernel.lstrip('_'):<26} {item.num_warps:>5} {r['REG']:>5} {r['STACK']:>6} "
-            f"{r['LOCAL']:>6} {r['SHARED']:>7}"
+            f"{r['LOCAL']:>6} {r['SHARED']:>7} {item.widest_load:>6}"
         )
     spilled = [item for item in compiled if item.resources["LOCAL"] or item.resources["STACK"]]
     for config, error in failures:

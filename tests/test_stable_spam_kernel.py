@@ -352,13 +352,13 @@ def test_optimizer_dispatches_supported_tensors_to_the_kernel(monkeypatch):
     from hf_gns_spam.kernels import stable_spam_step
 
     kernel_calls = []
-    original_update = stable_spam_step.triton_update_tensor
+    original_update = stable_spam_step.triton_update_tensors
 
-    def counting_update(param, *args, **kwargs):
-        kernel_calls.append(param.shape)
-        return original_update(param, *args, **kwargs)
+    def counting_update(params, *args, **kwargs):
+        kernel_calls.extend(param.shape for param in params)
+        return original_update(params, *args, **kwargs)
 
-    monkeypatch.setattr(stable_spam_step, "triton_update_tensor", counting_update)
+    monkeypatch.setattr(stable_spam_step, "triton_update_tensors", counting_update)
 
     def run(use_triton: bool, state_bits: int, dtype: torch.dtype) -> list[torch.Tensor]:
         monkeypatch.setattr(stable_spam_module, "_use_triton", lambda param: use_triton)
@@ -386,6 +386,70 @@ def test_optimizer_dispatches_supported_tensors_to_the_kernel(monkeypatch):
         for kernel, reference in zip(triton_result, run(False, state_bits, dtype), strict=True):
             scale = reference.abs().max()
             assert ((kernel - reference).abs().max() / scale).item() < 1e-6, (state_bits, dtype)
+
+
+def warm_state(param: torch.Tensor, state_bits: int, seed: int) -> dict:
+    """The optimizer's own state for ``param`` under ``state_bits``, with non-zero moments and statistics."""
+    optimizer = StableSPAM([param], state_bits=state_bits)
+    state = optimizer._init_state(param, optimizer.param_groups[0])
+    gen = torch.Generator().manual_seed(seed)
+    if "quantized_bits" in state:
+        for key in ("exp_avg", "exp_avg_sq"):
+            fmt = moment_format(state_bits, key == "exp_avg_sq")
+            values = torch.rand(param.numel(), generator=gen) * 0.01 - (0.005 if key == "exp_avg" else 0.0)
+            state[key + "_q"], state[key + "_absmax"] = quantize(values, fmt)
+    else:
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key].copy_(torch.rand(param.shape, generator=gen) * 0.01)
+    for key, value in (("clip_max_ema", 1.5), ("norm_ema", 2.0), ("norm_sq_ema", 5.0)):
+        state[key].fill_(value)
+    return state
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("state_bits", [32, 16, 8])
+@pytest.mark.parametrize("faithful", [False, True])
+def test_one_launch_for_many_tensors_equals_one_tensor_at_a_time(param_dtype, state_bits, faithful, monkeypatch):
+    """``triton_update_tensors`` over tensors of many sizes (empty, one element, a partial last block, several blocks
+    per program), a non-contiguous gradient, a gradient of another dtype and a parameter that does not start on 16
+    bytes gives bitwise what ``triton_update_tensor`` gives for each tensor alone, with one launch of each kernel per
+    format: here the aligned tensors, the misaligned one (the only one large enough for 8-bit moments) and the one
+    with the other gradient dtype."""
+    from hf_gns_spam.kernels import stable_spam_step
+
+    gen = torch.Generator().manual_seed(3)
+    buffer = torch.randn(5000, generator=gen).to(param_dtype)
+    params = [torch.randn(shape, generator=gen).to(param_dtype) for shape in [(0,), (1,), (7,), (33, 65), (3000,)]]
+    params.append(buffer[1:4097])  # starts 2 or 4 bytes into its storage: not aligned
+    grads = [torch.randn(p.shape, generator=gen).to(param_dtype) for p in params]
+    grads[3] = torch.randn(65, 33, generator=gen).to(param_dtype).t()  # non-contiguous
+    grads[4] = grads[4].float() if param_dtype != torch.float32 else grads[4].bfloat16()  # another dtype
+    grads[4].view(-1)[17] = float("nan")
+    hp = StepHyperparameters(1e-2, 0.1, 0.9, 0.999, 0.7, 0.9, 0.999, 1e-8, faithful, False)
+    launch = {"block": 512, "max_programs": 3}
+    states = [warm_state(p, state_bits, seed) for seed, p in enumerate(params)]
+    alone = [(p.clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}) for p, st in
+             zip(params, states, strict=True)]  # fmt: skip
+    with torch.no_grad():
+        for (param, state), grad in zip(alone, grads, strict=True):
+            triton_update_tensor(param, state, hp, 4, 3, grad=grad, **launch)
+        launches = []
+
+        class CountingKernel:
+            def __getitem__(self, grid):
+                launches.append(grid)
+                return original[grid]
+
+        original = stable_spam_step._max_abs_kernel
+        monkeypatch.setattr(stable_spam_step, "_max_abs_kernel", CountingKernel())
+        stable_spam_step.triton_update_tensors(params, states, hp, 4, 3, grads=grads, **launch)
+    assert len(launches) == 3, launches  # K1 launches: one per format
+    assert sum(grid[1] for grid in launches) == len(params)
+    for (param, state), (expected, expected_state) in zip(zip(params, states, strict=True), alone, strict=True):
+        assert torch.equal(param, expected), param.shape
+        for key, value in expected_state.items():
+            if torch.is_tensor(value):
+                assert torch.equal(state[key], value), (param.shape, key)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 import triton
 import triton.language as tl
 
-__all__ = ["cast", "interpreting"]
+__all__ = ["bfloat16_bits", "cast", "interpreting"]
 
 
 def interpreting() -> bool:
@@ -21,13 +21,18 @@ def interpreting() -> bool:
 
 
 @triton.jit
+def bfloat16_bits(v):
+    """The bits (uint16) of float32 ``v`` rounded to nearest even in bfloat16; NaN stays NaN."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).to(tl.uint16)
+    return tl.where(v != v, ((bits >> 16) | 0x40).to(tl.uint16), rounded)  # a quiet NaN of v's sign and payload
+
+
+@triton.jit
 def cast(v, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
     """float32 ``v`` rounded to nearest even in ``dtype`` (on the bits for bfloat16 when ``MANUAL_BF16``)."""
     if MANUAL_BF16 and dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        out = tl.where(v != v, v.to(tl.bfloat16), out)  # keep NaNs NaN
+        out = bfloat16_bits(v).to(tl.bfloat16, bitcast=True)
     else:
         out = v.to(dtype)
     return out

@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,7 +91,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hf_gns_spam.kernels.rounding import cast, interpreting
+from hf_gns_spam.kernels.rounding import bfloat16_bits, cast, interpreting
 from hf_gns_spam.kernels.step_contract import (
     ABSMAX,
     EXP_AVG,
@@ -98,7 +99,6 @@ from hf_gns_spam.kernels.step_contract import (
     INDICES,
     MOMENTS,
     QUANTIZED_BITS,
-    QUANTIZED_KEYS,
     StepHyperparameters,
     moment_format,
 )
@@ -113,6 +113,7 @@ __all__ = [
     "num_programs",
     "triton_update_supported",
     "triton_update_tensor",
+    "triton_update_tensors",
     "workspace_numel",
 ]
 
@@ -148,6 +149,75 @@ PARTIALS_OFFSET = _WS_PARTIALS.value
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------------------
 
+# The tensor table: one int64 row of TABLE_COLUMNS per tensor, its element count and the addresses (data_ptr) of
+# its tensors; unused columns hold 0. (tl.constexpr: the only kind of global a kernel may read when compiled.)
+_T_NUMEL = tl.constexpr(0)
+_T_GRAD = tl.constexpr(1)
+_T_PARAM = tl.constexpr(2)
+_T_EXP_AVG = tl.constexpr(3)  # m (float32/bfloat16), or its 8/4-bit indices
+_T_EXP_AVG_SQ = tl.constexpr(4)  # v, or its indices
+_T_EXP_AVG_ABSMAX = tl.constexpr(5)  # m's absmax per quantization block (quantized moments only)
+_T_EXP_AVG_SQ_ABSMAX = tl.constexpr(6)
+_T_CLIP_EMA = tl.constexpr(7)
+_T_NORM_EMA = tl.constexpr(8)
+_T_NORM_SQ_EMA = tl.constexpr(9)
+_T_NONFINITE = tl.constexpr(10)
+_T_WORKSPACE = tl.constexpr(11)  # the tensor's float64 workspace row
+TABLE_COLUMNS = 12
+_TABLE_COLUMNS = tl.constexpr(TABLE_COLUMNS)
+
+
+@triton.jit
+def _table_entry(TABLE, column):
+    """Column ``column`` of the row of this program's tensor (``program_id(1)``)."""
+    return tl.load(TABLE + tl.program_id(1).to(tl.int64) * _TABLE_COLUMNS + column)
+
+
+@triton.jit
+def _tensor(TABLE, column, dtype: tl.constexpr, ALIGNED: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """Pointer to the ``dtype`` elements whose address is in ``column``. Under the interpreter bfloat16 elements are
+    addressed as uint16 (it cannot load bfloat16 through an address); ALIGNED: the address is a multiple of 16 bytes
+    (the launcher checked), so that whole blocks load and store 16 bytes at a time."""
+    address = _table_entry(TABLE, column)
+    if MANUAL_BF16 and dtype == tl.bfloat16:
+        pointer = address.to(tl.pointer_type(tl.uint16))
+    else:
+        pointer = address.to(tl.pointer_type(dtype))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _load_float(pointer, idx, mask, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """The float32 values of the ``dtype`` elements at ``idx`` (0 where ``mask`` is off, when MASKED)."""
+    if MASKED:
+        x = tl.load(pointer + idx, mask=mask, other=0)
+    else:
+        x = tl.load(pointer + idx)
+    if MANUAL_BF16 and dtype == tl.bfloat16:
+        x = (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # bfloat16 bits → float32, exact
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_float(pointer, idx, value, mask, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """Store float32 ``value`` rounded to nearest even in ``dtype`` at ``idx`` (only where ``mask``, when MASKED)."""
+    if MANUAL_BF16 and dtype == tl.bfloat16:
+        out = bfloat16_bits(value)
+    else:
+        out = value.to(dtype)
+    if MASKED:
+        tl.store(pointer + idx, out, mask=mask)
+    else:
+        tl.store(pointer + idx, out)
+
+
+@triton.jit
+def _programs(n, max_programs, BLOCK: tl.constexpr):
+    """P = min(⌈n / BLOCK⌉, max_programs), at least 1: the programs that work on a tensor of n elements."""
+    return tl.maximum(tl.minimum(tl.cdiv(n, BLOCK), max_programs), 1)
+
 
 @triton.jit
 def _lerp(start, end, weight):
@@ -173,89 +243,117 @@ def _power_of_two_scale(clipped_max):
 
 
 @triton.jit
+def _max_abs_block(G, idx, n, acc, bad, G_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """K1's work on one block: the running max of |g| over finite entries and the count of non-finite ones."""
+    g = tl.abs(_load_float(G, idx, idx < n, G_DTYPE, MANUAL_BF16, MASKED))
+    finite = g < float("inf")  # NaN compares False
+    return tl.maximum(acc, tl.where(finite, g, 0.0)), bad + tl.where(finite, 0, 1)
+
+
+@triton.jit
 def _max_abs_kernel(
-    G,
-    WS,
-    CLIP_EMA,
-    NORM_EMA,
-    NORM_SQ_EMA,
-    n,
-    num_programs,
+    TABLE,
+    max_programs,
     stride,
+    G_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """K1: ``pmax[p] = max |g|`` over program p's finite entries and ``pbad[p]`` = the count of non-finite ones;
     program 0 snapshots T, μ, ν into the workspace."""
     pid = tl.program_id(0)
-    offsets = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(pid * BLOCK, n, num_programs * BLOCK):
-        idx = start + offsets
-        g = tl.abs(tl.load(G + idx, mask=idx < n, other=0.0).to(tl.float32))
-        finite = g < float("inf")  # NaN compares False
-        acc = tl.maximum(acc, tl.where(finite, g, 0.0))
-        bad += tl.where(finite, 0, 1)
-    tl.store(WS + _WS_PARTIALS + pid, tl.max(acc, 0).to(tl.float64))
-    tl.store(WS + _WS_PARTIALS + stride + pid, tl.sum(bad, 0).to(tl.float64))
-    if pid == 0:
-        tl.store(WS + _WS_CLIP_EMA, tl.load(CLIP_EMA))
-        tl.store(WS + _WS_NORM_EMA, tl.load(NORM_EMA))
-        tl.store(WS + _WS_NORM_SQ_EMA, tl.load(NORM_SQ_EMA))
+    n = _table_entry(TABLE, _T_NUMEL)
+    programs = _programs(n, max_programs, BLOCK)
+    if pid < programs:
+        G = _tensor(TABLE, _T_GRAD, G_DTYPE, ALIGNED, MANUAL_BF16)
+        WS = _tensor(TABLE, _T_WORKSPACE, tl.float64, False, False)
+        offsets = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        bad = tl.zeros([BLOCK], dtype=tl.int32)
+        full_blocks = n // BLOCK  # unmasked; the partial last block (if any) is program full_blocks % P's
+        for b in range(pid, full_blocks, programs):
+            idx = tl.multiple_of(b * BLOCK, BLOCK) + offsets
+            acc, bad = _max_abs_block(G, idx, n, acc, bad, G_DTYPE, MANUAL_BF16, False)
+        if full_blocks % programs == pid and full_blocks * BLOCK < n:
+            acc, bad = _max_abs_block(G, full_blocks * BLOCK + offsets, n, acc, bad, G_DTYPE, MANUAL_BF16, True)
+        tl.store(WS + _WS_PARTIALS + pid, tl.max(acc, 0).to(tl.float64))
+        tl.store(WS + _WS_PARTIALS + stride + pid, tl.sum(bad, 0).to(tl.float64))
+        if pid == 0:
+            tl.store(WS + _WS_CLIP_EMA, tl.load(_tensor(TABLE, _T_CLIP_EMA, tl.float64, False, False)))
+            tl.store(WS + _WS_NORM_EMA, tl.load(_tensor(TABLE, _T_NORM_EMA, tl.float64, False, False)))
+            tl.store(WS + _WS_NORM_SQ_EMA, tl.load(_tensor(TABLE, _T_NORM_SQ_EMA, tl.float64, False, False)))
+
+
+@triton.jit
+def _clipped_sumsq_block(
+    G, idx, n, acc, threshold, spike_factor, inv_scale, G_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """K2's work on one block: the running sum of (g̃/s)²."""
+    g = _finite(_load_float(G, idx, idx < n, G_DTYPE, MANUAL_BF16, MASKED))
+    clipped = g * tl.where(tl.abs(g) > threshold, spike_factor, inv_scale)
+    return acc + clipped * clipped
 
 
 @triton.jit
 def _clipped_sumsq_kernel(
-    G,
-    WS,
-    CLIP_EMA,
-    NONFINITE,
-    n,
-    num_programs,
+    TABLE,
+    max_programs,
     stride,
     clip_weight,  # 1 − γ3
     clip_bias_correction,  # 1 − γ3^k
+    G_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
     PARTIALS_BLOCK: tl.constexpr,
 ):
     """K2: max|g|, T, T̂, T̂/max|g| and s (every program, from the snapshot); ``pss[p] = Σ (g̃/s)²`` over p's
     blocks; program 0 stores T, the non-finite counter and the AdaClip scalars."""
     pid = tl.program_id(0)
-    partial_offsets = tl.arange(0, PARTIALS_BLOCK)
-    in_use = partial_offsets < num_programs
-    grad_max = tl.max(tl.load(WS + _WS_PARTIALS + partial_offsets, mask=in_use, other=0.0), 0).to(tl.float32)
-    bad = tl.sum(tl.load(WS + _WS_PARTIALS + stride + partial_offsets, mask=in_use, other=0.0), 0) > 0
-    clip_max_ema = _lerp(tl.load(WS + _WS_CLIP_EMA), grad_max.to(tl.float64), tl.cast(clip_weight, tl.float64))
-    threshold64 = clip_max_ema / tl.cast(clip_bias_correction, tl.float64)
-    threshold = threshold64.to(tl.float32)
-    # inf or nan only when max|g| = 0, and then no entry exceeds the threshold
-    ratio = (threshold64 / grad_max.to(tl.float64)).to(tl.float32)
-    inv_scale, scale = _power_of_two_scale(tl.minimum(grad_max, threshold))
-    spike_factor = ratio * inv_scale
+    n = _table_entry(TABLE, _T_NUMEL)
+    programs = _programs(n, max_programs, BLOCK)
+    if pid < programs:
+        G = _tensor(TABLE, _T_GRAD, G_DTYPE, ALIGNED, MANUAL_BF16)
+        WS = _tensor(TABLE, _T_WORKSPACE, tl.float64, False, False)
+        partial_offsets = tl.arange(0, PARTIALS_BLOCK)
+        in_use = partial_offsets < programs
+        grad_max = tl.max(tl.load(WS + _WS_PARTIALS + partial_offsets, mask=in_use, other=0.0), 0).to(tl.float32)
+        bad = tl.sum(tl.load(WS + _WS_PARTIALS + stride + partial_offsets, mask=in_use, other=0.0), 0) > 0
+        clip_max_ema = _lerp(tl.load(WS + _WS_CLIP_EMA), grad_max.to(tl.float64), tl.cast(clip_weight, tl.float64))
+        threshold64 = clip_max_ema / tl.cast(clip_bias_correction, tl.float64)
+        threshold = threshold64.to(tl.float32)
+        # inf or nan only when max|g| = 0, and then no entry exceeds the threshold
+        ratio = (threshold64 / grad_max.to(tl.float64)).to(tl.float32)
+        inv_scale, scale = _power_of_two_scale(tl.minimum(grad_max, threshold))
+        spike_factor = ratio * inv_scale
 
-    offsets = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(pid * BLOCK, n, num_programs * BLOCK):
-        idx = start + offsets
-        g = _finite(tl.load(G + idx, mask=idx < n, other=0.0).to(tl.float32))
-        clipped = g * tl.where(tl.abs(g) > threshold, spike_factor, inv_scale)
-        acc += clipped * clipped
-    tl.store(WS + _WS_PARTIALS + 2 * stride + pid, tl.sum(acc, 0).to(tl.float64))
-    if pid == 0:
-        tl.store(CLIP_EMA, clip_max_ema)
-        tl.store(NONFINITE, tl.load(NONFINITE) + bad.to(tl.int64))
-        tl.store(WS + _WS_THRESHOLD, threshold.to(tl.float64))
-        tl.store(WS + _WS_SPIKE_FACTOR, spike_factor.to(tl.float64))
-        tl.store(WS + _WS_INV_SCALE, inv_scale.to(tl.float64))
-        tl.store(WS + _WS_SCALE, scale.to(tl.float64))
+        offsets = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        full_blocks = n // BLOCK
+        for b in range(pid, full_blocks, programs):
+            idx = tl.multiple_of(b * BLOCK, BLOCK) + offsets
+            acc = _clipped_sumsq_block(G, idx, n, acc, threshold, spike_factor, inv_scale, G_DTYPE, MANUAL_BF16, False)
+        if full_blocks % programs == pid and full_blocks * BLOCK < n:
+            idx = full_blocks * BLOCK + offsets
+            acc = _clipped_sumsq_block(G, idx, n, acc, threshold, spike_factor, inv_scale, G_DTYPE, MANUAL_BF16, True)
+        tl.store(WS + _WS_PARTIALS + 2 * stride + pid, tl.sum(acc, 0).to(tl.float64))
+        if pid == 0:
+            NONFINITE = _tensor(TABLE, _T_NONFINITE, tl.int64, False, False)
+            tl.store(_tensor(TABLE, _T_CLIP_EMA, tl.float64, False, False), clip_max_ema)
+            tl.store(NONFINITE, tl.load(NONFINITE) + bad.to(tl.int64))
+            tl.store(WS + _WS_THRESHOLD, threshold.to(tl.float64))
+            tl.store(WS + _WS_SPIKE_FACTOR, spike_factor.to(tl.float64))
+            tl.store(WS + _WS_INV_SCALE, inv_scale.to(tl.float64))
+            tl.store(WS + _WS_SCALE, scale.to(tl.float64))
 
 
 @triton.jit
 def _step_scalars(
+    TABLE,
     WS,
-    NORM_EMA,
-    NORM_SQ_EMA,
-    num_programs,
+    programs,
     stride,
     norm_weight,
     norm_sq_weight,
@@ -272,9 +370,8 @@ def _step_scalars(
     scalars, and the Adam weights of this step (a clean-mode zero-norm tensor gets the "keep everything" ones).
 
     Returns (T̂, (T̂/max|g|)/s, 1/s, c/(n/s), weight of m's EMA, decay of v, ε term of the denominator)."""
-    pid = tl.program_id(0)
     partial_offsets = tl.arange(0, PARTIALS_BLOCK)
-    partials = tl.load(WS + _WS_PARTIALS + 2 * stride + partial_offsets, mask=partial_offsets < num_programs, other=0.0)
+    partials = tl.load(WS + _WS_PARTIALS + 2 * stride + partial_offsets, mask=partial_offsets < programs, other=0.0)
     scaled_norm = tl.sqrt(tl.sum(partials, 0)).to(tl.float32)  # n/s
     scaled_norm64 = scaled_norm.to(tl.float64)
     norm = scaled_norm64 * tl.load(WS + _WS_SCALE)
@@ -293,9 +390,9 @@ def _step_scalars(
         norm_sq_ema_hat_sqrt + tl.cast(eps, tl.float64)
     )
     factor = tl.where(has_norm, adagn_scale / tl.where(has_norm, scaled_norm64, 1.0), 1.0).to(tl.float32)
-    if pid == 0:
-        tl.store(NORM_EMA, norm_ema)
-        tl.store(NORM_SQ_EMA, norm_sq_ema)
+    if tl.program_id(0) == 0:
+        tl.store(_tensor(TABLE, _T_NORM_EMA, tl.float64, False, False), norm_ema)
+        tl.store(_tensor(TABLE, _T_NORM_SQ_EMA, tl.float64, False, False), norm_sq_ema)
     threshold = tl.load(WS + _WS_THRESHOLD).to(tl.float32)
     spike_factor = tl.load(WS + _WS_SPIKE_FACTOR).to(tl.float32)
     inv_scale = tl.load(WS + _WS_INV_SCALE).to(tl.float32)
@@ -325,26 +422,50 @@ def _adam_elementwise(
 
 
 @triton.jit
-def _load_param_and_grad(W, G, idx, mask, decay, APPLY_DECAY: tl.constexpr, MANUAL_BF16: tl.constexpr):
+def _load_param_and_grad(
+    W, G, idx, mask, decay, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, APPLY_DECAY: tl.constexpr,
+    MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
     """(W after weight decay, g with its non-finite entries zeroed), float32, at ``idx`` (any shape); 0 where masked."""
-    w = tl.load(W + idx, mask=mask, other=0.0).to(tl.float32)
+    w = _load_float(W, idx, mask, W_DTYPE, MANUAL_BF16, MASKED)
     if APPLY_DECAY:  # torch's in-place mul_ rounds to W's dtype before the update
-        w = cast(w * decay, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
-    g = _finite(tl.load(G + idx, mask=mask, other=0.0).to(tl.float32))
+        w = cast(w * decay, W_DTYPE, MANUAL_BF16).to(tl.float32)
+    g = _finite(_load_float(G, idx, mask, G_DTYPE, MANUAL_BF16, MASKED))
     return w, g
 
 
 @triton.jit
+def _update_block(
+    W, G, M, V, idx, n, decay, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term,
+    step_size, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, APPLY_DECAY: tl.constexpr,
+    FAITHFUL: tl.constexpr, RESET: tl.constexpr, MANUAL_BF16: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """K3's elementwise pass over one block of float32/bfloat16 moments."""
+    mask = idx < n
+    w, g = _load_param_and_grad(W, G, idx, mask, decay, W_DTYPE, G_DTYPE, APPLY_DECAY, MANUAL_BF16, MASKED)
+    # moments as flat float32/bfloat16 elements, not _update_quantized_kernel's (index, absmax) blocks: kept apart
+    if RESET and not FAITHFUL:  # clean MoRet: zero moments before the update
+        m = tl.zeros([BLOCK], dtype=tl.float32)
+        v = tl.zeros([BLOCK], dtype=tl.float32)
+    else:
+        m = _load_float(M, idx, mask, M_DTYPE, MANUAL_BF16, MASKED)
+        v = _load_float(V, idx, mask, M_DTYPE, MANUAL_BF16, MASKED)
+    w, m, v = _adam_elementwise(
+        w, g, m, v, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term, step_size
+    )
+    _store_float(W, idx, w, mask, W_DTYPE, MANUAL_BF16, MASKED)
+    if RESET and FAITHFUL:  # faithful MoRet: the update used the old moments; zero them now
+        m = tl.zeros([BLOCK], dtype=tl.float32)
+        v = tl.zeros([BLOCK], dtype=tl.float32)
+    _store_float(M, idx, m, mask, M_DTYPE, MANUAL_BF16, MASKED)
+    _store_float(V, idx, v, mask, M_DTYPE, MANUAL_BF16, MASKED)
+
+
+@triton.jit
 def _update_kernel(
-    W,
-    G,
-    M,
-    V,
-    WS,
-    NORM_EMA,
-    NORM_SQ_EMA,
-    n,
-    num_programs,
+    TABLE,
+    max_programs,
     stride,
     decay,  # 1 − lr·weight_decay
     norm_weight,  # 1 − γ1
@@ -357,6 +478,10 @@ def _update_kernel(
     beta2_weight,  # 1 − β2
     denominator_eps,  # ε·√bc2
     step_size,  # −lr·√bc2 / bc1
+    W_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     APPLY_DECAY: tl.constexpr,
     FAITHFUL: tl.constexpr,
     RESET: tl.constexpr,
@@ -366,44 +491,45 @@ def _update_kernel(
 ):
     """K3: n, μ, ν and the AdaGN factor (every program, from the snapshot), then the fused elementwise update."""
     pid = tl.program_id(0)
-    threshold, spike_factor, inv_scale, factor, m_weight, v_decay, eps_term = _step_scalars(
-        WS,
-        NORM_EMA,
-        NORM_SQ_EMA,
-        num_programs,
-        stride,
-        norm_weight,
-        norm_sq_weight,
-        norm_bias_correction,
-        norm_sq_bias_correction,
-        eps,
-        beta1_weight,
-        beta2,
-        denominator_eps,
-        FAITHFUL,
-        PARTIALS_BLOCK,
-    )
-    offsets = tl.arange(0, BLOCK)
-    for start in range(pid * BLOCK, n, num_programs * BLOCK):
-        idx = start + offsets
-        mask = idx < n
-        w, g = _load_param_and_grad(W, G, idx, mask, decay, APPLY_DECAY, MANUAL_BF16)
-        # moments as flat float32/bfloat16 elements, not _update_quantized_kernel's (index, absmax) blocks: kept apart
-        if RESET and not FAITHFUL:  # clean MoRet: zero moments before the update
-            m = tl.zeros([BLOCK], dtype=tl.float32)
-            v = tl.zeros([BLOCK], dtype=tl.float32)
-        else:
-            m = tl.load(M + idx, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(V + idx, mask=mask, other=0.0).to(tl.float32)
-        w, m, v = _adam_elementwise(
-            w, g, m, v, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term, step_size
+    n = _table_entry(TABLE, _T_NUMEL)
+    programs = _programs(n, max_programs, BLOCK)
+    if pid < programs:
+        WS = _tensor(TABLE, _T_WORKSPACE, tl.float64, False, False)
+        threshold, spike_factor, inv_scale, factor, m_weight, v_decay, eps_term = _step_scalars(
+            TABLE,
+            WS,
+            programs,
+            stride,
+            norm_weight,
+            norm_sq_weight,
+            norm_bias_correction,
+            norm_sq_bias_correction,
+            eps,
+            beta1_weight,
+            beta2,
+            denominator_eps,
+            FAITHFUL,
+            PARTIALS_BLOCK,
         )
-        tl.store(W + idx, cast(w, W.dtype.element_ty, MANUAL_BF16), mask=mask)
-        if RESET and FAITHFUL:  # faithful MoRet: the update used the old moments; zero them now
-            m = tl.zeros([BLOCK], dtype=tl.float32)
-            v = tl.zeros([BLOCK], dtype=tl.float32)
-        tl.store(M + idx, cast(m, M.dtype.element_ty, MANUAL_BF16), mask=mask)
-        tl.store(V + idx, cast(v, V.dtype.element_ty, MANUAL_BF16), mask=mask)
+        W = _tensor(TABLE, _T_PARAM, W_DTYPE, ALIGNED, MANUAL_BF16)
+        G = _tensor(TABLE, _T_GRAD, G_DTYPE, ALIGNED, MANUAL_BF16)
+        M = _tensor(TABLE, _T_EXP_AVG, M_DTYPE, ALIGNED, MANUAL_BF16)
+        V = _tensor(TABLE, _T_EXP_AVG_SQ, M_DTYPE, ALIGNED, MANUAL_BF16)
+        offsets = tl.arange(0, BLOCK)
+        full_blocks = n // BLOCK
+        for b in range(pid, full_blocks, programs):
+            idx = tl.multiple_of(b * BLOCK, BLOCK) + offsets
+            _update_block(
+                W, G, M, V, idx, n, decay, threshold, spike_factor, inv_scale, factor, m_weight, v_decay,
+                beta2_weight, eps_term, step_size, W_DTYPE, G_DTYPE, M_DTYPE, APPLY_DECAY, FAITHFUL, RESET,
+                MANUAL_BF16, False, BLOCK,
+            )  # fmt: skip
+        if full_blocks % programs == pid and full_blocks * BLOCK < n:
+            _update_block(
+                W, G, M, V, full_blocks * BLOCK + offsets, n, decay, threshold, spike_factor, inv_scale, factor,
+                m_weight, v_decay, beta2_weight, eps_term, step_size, W_DTYPE, G_DTYPE, M_DTYPE, APPLY_DECAY,
+                FAITHFUL, RESET, MANUAL_BF16, True, BLOCK,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -455,18 +581,9 @@ def _store_quantized(Q, ABSMAX, index, absmax, rows, idx, mask, pairs, n, BITS: 
 
 @triton.jit
 def _update_quantized_kernel(
-    W,
-    G,
-    M_Q,
-    M_ABSMAX,
-    V_Q,
-    V_ABSMAX,
-    TABLES,  # float32: m's code, v's code, m's midpoints, v's midpoints (2^BITS entries each)
-    WS,
-    NORM_EMA,
-    NORM_SQ_EMA,
-    n,
-    num_programs,
+    TABLE,
+    CODES_TABLE,  # float32: m's code, v's code, m's midpoints, v's midpoints (2^BITS entries each)
+    max_programs,
     stride,
     decay,
     norm_weight,
@@ -479,6 +596,9 @@ def _update_quantized_kernel(
     beta2_weight,
     denominator_eps,
     step_size,
+    W_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     APPLY_DECAY: tl.constexpr,
     FAITHFUL: tl.constexpr,
     RESET: tl.constexpr,
@@ -490,68 +610,81 @@ def _update_quantized_kernel(
 ):
     """K3 for blockwise-quantized moments: as :func:`_update_kernel`, with the moments dequantized from (index,
     absmax) in registers and requantized after the update. A program's block of BLOCK elements is BLOCK/QBLOCK whole
-    quantization blocks, laid out as [rows, QBLOCK/2, 2] (element pairs, for the 4-bit packing)."""
+    quantization blocks, laid out as [rows, QBLOCK/2, 2] (element pairs, for the 4-bit packing); every access is
+    masked (the 4-bit pairs and the absmax rows have their own bounds)."""
     pid = tl.program_id(0)
-    threshold, spike_factor, inv_scale, factor, m_weight, v_decay, eps_term = _step_scalars(
-        WS,
-        NORM_EMA,
-        NORM_SQ_EMA,
-        num_programs,
-        stride,
-        norm_weight,
-        norm_sq_weight,
-        norm_bias_correction,
-        norm_sq_bias_correction,
-        eps,
-        beta1_weight,
-        beta2,
-        denominator_eps,
-        FAITHFUL,
-        PARTIALS_BLOCK,
-    )
-    ROWS: tl.constexpr = BLOCK // QBLOCK
-    HALF: tl.constexpr = QBLOCK // 2
-    CODES: tl.constexpr = 1 << BITS
-    row_offsets = tl.arange(0, ROWS)
-    pair_offsets = tl.arange(0, HALF)
-    in_row = tl.join(pair_offsets * 2, pair_offsets * 2 + 1)  # [HALF, 2]: element offsets within a row
-    for start in range(pid * BLOCK, n, num_programs * BLOCK):
-        rows = start // QBLOCK + row_offsets
-        idx = rows[:, None, None] * QBLOCK + in_row[None, :, :]
-        pairs = rows[:, None] * HALF + pair_offsets[None, :]
-        mask = idx < n
-        w, g = _load_param_and_grad(W, G, idx, mask, decay, APPLY_DECAY, MANUAL_BF16)
-        # moments in quantization blocks (packed nibbles at 4 bits), not the float elements of _update_kernel
-        if RESET and not FAITHFUL:
-            m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
-            v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
-        else:
-            m = _dequantize(M_Q, M_ABSMAX, TABLES, rows, idx, mask, pairs, n, BITS, QBLOCK)
-            v = _dequantize(V_Q, V_ABSMAX, TABLES + CODES, rows, idx, mask, pairs, n, BITS, QBLOCK)
-        w, m, v = _adam_elementwise(
-            w, g, m, v, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term, step_size
+    n = _table_entry(TABLE, _T_NUMEL)
+    programs = _programs(n, max_programs, BLOCK)
+    if pid < programs:
+        WS = _tensor(TABLE, _T_WORKSPACE, tl.float64, False, False)
+        threshold, spike_factor, inv_scale, factor, m_weight, v_decay, eps_term = _step_scalars(
+            TABLE,
+            WS,
+            programs,
+            stride,
+            norm_weight,
+            norm_sq_weight,
+            norm_bias_correction,
+            norm_sq_bias_correction,
+            eps,
+            beta1_weight,
+            beta2,
+            denominator_eps,
+            FAITHFUL,
+            PARTIALS_BLOCK,
         )
-        tl.store(W + idx, cast(w, W.dtype.element_ty, MANUAL_BF16), mask=mask)
-        if RESET and FAITHFUL:
-            m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
-            v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
-        else:  # elements beyond the tensor are quantize's zero padding
-            m = tl.where(mask, m, 0.0)
-            v = tl.where(mask, v, 0.0)
-        m_index, m_absmax = _quantize(m, TABLES + 2 * CODES, BITS)
-        _store_quantized(M_Q, M_ABSMAX, m_index, m_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
-        v_index, v_absmax = _quantize(v, TABLES + 3 * CODES, BITS)
-        _store_quantized(V_Q, V_ABSMAX, v_index, v_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
+        W = _tensor(TABLE, _T_PARAM, W_DTYPE, ALIGNED, MANUAL_BF16)
+        G = _tensor(TABLE, _T_GRAD, G_DTYPE, ALIGNED, MANUAL_BF16)
+        M_Q = _tensor(TABLE, _T_EXP_AVG, tl.uint8, ALIGNED, False)
+        V_Q = _tensor(TABLE, _T_EXP_AVG_SQ, tl.uint8, ALIGNED, False)
+        M_ABSMAX = _tensor(TABLE, _T_EXP_AVG_ABSMAX, tl.float32, ALIGNED, False)
+        V_ABSMAX = _tensor(TABLE, _T_EXP_AVG_SQ_ABSMAX, tl.float32, ALIGNED, False)
+        ROWS: tl.constexpr = BLOCK // QBLOCK
+        HALF: tl.constexpr = QBLOCK // 2
+        CODES: tl.constexpr = 1 << BITS
+        row_offsets = tl.arange(0, ROWS)
+        pair_offsets = tl.arange(0, HALF)
+        in_row = tl.join(pair_offsets * 2, pair_offsets * 2 + 1)  # [HALF, 2]: element offsets within a row
+        for b in range(pid, tl.cdiv(n, BLOCK), programs):
+            rows = b * ROWS + row_offsets
+            idx = rows[:, None, None] * QBLOCK + in_row[None, :, :]
+            pairs = rows[:, None] * HALF + pair_offsets[None, :]
+            mask = idx < n
+            w, g = _load_param_and_grad(W, G, idx, mask, decay, W_DTYPE, G_DTYPE, APPLY_DECAY, MANUAL_BF16, True)
+            # moments in quantization blocks (packed nibbles at 4 bits), not the float elements of _update_kernel
+            if RESET and not FAITHFUL:
+                m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+                v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+            else:
+                m = _dequantize(M_Q, M_ABSMAX, CODES_TABLE, rows, idx, mask, pairs, n, BITS, QBLOCK)
+                v = _dequantize(V_Q, V_ABSMAX, CODES_TABLE + CODES, rows, idx, mask, pairs, n, BITS, QBLOCK)
+            w, m, v = _adam_elementwise(
+                w, g, m, v, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term,
+                step_size,
+            )  # fmt: skip
+            _store_float(W, idx, w, mask, W_DTYPE, MANUAL_BF16, True)
+            if RESET and FAITHFUL:
+                m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+                v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+            else:  # elements beyond the tensor are quantize's zero padding
+                m = tl.where(mask, m, 0.0)
+                v = tl.where(mask, v, 0.0)
+            m_index, m_absmax = _quantize(m, CODES_TABLE + 2 * CODES, BITS)
+            _store_quantized(M_Q, M_ABSMAX, m_index, m_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
+            v_index, v_absmax = _quantize(v, CODES_TABLE + 3 * CODES, BITS)
+            _store_quantized(V_Q, V_ABSMAX, v_index, v_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------------------
 
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
 
 def num_programs(numel: int, block: int = DEFAULT_BLOCK, max_programs: int = DEFAULT_MAX_PROGRAMS) -> int:
     """The programs P each kernel runs for a tensor of ``numel`` elements (1 for an empty tensor)."""
-    return max(1, min(triton.cdiv(numel, block), max_programs))
+    return max(1, min(-(-numel // block), max_programs))
 
 
 def workspace_numel(numel: int, block: int = DEFAULT_BLOCK, max_programs: int = DEFAULT_MAX_PROGRAMS) -> int:
@@ -657,20 +790,14 @@ def _quantization_tables(bits: int, device: torch.device) -> Tensor:
     return _TABLES[key]
 
 
-def _pointer(tensor: Tensor) -> Tensor:
-    """``tensor``, or a one-element stand-in of its dtype when it is empty (a rank's empty shard): the kernels never
-    touch it then (n = 0), but a launch wants a real address."""
-    return tensor if tensor.numel() else tensor.new_empty(1)
-
-
-def _device_guard(param: Tensor):
-    return torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext()
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_launch(param: Tensor, state: dict[str, Any], grad: Tensor, block: int, max_programs: int) -> None:
     reason = _unsupported_reason(param, state, grad)
     if reason is not None:
-        raise ValueError(f"triton_update_tensor does not support this tensor: {reason}")
+        raise ValueError(f"the fused Stable-SPAM step does not support this tensor: {reason}")
     if block < 16 or block & (block - 1) or max_programs < 1:
         raise ValueError(f"block must be a power of two ≥ 16 and max_programs ≥ 1, got {block}, {max_programs}")
     bits = state.get(QUANTIZED_BITS)
@@ -692,6 +819,143 @@ def _check_workspace(workspace: Tensor, param: Tensor, programs: int, stride: in
         raise ValueError("workspace must be contiguous")
 
 
+#: The quantized moments' state keys in table order (columns 3–6): both index arrays, then both absmax arrays.
+_QUANTIZED_TABLE_KEYS = tuple(key + suffix for suffix in (INDICES, ABSMAX) for key in (EXP_AVG, EXP_AVG_SQ))
+
+
+def _moment_tensors(state: dict[str, Any]) -> tuple[Tensor, ...]:
+    """(m, v), or (m's indices, v's indices, m's absmax, v's absmax) for quantized moments: table columns 3–6."""
+    if QUANTIZED_BITS in state:
+        return tuple(state[key] for key in _QUANTIZED_TABLE_KEYS)
+    return state[EXP_AVG], state[EXP_AVG_SQ]
+
+
+@dataclass(frozen=True)
+class _LaunchFormat:
+    """What the tensors of one launch share: the device and the kernels' dtype constexprs. ``moments`` is the
+    float moments' dtype or the quantized moments' bits; ``aligned``: every element array starts on 16 bytes."""
+
+    device: torch.device
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    moments: torch.dtype | int
+    aligned: bool
+
+
+def _launch_format(param: Tensor, grad: Tensor, state: dict[str, Any], arrays: list[int]) -> _LaunchFormat:
+    """The tensor's launch format; ``arrays`` are the addresses of its element arrays (parameter, gradient, moments)."""
+    moments = state[QUANTIZED_BITS] if QUANTIZED_BITS in state else state[EXP_AVG].dtype
+    aligned = all(address % 16 == 0 for address in arrays)
+    return _LaunchFormat(param.device, param.dtype, grad.dtype, moments, aligned)
+
+
+def _table_row(param: Tensor, grad: Tensor, state: dict[str, Any]) -> list[int]:
+    """The tensor's row of the table (see ``_T_NUMEL`` … ``_T_WORKSPACE``), its workspace address still 0."""
+    moments = [tensor.data_ptr() for tensor in _moment_tensors(state)]
+    moments += [0] * (4 - len(moments))
+    statistics = [state[key].data_ptr() for key in (*_STAT_KEYS, _NONFINITE_KEY)]
+    return [param.numel(), grad.data_ptr(), param.data_ptr(), *moments, *statistics, 0]
+
+
+def _element_arrays(row: list[int]) -> list[int]:
+    """The addresses of a table row's element arrays (gradient, parameter, moments), which vector loads read."""
+    return [address for address in row[_T_GRAD.value : _T_EXP_AVG_SQ_ABSMAX.value + 1] if address]
+
+
+def _device_table(rows: list[list[int]], device: torch.device) -> Tensor:
+    """The int64 table on ``device``, copied without waiting (from pinned memory) on CUDA."""
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One launch of the three kernels over ``count`` tensors of one format, described by ``table``."""
+
+    table: Tensor
+    count: int
+    programs: int  # the grid's first dimension: the most programs any of the tensors uses
+    stride: int
+    format: _LaunchFormat
+    block: int
+    max_programs: int
+
+    def common(self) -> dict[str, Any]:
+        return {
+            "G_DTYPE": _TL_DTYPES[self.format.grad_dtype],
+            "ALIGNED": self.format.aligned,
+            "MANUAL_BF16": interpreting(),
+            "BLOCK": self.block,
+            "num_warps": _NUM_WARPS,
+        }
+
+    def max_abs(self) -> None:
+        with _device_guard(self.format.device):
+            _max_abs_kernel[(self.programs, self.count)](self.table, self.max_programs, self.stride, **self.common())
+
+    def clip(self, hp: StepHyperparameters, stat_step: int) -> None:
+        with _device_guard(self.format.device):
+            _clipped_sumsq_kernel[(self.programs, self.count)](
+                self.table,
+                self.max_programs,
+                self.stride,
+                1.0 - hp.gamma3,
+                _bias_correction(hp.gamma3, stat_step),
+                PARTIALS_BLOCK=triton.next_power_of_2(self.max_programs),
+                **self.common(),
+            )
+
+    def update(self, hp: StepHyperparameters, stat_step: int, adam_step: int) -> None:
+        sqrt_bc2 = math.sqrt(_bias_correction(hp.beta2, adam_step))
+        moments = self.format.moments
+        if isinstance(moments, int):
+            kernel = _update_quantized_kernel
+            tables = (_quantization_tables(moments, self.format.device),)
+            constexprs = {"BITS": moments, "QBLOCK": moment_format(moments, False).blocksize}
+        else:
+            kernel, tables, constexprs = _update_kernel, (), {"M_DTYPE": _TL_DTYPES[moments]}
+        with _device_guard(self.format.device):
+            kernel[(self.programs, self.count)](
+                self.table,
+                *tables,
+                self.max_programs,
+                self.stride,
+                1.0 - hp.lr * hp.weight_decay,
+                1.0 - hp.gamma1,
+                1.0 - hp.gamma2,
+                _bias_correction(hp.gamma1, stat_step),
+                _bias_correction(hp.gamma2, stat_step),
+                hp.eps,
+                1.0 - hp.beta1,
+                hp.beta2,
+                1.0 - hp.beta2,
+                hp.eps * sqrt_bc2,
+                -hp.lr * sqrt_bc2 / _bias_correction(hp.beta1, adam_step),
+                W_DTYPE=_TL_DTYPES[self.format.param_dtype],
+                APPLY_DECAY=hp.weight_decay != 0,
+                FAITHFUL=hp.faithful,
+                RESET=hp.is_reset_step,
+                PARTIALS_BLOCK=triton.next_power_of_2(self.max_programs),
+                **constexprs,
+                **self.common(),
+            )
+
+
+def _single_launch(
+    param: Tensor, grad: Tensor, state: dict[str, Any], workspace: Tensor, stride: int, block: int, max_programs: int
+) -> _Launch:
+    """The launch of one tensor whose partials go to ``workspace`` (one row) at ``stride``."""
+    _check_launch(param, state, grad, block, max_programs)
+    programs = num_programs(param.numel(), block, max_programs)
+    _check_workspace(workspace, param, programs, stride)
+    row = _table_row(param, grad, state)
+    row[_T_WORKSPACE.value] = workspace.data_ptr()
+    launch_format = _launch_format(param, grad, state, _element_arrays(row))
+    return _Launch(_device_table([row], param.device), 1, programs, stride, launch_format, block, max_programs)
+
+
 def launch_max_abs(
     param: Tensor,
     grad: Tensor,
@@ -703,23 +967,7 @@ def launch_max_abs(
     max_programs: int = DEFAULT_MAX_PROGRAMS,
 ) -> None:
     """K1 on one tensor: pmax, pbad (``workspace[8 : 8 + P]``, ``[8 + stride : …]``) and the statistics' snapshot."""
-    _check_launch(param, state, grad, block, max_programs)
-    programs = num_programs(param.numel(), block, max_programs)
-    _check_workspace(workspace, param, programs, stride)
-    clip_max_ema, norm_ema, norm_sq_ema = (state[key] for key in _STAT_KEYS)
-    with _device_guard(param):
-        _max_abs_kernel[(programs,)](
-            _pointer(grad),
-            workspace,
-            clip_max_ema,
-            norm_ema,
-            norm_sq_ema,
-            param.numel(),
-            programs,
-            stride,
-            BLOCK=block,
-            num_warps=_NUM_WARPS,
-        )
+    _single_launch(param, grad, state, workspace, stride, block, max_programs).max_abs()
 
 
 def launch_clip(
@@ -736,26 +984,7 @@ def launch_clip(
 ) -> None:
     """K2 on one tensor: AdaClip (T and the non-finite counter in the state) and pss (``workspace[8 + 2·stride :]``),
     from the max|g| and non-finite count that pmax and pbad hold."""
-    _check_launch(param, state, grad, block, max_programs)
-    programs = num_programs(param.numel(), block, max_programs)
-    _check_workspace(workspace, param, programs, stride)
-    clip_max_ema, counter = state[_STAT_KEYS[0]], state[_NONFINITE_KEY]
-    with _device_guard(param):
-        _clipped_sumsq_kernel[(programs,)](
-            _pointer(grad),
-            workspace,
-            clip_max_ema,
-            counter,
-            param.numel(),
-            programs,
-            stride,
-            1.0 - hp.gamma3,
-            _bias_correction(hp.gamma3, stat_step),
-            BLOCK=block,
-            PARTIALS_BLOCK=triton.next_power_of_2(programs),
-            num_warps=_NUM_WARPS,
-        )
-    torch.autograd.graph.increment_version((clip_max_ema, counter))
+    _single_launch(param, grad, state, workspace, stride, block, max_programs).clip(hp, stat_step)
 
 
 def launch_update(
@@ -772,56 +1001,15 @@ def launch_update(
     max_programs: int = DEFAULT_MAX_PROGRAMS,
 ) -> None:
     """K3 on one tensor: AdaGN (μ, ν in the state) from the Σ(g̃/s)² that pss holds, MoRet, Adam and the update."""
-    _check_launch(param, state, grad, block, max_programs)
-    numel = param.numel()
-    programs = num_programs(numel, block, max_programs)
-    _check_workspace(workspace, param, programs, stride)
-    bits = state.get(QUANTIZED_BITS)
-    if bits is None:
-        moments: tuple[Tensor, ...] = (state[EXP_AVG], state[EXP_AVG_SQ])
-    else:
-        keys = QUANTIZED_KEYS
-        moments = tuple(state[key] for key in keys)
-    launched_moments = tuple(_pointer(moment) for moment in moments)
-    if bits is not None:
-        launched_moments += (_quantization_tables(bits, param.device),)
-    norm_ema, norm_sq_ema = state[_STAT_KEYS[1]], state[_STAT_KEYS[2]]
-    sqrt_bc2 = math.sqrt(_bias_correction(hp.beta2, adam_step))
-    update_kernel = _update_kernel if bits is None else _update_quantized_kernel
-    quantized = {} if bits is None else {"BITS": bits, "QBLOCK": moment_format(bits, False).blocksize}
-    with _device_guard(param):
-        update_kernel[(programs,)](
-            _pointer(param),
-            _pointer(grad),
-            *launched_moments,
-            workspace,
-            norm_ema,
-            norm_sq_ema,
-            numel,
-            programs,
-            stride,
-            1.0 - hp.lr * hp.weight_decay,
-            1.0 - hp.gamma1,
-            1.0 - hp.gamma2,
-            _bias_correction(hp.gamma1, stat_step),
-            _bias_correction(hp.gamma2, stat_step),
-            hp.eps,
-            1.0 - hp.beta1,
-            hp.beta2,
-            1.0 - hp.beta2,
-            hp.eps * sqrt_bc2,
-            -hp.lr * sqrt_bc2 / _bias_correction(hp.beta1, adam_step),
-            APPLY_DECAY=hp.weight_decay != 0,
-            FAITHFUL=hp.faithful,
-            RESET=hp.is_reset_step,
-            MANUAL_BF16=interpreting(),
-            **quantized,
-            BLOCK=block,
-            PARTIALS_BLOCK=triton.next_power_of_2(programs),
-            num_warps=_NUM_WARPS,
-        )
-    # The kernels wrote behind autograd's back: bump the version counters as torch's in-place ops would.
-    torch.autograd.graph.increment_version((param, *moments, norm_ema, norm_sq_ema))
+    _single_launch(param, grad, state, workspace, stride, block, max_programs).update(hp, stat_step, adam_step)
+    _bump_versions([param])
+
+
+def _bump_versions(params: list[Tensor]) -> None:
+    """The kernels wrote the parameters behind autograd's back: bump their version counters as torch's in-place ops
+    would (a graph that saved a parameter before the step then refuses to use the stale value). The optimizer's
+    state never enters a graph."""
+    torch.autograd.graph.increment_version(tuple(params))
 
 
 def triton_update_tensor(
@@ -859,13 +1047,59 @@ def triton_update_tensor(
             setting. Nothing is read back from the device.
     """
     grad = param.grad if grad is None else grad
-    _check_launch(param, state, grad, block, max_programs)
     programs = num_programs(param.numel(), block, max_programs)
     if workspace is None:
         workspace = torch.empty(PARTIALS_OFFSET + 3 * programs, dtype=torch.float64, device=param.device)
-    _check_workspace(workspace, param, programs, programs)
-    grad = grad if grad.is_contiguous() else grad.contiguous()
-    launch = {"block": block, "max_programs": max_programs}
-    launch_max_abs(param, grad, state, workspace, programs, **launch)
-    launch_clip(param, grad, state, workspace, programs, hp, stat_step, **launch)
-    launch_update(param, grad, state, workspace, programs, hp, stat_step, adam_step, **launch)
+    grad = grad if grad is None or grad.is_contiguous() else grad.contiguous()
+    launch = _single_launch(param, grad, state, workspace, programs, block, max_programs)
+    launch.max_abs()
+    launch.clip(hp, stat_step)
+    launch.update(hp, stat_step, adam_step)
+    _bump_versions([param])
+
+
+def triton_update_tensors(
+    params: list[Tensor],
+    states: list[dict[str, Any]],
+    hp: StepHyperparameters,
+    stat_step: int,
+    adam_step: int,
+    *,
+    grads: list[Tensor] | None = None,
+    block: int = DEFAULT_BLOCK,
+    max_programs: int = DEFAULT_MAX_PROGRAMS,
+    check: bool = True,
+) -> None:
+    """One Stable-SPAM step of several tensors that share ``hp`` and the step counters, in three launches per format.
+
+    Each tensor is updated exactly as :func:`triton_update_tensor` would update it alone (bitwise: its programs,
+    blocks and reductions do not depend on the other tensors). Tensors are grouped by device, parameter, gradient
+    and moment dtypes (or quantized bits) and 16-byte alignment; each group is one launch of each kernel over a
+    table of its tensors (grid: programs × tensors), so the host cost is that of three launches per group instead of
+    three per tensor. Arguments as :func:`triton_update_tensor`; ``grads`` defaults to the parameters' ``.grad``;
+    ``check=False`` skips the per-tensor checks when the caller has made them (:func:`triton_update_supported`).
+    """
+    grads = [param.grad for param in params] if grads is None else list(grads)
+    if not len(params) == len(states) == len(grads):
+        raise ValueError(f"{len(params)} parameters, {len(states)} states and {len(grads)} gradients")
+    groups: dict[_LaunchFormat, list[tuple[int, list[int]]]] = {}
+    for index, (param, state, grad) in enumerate(zip(params, states, grads, strict=True)):
+        if check:
+            _check_launch(param, state, grad, block, max_programs)
+        if not grad.is_contiguous():
+            grads[index] = grad = grad.contiguous()
+        row = _table_row(param, grad, state)
+        groups.setdefault(_launch_format(param, grad, state, _element_arrays(row)), []).append((index, row))
+    for launch_format, members in groups.items():
+        programs = max(num_programs(row[_T_NUMEL.value], block, max_programs) for _, row in members)
+        row_numel = PARTIALS_OFFSET + 3 * programs
+        workspace = torch.empty(len(members), row_numel, dtype=torch.float64, device=launch_format.device)
+        base = workspace.data_ptr()
+        for position, (_, row) in enumerate(members):
+            row[_T_WORKSPACE.value] = base + position * row_numel * workspace.element_size()
+        table = _device_table([row for _, row in members], launch_format.device)
+        launch = _Launch(table, len(members), programs, programs, launch_format, block, max_programs)
+        launch.max_abs()
+        launch.clip(hp, stat_step)
+        launch.update(hp, stat_step, adam_step)
+    _bump_versions(params)

@@ -86,8 +86,10 @@ tensors on the parameter's device, and every choice that depends on a tensor val
 or not, finite or not) is a ``torch.where``. Tensors are processed one after another through one scratch buffer the
 size of the largest tensor, so a step allocates no per-tensor temporaries (on CPU it runs at about the speed of
 torch's foreach AdamW; see ``benchmarks/optimizer_step.py``). On CUDA, tensors go through the fused Triton step of
-:mod:`hf_gns_spam.kernels.stable_spam_step` instead (three launches per tensor; 8/4-bit moments are dequantized,
-updated and requantized inside the update kernel); float64 and non-contiguous tensors stay on the torch path.
+:mod:`hf_gns_spam.kernels.stable_spam_step` instead: three launches for all the tensors of a parameter group that
+share a format (each launch reads a table of the tensors' addresses, as torch's fused optimizers do), so the host's
+cost does not grow with the number of tensors; 8/4-bit moments are dequantized, updated and requantized inside the
+update kernel; float64 and non-contiguous tensors stay on the torch path.
 """
 
 from __future__ import annotations
@@ -523,20 +525,25 @@ class StableSPAM(torch.optim.Optimizer):
         return group["step"], clean_adam_step
 
     def _step_tensors(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """One step for parameters that share a device and a dtype, one tensor after another.
+        """One step for parameters that share a device and a dtype.
 
-        A single scratch buffer, as large as the largest tensor, holds |g|, then the clipped gradient g̃, then ĝ,
-        then Adam's denominator, so the step allocates no per-tensor temporaries.
+        Tensors the fused Triton step supports are updated together, in three launches per set of tensors with the
+        same step counters and formats (``triton_update_tensors``). The others go through the torch path one after
+        another: a single scratch buffer, as large as the largest tensor, holds |g|, then the clipped gradient g̃,
+        then ĝ, then Adam's denominator, so the step allocates no per-tensor temporaries.
         """
         hyper, clean_adam_step = self._step_hyperparameters(group)
         compute_dtype = torch.promote_types(params[0].dtype, torch.float32)
         triton_step = _triton_step() if _use_triton(params[0]) else None
+        fused: dict[tuple[int, int], tuple[list[torch.Tensor], list[dict[str, Any]]]] = defaultdict(lambda: ([], []))
         scratch = spikes = one = None  # the torch path's buffers, allocated when a tensor first needs them
         for param in params:
             state = self._init_state(param, group)
             stat_step, adam_step = self._tensor_steps(state, group, hyper, clean_adam_step)
             if triton_step is not None and triton_step.triton_update_supported(param, state):
-                triton_step.triton_update_tensor(param, state, hyper, stat_step, adam_step)
+                fused_params, fused_states = fused[stat_step, adam_step]
+                fused_params.append(param)
+                fused_states.append(state)
                 continue
             if scratch is None:
                 largest = max(p.numel() for p in params)
@@ -554,6 +561,8 @@ class StableSPAM(torch.optim.Optimizer):
                 adam_step,
                 one,
             )
+        for (stat_step, adam_step), (fused_params, fused_states) in fused.items():
+            triton_step.triton_update_tensors(fused_params, fused_states, hyper, stat_step, adam_step, check=False)
 
     def _step_sharded(self, entries: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
         """One step for DTensor parameters: statistics over whole tensors with two all-reduces per process group
