@@ -148,3 +148,83 @@ def test_segments_invalid_ids_on_gpu():
             run_segments(spec, x, weight, bias, dy, bad, None, "torch")
     *_, statistics = run_segments(spec, x, weight, bias, dy, ids, torch.ones(3, device="cuda"), "triton")
     assert torch.isnan(statistics).all()  # not one scale per sequence
+
+
+def model_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[float, dict, dict]:
+    """(loss, the norms' weight gradients, the per-example statistics) of one forward/backward, on the CPU."""
+    from hf_gns_spam import per_example_grad_stats
+
+    loss = model(**inputs).loss
+    loss.backward()
+    stats = {n: (s.sum_sq.item(), s.count.item()) for n, s in per_example_grad_stats(model).items()}
+    grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if n in stats}
+    return loss.item(), grads, stats
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "gemma"])
+def test_patched_model_on_cuda_equals_the_cpu_path(architecture):
+    """A patched model (padded batch) on CUDA, Triton kernels, against the same model on the CPU, torch path, both
+    float32: loss, the norms' gradients and their per-example statistics agree to float32 rounding."""
+    import copy
+
+    from hf_gns_spam import patch_model
+    from tests import model_zoo
+
+    model = model_zoo.build(architecture)
+    patch_model(model)
+    inputs = model_zoo.batch(architecture, batch_size=4, length=32)
+    cpu_loss, cpu_grads, cpu_stats = model_step(copy.deepcopy(model), inputs)
+    gpu_loss, gpu_grads, gpu_stats = model_step(model.cuda(), {k: v.cuda() for k, v in inputs.items()})
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
+    assert gpu_grads.keys() == cpu_grads.keys() and gpu_grads
+    for name, grad in gpu_grads.items():
+        torch.testing.assert_close(grad, cpu_grads[name], rtol=1e-4, atol=1e-6)
+    assert gpu_stats.keys() == cpu_stats.keys() and gpu_stats
+    for name, (sum_sq, count) in gpu_stats.items():
+        assert count == cpu_stats[name][1] == 4
+        assert sum_sq == pytest.approx(cpu_stats[name][0], rel=1e-4), name
+
+
+def test_patched_bf16_model_kernels_equal_the_torch_path_on_cuda():
+    """bfloat16 LLaMA on CUDA: the Triton kernels against the torch reference on the same device (same roundings
+    by contract): loss and statistics to bfloat16 rounding of the activations around them."""
+    import copy
+
+    from hf_gns_spam import patch_model
+    from tests import model_zoo
+
+    model = model_zoo.build("llama").to("cuda", torch.bfloat16)
+    patch_model(model)
+    inputs = {k: v.cuda() for k, v in model_zoo.batch("llama", batch_size=4, length=64).items()}
+    with norm_backend("torch"):
+        torch_loss, _, torch_stats = model_step(copy.deepcopy(model), inputs)
+    with norm_backend("triton"):
+        triton_loss, _, triton_stats = model_step(model, inputs)
+    assert triton_loss == pytest.approx(torch_loss, rel=1e-2)
+    for name, (sum_sq, count) in triton_stats.items():
+        assert count == torch_stats[name][1] == 4
+        assert sum_sq == pytest.approx(torch_stats[name][0], rel=5e-2), name
+
+
+def test_torch_compile_of_a_patched_llama_on_cuda():
+    """torch.compile (inductor) of a patched LLaMA on CUDA: the Triton norm kernels inside the compiled graph give
+    the eager model's loss, gradients and statistics."""
+    import copy
+
+    from hf_gns_spam import patch_model
+    from tests import model_zoo
+
+    model = model_zoo.build("llama").cuda()
+    patch_model(model)
+    eager = copy.deepcopy(model)
+    inputs = {k: v.cuda() for k, v in model_zoo.batch("llama", batch_size=4, length=32).items()}
+    eager_loss, eager_grads, eager_stats = model_step(eager, inputs)
+    compiled_loss, compiled_grads, compiled_stats = model_step(torch.compile(model), inputs)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
+    for name, grad in compiled_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name.removeprefix("_orig_mod.")], rtol=1e-3, atol=1e-5)
+    assert len(compiled_stats) == len(eager_stats)
+    for name, (sum_sq, count) in eager_stats.items():
+        compiled_sum_sq, compiled_count = compiled_stats.get(name, compiled_stats.get(f"_orig_mod.{name}"))
+        assert compiled_count == count == 4
+        assert compiled_sum_sq == pytest.approx(sum_sq, rel=1e-3), name
