@@ -7,6 +7,7 @@ tensors in the tests, truncates. :func:`cast` does the round-to-nearest-even on 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
@@ -15,8 +16,10 @@ import triton.language as tl
 __all__ = ["bfloat16_bits", "cast", "interpreting"]
 
 
+@functools.cache
 def interpreting() -> bool:
-    """Whether kernels run in the Triton interpreter (``TRITON_INTERPRET`` set before triton was imported)."""
+    """Whether kernels run in the Triton interpreter (``TRITON_INTERPRET`` set before triton was imported; read once,
+    as triton reads it)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

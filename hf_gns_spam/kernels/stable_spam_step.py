@@ -696,37 +696,36 @@ def _unsupported_reason(param: Tensor, state: dict[str, Any], grad: Tensor | Non
     """Why the Triton step cannot handle this tensor (None when it can); metadata only, no device access."""
     if grad is None:
         return "the parameter has no gradient"
-    if param.device.type != "cuda" and not (param.device.type == "cpu" and interpreting()):
-        return f"device {param.device} (CUDA, or the CPU under TRITON_INTERPRET=1)"
+    device = param.device
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return f"device {device} (CUDA, or the CPU under TRITON_INTERPRET=1)"
     if param.dtype not in _PARAM_DTYPES:
         return f"parameter dtype {param.dtype} (float32, bfloat16 or float16)"
-    if grad.is_sparse or grad.dtype not in _PARAM_DTYPES or grad.shape != param.shape or grad.device != param.device:
+    if grad.is_sparse or grad.dtype not in _PARAM_DTYPES or grad.shape != param.shape or grad.device != device:
         return "a sparse gradient, or one of another dtype family, shape or device"
     if not param.is_contiguous():
         return "a non-contiguous parameter"
     if QUANTIZED_BITS in state:
-        reason = _unsupported_quantized_reason(param, state)
-        if reason is not None:
-            return reason
+        reason = _unsupported_quantized_reason(param, state, device)
     else:
-        reason = _unsupported_moments_reason(param, state)
-        if reason is not None:
-            return reason
+        reason = _unsupported_moments_reason(param, state, device)
+    if reason is not None:
+        return reason
     for key in _STAT_KEYS:
         stat = state.get(key)
         if not isinstance(stat, Tensor):
             return f"state[{key!r}] missing"
-        if stat.dtype != torch.float64 or stat.numel() != 1 or stat.device != param.device:
+        if stat.dtype != torch.float64 or stat.numel() != 1 or stat.device != device:
             return f"state[{key!r}] must be a float64 scalar on the parameter's device"
     counter = state.get(_NONFINITE_KEY)
     if not isinstance(counter, Tensor) or counter.dtype != torch.int64 or counter.numel() != 1:
         return f"state[{_NONFINITE_KEY!r}] must be an int64 scalar"
-    if counter.device != param.device:
+    if counter.device != device:
         return f"state[{_NONFINITE_KEY!r}] must be on the parameter's device"
     return None
 
 
-def _unsupported_quantized_reason(param: Tensor, state: dict[str, Any]) -> str | None:
+def _unsupported_quantized_reason(param: Tensor, state: dict[str, Any], device: torch.device) -> str | None:
     """Checks of blockwise-quantized moments: the layout :func:`hf_gns_spam.optim.quantized_state.quantize` makes."""
     bits = state[QUANTIZED_BITS]
     if bits not in (8, 4):
@@ -736,25 +735,25 @@ def _unsupported_quantized_reason(param: Tensor, state: dict[str, Any]) -> str |
         blocksize = moment_format(bits, second_moment).blocksize
         for suffix, dtype, size in (
             (INDICES, torch.uint8, numel if bits == 8 else (numel + 1) // 2),
-            (ABSMAX, torch.float32, triton.cdiv(numel, blocksize)),
+            (ABSMAX, torch.float32, -(-numel // blocksize)),
         ):
             tensor = state.get(key + suffix)
             if not isinstance(tensor, Tensor):
                 return f"state[{key + suffix!r}] missing"
-            if tensor.dtype != dtype or tensor.numel() != size or tensor.device != param.device:
+            if tensor.dtype != dtype or tensor.numel() != size or tensor.device != device:
                 return f"state[{key + suffix!r}] must be {size} {dtype} values on the parameter's device"
             if not tensor.is_contiguous():
                 return f"a non-contiguous state[{key + suffix!r}]"
     return None
 
 
-def _unsupported_moments_reason(param: Tensor, state: dict[str, Any]) -> str | None:
+def _unsupported_moments_reason(param: Tensor, state: dict[str, Any], device: torch.device) -> str | None:
     """Checks of float32/bfloat16 moments."""
     for key in (EXP_AVG, EXP_AVG_SQ):
         moment = state.get(key)
         if not isinstance(moment, Tensor):
             return f"state[{key!r}] missing"
-        if moment.dtype not in _MOMENT_DTYPES or moment.shape != param.shape or moment.device != param.device:
+        if moment.dtype not in _MOMENT_DTYPES or moment.shape != param.shape or moment.device != device:
             return f"state[{key!r}] of dtype {moment.dtype} (float32 or bfloat16, parameter's shape and device)"
         if not moment.is_contiguous():
             return f"a non-contiguous state[{key!r}]"
