@@ -13,6 +13,22 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    try:
+        import triton.runtime.interpreter as _interpreter
+    except ImportError:
+        _interpreter = None
+    if _interpreter is not None and hasattr(_interpreter, "_patch_lang_tensor"):
+        # Triton 3.6's interpreter turns a scalar into int() without squeezing its 1-element array, so
+        # ``range(tensor, ...)`` in a kernel fails ("only 0-dimensional arrays ..."); later releases squeeze.
+        _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+        def _patch_lang_tensor_with_scalar_index(tensor, scope):
+            _patch_lang_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+        _interpreter._patch_lang_tensor = _patch_lang_tensor_with_scalar_index
+
 VOCAB_SIZE = 64
 SEQUENCE_LENGTH = 16
 
@@ -37,13 +53,36 @@ def tiny_llama(seed: int = 0):
 
 def counting_dataset(num_examples: int = 64, seed: int = 0):
     """Sequences that count up by a per-example stride modulo the vocabulary: learnable, so the loss must fall."""
-    from datasets import Dataset
-
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, VOCAB_SIZE, (num_examples, 1), generator=gen)
     strides = torch.randint(1, 4, (num_examples, 1), generator=gen)
     input_ids = (starts + strides * torch.arange(SEQUENCE_LENGTH)) % VOCAB_SIZE
-    return Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": input_ids.tolist()})
+    return column_dataset({"input_ids": input_ids.tolist(), "labels": input_ids.tolist()})
+
+
+class ColumnDataset(torch.utils.data.Dataset):
+    """What the tests use of ``datasets.Dataset`` where datasets is not installed (the GPU image): rows as dicts,
+    ``dataset["column"]`` as the column's list."""
+
+    def __init__(self, columns: dict):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.columns[key]
+        return {name: values[key] for name, values in self.columns.items()}
+
+
+def column_dataset(columns: dict):
+    """``datasets.Dataset.from_dict(columns)``, or a :class:`ColumnDataset` without datasets."""
+    try:
+        from datasets import Dataset
+    except ImportError:
+        return ColumnDataset(columns)
+    return Dataset.from_dict(columns)
 
 
 @pytest.fixture
@@ -60,6 +99,7 @@ def dataset_factory():
 def has_avx512bf16(monkeypatch):
     """``has_avx512bf16(True)``: bitsandbytes believes the CPU has AVX512-BF16 (or not, with False) from then on,
     so that 4-bit layers built afterwards take (or skip) its AVX512-BF16 CPU branch on any CPU."""
+    pytest.importorskip("bitsandbytes")
 
     def set_cpu_kind(value: bool) -> None:
         import bitsandbytes.functional

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_gns_spam import GNSCallback, StableSPAM, patch_model, per_example_grad_stats
@@ -15,17 +14,18 @@ from hf_gns_spam.gns.callback import METRIC_NAMES, TOTAL_METRIC_NAMES
 from hf_gns_spam.gns.estimator import unbiased_estimates
 from hf_gns_spam.gns.whole_model import StoredMicroBatch, weighted_squared_norms
 from tests import model_zoo
+from tests.conftest import column_dataset
 from tests.test_per_example_stats import token_losses
 
 
-def padded_dataset(size: int = 16, length: int = 8, seed: int = 0) -> Dataset:
+def padded_dataset(size: int = 16, length: int = 8, seed: int = 0):
     """Right-padded sequences with 3..length real tokens; padded labels are -100."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, model_zoo.VOCAB, (size, length), generator=generator)
     lengths = torch.randint(3, length + 1, (size,), generator=generator)
     attention_mask = (torch.arange(length) < lengths[:, None]).long()
     labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return Dataset.from_dict(
+    return column_dataset(
         {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": labels.tolist()}
     )
 
@@ -361,12 +361,13 @@ def test_recomputed_gradients_reproduce_the_norms_statistics(tmp_path, case):
     """On every validation step, the recomputed per-example gradients restricted to the norms give the norms' own
     small (from the statistics of the real backward): the own losses (label smoothing, a classifier's
     cross-entropy) and the weights are those the training loss was made of."""
-    from tests.test_gns_trainer_paths import classification_model
-
     data, overrides = padded_dataset(size=8), {}
     if case == "label_smoothing":
         model, overrides = model_zoo.build("llama"), {"label_smoothing_factor": 0.1}
     else:
+        pytest.importorskip("datasets")  # remove_columns/map below; test_gns_trainer_paths imports datasets
+        from tests.test_gns_trainer_paths import classification_model
+
         data = data.remove_columns("labels").map(lambda row, i: {"labels": i % 3}, with_indices=True)
         model = classification_model()
     patch_model(model)

@@ -215,6 +215,7 @@ def test_torch_compile_inductor_on_a_patched_llama():
 @pytest.mark.slow
 def test_qlora_model_patched_norms_are_frozen_and_exact(tmp_path):
     """bitsandbytes 4-bit base weights + LoRA: the norms are frozen fp32 (prepare_model_for_kbit_training)."""
+    pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -37,6 +37,18 @@ def test_bitsandbytes_reads_the_stored_moments(bits, second_moment):
     assert ((ours - x).abs() <= worst * blocks_absmax * (1 + 1e-5) + 1e-7).all()
 
 
+@pytest.mark.parametrize(
+    ("signed", "max_exponent_bits", "total_bits"), [(True, 7, 8), (False, 7, 8), (True, 3, 4), (False, 3, 4)]
+)
+def test_own_dynamic_map_equals_bitsandbytes(signed, max_exponent_bits, total_bits):
+    """The package builds bitsandbytes' dynamic maps itself (8/4-bit states without bitsandbytes): same values."""
+    from hf_gns_spam.kernels.step_contract import create_dynamic_map
+
+    ours = create_dynamic_map(signed, max_exponent_bits, total_bits)
+    theirs = bnb_functional.create_dynamic_map(signed, max_exponent_bits, total_bits)
+    assert ours.dtype == torch.float32 and torch.equal(ours, theirs.float())
+
+
 def test_four_bit_second_moment_has_no_zero_point():
     code = moment_format(4, second_moment=True).code("cpu")
     assert code.min() > 0  # small v never rounds to 0 (Li et al. 2023): no exploding m / (sqrt(v) + eps)
