@@ -6,7 +6,7 @@ another in the same process, each from the same initial weights (same seed) on t
     a  plain        optim="adamw_torch_fused"
     b  liger        use_liger_kernel=True, optim="adamw_torch_fused"   (skipped without liger-kernel or CUDA)
     c  gns_spam     patch_model(model), optim="stable_spam", GNSCallback(schedule="gns")
-    d  gns_spam8    as c with optim="stable_spam_8bit"                  (skipped without bitsandbytes)
+    d  gns_spam8    as c with optim="stable_spam_8bit"
     e  patched      patch_model(model), optim="adamw_torch_fused", no callback (the norm kernels' cost alone)
 
 A row whose requirement is missing is skipped with the reason, and a row that fails (out of memory, an
@@ -139,12 +139,11 @@ ROWS = (
     Row("a", "plain", "adamw_torch_fused"),
     Row("b", "liger", "adamw_torch_fused", liger=True, requires="liger_kernel"),
     Row("c", "gns_spam", "stable_spam", patch=True, gns=True),
-    Row("d", "gns_spam8", "stable_spam_8bit", patch=True, gns=True, requires="bitsandbytes"),
+    Row("d", "gns_spam8", "stable_spam_8bit", patch=True, gns=True),
     Row("e", "patched", "adamw_torch_fused", patch=True),
 )
 REQUIREMENTS = {
     "liger_kernel": "liger-kernel is not installed (pip install liger-kernel)",
-    "bitsandbytes": "bitsandbytes is not installed (the 8-bit moments' code maps come from it)",
 }
 
 
