@@ -44,8 +44,9 @@ EOF
 }
 
 section_tests() {
-    "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -rfEs -n 6 \
-        tests/test_gns_norm_gpu.py tests/test_stable_spam_gpu.py
+    local workers=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n 6)  # pytest-xdist: compile in parallel
+    "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs "${workers[@]}" tests/test_gns_norm_gpu.py tests/test_stable_spam_gpu.py
 }
 
 section_kernels() {
