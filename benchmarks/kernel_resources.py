@@ -195,7 +195,6 @@ def compile_all(quick: bool, arch: int, sms: int) -> tuple[list[Compiled], list[
         (stable_spam_step, "_max_abs_kernel"): stable_spam_step._max_abs_kernel,
         (stable_spam_step, "_clipped_sumsq_kernel"): stable_spam_step._clipped_sumsq_kernel,
         (stable_spam_step, "_update_kernel"): stable_spam_step._update_kernel,
-        (stable_spam_step, "_update_quantized_kernel"): stable_spam_step._update_quantized_kernel,
     }
     sm_count, unsupported_reason = gns_norm._sm_count, stable_spam_step._unsupported_reason
     compiled: list[Compiled] = []

@@ -1,4 +1,4 @@
-"""Fused Triton step of the Stable-SPAM optimizer for one parameter tensor.
+"""Fused Triton step of the Stable-SPAM optimizer, for one parameter tensor or many in the same three launches.
 
 :func:`triton_update_tensor` computes what :func:`hf_gns_spam.optim.stable_spam._update_tensor` computes (same state
 layout, same formulas, the same float32/float64 roundings where it matters), in three passes over memory instead of
@@ -34,7 +34,8 @@ and square roots are IEEE-rounded (``div_rn``, ``sqrt_rn``), as in torch; float6
 Kernel plan (no host synchronisation: the per-tensor scalars live in a small float64 workspace on the device). The
 tensor is a flat contiguous array of n elements cut into blocks of ``BLOCK`` elements; each kernel runs
 ``P = min(⌈n / BLOCK⌉, max_programs)`` programs, program p handling blocks p, p + P, p + 2P, … (a grid-stride loop),
-so every partial-result buffer has at most ``max_programs`` entries::
+so every partial-result buffer has at most ``max_programs`` entries. Whole blocks are read and written unmasked (16
+bytes at a time when every array starts on 16 bytes), the partial last block masked::
 
     K1 _max_abs_kernel:        pmax[p] = max |g| over p's finite entries, pbad[p] = its count of non-finite ones;
                                program 0 snapshots T, μ, ν into the workspace.
@@ -45,6 +46,14 @@ so every partial-result buffer has at most ``max_programs`` entries::
     K3 _update_kernel:         every program reduces pss[0:P] → n, computes μ, ν and the AdaGN factor from the
                                snapshot; program 0 writes μ, ν to the state; then the fused elementwise pass
                                (weight decay, clip, AdaGN scale, MoRet, Adam moments, parameter update, stores).
+
+Many tensors, one launch (:func:`triton_update_tensors`, what the optimizer calls): each launch reads an int64
+table with one row per tensor (its element count and the addresses of its gradient, parameter, moments, statistics
+and workspace row, ``_T_NUMEL`` … ``_T_WORKSPACE``) over a grid of (max_t P_t) × tensors; program (p, t) does what
+program p of tensor t's own launch would do and exits when p ≥ P_t. A tensor's blocks, programs and reductions do
+not depend on the other tensors, so grouping changes no bit of the result; it turns three launches per tensor into
+three per group of tensors that share their dtypes, moment format and alignment, which is what keeps the host's
+cost of a step of a model with hundreds of tensors below the GPU's.
 
 The snapshot makes the in-place scalar updates race-free: within a kernel the programs read the old statistics from
 the workspace while program 0 overwrites the state tensors. The reductions are two-stage with a launch
@@ -67,7 +76,7 @@ of those dtypes (a non-contiguous gradient is copied); moments float32 or bfloat
 float64 tensors and the counter a 0-dim int64 one; everything on one CUDA device (or on the CPU under
 ``TRITON_INTERPRET=1``).
 
-Quantized moments (K3 is then ``_update_quantized_kernel``): BLOCK must be a multiple of the quantization block
+Quantized moments (K3 with ``BITS`` 8 or 4): BLOCK must be a multiple of the quantization block
 (256 at 8 bits, 128 at 4), so a program holds whole quantization blocks, laid out as [BLOCK/QBLOCK, QBLOCK/2, 2]
 (element pairs: one byte of two 4-bit indices, the even element in the high nibble). Each moment is dequantized in
 registers (``code[index]·absmax``, the code map gathered from a small table), updated as above in float32, and
@@ -444,7 +453,7 @@ def _update_block(
     """K3's elementwise pass over one block of float32/bfloat16 moments."""
     mask = idx < n
     w, g = _load_param_and_grad(W, G, idx, mask, decay, W_DTYPE, G_DTYPE, APPLY_DECAY, MANUAL_BF16, MASKED)
-    # moments as flat float32/bfloat16 elements, not _update_quantized_kernel's (index, absmax) blocks: kept apart
+    # moments as flat float32/bfloat16 elements, not _update_quantized_moments' (index, absmax) blocks: kept apart
     if RESET and not FAITHFUL:  # clean MoRet: zero moments before the update
         m = tl.zeros([BLOCK], dtype=tl.float32)
         v = tl.zeros([BLOCK], dtype=tl.float32)
@@ -463,73 +472,30 @@ def _update_block(
 
 
 @triton.jit
-def _update_kernel(
-    TABLE,
-    max_programs,
-    stride,
-    decay,  # 1 − lr·weight_decay
-    norm_weight,  # 1 − γ1
-    norm_sq_weight,  # 1 − γ2
-    norm_bias_correction,  # 1 − γ1^k
-    norm_sq_bias_correction,  # 1 − γ2^k
-    eps,
-    beta1_weight,  # 1 − β1
-    beta2,
-    beta2_weight,  # 1 − β2
-    denominator_eps,  # ε·√bc2
-    step_size,  # −lr·√bc2 / bc1
-    W_DTYPE: tl.constexpr,
-    G_DTYPE: tl.constexpr,
-    M_DTYPE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    APPLY_DECAY: tl.constexpr,
-    FAITHFUL: tl.constexpr,
-    RESET: tl.constexpr,
-    MANUAL_BF16: tl.constexpr,
+def _update_float_moments(
+    W, G, TABLE, pid, programs, n, decay, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight,
+    eps_term, step_size, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+    APPLY_DECAY: tl.constexpr, FAITHFUL: tl.constexpr, RESET: tl.constexpr, MANUAL_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
-    PARTIALS_BLOCK: tl.constexpr,
-):
-    """K3: n, μ, ν and the AdaGN factor (every program, from the snapshot), then the fused elementwise update."""
-    pid = tl.program_id(0)
-    n = _table_entry(TABLE, _T_NUMEL)
-    programs = _programs(n, max_programs, BLOCK)
-    if pid < programs:
-        WS = _tensor(TABLE, _T_WORKSPACE, tl.float64, False, False)
-        threshold, spike_factor, inv_scale, factor, m_weight, v_decay, eps_term = _step_scalars(
-            TABLE,
-            WS,
-            programs,
-            stride,
-            norm_weight,
-            norm_sq_weight,
-            norm_bias_correction,
-            norm_sq_bias_correction,
-            eps,
-            beta1_weight,
-            beta2,
-            denominator_eps,
-            FAITHFUL,
-            PARTIALS_BLOCK,
-        )
-        W = _tensor(TABLE, _T_PARAM, W_DTYPE, ALIGNED, MANUAL_BF16)
-        G = _tensor(TABLE, _T_GRAD, G_DTYPE, ALIGNED, MANUAL_BF16)
-        M = _tensor(TABLE, _T_EXP_AVG, M_DTYPE, ALIGNED, MANUAL_BF16)
-        V = _tensor(TABLE, _T_EXP_AVG_SQ, M_DTYPE, ALIGNED, MANUAL_BF16)
-        offsets = tl.arange(0, BLOCK)
-        full_blocks = n // BLOCK
-        for b in range(pid, full_blocks, programs):
-            idx = tl.multiple_of(b * BLOCK, BLOCK) + offsets
-            _update_block(
-                W, G, M, V, idx, n, decay, threshold, spike_factor, inv_scale, factor, m_weight, v_decay,
-                beta2_weight, eps_term, step_size, W_DTYPE, G_DTYPE, M_DTYPE, APPLY_DECAY, FAITHFUL, RESET,
-                MANUAL_BF16, False, BLOCK,
-            )  # fmt: skip
-        if full_blocks % programs == pid and full_blocks * BLOCK < n:
-            _update_block(
-                W, G, M, V, full_blocks * BLOCK + offsets, n, decay, threshold, spike_factor, inv_scale, factor,
-                m_weight, v_decay, beta2_weight, eps_term, step_size, W_DTYPE, G_DTYPE, M_DTYPE, APPLY_DECAY,
-                FAITHFUL, RESET, MANUAL_BF16, True, BLOCK,
-            )  # fmt: skip
+):  # fmt: skip
+    """K3's elementwise pass over program ``pid``'s blocks with float32/bfloat16 moments: whole blocks unmasked,
+    the partial last block (program full_blocks % P's) masked."""
+    M = _tensor(TABLE, _T_EXP_AVG, M_DTYPE, ALIGNED, MANUAL_BF16)
+    V = _tensor(TABLE, _T_EXP_AVG_SQ, M_DTYPE, ALIGNED, MANUAL_BF16)
+    offsets = tl.arange(0, BLOCK)
+    full_blocks = n // BLOCK
+    for b in range(pid, full_blocks, programs):
+        idx = tl.multiple_of(b * BLOCK, BLOCK) + offsets
+        _update_block(
+            W, G, M, V, idx, n, decay, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight,
+            eps_term, step_size, W_DTYPE, G_DTYPE, M_DTYPE, APPLY_DECAY, FAITHFUL, RESET, MANUAL_BF16, False, BLOCK,
+        )  # fmt: skip
+    if full_blocks % programs == pid and full_blocks * BLOCK < n:
+        _update_block(
+            W, G, M, V, full_blocks * BLOCK + offsets, n, decay, threshold, spike_factor, inv_scale, factor, m_weight,
+            v_decay, beta2_weight, eps_term, step_size, W_DTYPE, G_DTYPE, M_DTYPE, APPLY_DECAY, FAITHFUL, RESET,
+            MANUAL_BF16, True, BLOCK,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -580,38 +546,88 @@ def _store_quantized(Q, ABSMAX, index, absmax, rows, idx, mask, pairs, n, BITS: 
 
 
 @triton.jit
-def _update_quantized_kernel(
+def _update_quantized_moments(
+    W, G, TABLE, CODES_TABLE, pid, programs, n, decay, threshold, spike_factor, inv_scale, factor, m_weight, v_decay,
+    beta2_weight, eps_term, step_size, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+    APPLY_DECAY: tl.constexpr, FAITHFUL: tl.constexpr, RESET: tl.constexpr, MANUAL_BF16: tl.constexpr,
+    BITS: tl.constexpr, QBLOCK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """K3's elementwise pass with blockwise-quantized moments, dequantized from (index, absmax) in registers and
+    requantized after the update. A program's block of BLOCK elements is BLOCK/QBLOCK whole quantization blocks, laid
+    out as [rows, QBLOCK/2, 2] (element pairs, for the 4-bit packing); every access is masked (the 4-bit pairs and
+    the absmax rows have their own bounds). ``CODES_TABLE``: float32 m's code, v's code, m's midpoints, v's
+    midpoints (2^BITS entries each)."""
+    M_Q = _tensor(TABLE, _T_EXP_AVG, tl.uint8, ALIGNED, False)
+    V_Q = _tensor(TABLE, _T_EXP_AVG_SQ, tl.uint8, ALIGNED, False)
+    M_ABSMAX = _tensor(TABLE, _T_EXP_AVG_ABSMAX, tl.float32, ALIGNED, False)
+    V_ABSMAX = _tensor(TABLE, _T_EXP_AVG_SQ_ABSMAX, tl.float32, ALIGNED, False)
+    ROWS: tl.constexpr = BLOCK // QBLOCK
+    HALF: tl.constexpr = QBLOCK // 2
+    CODES: tl.constexpr = 1 << BITS
+    row_offsets = tl.arange(0, ROWS)
+    pair_offsets = tl.arange(0, HALF)
+    in_row = tl.join(pair_offsets * 2, pair_offsets * 2 + 1)  # [HALF, 2]: element offsets within a row
+    for b in range(pid, tl.cdiv(n, BLOCK), programs):
+        rows = b * ROWS + row_offsets
+        idx = rows[:, None, None] * QBLOCK + in_row[None, :, :]
+        pairs = rows[:, None] * HALF + pair_offsets[None, :]
+        mask = idx < n
+        w, g = _load_param_and_grad(W, G, idx, mask, decay, W_DTYPE, G_DTYPE, APPLY_DECAY, MANUAL_BF16, True)
+        # moments in quantization blocks (packed nibbles at 4 bits), not the float elements of _update_block
+        if RESET and not FAITHFUL:
+            m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+            v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+        else:
+            m = _dequantize(M_Q, M_ABSMAX, CODES_TABLE, rows, idx, mask, pairs, n, BITS, QBLOCK)
+            v = _dequantize(V_Q, V_ABSMAX, CODES_TABLE + CODES, rows, idx, mask, pairs, n, BITS, QBLOCK)
+        w, m, v = _adam_elementwise(
+            w, g, m, v, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term,
+            step_size,
+        )  # fmt: skip
+        _store_float(W, idx, w, mask, W_DTYPE, MANUAL_BF16, True)
+        if RESET and FAITHFUL:
+            m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+            v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
+        else:  # elements beyond the tensor are quantize's zero padding
+            m = tl.where(mask, m, 0.0)
+            v = tl.where(mask, v, 0.0)
+        m_index, m_absmax = _quantize(m, CODES_TABLE + 2 * CODES, BITS)
+        _store_quantized(M_Q, M_ABSMAX, m_index, m_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
+        v_index, v_absmax = _quantize(v, CODES_TABLE + 3 * CODES, BITS)
+        _store_quantized(V_Q, V_ABSMAX, v_index, v_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
+
+
+@triton.jit
+def _update_kernel(
     TABLE,
-    CODES_TABLE,  # float32: m's code, v's code, m's midpoints, v's midpoints (2^BITS entries each)
+    CODES_TABLE,  # quantized moments' code maps and midpoints (BITS > 0); any pointer otherwise
     max_programs,
     stride,
-    decay,
-    norm_weight,
-    norm_sq_weight,
-    norm_bias_correction,
-    norm_sq_bias_correction,
+    decay,  # 1 − lr·weight_decay
+    norm_weight,  # 1 − γ1
+    norm_sq_weight,  # 1 − γ2
+    norm_bias_correction,  # 1 − γ1^k
+    norm_sq_bias_correction,  # 1 − γ2^k
     eps,
-    beta1_weight,
+    beta1_weight,  # 1 − β1
     beta2,
-    beta2_weight,
-    denominator_eps,
-    step_size,
+    beta2_weight,  # 1 − β2
+    denominator_eps,  # ε·√bc2
+    step_size,  # −lr·√bc2 / bc1
     W_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,  # float moments' dtype (BITS = 0)
     ALIGNED: tl.constexpr,
     APPLY_DECAY: tl.constexpr,
     FAITHFUL: tl.constexpr,
     RESET: tl.constexpr,
     MANUAL_BF16: tl.constexpr,
-    BITS: tl.constexpr,
+    BITS: tl.constexpr,  # 0: float32/bfloat16 moments; 8 or 4: blockwise-quantized moments
     QBLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
     PARTIALS_BLOCK: tl.constexpr,
 ):
-    """K3 for blockwise-quantized moments: as :func:`_update_kernel`, with the moments dequantized from (index,
-    absmax) in registers and requantized after the update. A program's block of BLOCK elements is BLOCK/QBLOCK whole
-    quantization blocks, laid out as [rows, QBLOCK/2, 2] (element pairs, for the 4-bit packing); every access is
-    masked (the 4-bit pairs and the absmax rows have their own bounds)."""
+    """K3: n, μ, ν and the AdaGN factor (every program, from the snapshot), then the fused elementwise update."""
     pid = tl.program_id(0)
     n = _table_entry(TABLE, _T_NUMEL)
     programs = _programs(n, max_programs, BLOCK)
@@ -635,44 +651,18 @@ def _update_quantized_kernel(
         )
         W = _tensor(TABLE, _T_PARAM, W_DTYPE, ALIGNED, MANUAL_BF16)
         G = _tensor(TABLE, _T_GRAD, G_DTYPE, ALIGNED, MANUAL_BF16)
-        M_Q = _tensor(TABLE, _T_EXP_AVG, tl.uint8, ALIGNED, False)
-        V_Q = _tensor(TABLE, _T_EXP_AVG_SQ, tl.uint8, ALIGNED, False)
-        M_ABSMAX = _tensor(TABLE, _T_EXP_AVG_ABSMAX, tl.float32, ALIGNED, False)
-        V_ABSMAX = _tensor(TABLE, _T_EXP_AVG_SQ_ABSMAX, tl.float32, ALIGNED, False)
-        ROWS: tl.constexpr = BLOCK // QBLOCK
-        HALF: tl.constexpr = QBLOCK // 2
-        CODES: tl.constexpr = 1 << BITS
-        row_offsets = tl.arange(0, ROWS)
-        pair_offsets = tl.arange(0, HALF)
-        in_row = tl.join(pair_offsets * 2, pair_offsets * 2 + 1)  # [HALF, 2]: element offsets within a row
-        for b in range(pid, tl.cdiv(n, BLOCK), programs):
-            rows = b * ROWS + row_offsets
-            idx = rows[:, None, None] * QBLOCK + in_row[None, :, :]
-            pairs = rows[:, None] * HALF + pair_offsets[None, :]
-            mask = idx < n
-            w, g = _load_param_and_grad(W, G, idx, mask, decay, W_DTYPE, G_DTYPE, APPLY_DECAY, MANUAL_BF16, True)
-            # moments in quantization blocks (packed nibbles at 4 bits), not the float elements of _update_kernel
-            if RESET and not FAITHFUL:
-                m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
-                v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
-            else:
-                m = _dequantize(M_Q, M_ABSMAX, CODES_TABLE, rows, idx, mask, pairs, n, BITS, QBLOCK)
-                v = _dequantize(V_Q, V_ABSMAX, CODES_TABLE + CODES, rows, idx, mask, pairs, n, BITS, QBLOCK)
-            w, m, v = _adam_elementwise(
-                w, g, m, v, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term,
-                step_size,
+        if BITS == 0:
+            _update_float_moments(
+                W, G, TABLE, pid, programs, n, decay, threshold, spike_factor, inv_scale, factor, m_weight, v_decay,
+                beta2_weight, eps_term, step_size, W_DTYPE, G_DTYPE, M_DTYPE, ALIGNED, APPLY_DECAY, FAITHFUL, RESET,
+                MANUAL_BF16, BLOCK,
             )  # fmt: skip
-            _store_float(W, idx, w, mask, W_DTYPE, MANUAL_BF16, True)
-            if RESET and FAITHFUL:
-                m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
-                v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
-            else:  # elements beyond the tensor are quantize's zero padding
-                m = tl.where(mask, m, 0.0)
-                v = tl.where(mask, v, 0.0)
-            m_index, m_absmax = _quantize(m, CODES_TABLE + 2 * CODES, BITS)
-            _store_quantized(M_Q, M_ABSMAX, m_index, m_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
-            v_index, v_absmax = _quantize(v, CODES_TABLE + 3 * CODES, BITS)
-            _store_quantized(V_Q, V_ABSMAX, v_index, v_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
+        else:
+            _update_quantized_moments(
+                W, G, TABLE, CODES_TABLE, pid, programs, n, decay, threshold, spike_factor, inv_scale, factor,
+                m_weight, v_decay, beta2_weight, eps_term, step_size, W_DTYPE, G_DTYPE, ALIGNED, APPLY_DECAY,
+                FAITHFUL, RESET, MANUAL_BF16, BITS, QBLOCK, BLOCK,
+            )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -910,15 +900,14 @@ class _Launch:
         sqrt_bc2 = math.sqrt(_bias_correction(hp.beta2, adam_step))
         moments = self.format.moments
         if isinstance(moments, int):
-            kernel = _update_quantized_kernel
-            tables = (_quantization_tables(moments, self.format.device),)
-            constexprs = {"BITS": moments, "QBLOCK": moment_format(moments, False).blocksize}
+            codes = _quantization_tables(moments, self.format.device)
+            constexprs = {"BITS": moments, "QBLOCK": moment_format(moments, False).blocksize, "M_DTYPE": tl.float32}
         else:
-            kernel, tables, constexprs = _update_kernel, (), {"M_DTYPE": _TL_DTYPES[moments]}
+            codes, constexprs = self.table, {"BITS": 0, "QBLOCK": 1, "M_DTYPE": _TL_DTYPES[moments]}
         with _device_guard(self.format.device):
-            kernel[(self.programs, self.count)](
+            _update_kernel[(self.programs, self.count)](
                 self.table,
-                *tables,
+                codes,
                 self.max_programs,
                 self.stride,
                 1.0 - hp.lr * hp.weight_decay,
