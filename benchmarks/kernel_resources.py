@@ -13,9 +13,16 @@ thread ("load B": 16 when the element loads are vectorized to 128 bits).
     python benchmarks/kernel_resources.py --quick    # one configuration of each kernel variant
     python benchmarks/kernel_resources.py --check    # exit 1 if a configuration does not compile
     python benchmarks/kernel_resources.py --arch 100 # another target (compute capability × 10)
+    python benchmarks/kernel_resources.py --step-host-time 201   # host time of StableSPAM.step() over 201 tensors
 
 Nothing is launched and the outputs the launchers return are meaningless: only the compiled kernels are kept. The
 launchers plan backward tiles for an H100/H200's 132 SMs (``--sms``). Run it with ``TRITON_INTERPRET`` unset.
+
+``--step-host-time N`` times the host side of ``StableSPAM.step()`` on the fused Triton path over N bf16 tensors
+(TinyLlama has 201) with every launch compiled once and then dispatched up to the point where a GPU would be
+called (``JITFunction.run(warmup=True)``): the optimizer's bookkeeping, the checks, the tensor tables and Triton's
+own dispatch, without the final driver call (a few µs per launch). A GPU step takes at least the larger of this
+and the kernels' time.
 """
 
 from __future__ import annotations
@@ -192,9 +199,7 @@ def compile_all(quick: bool, arch: int, sms: int) -> tuple[list[Compiled], list[
     originals = {
         (gns_norm, "_gns_norm_fwd_kernel"): gns_norm._gns_norm_fwd_kernel,
         (gns_norm, "_gns_norm_bwd_kernel"): gns_norm._gns_norm_bwd_kernel,
-        (stable_spam_step, "_max_abs_kernel"): stable_spam_step._max_abs_kernel,
-        (stable_spam_step, "_clipped_sumsq_kernel"): stable_spam_step._clipped_sumsq_kernel,
-        (stable_spam_step, "_update_kernel"): stable_spam_step._update_kernel,
+        **{(stable_spam_step, name): getattr(stable_spam_step, name) for name in _STEP_KERNELS},
     }
     sm_count, unsupported_reason = gns_norm._sm_count, stable_spam_step._unsupported_reason
     compiled: list[Compiled] = []
@@ -223,15 +228,81 @@ def compile_all(quick: bool, arch: int, sms: int) -> tuple[list[Compiled], list[
     return compiled, failures
 
 
+class _DispatchOnLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` runs Triton's dispatch without the launch."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.launches = 0
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        def dispatch(*args: Any, **kwargs: Any) -> None:
+            self.launches += 1
+            self.kernel.run(*args, grid=grid, warmup=True, **kwargs)
+
+        return dispatch
+
+
+def step_host_time(tensors: int, state_bits: int, arch: int, repeats: int = 20) -> tuple[float, float]:
+    """(median host seconds of one ``StableSPAM.step()`` over ``tensors`` bf16 tensors of 4096 elements on the fused
+    path, launches per step)."""
+    import statistics
+    import time
+
+    import hf_gns_spam.optim.stable_spam as stable_spam_module
+
+    triton_driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
+    kernels = {name: _DispatchOnLaunch(getattr(stable_spam_step, name)) for name in _STEP_KERNELS}
+    saved = (stable_spam_step.interpreting, stable_spam_module._use_triton)
+    try:
+        for name, kernel in kernels.items():
+            setattr(stable_spam_step, name, kernel)
+        # CPU tensors pass the fused path's device check only "under the interpreter"; the other checks run
+        stable_spam_step.interpreting = lambda: True
+        stable_spam_module._use_triton = lambda param: True
+        params = [torch.zeros(4096, dtype=torch.bfloat16, requires_grad=True) for _ in range(tensors)]
+        for param in params:
+            param.grad = torch.randn_like(param)
+        optimizer = StableSPAM(params, lr=1e-4, state_bits=state_bits)
+        for _ in range(3):
+            optimizer.step()
+        launched = sum(kernel.launches for kernel in kernels.values())
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            optimizer.step()
+            samples.append(time.perf_counter() - start)
+        launches = (sum(kernel.launches for kernel in kernels.values()) - launched) / repeats
+    finally:
+        for name, kernel in kernels.items():
+            setattr(stable_spam_step, name, kernel.kernel)
+        stable_spam_step.interpreting, stable_spam_module._use_triton = saved
+    return statistics.median(samples), launches
+
+
+_STEP_KERNELS = ("_max_abs_kernel", "_clipped_sumsq_kernel", "_update_kernel")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one configuration of each kernel variant")
     parser.add_argument("--check", action="store_true", help="exit 1 if a configuration does not compile")
     parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 to compile for (90: H100/H200)")
     parser.add_argument("--sms", type=int, default=132, help="SMs the backward's tile plan assumes")
+    parser.add_argument("--step-host-time", type=int, metavar="TENSORS", help="time the optimizer step's host side")
     args = parser.parse_args()
     if not os.path.exists(_CUOBJDUMP):
         sys.exit(f"Triton {triton.__version__} has no NVIDIA backend tools here ({_CUOBJDUMP})")
+    if args.step_host_time:
+        print(f"triton {triton.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for state_bits in (32, 8):
+            seconds, launches = step_host_time(args.step_host_time, state_bits, args.arch)
+            print(
+                f"StableSPAM.step() host time, {args.step_host_time} tensors, {state_bits}-bit moments: "
+                f"{seconds * 1e3:.2f} ms ({seconds / args.step_host_time * 1e6:.1f} µs a tensor), "
+                f"{launches:.0f} launches"
+            )
+        return
 
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}, {args.sms} SMs")
     compiled, failures = compile_all(args.quick, args.arch, args.sms)

@@ -62,9 +62,9 @@ atomics). Under the Triton interpreter (CPU tests) the float32 → bfloat16 stor
 because the interpreter's own conversion truncates.
 
 Sharded tensors (FSDP2; :mod:`hf_gns_spam.optim.stable_spam` drives this): max|g| and Σ(g̃/s)² must cover the whole
-logical tensor, so the three kernels are also callable one at a time (:func:`launch_max_abs`, :func:`launch_clip`,
-:func:`launch_update`) on a row of a shared workspace whose partial buffers have a fixed ``stride``: between K1 and
-K2 the caller reduces each row's pmax/pbad across the ranks and writes the global values back into every slot of
+logical tensor, so the three kernels are also callable one at a time (:class:`StepLaunches`, over many tensors
+whose workspace rows the caller gives, their partial buffers at a fixed ``stride``): between K1 and K2 the caller
+reduces each row's pmax/pbad across the ranks and writes the global values back into every slot of
 pmax (and pbad[0], the rest 0); between K2 and K3 it does the same with the sum of pss in pss[0]. A rank whose shard
 is empty runs the kernels on n = 0 (the scalar work only), so every rank computes the replicated statistics with
 the same code.
@@ -116,9 +116,8 @@ __all__ = [
     "DEFAULT_BLOCK",
     "DEFAULT_MAX_PROGRAMS",
     "PARTIALS_OFFSET",
-    "launch_clip",
-    "launch_max_abs",
-    "launch_update",
+    "StepLaunches",
+    "StepTensor",
     "num_programs",
     "triton_update_supported",
     "triton_update_tensor",
@@ -931,66 +930,76 @@ class _Launch:
             )
 
 
-def _single_launch(
-    param: Tensor, grad: Tensor, state: dict[str, Any], workspace: Tensor, stride: int, block: int, max_programs: int
-) -> _Launch:
-    """The launch of one tensor whose partials go to ``workspace`` (one row) at ``stride``."""
-    _check_launch(param, state, grad, block, max_programs)
-    programs = num_programs(param.numel(), block, max_programs)
-    _check_workspace(workspace, param, programs, stride)
-    row = _table_row(param, grad, state)
-    row[_T_WORKSPACE.value] = workspace.data_ptr()
-    launch_format = _launch_format(param, grad, state, _element_arrays(row))
-    return _Launch(_device_table([row], param.device), 1, programs, stride, launch_format, block, max_programs)
+@dataclass(frozen=True)
+class StepTensor:
+    """One tensor of a :class:`StepLaunches`: the parameter (updated in place), its gradient (contiguous), its state,
+    the step's hyperparameters and counters, and its float64 workspace row (partials at ``stride`` intervals)."""
+
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Any]
+    hp: StepHyperparameters
+    stat_step: int
+    adam_step: int
+    workspace: Tensor
 
 
-def launch_max_abs(
-    param: Tensor,
-    grad: Tensor,
-    state: dict[str, Any],
-    workspace: Tensor,
-    stride: int,
-    *,
-    block: int = DEFAULT_BLOCK,
-    max_programs: int = DEFAULT_MAX_PROGRAMS,
-) -> None:
-    """K1 on one tensor: pmax, pbad (``workspace[8 : 8 + P]``, ``[8 + stride : …]``) and the statistics' snapshot."""
-    _single_launch(param, grad, state, workspace, stride, block, max_programs).max_abs()
+class StepLaunches:
+    """The three kernels over many tensors, one launch of each per group of tensors that share their format,
+    hyperparameters and step counters; :meth:`max_abs`, :meth:`clip` and :meth:`update` are K1, K2 and K3.
 
+    A caller may work on the workspace rows between the kernels: the sharded step (FSDP2) reduces each row's pmax and
+    pbad across the ranks after K1 and writes the global values back into every slot of pmax (pbad[0], the rest 0),
+    and after K2 the same with the sum of pss in pss[0]. Each tensor is checked (:func:`triton_update_supported`'s
+    checks, the workspace row's size) unless ``check`` is False because the caller has checked it.
+    """
 
-def launch_clip(
-    param: Tensor,
-    grad: Tensor,
-    state: dict[str, Any],
-    workspace: Tensor,
-    stride: int,
-    hp: StepHyperparameters,
-    stat_step: int,
-    *,
-    block: int = DEFAULT_BLOCK,
-    max_programs: int = DEFAULT_MAX_PROGRAMS,
-) -> None:
-    """K2 on one tensor: AdaClip (T and the non-finite counter in the state) and pss (``workspace[8 + 2·stride :]``),
-    from the max|g| and non-finite count that pmax and pbad hold."""
-    _single_launch(param, grad, state, workspace, stride, block, max_programs).clip(hp, stat_step)
+    def __init__(
+        self,
+        tensors: list[StepTensor],
+        stride: int,
+        *,
+        block: int = DEFAULT_BLOCK,
+        max_programs: int = DEFAULT_MAX_PROGRAMS,
+        check: bool = True,
+    ) -> None:
+        groups: dict[tuple, list[tuple[StepTensor, list[int]]]] = {}
+        for tensor in tensors:
+            if check:
+                _check_launch(tensor.param, tensor.state, tensor.grad, block, max_programs)
+                _check_workspace(tensor.workspace, tensor.param, num_programs(tensor.param.numel(), block,
+                                 max_programs), stride)  # fmt: skip
+                if not tensor.grad.is_contiguous():
+                    raise ValueError("StepLaunches needs contiguous gradients")
+            row = _table_row(tensor.param, tensor.grad, tensor.state)
+            row[_T_WORKSPACE.value] = tensor.workspace.data_ptr()
+            launch_format = _launch_format(tensor.param, tensor.grad, tensor.state, _element_arrays(row))
+            key = (launch_format, tensor.hp, tensor.stat_step, tensor.adam_step)
+            groups.setdefault(key, []).append((tensor, row))
+        self.params = [tensor.param for tensor in tensors]
+        self.groups = []
+        for (launch_format, hp, stat_step, adam_step), members in groups.items():
+            programs = max(num_programs(row[_T_NUMEL.value], block, max_programs) for _, row in members)
+            table = _device_table([row for _, row in members], launch_format.device)
+            launch = _Launch(table, len(members), programs, stride, launch_format, block, max_programs)
+            self.groups.append((launch, hp, stat_step, adam_step))
 
+    def max_abs(self) -> None:
+        """K1: pmax, pbad (``workspace[8 : 8 + P]``, ``[8 + stride : …]``) and the statistics' snapshot."""
+        for launch, _, _, _ in self.groups:
+            launch.max_abs()
 
-def launch_update(
-    param: Tensor,
-    grad: Tensor,
-    state: dict[str, Any],
-    workspace: Tensor,
-    stride: int,
-    hp: StepHyperparameters,
-    stat_step: int,
-    adam_step: int,
-    *,
-    block: int = DEFAULT_BLOCK,
-    max_programs: int = DEFAULT_MAX_PROGRAMS,
-) -> None:
-    """K3 on one tensor: AdaGN (μ, ν in the state) from the Σ(g̃/s)² that pss holds, MoRet, Adam and the update."""
-    _single_launch(param, grad, state, workspace, stride, block, max_programs).update(hp, stat_step, adam_step)
-    _bump_versions([param])
+    def clip(self) -> None:
+        """K2: AdaClip (T and the non-finite counter in the state) and pss (``workspace[8 + 2·stride :]``), from the
+        max|g| and non-finite count that pmax and pbad hold."""
+        for launch, hp, stat_step, _ in self.groups:
+            launch.clip(hp, stat_step)
+
+    def update(self) -> None:
+        """K3: AdaGN (μ, ν in the state) from the Σ(g̃/s)² that pss holds, MoRet, Adam and the update."""
+        for launch, hp, stat_step, adam_step in self.groups:
+            launch.update(hp, stat_step, adam_step)
+        _bump_versions(self.params)
 
 
 def _bump_versions(params: list[Tensor]) -> None:
@@ -1035,15 +1044,16 @@ def triton_update_tensor(
             setting. Nothing is read back from the device.
     """
     grad = param.grad if grad is None else grad
+    _check_launch(param, state, grad, block, max_programs)
     programs = num_programs(param.numel(), block, max_programs)
     if workspace is None:
         workspace = torch.empty(PARTIALS_OFFSET + 3 * programs, dtype=torch.float64, device=param.device)
-    grad = grad if grad is None or grad.is_contiguous() else grad.contiguous()
-    launch = _single_launch(param, grad, state, workspace, programs, block, max_programs)
-    launch.max_abs()
-    launch.clip(hp, stat_step)
-    launch.update(hp, stat_step, adam_step)
-    _bump_versions([param])
+    grad = grad if grad.is_contiguous() else grad.contiguous()
+    tensor = StepTensor(param, grad, state, hp, stat_step, adam_step, workspace)
+    launches = StepLaunches([tensor], programs, block=block, max_programs=max_programs)
+    launches.max_abs()
+    launches.clip()
+    launches.update()
 
 
 def triton_update_tensors(
@@ -1070,24 +1080,22 @@ def triton_update_tensors(
     grads = [param.grad for param in params] if grads is None else list(grads)
     if not len(params) == len(states) == len(grads):
         raise ValueError(f"{len(params)} parameters, {len(states)} states and {len(grads)} gradients")
-    groups: dict[_LaunchFormat, list[tuple[int, list[int]]]] = {}
-    for index, (param, state, grad) in enumerate(zip(params, states, grads, strict=True)):
-        if check:
+    if check:
+        for param, state, grad in zip(params, states, grads, strict=True):
             _check_launch(param, state, grad, block, max_programs)
-        if not grad.is_contiguous():
-            grads[index] = grad = grad.contiguous()
-        row = _table_row(param, grad, state)
-        groups.setdefault(_launch_format(param, grad, state, _element_arrays(row)), []).append((index, row))
-    for launch_format, members in groups.items():
-        programs = max(num_programs(row[_T_NUMEL.value], block, max_programs) for _, row in members)
-        row_numel = PARTIALS_OFFSET + 3 * programs
-        workspace = torch.empty(len(members), row_numel, dtype=torch.float64, device=launch_format.device)
-        base = workspace.data_ptr()
-        for position, (_, row) in enumerate(members):
-            row[_T_WORKSPACE.value] = base + position * row_numel * workspace.element_size()
-        table = _device_table([row for _, row in members], launch_format.device)
-        launch = _Launch(table, len(members), programs, programs, launch_format, block, max_programs)
-        launch.max_abs()
-        launch.clip(hp, stat_step)
-        launch.update(hp, stat_step, adam_step)
-    _bump_versions(params)
+    grads = [grad if grad.is_contiguous() else grad.contiguous() for grad in grads]
+    stride = max((num_programs(param.numel(), block, max_programs) for param in params), default=1)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, param in enumerate(params):
+        by_device.setdefault(param.device, []).append(index)
+    tensors = []
+    for device, indices in by_device.items():
+        workspace = torch.empty(len(indices), PARTIALS_OFFSET + 3 * stride, dtype=torch.float64, device=device)
+        tensors += [
+            StepTensor(params[i], grads[i], states[i], hp, stat_step, adam_step, row)
+            for i, row in zip(indices, workspace.unbind(), strict=True)
+        ]
+    launches = StepLaunches(tensors, stride, block=block, max_programs=max_programs, check=False)
+    launches.max_abs()
+    launches.clip()
+    launches.update()

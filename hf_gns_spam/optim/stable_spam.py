@@ -1000,6 +1000,17 @@ class _ShardedStep:
                 len(indices), self.kernels.PARTIALS_OFFSET + 3 * stride, dtype=torch.float64, device=device
             )
             self.workspaces[device] = (workspace, stride, {i: row for row, i in enumerate(indices)})
+        # one set of launches per device over all its Triton shards (use_triton: their checks passed)
+        self.launches = [
+            self.kernels.StepLaunches([self._step_tensor(i) for i in indices], self.workspaces[device][1], check=False)
+            for device, indices in rows.items()
+        ]
+
+    def _step_tensor(self, i: int) -> Any:
+        """The Triton shard ``i`` as the kernels' :class:`StepTensor`, with its workspace row."""
+        item = self.items[i]
+        row, _ = self._row(i)
+        return self.kernels.StepTensor(item.param, item.grad, item.state, item.hp, item.stat_step, item.adam_step, row)
 
     def _buffers(self, item: _Shard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gradient in the compute dtype, work, spikes, one) for a torch-path shard."""
@@ -1048,10 +1059,8 @@ class _ShardedStep:
             grad, work, _, _ = self._buffers(item)
             raw_max, grad_max = _masked_abs_max(grad, work)
             maxima[i], flags[i] = grad_max.double(), (~torch.isfinite(raw_max)).double()
-        for i in self.triton_items:
-            item = self.items[i]
-            row, stride = self._row(i)
-            self.kernels.launch_max_abs(item.param, item.grad, item.state, row, stride)
+        for launches in self.launches:
+            launches.max_abs()
         for device in self.workspaces:
             pmax, indices = self._partials(device, 0)
             pbad, _ = self._partials(device, 1)
@@ -1079,10 +1088,8 @@ class _ShardedStep:
             pmax.copy_(torch.stack([maxima[i] for i in indices]).unsqueeze(1).expand_as(pmax))
             pbad.zero_()
             pbad[:, 0].copy_(torch.stack([flags[i] for i in indices]))
-        for i in self.triton_items:
-            item = self.items[i]
-            row, stride = self._row(i)
-            self.kernels.launch_clip(item.param, item.grad, item.state, row, stride, item.hp, item.stat_step)
+        for launches in self.launches:
+            launches.clip()
         for device in self.workspaces:
             pss, indices = self._partials(device, 2)
             sums.update(zip(indices, pss.sum(1).unbind(), strict=True))
@@ -1102,9 +1109,5 @@ class _ShardedStep:
             pss, indices = self._partials(device, 2)
             pss.zero_()
             pss[:, 0].copy_(torch.stack([totals[i] for i in indices]))
-        for i in self.triton_items:
-            item = self.items[i]
-            row, stride = self._row(i)
-            self.kernels.launch_update(
-                item.param, item.grad, item.state, row, stride, item.hp, item.stat_step, item.adam_step
-            )
+        for launches in self.launches:
+            launches.update()
