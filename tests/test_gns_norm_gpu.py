@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from hf_gns_spam.ops.gns_norm import NormSpec, gns_norm, norm_backend
+from tests.conftest import GPU_ONLY
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    # tests/conftest.py sets TRITON_INTERPRET=1 unless told otherwise: the kernels would then be interpreted on the
-    # host, slowly, and the compiled kernels never run
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-        reason="interpreted Triton: run the GPU tests with TRITON_INTERPRET=0",
-    ),
-]
+pytestmark = GPU_ONLY
 
 SPECS = [
     NormSpec("rms_norm", 1e-6, 0.0, "llama"),

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from hf_gns_spam import StableSPAM
+from tests.conftest import GPU_ONLY
 from tests.test_stable_spam import initial_params, make_gradient_stream, max_relative_error, run_reference
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    # tests/conftest.py sets TRITON_INTERPRET=1 unless told otherwise: the kernels would then be interpreted on the
-    # host, slowly, and the compiled kernels never run
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-        reason="interpreted Triton: run the GPU tests with TRITON_INTERPRET=0",
-    ),
-]
+pytestmark = GPU_ONLY
 
 
 @pytest.mark.parametrize("mode", ["clean", "faithful"])
