@@ -23,7 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-declare -A LIMIT=([env]=30 [tests]=160 [kernels]=40 [optimizer]=100 [norm]=90 [trainer]=130)
+declare -A LIMIT=([env]=30 [tests]=160 [kernels]=40 [optimizer]=90 [norm]=120 [trainer]=120)
 declare -A STATUS=()
 
 section_env() {
