@@ -2,7 +2,8 @@
 
 The other tests run the kernels under the Triton interpreter, which accepts programs the compiler rejects; this one
 compiles them for real (``benchmarks/kernel_resources.py``: ptxas from Triton's wheel, nothing launched), in a
-subprocess because the interpreter is chosen when triton is imported.
+subprocess because the interpreter is chosen when triton is imported. The tool drives Triton's internals (a stand-in
+driver, ``JITFunction.warmup``/``run``); on a Triton where a trivial kernel does not compile that way the tests skip.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+#: kernel_resources.py's exit status when this Triton's internals do not fit its stand-in driver: a tool problem,
+#: not the package's, so the tests skip with its message.
+STAND_IN_UNSUPPORTED = 3
 
 
 @pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton build has no NVIDIA backend tools")
@@ -31,6 +35,8 @@ def test_every_kernel_variant_compiles_for_sm90():
         cwd=ROOT,
         timeout=600,
     )
+    if result.returncode == STAND_IN_UNSUPPORTED:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = result.stdout.strip().splitlines()[-1]
     compiled = int(summary.split()[0])
@@ -53,6 +59,8 @@ def test_optimizer_step_launches_three_kernels_whatever_the_tensor_count():
             cwd=ROOT,
             timeout=600,
         )
+        if result.returncode == STAND_IN_UNSUPPORTED:
+            pytest.skip(result.stderr.strip().splitlines()[-1])
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         lines = [line for line in result.stdout.splitlines() if line.startswith("StableSPAM.step() host time")]
         assert len(lines) == 2 and all(line.endswith(", 3 launches") for line in lines), result.stdout
