@@ -23,7 +23,10 @@ In the process the script runs in (torchrun and accelerate start the launcher as
      (:data:`GNS_OPTIONS`): ``--min-batch-size`` = per_device_train_batch_size × processes ×
      gradient_accumulation_steps of the script's ``TrainingArguments``, ``--max-batch-size`` = 8 × that.
 3. The script runs with :mod:`runpy` as python runs it: ``__name__ == "__main__"``, ``sys.argv == [SCRIPT,
-   *script args]``, ``sys.path[0]`` the script's folder (the current folder for ``-m``).
+   *script args]``, ``sys.path[0]`` the script's folder (the current folder for ``-m``). When it returns, a
+   ``torch.distributed`` process group it created (the Trainer's, under torchrun or accelerate) is destroyed before
+   the process exits: a gloo group left to the interpreter's shutdown can abort the process ("terminate called
+   without an active exception") after a successful run.
 
 Errors in the launcher's own options (an unknown option before SCRIPT, a missing script, options that contradict
 each other or the script's ``TrainingArguments``) name the option and the fix, and exit with status 2. Everything
@@ -49,6 +52,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from hf_gns_spam.gns import GNSCallback
@@ -437,6 +441,7 @@ def run(options: LaunchOptions, target: str, script_args: list[str], as_module: 
         sys.path[0] = os.getcwd()
     elif os.path.isfile(target):  # run_path puts a folder or zip file with a __main__.py there itself
         sys.path[0] = os.path.dirname(os.path.realpath(target))
+    group_before = _process_group_initialized()
     try:
         _check_target(target, as_module)
         with TrainerLauncher(options).installed():
@@ -444,8 +449,14 @@ def run(options: LaunchOptions, target: str, script_args: list[str], as_module: 
                 runpy.run_module(target, run_name="__main__", alter_sys=True)
             else:
                 runpy.run_path(target, run_name="__main__")
+        if not group_before and _process_group_initialized():
+            torch.distributed.destroy_process_group()
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
+
+
+def _process_group_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
