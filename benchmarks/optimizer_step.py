@@ -30,6 +30,9 @@ import torch
 
 from hf_gns_spam import StableSPAM
 
+# isort: split
+from trainer_throughput import optimizer_state_bytes  # benchmarks/ is the script's folder
+
 #: (hidden, MLP width, layers, k/v rows, vocabulary) of the ``--model`` presets.
 MODELS = {"1b": (2048, 5632, 22, 256, 32000)}
 
@@ -133,10 +136,6 @@ def build(name: str, builder: Callable, shapes: list[tuple], device: str, dtype:
         return None
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -165,7 +164,7 @@ def main() -> None:
                 optimizer = build(name, builder, shapes, args.device, dtype)
                 if optimizer is not None:
                     timings[name] = time_steps(optimizer, args.device, warmup=3, repeats=repeats)
-                    memory[name] = state_bytes(optimizer)
+                    memory[name] = optimizer_state_bytes(optimizer)
                 del optimizer
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -173,7 +172,7 @@ def main() -> None:
             optimizers = {name: build(name, builder, shapes, args.device, dtype) for name, builder in builders.items()}
             optimizers = {name: optimizer for name, optimizer in optimizers.items() if optimizer is not None}
             timings = time_steps_interleaved(optimizers, args.device, warmup=3, repeats=repeats)
-            memory = {name: state_bytes(optimizer) for name, optimizer in optimizers.items()}
+            memory = {name: optimizer_state_bytes(optimizer) for name, optimizer in optimizers.items()}
             del optimizers
         numel = sum(torch.Size(s).numel() for s in shapes)
         rows.append((numel, len(shapes), timings, memory))

@@ -24,11 +24,12 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 STAND_IN_UNSUPPORTED = 3
 
 
-@pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton build has no NVIDIA backend tools")
-def test_every_kernel_variant_compiles_for_sm90():
+def run_kernel_resources(*arguments: str) -> str:
+    """stdout of ``benchmarks/kernel_resources.py ARGUMENTS`` compiling for real (TRITON_INTERPRET unset); skips the
+    test when this Triton does not fit the tool's stand-in driver, fails on any other non-zero exit."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--quick", "--check"],
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), *arguments],
         capture_output=True,
         text=True,
         env=env,
@@ -38,29 +39,23 @@ def test_every_kernel_variant_compiles_for_sm90():
     if result.returncode == STAND_IN_UNSUPPORTED:
         pytest.skip(result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    compiled = int(summary.split()[0])
+    return result.stdout
+
+
+@pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton build has no NVIDIA backend tools")
+def test_every_kernel_variant_compiles_for_sm90():
+    stdout = run_kernel_resources("--quick", "--check")
+    compiled = int(stdout.strip().splitlines()[-1].split()[0])
     # quick: 3 norms × (plain, segmented, frozen) × (fwd, bwd) + 2 param dtypes × 4 moment formats × 2 modes × 3
     # kernels + one more step configuration's 3 kernels
-    assert compiled == 3 * 3 * 2 + 2 * 4 * 2 * 3 + 3, result.stdout[-4000:]
+    assert compiled == 3 * 3 * 2 + 2 * 4 * 2 * 3 + 3, stdout[-4000:]
 
 
 @pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton build has no NVIDIA backend tools")
 def test_optimizer_step_launches_three_kernels_whatever_the_tensor_count():
     """The fused Stable-SPAM step dispatches one launch per kernel for all the tensors of a format (the host's cost
     does not grow by three launches a tensor): 3 launches a step for 5 tensors and for 60, at 32 and 8 bits."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     for tensors in (5, 60):
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--step-host-time", str(tensors)],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=600,
-        )
-        if result.returncode == STAND_IN_UNSUPPORTED:
-            pytest.skip(result.stderr.strip().splitlines()[-1])
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-        lines = [line for line in result.stdout.splitlines() if line.startswith("StableSPAM.step() host time")]
-        assert len(lines) == 2 and all(line.endswith(", 3 launches") for line in lines), result.stdout
+        stdout = run_kernel_resources("--step-host-time", str(tensors))
+        lines = [line for line in stdout.splitlines() if line.startswith("StableSPAM.step() host time")]
+        assert len(lines) == 2 and all(line.endswith(", 3 launches") for line in lines), stdout

@@ -860,13 +860,17 @@ def _device_table(rows: list[list[int]], device: torch.device) -> Tensor:
 
 @dataclass(frozen=True)
 class _Launch:
-    """One launch of the three kernels over ``count`` tensors of one format, described by ``table``."""
+    """One launch of each of the three kernels over ``count`` tensors that share a format, the hyperparameters and the
+    step counters, described by ``table``."""
 
     table: Tensor
     count: int
     programs: int  # the grid's first dimension: the most programs any of the tensors uses
     stride: int
     format: _LaunchFormat
+    hp: StepHyperparameters
+    stat_step: int
+    adam_step: int
     block: int
     max_programs: int
 
@@ -883,19 +887,21 @@ class _Launch:
         with _device_guard(self.format.device):
             _max_abs_kernel[(self.programs, self.count)](self.table, self.max_programs, self.stride, **self.common())
 
-    def clip(self, hp: StepHyperparameters, stat_step: int) -> None:
+    def clip(self) -> None:
+        hp = self.hp
         with _device_guard(self.format.device):
             _clipped_sumsq_kernel[(self.programs, self.count)](
                 self.table,
                 self.max_programs,
                 self.stride,
                 1.0 - hp.gamma3,
-                _bias_correction(hp.gamma3, stat_step),
+                _bias_correction(hp.gamma3, self.stat_step),
                 PARTIALS_BLOCK=triton.next_power_of_2(self.max_programs),
                 **self.common(),
             )
 
-    def update(self, hp: StepHyperparameters, stat_step: int, adam_step: int) -> None:
+    def update(self) -> None:
+        hp, stat_step, adam_step = self.hp, self.stat_step, self.adam_step
         sqrt_bc2 = math.sqrt(_bias_correction(hp.beta2, adam_step))
         moments = self.format.moments
         if isinstance(moments, int):
@@ -977,28 +983,29 @@ class StepLaunches:
             key = (launch_format, tensor.hp, tensor.stat_step, tensor.adam_step)
             groups.setdefault(key, []).append((tensor, row))
         self.params = [tensor.param for tensor in tensors]
-        self.groups = []
+        self.launches = []
         for (launch_format, hp, stat_step, adam_step), members in groups.items():
             programs = max(num_programs(row[_T_NUMEL.value], block, max_programs) for _, row in members)
             table = _device_table([row for _, row in members], launch_format.device)
-            launch = _Launch(table, len(members), programs, stride, launch_format, block, max_programs)
-            self.groups.append((launch, hp, stat_step, adam_step))
+            launch = _Launch(table, len(members), programs, stride, launch_format, hp, stat_step, adam_step, block,
+                             max_programs)  # fmt: skip
+            self.launches.append(launch)
 
     def max_abs(self) -> None:
         """K1: pmax, pbad (``workspace[8 : 8 + P]``, ``[8 + stride : …]``) and the statistics' snapshot."""
-        for launch, _, _, _ in self.groups:
+        for launch in self.launches:
             launch.max_abs()
 
     def clip(self) -> None:
         """K2: AdaClip (T and the non-finite counter in the state) and pss (``workspace[8 + 2·stride :]``), from the
         max|g| and non-finite count that pmax and pbad hold."""
-        for launch, hp, stat_step, _ in self.groups:
-            launch.clip(hp, stat_step)
+        for launch in self.launches:
+            launch.clip()
 
     def update(self) -> None:
         """K3: AdaGN (μ, ν in the state) from the Σ(g̃/s)² that pss holds, MoRet, Adam and the update."""
-        for launch, hp, stat_step, adam_step in self.groups:
-            launch.update(hp, stat_step, adam_step)
+        for launch in self.launches:
+            launch.update()
         _bump_versions(self.params)
 
 
@@ -1048,9 +1055,10 @@ def triton_update_tensor(
     programs = num_programs(param.numel(), block, max_programs)
     if workspace is None:
         workspace = torch.empty(PARTIALS_OFFSET + 3 * programs, dtype=torch.float64, device=param.device)
+    _check_workspace(workspace, param, programs, programs)
     grad = grad if grad.is_contiguous() else grad.contiguous()
     tensor = StepTensor(param, grad, state, hp, stat_step, adam_step, workspace)
-    launches = StepLaunches([tensor], programs, block=block, max_programs=max_programs)
+    launches = StepLaunches([tensor], programs, block=block, max_programs=max_programs, check=False)
     launches.max_abs()
     launches.clip()
     launches.update()
