@@ -11,17 +11,18 @@ import pytest
 import torch
 
 from tests import model_zoo
+from tests.ports import free_port
 from tests.test_gns_callback import per_example_norm_gradients, weighted_small_big
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_gns_train.py"
 
 
-def torchrun(tmp_path, *arguments: str, port: int) -> list[dict]:
+def torchrun(tmp_path, *arguments: str) -> list[dict]:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(SCRIPT), str(tmp_path), *arguments],
-        capture_output=True, text=True, env=environment, timeout=600, check=False,
+        capture_output=True, text=True, env=environment, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -29,7 +30,7 @@ def torchrun(tmp_path, *arguments: str, port: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_log_the_same_gns_and_end_identical(tmp_path):
-    ranks = torchrun(tmp_path, port=29533)
+    ranks = torchrun(tmp_path)
     assert ranks[0]["world_size"] == 2 and ranks[0]["max_relative_error"] < 1e-5
     assert ranks[0]["batch_size"] == [8] * len(ranks[0]["batch_size"])  # 2 processes x 2 micro-batches x 2
     assert len(ranks[0]["gns"]) == 8  # 32 examples / 8 per step x 2 epochs
@@ -54,7 +55,7 @@ def test_two_processes_log_the_same_gns_and_end_identical(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["linear", "gns"])
 def test_two_processes_take_the_same_batch_size_decisions(tmp_path, schedule):
-    ranks = torchrun(tmp_path, schedule, port=29534 if schedule == "linear" else 29535)
+    ranks = torchrun(tmp_path, schedule)
     for key in ("gns", "batch_size", "history", "samples"):
         assert ranks[0][key] == ranks[1][key], key
     sizes = ranks[0]["batch_size"]

@@ -15,6 +15,7 @@ import torch
 
 from hf_gns_spam import patch_model, per_example_grad_stats
 from tests import model_zoo
+from tests.ports import free_port
 from tests.test_per_example_stats import token_losses
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_gns_statistics.py"
@@ -24,9 +25,9 @@ SCRIPT = Path(__file__).parent / "scripts" / "fsdp_gns_statistics.py"
 def test_fsdp2_statistics_and_sharded_gradient_norm_equal_one_process(tmp_path):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(SCRIPT), str(tmp_path)],
-        capture_output=True, text=True, env=environment, timeout=600, check=False,
+        capture_output=True, text=True, env=environment, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

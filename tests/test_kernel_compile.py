@@ -34,7 +34,6 @@ def run_kernel_resources(*arguments: str) -> str:
         text=True,
         env=env,
         cwd=ROOT,
-        timeout=600,
     )
     if result.returncode == STAND_IN_UNSUPPORTED:
         pytest.skip(result.stderr.strip().splitlines()[-1])

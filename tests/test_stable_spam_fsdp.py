@@ -18,7 +18,6 @@ Tolerances are relative to how far each tensor moved in the single-process run (
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,14 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.ports import free_port
+
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_stable_spam.py"
 NAMES = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +38,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(SCRIPT), str(out)],
-        capture_output=True, text=True, env=environment, timeout=600, check=False,
+        capture_output=True, text=True, env=environment, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-6000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
