@@ -7,21 +7,45 @@ and dispatches through the module-private dict ``transformers.trainer_optimizer.
 handler into that dict. Both are private internals: :func:`register_trainer_optimizers` checks that they look as
 expected and raises :class:`TrainerIntegrationError` otherwise, never silently doing nothing.
 
+``import hf_gns_spam`` does not import transformers (that takes seconds, and ``hf-gns-spam --help`` should not):
+:func:`register_trainer_optimizers_on_import` does each part right after the transformers module it changes has
+been executed, (a) after ``transformers.training_args`` (where ``OptimizerNames`` is defined; ``TrainingArguments``
+and ``HfArgumentParser`` read it from there), (b) after ``transformers.trainer`` (which imports
+``transformers.trainer_optimizer`` and takes the dict from it), or at once for a module already imported. The
+import system has no post-import hook, so a :data:`sys.meta_path` finder (:class:`_AfterImport`) gives those two
+modules a loader that runs the registration after the module's own code; the module keeps its own loader. Where the
+internals differ, the :class:`TrainerIntegrationError` becomes a warning at that import (the transformers import
+itself succeeds, and ``StableSPAM`` stays usable through ``Trainer(optimizer_cls_and_kwargs=...)``). Registering on
+the first use of one of the package's names instead would miss the documented use, ``import hf_gns_spam`` and then
+only transformers' ``TrainingArguments(optim="stable_spam")``.
+
 The handler builds :class:`~hf_gns_spam.StableSPAM` on the Trainer's own parameter groups (no weight decay on biases
 and norms), with ``lr``, ``betas`` and ``eps`` from ``learning_rate``, ``adam_beta1``/``adam_beta2`` and
-``adam_epsilon``, and every other constructor keyword from ``optim_args``.
+``adam_epsilon``, and every other constructor keyword from ``optim_args``. It imports the optimizer (and torch) when
+the Trainer builds its optimizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
+import importlib.abc
+import importlib.machinery
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from hf_gns_spam.optim.hyperparameters import HYPERPARAMETERS, parse_hyperparameters_text
-from hf_gns_spam.optim.stable_spam import StableSPAM
+if TYPE_CHECKING:
+    from hf_gns_spam.optim.stable_spam import StableSPAM
 
-__all__ = ["TRAINER_OPTIMIZER_NAMES", "TrainerIntegrationError", "register_trainer_optimizers"]
+__all__ = [
+    "TRAINER_OPTIMIZER_NAMES",
+    "TrainerIntegrationError",
+    "register_trainer_optimizers",
+    "register_trainer_optimizers_on_import",
+]
 
 # optim name -> keyword arguments it fixes
 TRAINER_OPTIMIZER_NAMES: dict[str, dict[str, Any]] = {
@@ -29,9 +53,6 @@ TRAINER_OPTIMIZER_NAMES: dict[str, dict[str, Any]] = {
     "stable_spam_8bit": {"state_bits": 8},
     "stable_spam_4bit": {"state_bits": 4},
 }
-
-# Keys accepted in optim_args: every constructor keyword except params and lr (lr is learning_rate).
-OPTIM_ARGS_KEYS = frozenset(HYPERPARAMETERS) - {"lr"}
 
 
 class TrainerIntegrationError(RuntimeError):
@@ -86,11 +107,16 @@ def _take_from_optim_args(args: Any, optim_args: dict[str, Any], key: str, train
     return value
 
 
-def _make_handler(fixed_kwargs: dict[str, Any]):
+def _make_handler(fixed_kwargs: dict[str, Any]) -> Callable[[Any], tuple[type[StableSPAM], dict[str, Any]]]:
     def stable_spam_handler(ctx: Any) -> tuple[type[StableSPAM], dict[str, Any]]:
         """``ctx`` is ``transformers.trainer_optimizer.OptimizerContext``."""
+        from hf_gns_spam.optim.hyperparameters import HYPERPARAMETERS, parse_hyperparameters_text
+        from hf_gns_spam.optim.stable_spam import StableSPAM
+
         args = ctx.args
-        optim_args = parse_hyperparameters_text(dict(ctx.optim_args), allowed=set(OPTIM_ARGS_KEYS))
+        # every constructor keyword except params and lr (lr is learning_rate)
+        allowed = set(HYPERPARAMETERS) - {"lr"}
+        optim_args = parse_hyperparameters_text(dict(ctx.optim_args), allowed=allowed)
         for key, value in fixed_kwargs.items():
             if key in optim_args and optim_args[key] != value:
                 raise ValueError(f"StableSPAM: optim={args.optim.value!r} fixes {key}={value}; optim_args sets {key}.")
@@ -113,19 +139,28 @@ def _make_handler(fixed_kwargs: dict[str, Any]):
     return stable_spam_handler
 
 
-def register_trainer_optimizers() -> None:
-    """Register every name in :data:`TRAINER_OPTIMIZER_NAMES` with transformers (idempotent).
+def _register_names(training_args: ModuleType) -> None:
+    """(a) Add the names to ``OptimizerNames`` of the executed ``transformers.training_args`` (idempotent)."""
+    optimizer_names = getattr(training_args, "OptimizerNames", None)
+    enum_internals = ("_member_map_", "_value2member_map_", "_member_names_")
+    if not (
+        isinstance(optimizer_names, type)
+        and issubclass(optimizer_names, str)
+        and all(hasattr(optimizer_names, a) for a in enum_internals)
+    ):
+        raise _unsupported("TrainingArguments.optim is no longer a str Enum (OptimizerNames)")
+    for value in TRAINER_OPTIMIZER_NAMES:
+        member = _add_enum_member(optimizer_names, value.upper(), value)
+        if optimizer_names(value) is not member:
+            raise _unsupported(f"OptimizerNames({value!r}) does not return the added member")
 
-    Raises:
-        TrainerIntegrationError: the installed transformers lacks the internals this relies on.
-    """
+
+def _register_handlers(trainer_module: ModuleType) -> None:
+    """(b) Put the handlers into the dict the executed ``transformers.trainer`` dispatches through (idempotent)."""
     try:
-        from transformers import trainer as trainer_module
-        from transformers import trainer_optimizer
-        from transformers.training_args import OptimizerNames
+        from transformers import trainer_optimizer, training_args
     except ImportError as error:
         raise _unsupported(f"cannot import the optimizer dispatch modules ({error})") from error
-
     handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
     if not isinstance(handlers, dict):
         raise _unsupported("transformers.trainer_optimizer._OPTIMIZER_HANDLERS is missing")
@@ -133,12 +168,85 @@ def register_trainer_optimizers() -> None:
         raise _unsupported("Trainer no longer dispatches through trainer_optimizer._OPTIMIZER_HANDLERS")
     if not hasattr(trainer_optimizer, "OptimizerContext"):
         raise _unsupported("transformers.trainer_optimizer.OptimizerContext is missing")
-    enum_internals = ("_member_map_", "_value2member_map_", "_member_names_")
-    if not (issubclass(OptimizerNames, str) and all(hasattr(OptimizerNames, a) for a in enum_internals)):
-        raise _unsupported("TrainingArguments.optim is no longer a str Enum (OptimizerNames)")
-
+    _register_names(training_args)  # done already when training_args was executed; a member is needed as the key
     for value, fixed_kwargs in TRAINER_OPTIMIZER_NAMES.items():
-        member = _add_enum_member(OptimizerNames, value.upper(), value)
-        handlers[member] = _make_handler(fixed_kwargs)
-        if OptimizerNames(value) is not member:
-            raise _unsupported(f"OptimizerNames({value!r}) does not return the added member")
+        handlers[training_args.OptimizerNames(value)] = _make_handler(fixed_kwargs)
+
+
+# the transformers module after whose execution each part of the registration runs
+_REGISTRATION_STEPS: dict[str, Callable[[ModuleType], None]] = {
+    "transformers.training_args": _register_names,
+    "transformers.trainer": _register_handlers,
+}
+
+
+def register_trainer_optimizers() -> None:
+    """Register every name in :data:`TRAINER_OPTIMIZER_NAMES` with transformers now, importing the Trainer
+    (idempotent).
+
+    Raises:
+        TrainerIntegrationError: the installed transformers lacks the internals this relies on.
+    """
+    try:
+        from transformers import trainer, training_args
+    except ImportError as error:
+        raise _unsupported(f"cannot import the optimizer dispatch modules ({error})") from error
+    _register_names(training_args)
+    _register_handlers(trainer)
+
+
+def _register_or_warn(step: Callable[[ModuleType], None], module: ModuleType) -> None:
+    """A registration step whose failure is a warning: the user's transformers import must not fail because of it."""
+    try:
+        step(module)
+    except TrainerIntegrationError as error:
+        warnings.warn(str(error), stacklevel=2)
+
+
+class _RegisterAfterExecution(importlib.abc.Loader):
+    """Wraps the loader of a module of :data:`_REGISTRATION_STEPS`: runs its step after the module's code."""
+
+    def __init__(self, loader: importlib.abc.Loader, step: Callable[[ModuleType], None]) -> None:
+        self.loader = loader
+        self.step = step
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        # the module keeps its own loader (inspect.getsource, importlib.resources, a later reload read it)
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _register_or_warn(self.step, module)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """First on :data:`sys.meta_path`: finds the modules of :data:`_REGISTRATION_STEPS` with the other finders and
+    wraps their loaders (each execution, a reload included, registers again); declines every other module."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        step = _REGISTRATION_STEPS.get(fullname)
+        if step is None:
+            return None
+        others = (f for f in sys.meta_path if f is not self and hasattr(f, "find_spec"))
+        spec = next((s for s in (f.find_spec(fullname, path, target) for f in others) if s is not None), None)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _RegisterAfterExecution(spec.loader, step)
+        return spec
+
+
+def register_trainer_optimizers_on_import() -> None:
+    """Register the names with the parts of transformers already imported, and with the others right after they
+    are imported (idempotent); where transformers' internals differ, warn instead (module docstring).
+
+    Imports nothing: ``import hf_gns_spam`` calls this, so that ``TrainingArguments(optim="stable_spam")`` and
+    ``--optim stable_spam`` work whether transformers is imported before or after it.
+    """
+    if not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+    for name, step in _REGISTRATION_STEPS.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            _register_or_warn(step, module)
