@@ -5,6 +5,9 @@ hf-gns-spam plot RUN_DIR [RUN_DIR ...] [--output FILE.png]
                                                  runs, several overlaid
 hf-gns-spam launch [options] SCRIPT [args]       run an unmodified training script with patched norms, Stable-SPAM's
                                                  optim names and a GNSCallback (hf_gns_spam/launch.py)
+
+``--help`` and the errors of the command line answer without importing torch (this module, the launcher's
+command-line part and the package import neither; the plotting, matplotlib, is imported by ``plot`` when it plots).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import sys
 from pathlib import Path
 
 from hf_gns_spam import launch
-from hf_gns_spam.plotting import find_trainer_state, plot_run, plot_runs
 
 
 def run_labels(run_dirs: list[str]) -> dict[str, str]:
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["launch"]:  # the launcher splits its options from the script's itself
         return launch.main(launcher, argv[1:])
     args = parser.parse_args(argv)
+    from hf_gns_spam.plotting import find_trainer_state, plot_run, plot_runs
+
     try:
         if len(args.run_dirs) == 1:
             path = plot_run(args.run_dirs[0], args.output)

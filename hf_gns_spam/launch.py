@@ -31,7 +31,20 @@ In the process the script runs in (torchrun and accelerate start the launcher as
 Errors in the launcher's own options (an unknown option before SCRIPT, a missing script, options that contradict
 each other or the script's ``TrainingArguments``) name the option and the fix, and exit with status 2. Everything
 after SCRIPT belongs to the script; a launcher option put there by mistake gets a hint when the script's argument
-parser rejects it.
+parser rejects it. The errors that the command line decides answer at once, without importing torch (the console
+script imports this module and the package, which import neither; torch, transformers and the GNS are imported
+where they are used): a malformed command line (an unknown option, a value that is not a number), a missing script
+or module, contradicting options. A value out of its range (``--gns-ema-decay 1.5``) is found by
+:class:`~hf_gns_spam.GNSCallback`'s own checks, whose module imports torch and transformers.
+
+Whether the schedule's batch bounds fit the script's ``TrainingArguments`` is checked twice by one function,
+:func:`_checked_callback`: before the script runs, against the values its command line gives
+(``--per_device_train_batch_size``, ``--gradient_accumulation_steps`` where the bounds default from it, each as
+``--name value`` or ``--name=value``, with dashes or underscores, the last one given, as the script's
+``HfArgumentParser`` reads them) and the processes of ``WORLD_SIZE`` (:func:`script_batch_arguments`), so that a
+misfit is reported before the script loads its data and builds its model; and when a Trainer is built, against its
+``TrainingArguments``, for a script whose command line does not name them (it sets them in code or in a config
+file).
 """
 
 from __future__ import annotations
@@ -50,13 +63,12 @@ import sys
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from hf_gns_spam.gns import GNSCallback
-from hf_gns_spam.patching import is_patched, patch_model
+    from hf_gns_spam.gns import GNSCallback
 
 __all__ = [
     "DESCRIPTION",
@@ -66,10 +78,12 @@ __all__ = [
     "GNSOption",
     "LaunchOptionError",
     "LaunchOptions",
+    "ScriptBatchArguments",
     "TrainerLauncher",
     "add_arguments",
     "main",
     "run",
+    "script_batch_arguments",
 ]
 
 _PREFIX = "hf-gns-spam launch"
@@ -252,9 +266,11 @@ def _options_from(namespace: argparse.Namespace) -> LaunchOptions:
         schedule=schedule,
         gns_values=given,
     )
-    if options.gns:  # check now what can be checked without the script's TrainingArguments
+    if given:  # their ranges, now, as far as they do not depend on the script's TrainingArguments (the defaults fit)
+        from hf_gns_spam.gns import GNSCallback
+
         kwargs = options.callback_kwargs()
-        if schedule and kwargs["min_batch_size"] is None:  # the schedule is checked when a Trainer is built
+        if schedule and kwargs["min_batch_size"] is None:  # the schedule is checked against the TrainingArguments
             kwargs = {k: v for k, v in kwargs.items() if k in _CHECKED_WITHOUT_SCHEDULE}
         with _in_launcher_terms():
             GNSCallback(**kwargs)
@@ -278,6 +294,93 @@ def _in_launcher_terms(context: str = "") -> Iterator[None]:
         if isinstance(error, LaunchOptionError):
             raise
         raise LaunchOptionError(_launcher_terms(str(error)) + context) from error
+
+
+def _checked_callback(options: LaunchOptions, args: Any) -> tuple[GNSCallback, dict[str, Any]]:
+    """The GNSCallback the options give a Trainer with TrainingArguments ``args``, and its keyword arguments, checked
+    against ``args`` as the Trainer's construction checks it (LaunchOptionError, in the launcher's terms).
+
+    ``args`` is read for ``per_device_train_batch_size``, ``world_size`` and ``gradient_accumulation_steps`` only:
+    a Trainer's TrainingArguments (:class:`TrainerLauncher`), or the values the script's command line gives them,
+    before it runs (:class:`ScriptBatchArguments`); one check, one message, at both points.
+    """
+    from transformers import TrainerControl, TrainerState
+
+    from hf_gns_spam.gns import GNSCallback
+
+    kwargs = options.callback_kwargs(args)
+    defaults = (
+        f" (--min-batch-size defaults to the script's --per_device_train_batch_size x processes x "
+        f"--gradient_accumulation_steps = {kwargs['min_batch_size']})"
+        if options.schedule and "min_batch_size" not in options.gns_values
+        else ""
+    )
+    with _in_launcher_terms(defaults):
+        callback = GNSCallback(**kwargs)
+        # the checks GNSCallback makes when a Trainer is built, which add_callback skips
+        callback.on_init_end(args, TrainerState(), TrainerControl())
+    return callback, kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptBatchArguments:
+    """The TrainingArguments values the batch bounds are checked against, as the script's command line and the
+    environment give them before it runs (read as TrainingArguments by :func:`_checked_callback`)."""
+
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int | None  # None: not on the command line (not read when --min-batch-size is)
+    world_size: int
+
+
+_SCRIPT_BATCH_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+# the process counts accelerate reads where WORLD_SIZE is not set (an MPI launcher's)
+_MPI_WORLD_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def script_batch_arguments(script_args: list[str]) -> ScriptBatchArguments | None:
+    """The script's ``per_device_train_batch_size`` and ``gradient_accumulation_steps`` as its ``HfArgumentParser``
+    reads them from ``script_args`` (``--name value`` or ``--name=value``, ``--name-with-dashes`` too, the last one
+    given, nothing after ``--``), and the processes from the environment.
+
+    None where that is not known before the script runs, or not wanted: its command line does not name the batch
+    size (the script sets it in code or in a config file), a value is not an integer (the script's parser reports
+    it), an MPI launcher's process count is set without ``WORLD_SIZE`` (which torchrun, accelerate and deepspeed
+    set), or it asks the script for its ``--help``.
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    for name in _SCRIPT_BATCH_FIELDS:
+        parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name)
+    try:
+        named = vars(parser.parse_known_args(script_args)[0])
+        values = {name: None if named[name] is None else int(named[name]) for name in _SCRIPT_BATCH_FIELDS}
+    except (argparse.ArgumentError, ValueError):  # a flag without its value, or not an integer
+        return None
+    world_size = _launched_processes()
+    if named["help"] or values["per_device_train_batch_size"] is None or world_size is None:
+        return None
+    return ScriptBatchArguments(**values, world_size=world_size)
+
+
+def _launched_processes() -> int | None:
+    """The processes a Trainer will count, from the environment: ``WORLD_SIZE``, which torchrun, accelerate and
+    deepspeed set; 1 where no launcher set one; None (unknown) where it is not a number, or where only an MPI
+    launcher's count is set (accelerate may count those processes)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"]) if os.environ["WORLD_SIZE"].isdigit() else None
+    return None if any(name in os.environ for name in _MPI_WORLD_SIZES) else 1
+
+
+def _check_script_arguments(options: LaunchOptions, script_args: list[str]) -> None:
+    """Check the schedule's batch bounds against the script's command line, before it runs (module docstring);
+    nothing to check without a schedule, and nothing here where the command line does not give what is needed."""
+    if not (options.gns and options.schedule):
+        return
+    args = script_batch_arguments(script_args)
+    defaults_from_accumulation = "min_batch_size" not in options.gns_values
+    if args is None or (defaults_from_accumulation and args.gradient_accumulation_steps is None):
+        return
+    _checked_callback(options, args)
 
 
 class TrainerLauncher:
@@ -311,6 +414,10 @@ class TrainerLauncher:
     # ------------------------------------------------------------------------------------------ the model
     def _prepare_model(self, model: Any) -> str | None:
         """Patch ``model`` unless told not to or already done; returns what to announce."""
+        from torch import nn
+
+        from hf_gns_spam.patching import is_patched, patch_model
+
         if not self.options.patch or not isinstance(model, nn.Module) or model in self._patched_models:
             return None
         self._patched_models.add(model)
@@ -329,6 +436,9 @@ class TrainerLauncher:
     # ------------------------------------------------------------------------------------------ the callback
     def _add_gns_callback(self, trainer: Any) -> str | None:
         """Add a GNSCallback from the options to ``trainer`` (checked now against its model and arguments)."""
+        from hf_gns_spam.gns import GNSCallback
+        from hf_gns_spam.patching import is_patched
+
         if not self.options.gns:
             return None
         if any(isinstance(c, GNSCallback) for c in trainer.callback_handler.callbacks):
@@ -342,17 +452,7 @@ class TrainerLauncher:
             raise LaunchOptionError(
                 f"the Trainer's model has no patched normalization layer, and GNSCallback measures those: {fix}"
             )
-        kwargs = self.options.callback_kwargs(trainer.args)
-        defaults = (
-            f" (--min-batch-size defaults to the script's --per_device_train_batch_size x processes x "
-            f"--gradient_accumulation_steps = {kwargs['min_batch_size']})"
-            if self.options.schedule and "min_batch_size" not in self.options.gns_values
-            else ""
-        )
-        with _in_launcher_terms(defaults):
-            callback = GNSCallback(**kwargs)
-            # the checks GNSCallback makes when a Trainer is built, which add_callback skips
-            callback.on_init_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+        callback, kwargs = _checked_callback(self.options, trainer.args)
         self._callbacks.add(callback)
         trainer.add_callback(callback)
         return f"GNSCallback({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) added to the Trainer"
@@ -388,6 +488,8 @@ class TrainerLauncher:
         return call_model_init
 
     def _wrap_add_callback(self, original: Callable) -> Callable:
+        from hf_gns_spam.gns import GNSCallback
+
         @functools.wraps(original)
         def add_callback(trainer, callback):
             kind = callback if isinstance(callback, type) else type(callback)
@@ -432,8 +534,8 @@ def run(options: LaunchOptions, target: str, script_args: list[str], as_module: 
     """Run ``target`` (a path, or a module name with ``as_module``) as python would, with the Trainer wrapped.
 
     Raises:
-        LaunchOptionError: the script or module does not exist, or, while a Trainer is built, the options do not
-            fit it.
+        LaunchOptionError: the script or module does not exist, or the options do not fit the script's
+            TrainingArguments: those its command line gives, before it runs, or, while a Trainer is built, its own.
     """
     saved_argv, saved_path = sys.argv, sys.path[:]
     sys.argv = [target, *script_args]  # run_module puts the module's file in sys.argv[0], as python -m does
@@ -441,22 +543,30 @@ def run(options: LaunchOptions, target: str, script_args: list[str], as_module: 
         sys.path[0] = os.getcwd()
     elif os.path.isfile(target):  # run_path puts a folder or zip file with a __main__.py there itself
         sys.path[0] = os.path.dirname(os.path.realpath(target))
-    group_before = _process_group_initialized()
     try:
         _check_target(target, as_module)
-        with TrainerLauncher(options).installed():
+        _check_script_arguments(options, script_args)
+        with _destroying_a_new_process_group(), TrainerLauncher(options).installed():
             if as_module:
                 runpy.run_module(target, run_name="__main__", alter_sys=True)
             else:
                 runpy.run_path(target, run_name="__main__")
-        if not group_before and _process_group_initialized():
-            torch.distributed.destroy_process_group()
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
 
 
-def _process_group_initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+@contextlib.contextmanager
+def _destroying_a_new_process_group() -> Iterator[None]:
+    """Destroy the torch.distributed process group the script created, once it has returned (module docstring)."""
+    import torch.distributed
+
+    def initialized() -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    before = initialized()
+    yield
+    if not before and initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(parser: argparse.ArgumentParser, argv: list[str]) -> int:

@@ -190,10 +190,74 @@ def test_a_launcher_option_after_the_script_gets_a_hint_when_the_script_rejects_
     assert "note: the script got --gns-schedule, which the launcher takes before SCRIPT" in err
 
 
+MARKER = """
+import pathlib, sys
+pathlib.Path(sys.argv[1]).write_text("the script ran")
+"""
+LINEAR_6 = ["--gns-schedule", "linear", "--min-batch-size", "6"]
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """No launcher's process count in the environment."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "script_args", "environment", "fits"),
+    [
+        (LINEAR_6, ["--per_device_train_batch_size", "4"], {}, False),
+        (LINEAR_6, ["--per_device_train_batch_size=4"], {}, False),
+        (LINEAR_6, ["--per-device-train-batch-size", "4"], {}, False),
+        (LINEAR_6, ["--per_device_train_batch_size", "4", "--per_device_train_batch_size", "3"], {}, True),  # last
+        (LINEAR_6, ["--per_device_train_batch_size", "2"], {}, True),
+        (LINEAR_6, ["--per_device_train_batch_size", "2"], {"WORLD_SIZE": "2"}, False),  # 2 x 2 processes
+        (LINEAR_6, ["--per_device_train_batch_size", "4"], {"PMI_SIZE": "2"}, True),  # processes: unknown yet
+        (LINEAR_6, [], {}, True),  # not named: checked when the script builds its Trainer
+        (LINEAR_6, ["--", "--per_device_train_batch_size", "4"], {}, True),  # after --: not an option
+        (LINEAR_6, ["--help", "--per_device_train_batch_size", "4"], {}, True),  # the script's help
+        (["--gns-schedule", "gns"], ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1"], {},
+         False),  # the minimum defaults to 1 x 1 process x 1, and gns needs 2
+        (["--gns-schedule", "gns"], ["--per_device_train_batch_size", "1"], {}, True),  # accumulation not named
+        (["--gns-schedule", "gns"], ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps=2"], {},
+         True),
+        (["--no-gns"], ["--per_device_train_batch_size", "4"], {}, True),
+    ],
+)  # fmt: skip
+def test_batch_bounds_are_checked_against_the_scripts_arguments_before_it_runs(
+    tmp_path, capsys, one_process, monkeypatch, options, script_args, environment, fits
+):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    script, marker = tmp_path / "marks.py", tmp_path / "ran"
+    script.write_text(MARKER)
+    code = cli_main(["launch", *options, str(script), str(marker), *script_args])
+    err = capsys.readouterr().err
+    assert (code, marker.exists()) == ((0, True) if fits else (2, False)), err
+    if not fits:
+        assert err.startswith("hf-gns-spam launch: error: --")
+
+
+def test_the_check_before_the_script_runs_says_what_the_trainers_construction_says(
+    tmp_path, capsys, one_process, llama_factory
+):
+    script, marker = tmp_path / "marks.py", tmp_path / "ran"
+    script.write_text(MARKER)
+    assert cli_main(["launch", *LINEAR_6, str(script), str(marker), "--per_device_train_batch_size", "4"]) == 2
+    assert not marker.exists()
+    launcher = TrainerLauncher(LaunchOptions(schedule="linear", gns_values={"min_batch_size": 6}))
+    with launcher.installed(), pytest.raises(LaunchOptionError) as at_construction:
+        Trainer(model=llama_factory(), args=training_arguments(tmp_path, per_device_train_batch_size=4))
+    message = str(at_construction.value)
+    assert "--min-batch-size 6 must be a positive multiple of the script's --per_device_train_batch_size" in message
+    assert capsys.readouterr().err == f"hf-gns-spam launch: error: {message}\n"
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
