@@ -10,7 +10,8 @@ The import is light: it imports neither torch nor transformers, so that ``hf-gns
 option errors answer at once (the console script imports this package first). Three parts make that so:
 
 * the public names (``GNSCallback``, ``patch_model``, ``StableSPAM``, ...) are imported from their modules on first
-  use, by the module ``__getattr__`` of PEP 562 (``from hf_gns_spam import X`` included);
+  use, by the module ``__getattr__`` of PEP 562 (``from hf_gns_spam import X`` included), and so are the
+  subpackages (``hf_gns_spam.metrics.causal_lm_accuracy`` after ``import hf_gns_spam``);
 * the optimizer names are registered right after transformers executes the module each part changes, or at once
   for a module already imported (:mod:`hf_gns_spam.integrations.trainer_optimizer` says how); registering eagerly
   would mean importing transformers here, seconds for every ``import hf_gns_spam``;
@@ -21,6 +22,7 @@ option errors answer at once (the console script imports this package first). Th
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from hf_gns_spam.integrations.known_warnings import silence_known_warnings
@@ -66,12 +68,15 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name from its module on first use, and keep it in the package's namespace."""
-    if name not in _LAZY_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
-    globals()[name] = value
-    return value
+    """Import a public name from its module, or a subpackage or module of the package, on first use; either is
+    kept in the package's namespace."""
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # which sets the attribute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

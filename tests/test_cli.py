@@ -128,9 +128,15 @@ def test_import_is_light_and_registers_the_optim_names_when_transformers_loads()
         print(args.optim.value)
         from transformers import Trainer, trainer_optimizer  # the handlers: when the Trainer's module is executed
         print(sorted(name.value for name in trainer_optimizer._OPTIMIZER_HANDLERS if name.startswith("stable_spam")))
+        print(hf_gns_spam.optim.StableSPAM is hf_gns_spam.StableSPAM)  # a subpackage, imported on first use too
         """
     )
-    assert output.splitlines() == ["[]", "stable_spam_8bit", "['stable_spam', 'stable_spam_4bit', 'stable_spam_8bit']"]
+    assert output.splitlines() == [
+        "[]",
+        "stable_spam_8bit",
+        "['stable_spam', 'stable_spam_4bit', 'stable_spam_8bit']",
+        "True",
+    ]
 
 
 def test_the_optim_names_are_registered_with_a_transformers_imported_before():
