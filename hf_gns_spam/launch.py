@@ -8,7 +8,7 @@
 In the process the script runs in (torchrun and accelerate start the launcher as they would start the script):
 
 1. ``hf_gns_spam`` is imported before the script imports transformers: ``--optim stable_spam`` (``stable_spam_8bit``,
-   ``stable_spam_4bit``) and ``--optim_args`` parse, and the two known third-party messages of a CPU run are
+   ``stable_spam_4bit``) and ``--optim_args`` parse, and the known third-party messages of an offline CPU run are
    silenced (:mod:`hf_gns_spam.integrations.known_warnings`).
 2. ``transformers.Trainer`` is wrapped at the class level (:class:`TrainerLauncher`), so that its subclasses, TRL's
    trainers among them, are covered, whether they are given a model or load it themselves from a name (TRL's
