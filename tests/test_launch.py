@@ -17,12 +17,16 @@ from transformers import Trainer, TrainingArguments
 
 from hf_gns_spam import GNSCallback, patch_model
 from hf_gns_spam.cli import main as cli_main
-from hf_gns_spam.integrations.known_warnings import BITSANDBYTES_KERNELS_MESSAGE, PIN_MEMORY_MESSAGE
+from hf_gns_spam.integrations.known_warnings import (
+    BITSANDBYTES_KERNELS_MESSAGE,
+    KERNELS_OFFLINE_TRUST_MESSAGE,
+    PIN_MEMORY_MESSAGE,
+)
 from hf_gns_spam.launch import LaunchOptionError, LaunchOptions, TrainerLauncher
 from hf_gns_spam.patching import is_patched
 from tests import model_zoo
 from tests.conftest import counting_dataset
-from tests.test_stable_spam_fsdp import free_port
+from tests.ports import free_port
 
 SCRIPTS = Path(__file__).parent / "scripts"
 PLAIN_SCRIPT = SCRIPTS / "plain_trainer.py"
@@ -304,7 +308,7 @@ def test_plain_trainer_script_through_the_console_script_reports_to_tensorboard(
         assert [e.step for e in scalars] == [s["step"] for s in steps]
         assert [e.value for e in scalars] == pytest.approx([s[key] for s in steps], rel=1e-6, nan_ok=True)
     # a clean first contact: none of the known third-party messages, no warning at all
-    for message in (BITSANDBYTES_KERNELS_MESSAGE, PIN_MEMORY_MESSAGE, "Warning"):
+    for message in (BITSANDBYTES_KERNELS_MESSAGE, KERNELS_OFFLINE_TRUST_MESSAGE, PIN_MEMORY_MESSAGE, "Warning"):
         assert message not in result.stderr
 
 
