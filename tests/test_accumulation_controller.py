@@ -291,6 +291,32 @@ def test_the_budget_is_reached_exactly_with_a_larger_minimum():
     assert record.controller.progress == 5
 
 
+def test_the_plan_is_the_run_of_a_schedule_known_in_advance():
+    """``plan`` replays the controller's decisions: for targets that are a function of the controller's state (a
+    linear ramp in data; a constant, which is "gns" between two decisions that grow the batch), the accumulations
+    it expects from train start, and from every checkpoint (mid-epoch and at an epoch's end), are the run's steps."""
+    rng = random.Random(31)
+    kinds: Counter[str] = Counter()
+    for _ in range(2000):
+        case = random_case(rng)
+        if case.schedule_kind == "random":  # its targets follow the global step, not the controller's state
+            continue
+        schedule = case.schedule()
+
+        def target(controller: AccumulationController, schedule: Schedule = schedule) -> int:
+            return schedule(0, controller.progress)
+
+        record = case.run()
+        taken = [group.accumulation for group in record.groups if group.ids]
+        loop = record.controller.loop
+        assert AccumulationController(case.min_accumulation, loop).plan(target, epoch_starts=True) == taken
+        for checkpoint in record.checkpoints:
+            saved = AccumulationController(case.min_accumulation, loop, **json.loads(checkpoint.callback_state))
+            assert saved.plan(target, epoch_starts=False) == taken[checkpoint.global_step :]
+        kinds[case.schedule_kind] += 1
+    assert min(kinds.values()) > 500
+
+
 # ----------------------------------------------------------------------------------------------- regression cases
 def rows_of(micro_batch: int, rows: int = 90, per_micro_batch: int = 4) -> range:
     return range(per_micro_batch * micro_batch, min(per_micro_batch * (micro_batch + 1), rows))
@@ -419,9 +445,6 @@ class RealDriver(TrainerCallback, ExportableState):
     def target(self, state) -> int:
         return self.schedule(state.global_step, self.controller.progress)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        state.max_steps = max(state.max_steps, state.global_step + 2)
-
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self.resumed_mid_epoch:
             self.resumed_mid_epoch = False
@@ -436,16 +459,21 @@ class RealDriver(TrainerCallback, ExportableState):
     def on_substep_end(self, args, state, control, **kwargs):
         self.since_step += 1
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, **kwargs):
         consumed, self.since_step = self.since_step + 1, 0
         self.steps.append(tuple(self.pending))
         self.pending = []
         self.controller.finish_group(consumed, fetched=self.trainer.current_gradient_accumulation_steps)
         if self.controller.budget_used:
+            state.max_steps = state.global_step + 1
+        else:
+            state.max_steps = max(state.max_steps, state.global_step + 2)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.controller.budget_used:
             control.should_training_stop = True
             return
         args.gradient_accumulation_steps = self.controller.next_accumulation(self.target(state))
-        state.max_steps = max(state.max_steps, state.global_step + 2)
 
 
 class SequentialTrainer(Trainer):

@@ -4,7 +4,8 @@ Transcribed from ``.venv/lib/python3.11/site-packages/transformers/trainer.py`` 
 ``trainer_callback.py``: ``set_initial_training_values`` (loop bounds from the accumulation at train start),
 ``_init_training_state`` (resume point, with the callback's override), ``_inner_training_loop`` (epoch loop),
 ``_run_epoch`` (skip on resume, ``remainder``, fetches of ``gradient_accumulation_steps`` micro-batches, the sync
-test, ``on_step_begin`` / ``on_substep_end`` / ``on_step_end``, the stop checks), ``get_batch_samples`` and
+test, ``on_step_begin`` / ``on_substep_end`` / ``on_optimizer_step`` / ``on_step_end``, the stop checks),
+``get_batch_samples`` and
 ``DefaultFlowCallback``'s stop at ``state.max_steps``. A micro-batch is its id ``(epoch, index in the epoch)``; the
 record keeps every fetched group, every optimizer step's micro-batches, where ``on_step_begin`` fired, and a
 checkpoint after every optimizer step.
@@ -165,10 +166,11 @@ def get_batch_samples(epoch_iterator: Iterator[MicroBatch], num_batches: int) ->
 class ControllerCallback:
     """The model of ``GNSCallback``'s use of the controller: GA = a_min before ``train()``; on (re)start, build the
     controller from the Trainer's loop bounds or the checkpoint; ``start_epoch`` at ``on_epoch_begin``; at
-    ``on_step_end`` ``finish_group`` with the micro-batches since the previous step (and the size of the group the
-    Trainer fetched last, ``trainer.current_gradient_accumulation_steps``), stop when the budget is used, else
-    ``next_accumulation``. With ``horizon``, it keeps ``state.max_steps`` above the next step's ``global_step``
-    (as ``GNSCallback`` raises it) until it stops training itself; without, ``state.max_steps`` stays the Trainer's."""
+    ``on_optimizer_step`` ``finish_group`` with the micro-batches since the previous step (and the size of the group
+    the Trainer fetched last, ``trainer.current_gradient_accumulation_steps``); at ``on_step_end`` stop when the
+    budget is used, else ``next_accumulation``. With ``horizon``, ``state.max_steps`` is, as ``GNSCallback`` sets it,
+    the step being counted once the budget is used (``DefaultFlowCallback`` stops there) and above it until then;
+    without, ``state.max_steps`` stays the Trainer's."""
 
     def __init__(
         self,
@@ -220,9 +222,6 @@ class ControllerCallback:
         self.resumed_mid_epoch = True
         return epoch, position
 
-    def on_train_begin(self, trainer: SimulatedTrainer) -> None:
-        self._raise_horizon(trainer)
-
     def on_epoch_begin(self, trainer: SimulatedTrainer) -> None:
         if self.resumed_mid_epoch:
             self.resumed_mid_epoch = False
@@ -236,20 +235,26 @@ class ControllerCallback:
     def on_epoch_end(self, trainer: SimulatedTrainer) -> None:
         self.controller.finish_epoch(self.micro_batches_since_step)
 
-    def on_step_end(self, trainer: SimulatedTrainer) -> None:
+    def on_optimizer_step(self, trainer: SimulatedTrainer) -> None:
         consumed, self.micro_batches_since_step = self.micro_batches_since_step + 1, 0
         if self.report_fetched:
             self.controller.finish_group(consumed, fetched=trainer.current_gradient_accumulation_steps)
         else:
             self.controller.finish_group(consumed)
+        if self.horizon and self.controller.budget_used:  # the step the Trainer counts next is the last
+            trainer.state.max_steps = trainer.state.global_step + 1
+        else:
+            self._raise_horizon(trainer)
+
+    def on_step_end(self, trainer: SimulatedTrainer) -> None:
         if self.controller.budget_used:
             trainer.control.should_training_stop = True
             trainer.record.stopped_by.append("callback")
             return
         trainer.args.gradient_accumulation_steps = self.controller.next_accumulation(self.target(trainer))
-        self._raise_horizon(trainer)
 
     def _raise_horizon(self, trainer: SimulatedTrainer) -> None:
+        """Before ``on_step_end``: ``state.max_steps`` above the step the Trainer counts next."""
         if self.horizon:
             trainer.state.max_steps = max(trainer.state.max_steps, trainer.state.global_step + 2)
 
@@ -361,6 +366,7 @@ class SimulatedTrainer:
                     self._event("on_step_begin")  # trainer.py:1902
                 self.pending.append(inputs)  # training_step: forward + backward into the gradient buffer
                 if do_sync_step:  # trainer.py:1936
+                    self._event("on_optimizer_step")  # after optimizer.step (trainer.py 5.25: 1981)
                     self.state.global_step += 1  # trainer.py:1955 (after optimizer.step, model.zero_grad)
                     self.state.epoch = epoch + (step + 1) / steps_in_epoch  # trainer.py:1956
                     self.record.steps.append(Step(self.state.global_step, tuple(self.pending)))

@@ -36,11 +36,18 @@ dataset, whose group reaching past S would be fetched whole but stepped at S, in
 data ends at S, which cuts its last group exactly: ``EpochLoop.data_ends_with_epoch``). As p and, when B < S or S
 is a multiple of a_min, B are multiples of a_min, a_min always qualifies and the run stops exactly at the budget
 (progress = ``max_steps``); otherwise B = S ends a map-style epoch's data, which cuts the last group itself.
+
+:meth:`AccumulationController.plan` replays these decisions on a copy of the controller, for a target that is a
+function of the controller's state: the accumulation of every optimizer step left, so the number of steps the run
+will take (exact for a schedule known in advance, such as a linear ramp in data; for one that depends on
+measurements still to come, the count if the batch stays as it is).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["AccumulationController", "AccumulationError", "EpochLoop"]
@@ -204,6 +211,30 @@ class AccumulationController:
                 f"{self.accumulation}, the Trainer's {fetches_left} remaining fetches take only {capacity} "
                 "micro-batches: the rest of the epoch would be skipped"
             )
+
+    # ------------------------------------------------------------------------------------------ looking ahead
+    def plan(self, target: Callable[[AccumulationController], int], epoch_starts: bool) -> list[int]:
+        """The accumulation of every optimizer step left until the budget is used, if every decision asks for
+        ``target(controller)``: this controller's own decisions (:meth:`start_epoch`, :meth:`finish_group`,
+        :meth:`next_accumulation`) replayed on a copy, epoch ends, alignment and the cut at the budget included, so
+        its length is the number of steps the run takes when the schedule's targets are ``target``'s.
+
+        ``epoch_starts``: the next event is the start of epoch ``epoch + 1`` (before the first epoch, or resumed at
+        an epoch's start), not the next group of this one; the end of an epoch is recognised by itself."""
+        replay = dataclasses.replace(self)  # the loop is frozen: the copy shares it
+        accumulations: list[int] = []
+        while not replay.budget_used:
+            if epoch_starts or replay.epoch_ended:
+                replay.start_epoch(target(replay))
+                epoch_starts = False
+            group = replay.expected_group()
+            if group == 0:  # the epoch loop's fetches end before its data (start_epoch checks that they cannot)
+                raise AccumulationError(f"the Trainer's loop would fetch nothing before the budget is used: {replay}")
+            accumulations.append(replay.accumulation)
+            replay.finish_group(group)
+            if not replay.budget_used:
+                replay.next_accumulation(target(replay))
+        return accumulations
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, int]:

@@ -29,6 +29,16 @@ The estimate and the step's batch are merged into the Trainer's own log record (
 ``state.log_history`` get them next to ``loss``): ``gns``, ``gns_tokens``, ``gns_grad_sq``, ``gns_trace_sigma``,
 ``batch_size`` (examples in the step, all processes) and ``grad_accum_steps`` (its micro-batches per process).
 
+With a batch schedule the run's length is a budget in data: the Trainer's ``max_steps`` at train start (its
+"Total optimization steps", steps of ``min_batch_size`` examples, from ``max_steps`` or ``num_train_epochs``), which
+the run uses up in fewer optimizer steps as the batch grows. ``state.max_steps`` (the progress bar's total, and what
+integrations report) is the expected number of optimizer steps: exact from the start for ``"linear"``, whose batches
+are a function of the data consumed; for ``"gns"`` the count if the batch stays as it is, recomputed only when a
+decision grows it. At the step that uses the budget, ``state.max_steps`` becomes that step before ``on_step_end``,
+so the Trainer's own end of training (``DefaultFlowCallback``: stop, the final save of ``save_strategy="steps"``,
+the final evaluation of ``eval_strategy="steps"``; then the epoch's end) happens there, as without a schedule; the
+bar ends full. The Trainer's printed total is explained once per ``train()`` in the log.
+
 Validation against the whole model (``validate_every=N``, off by default): every N-th optimizer step (steps N, 2N,
 …) the callback keeps that step's micro-batch inputs (detached, on their device) and, before the optimizer step,
 recomputes each example's own-loss gradient g_e over ALL trainable parameters (:mod:`hf_gns_spam.gns.whole_model`:
@@ -46,6 +56,7 @@ validation step's values beside the norms' ``gns``.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from typing import Any
 
@@ -66,12 +77,14 @@ from hf_gns_spam.gns.example_weights import (
 )
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
 from hf_gns_spam.gns.whole_model import StoredMicroBatch, squared_gradient_norm, weighted_squared_norms
-from hf_gns_spam.integrations.trainer_loop import TrainerLoopObserver, install_trainer_hooks
+from hf_gns_spam.integrations.trainer_loop import TrainerLoopObserver, install_trainer_hooks, show_total_steps
 from hf_gns_spam.patching import is_patched
 from hf_gns_spam.sequences import sequence_ids
 from hf_gns_spam.stats import per_example_grad_stats, reset_per_example_grad_stats
 
 __all__ = ["GNSCallback"]
+
+logger = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 10_000
 METRIC_NAMES = ("gns", "gns_tokens", "gns_grad_sq", "gns_trace_sigma", "batch_size", "grad_accum_steps")
@@ -173,6 +186,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._arguments_accumulation: int | None = None  # the TrainingArguments' value when training started
         self._resumed_mid_epoch = False
         self._steps_since_verified = 0
+        # the expected accumulation of each optimizer step left, planned after step _plan_start (with a schedule)
+        self._plan: list[int] = []
+        self._plan_start = 0
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -282,15 +298,19 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             self.samples = 0
         self._reset_step()
         if self.batch_schedule is not None:
-            self._update_horizon(state)
+            self._plan_steps(state, epoch_starts=not self._resumed_mid_epoch)
+            if state.is_world_process_zero:
+                logger.warning(self._explanation(state))
 
     def on_epoch_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if self._resumed_mid_epoch:  # the restored position and accumulation stand
             self._resumed_mid_epoch = False
             return
         args.gradient_accumulation_steps = self.controller.start_epoch(self._target(state))
-        if self.batch_schedule is not None and self.lr_batch_power:  # the epoch's first batch may differ
-            self._set_learning_rate(lr_scheduler)
+        if self.batch_schedule is not None:
+            self._follow_plan(state)
+            if self.lr_batch_power:  # the epoch's first batch may differ
+                self._set_learning_rate(lr_scheduler)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.controller.finish_epoch(self._micro_batches)
@@ -301,18 +321,37 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         if self._arguments_accumulation is not None:
             args.gradient_accumulation_steps = self._arguments_accumulation
 
-    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        """The step's group is complete. With a schedule, whether it is the run's last step is known here, before
+        ``on_step_end``, where ``DefaultFlowCallback`` applies the Trainer's own end-of-training rules (stop; the
+        final save with ``save_strategy="steps"``, the final evaluation with ``eval_strategy="steps"``) when
+        ``global_step >= state.max_steps``: so state.max_steps becomes the step the Trainer counts next when the
+        budget is used, and is the planned total otherwise (beyond this step: the plan is this run's steps as long
+        as the batch follows it, and is made again whenever it does not)."""
         self.controller.finish_group(self.last_accumulation, self._trainer.current_gradient_accumulation_steps)
         if self.batch_schedule is None:
             return
+        step = state.global_step + 1  # the Trainer counts this step after on_optimizer_step
+        self._show_total(state, step if self.controller.budget_used else self._plan_start + len(self._plan))
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        if self.batch_schedule is None:
+            return
+        if (state.global_step >= state.max_steps) != self.controller.budget_used:
+            where = "here" if self.controller.budget_used else "later"
+            raise AccumulationError(
+                f"at optimizer step {state.global_step}, state.max_steps is {state.max_steps} where the batch "
+                f"schedule's budget ends {where}: the Trainer would stop at the wrong step (did something else set "
+                "state.max_steps?)"
+            )
         if self.controller.budget_used:
             self._set_learning_rate(lr_scheduler)
-            control.should_training_stop = True
-            state.max_steps = state.global_step
+            control.should_training_stop = True  # DefaultFlowCallback's doing; also without it, the budget ends here
             return
         args.gradient_accumulation_steps = self.controller.next_accumulation(self._target(state))
         self._set_learning_rate(lr_scheduler)
-        self._update_horizon(state)
+        if not self.controller.epoch_ended:  # else the next epoch's first decision is at on_epoch_begin
+            self._follow_plan(state)
 
     def _target(self, state) -> int:
         """The accumulation the schedule asks for now (the one in force without a schedule)."""
@@ -342,20 +381,49 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             group["lr"] = base_lr * factor(position) * batch_factor
         lr_scheduler._last_lr = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
 
-    def _update_horizon(self, state) -> None:
-        """state.max_steps: more steps than can still come (the Trainer stops there), shown by the progress bar.
+    # ------------------------------------------------------------------------------------------ the expected steps
+    def _plan_steps(self, state, epoch_starts: bool) -> None:
+        """Expect the accumulations of the rest of the run: the controller's decisions replayed for the schedule's
+        foreseeable targets (``"linear"``: all of them, so the count is exact and computed once; ``"gns"``: the
+        batch as it is now). state.max_steps and the progress bar show the expected total."""
+        schedule = self.batch_schedule
+        self._plan = self.controller.plan(
+            lambda c: schedule.foreseeable_target(c.accumulation, c.progress, c.loop.budget), epoch_starts
+        )
+        self._plan_start = state.global_step
+        self._show_total(state, state.global_step + len(self._plan))
 
-        Steps left ≤ ⌈micro-batches left / a⌉ + one shortened step at the end of each epoch left."""
-        controller = self.controller
-        steps_left = max(controller.loop.budget - controller.progress, 0.0)
-        micro_left = steps_left * controller.min_accumulation
-        epochs_left = math.ceil(steps_left / controller.loop.fetches) + 1
-        state.max_steps = state.global_step + math.ceil(micro_left / controller.accumulation) + epochs_left
-        for callback in self._trainer.callback_handler.callbacks:
-            bar = getattr(callback, "training_bar", None)
-            if bar is not None:
-                bar.total = state.max_steps
-                bar.refresh()
+    def _follow_plan(self, state) -> None:
+        """After a decision: the next step's accumulation is the planned one (the rest of the plan stands, and the
+        total shown does not move), or the schedule asked for more than foreseen ("gns" grew the batch): plan
+        again from here."""
+        index = state.global_step - self._plan_start
+        if index >= len(self._plan) or self._plan[index] != self.controller.accumulation:
+            self._plan_steps(state, epoch_starts=False)
+
+    def _show_total(self, state, total: int) -> None:
+        """state.max_steps (where DefaultFlowCallback stops the Trainer, and what integrations report as the total)
+        and the progress bar's total."""
+        state.max_steps = total
+        show_total_steps(self._trainer, total)
+
+    def _explanation(self, state) -> str:
+        """Why the step count the Trainer printed at train start is not the number of steps the run takes (logged
+        once a ``train()``, on the main process, beside the Trainer's own lines)."""
+        expected = state.global_step + len(self._plan)
+        foreseen = (
+            "exact: the linear schedule is known in advance"
+            if self.schedule == "linear"
+            else "if the batch stays as it is; updated when it grows"
+        )
+        return (
+            f"GNSCallback(schedule={self.schedule!r}): with a batch schedule the run's length is a budget in data. "
+            f"The Trainer's 'Total optimization steps = {self.controller.loop.budget:,}' counts steps of "
+            f"min_batch_size={self.min_batch_size} examples; the run trains on the same examples as that fixed-batch "
+            "run and stops when they are used, in fewer optimizer steps as the batch grows (up to "
+            f"max_batch_size={self.max_batch_size}). Expected: {expected:,} optimizer steps ({foreseen}), the total "
+            "of state.max_steps and the progress bar."
+        )
 
     # ------------------------------------------------------------------------------------------ measurement
     def _weighting_due(self, micro_batch: int) -> bool:

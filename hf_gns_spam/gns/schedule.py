@@ -16,6 +16,10 @@ process) and k is the number of gradient-accumulation steps. Schedules never dec
   skipped: a NaN loss, an overflow) makes no decision.
 
 Targets are rounded to the nearest whole number of units and clamped to the bounds; the cap is rounded down.
+
+What can be foreseen (:meth:`BatchSizeSchedule.foreseeable_target`, from which the expected number of optimizer
+steps is computed): ``"linear"``'s targets are a function of the data consumed, known for the whole run in advance;
+``"gns"``'s depend on estimates still to be measured, so the best expectation is that the batch stays as it is.
 """
 
 from __future__ import annotations
@@ -92,3 +96,11 @@ class BatchSizeSchedule:
             cap = math.floor(self.max_growth * current + 1e-9)  # 1e-9: 1.4 x 45 is 62.99999999999999
             wanted = min(self._accumulation(self.gns_multiplier * gns), cap)
         return max(current, wanted)
+
+    def foreseeable_target(self, current: int, samples: float, budget: float) -> int:
+        """The target of a future decision as far as it is known now: ``"linear"``'s own (a function of the data
+        consumed, ``samples``); for ``"gns"``, ``current``: its decisions follow measurements still to come, and
+        until one asks for more, the batch stays as it is."""
+        if self.kind == "gns":
+            return current
+        return self.target_accumulation(current, 0, samples, budget, math.nan, False)

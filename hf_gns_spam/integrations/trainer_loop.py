@@ -29,6 +29,11 @@ Installed on the Trainer instance being trained (:func:`_attach`):
   ``on_pre_optimizer_step`` comes after clipping.
 * ``trainer.log``: extra metrics merged into the Trainer's own log record (reporting integrations run before user
   callbacks, so ``on_log`` is too late for them).
+
+Set from a callback event (:func:`show_total_steps`):
+
+* ``ProgressCallback.training_bar.total``: the progress bar takes its total from ``state.max_steps`` once, at
+  ``on_train_begin``, and no event tells it that the number of optimizer steps changed (a growing batch).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import has_length
 
 from hf_gns_spam.integrations.trainer_optimizer import TrainerIntegrationError
@@ -47,7 +53,7 @@ from hf_gns_spam.integrations.trainer_optimizer import TrainerIntegrationError
 # the start of the FutureWarning TRL's SFTTrainer (1.16) gives for compute_loss(return_outputs=True)
 TRL_RETURN_OUTPUTS_NOTICE = r"`return_outputs=True`, and the logits it passes to `compute_metrics`"
 
-__all__ = ["TrainerLoopObserver", "install_trainer_hooks", "observers_of", "wrap_trainer_class"]
+__all__ = ["TrainerLoopObserver", "install_trainer_hooks", "observers_of", "show_total_steps", "wrap_trainer_class"]
 
 # name -> the parameters (after self) the wrapper passes on; checked when the hooks are installed
 _CLASS_METHODS = {
@@ -107,6 +113,20 @@ class TrainerLoopObserver:
 
 def observers_of(trainer: Trainer) -> list[TrainerLoopObserver]:
     return [c for c in trainer.callback_handler.callbacks if isinstance(c, TrainerLoopObserver)]
+
+
+def show_total_steps(trainer: Trainer, total: int) -> None:
+    """Show ``total`` optimizer steps on the progress bar of ``trainer``'s ``ProgressCallback`` (tqdm, whose
+    ``total`` can change while it runs); nothing while it has none (before ``on_train_begin``, other processes,
+    ``disable_tqdm``)."""
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+        if bar is None:
+            continue
+        if not (hasattr(bar, "total") and callable(getattr(bar, "refresh", None))):
+            raise _unsupported(f"ProgressCallback.training_bar is a {type(bar).__name__}, not a tqdm bar")
+        bar.total = total
+        bar.refresh()
 
 
 def _check_trainer_instance(trainer: Trainer) -> None:
