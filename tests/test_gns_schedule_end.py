@@ -18,8 +18,8 @@ from transformers.trainer_callback import ProgressCallback
 from hf_gns_spam import GNSCallback, patch_model
 from hf_gns_spam.gns.accumulation import AccumulationError
 from tests import model_zoo
+from tests.ports import free_port
 from tests.test_gns_callback import padded_dataset
-from tests.test_stable_spam_fsdp import free_port
 
 EXPLANATION = "with a batch schedule the run's length is a budget in data"
 PLAIN_SCRIPT = Path(__file__).parent / "scripts" / "plain_trainer.py"
