@@ -1,8 +1,8 @@
 """The ``hf-gns-spam`` command line (also ``python -m hf_gns_spam.cli``).
 
 hf-gns-spam plot RUN_DIR [RUN_DIR ...] [--output FILE.png]
-                                                 loss against tokens and steps, GNS and batch size of Trainer
-                                                 runs, several overlaid
+                                                 loss against data (tokens, else examples) and steps, GNS and
+                                                 batch size of Trainer runs, several overlaid with the saving
 hf-gns-spam launch [options] SCRIPT [args]       run an unmodified training script with patched norms, Stable-SPAM's
                                                  optim names and a GNSCallback (hf_gns_spam/launch.py)
 
@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="hf-gns-spam", description="hf-gns-spam tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    plot = commands.add_parser("plot", help="plot loss, GNS and batch size of Trainer runs, several overlaid")
+    plot = commands.add_parser(
+        "plot",
+        help="plot loss, GNS and batch size of Trainer runs, several overlaid with the steps each needs to reach the "
+        "first run's final held-out loss",
+    )
     plot.add_argument(
         "run_dirs", nargs="+", metavar="RUN_DIR", help="a run's output_dir, a checkpoint folder or a trainer_state.json"
     )
