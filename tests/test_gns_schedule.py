@@ -157,23 +157,30 @@ def test_gns_schedule_grows_with_the_measured_gns(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize(
+    ("saving", "step", "position"),
+    [({"save_strategy": "steps", "save_steps": 11}, 11, 14), ({"save_strategy": "epoch"}, 16, 24)],
+    ids=["mid-epoch", "epoch-end"],
+)
+def test_resume_is_bit_identical(tmp_path, saving, step, position):
+    """From a checkpoint inside an epoch, after the batch grew, and from one at an epoch's end (whose next epoch
+    starts at the schedule's target and learning rate for the data consumed, as in the uninterrupted run)."""
+
     def callback():
         return GNSCallback(schedule="linear", min_batch_size=1, max_batch_size=4)
 
     straight, _ = run(tmp_path / "a", callback(), num_train_epochs=2)
     straight.train()
-    first, _ = run(tmp_path / "b", callback(), num_train_epochs=2, save_strategy="steps", save_steps=11)
+    first, _ = run(tmp_path / "b", callback(), num_train_epochs=2, **saving)
     first.train()
     resumed_callback = callback()
     resumed, auditor = run(
-        tmp_path / "b", resumed_callback, model=model_zoo.build("llama", seed=5), num_train_epochs=2,
-        save_strategy="steps", save_steps=11,
-    )  # fmt: skip
-    checkpoint = tmp_path / "b" / "out" / "checkpoint-11"
+        tmp_path / "b", resumed_callback, model=model_zoo.build("llama", seed=5), num_train_epochs=2, **saving
+    )
+    checkpoint = tmp_path / "b" / "out" / f"checkpoint-{step}"
     saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["GNSCallback"]
-    position = saved["attributes"]["controller_state"]
-    assert position["accumulation"] == 2 and position["position"] == 14  # mid-epoch, after the batch grew
+    saved_position = saved["attributes"]["controller_state"]
+    assert saved_position["accumulation"] == 2 and saved_position["position"] == position  # after the batch grew
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for (name, a), (_, b) in zip(resumed.model.named_parameters(), straight.model.named_parameters(), strict=True):
         assert torch.equal(a, b), name

@@ -282,7 +282,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         epoch, micro, accumulation = position["epoch"], position["position"], position["accumulation"]
         controller.accumulation = accumulation
         if micro >= controller.loop.micro_batches:  # saved at the end of an epoch: the next one starts
-            controller.epoch = epoch
+            # at the end of that epoch, as the uninterrupted run is when it starts the next: the same progress
+            # (the linear schedule's target and the learning rate of the next epoch's first step)
+            controller.epoch, controller.position = epoch, micro
             return epoch + 1, 0
         if micro == 0 or trainer.args.ignore_data_skip:  # the Trainer restarts the epoch from its beginning
             controller.epoch = epoch - 1
