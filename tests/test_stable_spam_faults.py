@@ -18,6 +18,7 @@ from transformers import Trainer
 
 import hf_gns_spam.optim.stable_spam as stable_spam_module
 from hf_gns_spam import StableSPAM
+from hf_gns_spam.optim.quantized_state import unpack_nibbles
 from tests.conftest import counting_dataset, tiny_llama
 from tests.test_trainer_optimizer import training_args
 
@@ -90,22 +91,127 @@ def test_one_bad_entry_is_contained_torch_path(bits, mode, fault_name, small_qua
     check_contained(losses, params, optimizer, fault_name, baseline)
 
 
+def clone_state(state: dict) -> dict:
+    return {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
+
+
+def lockstep(bits: int, mode: str, fault: float | None, monkeypatch, steps: int = STEPS):
+    """The torch path's run of :func:`train`, and at every step a Triton step of a twin optimizer started from the
+    same parameters, gradient and state: per step, per tensor, (Triton's parameter, its state, torch's parameter,
+    its state) after the step. Returns (losses of the torch run, that list)."""
+    inputs, targets, initial = regression_problem()
+    params = [p.clone().requires_grad_() for p in initial]
+    twins = [p.clone() for p in initial]
+    optimizer = StableSPAM(params, lr=2e-2, state_bits=bits, mode=mode, reset_interval=8)
+    twin_optimizer = StableSPAM(twins, lr=2e-2, state_bits=bits, mode=mode, reset_interval=8)
+    losses, history = [], []
+    for t in range(1, steps + 1):
+        optimizer.zero_grad()
+        loss = regression_loss(inputs, targets, params)
+        loss.backward()
+        losses.append(loss.item())
+        if t == FAULT_STEP and fault is not None:
+            params[0].grad[3, 5] = fault
+        for param, twin in zip(params, twins, strict=True):
+            twin.copy_(param.detach())
+            twin.grad = param.grad.clone()
+            if param in optimizer.state:
+                twin_optimizer.state[twin] = clone_state(optimizer.state[param])
+        monkeypatch.setattr(stable_spam_module, "_use_triton", lambda param: True)
+        twin_optimizer.step()
+        monkeypatch.setattr(stable_spam_module, "_use_triton", lambda param: False)
+        optimizer.step()
+        after = []
+        for param, twin in zip(params, twins, strict=True):
+            twin_state, state = clone_state(twin_optimizer.state[twin]), clone_state(optimizer.state[param])
+            after.append((twin.clone(), twin_state, param.detach().clone(), state))
+        history.append(after)
+    losses.append(regression_loss(inputs, targets, params).item())
+    return losses, history
+
+
+def relative_to_max(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual − expected| over max |expected| (0 when both are all zero)."""
+    difference = (actual.double() - expected.double()).abs().max().item()
+    return difference / max(expected.double().abs().max().item(), 1e-300)
+
+
+def neighbour_changes(actual: torch.Tensor, expected: torch.Tensor) -> int:
+    """How many stored entries differ, after checking that each is one step away: the adjacent code index (8/4-bit
+    indices, unpacked) or the adjacent bfloat16 value. bfloat16 entries that differ by under 1e-6 of the moment's
+    largest entry also pass (a moment that cancels to near 0, where bfloat16's steps are finer than the float32
+    rounding of the terms that cancelled)."""
+    if actual.dtype == torch.bfloat16:
+        negligible = (actual.float() - expected.float()).abs() <= 1e-6 * expected.float().abs().max()
+        actual, expected = _bfloat16_order(actual), _bfloat16_order(expected)
+    else:
+        negligible = torch.zeros(actual.shape, dtype=torch.bool)
+    steps = (actual.int() - expected.int()).abs()
+    assert (negligible | (steps <= 1)).all(), f"an entry {steps.max().item()} codes (or bfloat16 values) away"
+    return int((steps > 0).sum())
+
+
+def _bfloat16_order(x: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 values' bit patterns as integers in the order of the values (±0 both 0)."""
+    bits = x.view(torch.int16).int()
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+#: Entries per stored moment per step that may sit on the neighbouring code (8/4 bits) or bfloat16 value (16 bits);
+#: see test_one_bad_entry_is_contained_triton_path.
+NEIGHBOUR_LIMIT = 2
+
+
 @pytest.mark.parametrize("fault_name", list(FAULTS))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_one_bad_entry_is_contained_triton_path(bits, mode, fault_name, small_quantized, monkeypatch):
-    """The same through the fused Triton step (interpreter): contained, and equal to the torch path to rounding."""
+    """The same through the fused Triton step (interpreter): contained, and every step equal to the torch path's
+    step to rounding.
+
+    Equality is checked step by step (:func:`lockstep`: both paths step from the same parameters, gradient and
+    state), not between the end points of two free runs. The paths round differently (the norm's reduction order,
+    ~1e-7 relative), and a stored moment within that rounding of a midpoint between two 8/4-bit codes (or two
+    bfloat16 values) lands on the neighbouring one in one path; from the next step on the two free runs differ by
+    that code's worth of update, a real difference between the runs but none between the paths. Example (8 bits,
+    faithful, NaN, torch's AVX2/AVX-512 CPU kernels; not with ATEN_CPU_CAPABILITY=default): at step 9 one m code of
+    the first matrix is 146 (Triton) against 147 (torch), normalised values 3.24996e-3 / 3.25015e-3 around the
+    midpoint 3.2499998e-3; that entry then moves by 1.5e-4 of the matrix's largest entry at step 10 and the free
+    runs end 3.4e-4 apart, while the torch run with that one code set to 146 ends within 1e-7 of the Triton run.
+
+    From the same inputs the paths agree to ≤ 1e-7 (parameters) and ≤ 4e-7 (statistics, float moments, absmax),
+    whatever the step (the fault at step 4, the reset at step 8). A stored code can differ only where the moment
+    lies within that rounding (of its block's absmax) of a midpoint, and neighbouring codes are at least 0.35%
+    (8-bit v), 0.7% (8-bit m), 6% (4-bit) of their value apart, bfloat16 values 2^-8: no stored entry differed in
+    any of these 24 runs. NEIGHBOUR_LIMIT allows 2 entries per moment per step, each one code (one bfloat16 ulp)
+    away; a systematic rounding error moves many (requantizing 0.1% low: 7 codes at step 1; truncating bfloat16
+    stores: 120 entries)."""
     losses, params, optimizer = train(bits, mode, FAULTS[fault_name], True, monkeypatch)
-    torch_losses, torch_params, torch_optimizer = train(bits, mode, FAULTS[fault_name], False, monkeypatch)
+    torch_losses, history = lockstep(bits, mode, FAULTS[fault_name], monkeypatch)
     check_contained(losses, params, optimizer, fault_name, torch_losses)
-    # bf16 moments: one bf16 rounding that goes the other way moves an update by 2^-8 of itself
-    tolerance = 1e-5 if bits != 16 else 1e-3
-    for triton_param, torch_param in zip(params, torch_params, strict=True):
-        scale = torch_param.abs().max()
-        assert ((triton_param - torch_param).abs().max() / scale).item() < tolerance
-    for key in ("clip_max_ema", "norm_ema", "norm_sq_ema", "nonfinite_grad_steps"):
-        a, b = optimizer.state[params[0]][key].double(), torch_optimizer.state[torch_params[0]][key].double()
-        assert (a - b).abs() <= tolerance * b.abs(), key
+    for step, tensors in enumerate(history, start=1):
+        for index, (triton_param, triton_state, torch_param, torch_state) in enumerate(tensors):
+            where = f"step {step}, tensor {index}"
+            assert relative_to_max(triton_param, torch_param) < 1e-6, where
+            assert triton_state.keys() == torch_state.keys(), where
+            for key in ("step", "quantized_bits", "nonfinite_grad_steps"):
+                if key in torch_state:
+                    assert triton_state[key] == torch_state[key], f"{where}, {key}"
+            for key in ("clip_max_ema", "norm_ema", "norm_sq_ema"):
+                a, b = triton_state[key], torch_state[key]
+                assert (a - b).abs() <= 1e-5 * b.abs(), f"{where}, {key}"
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key + "_q" in torch_state:  # 8/4-bit: indices one code apart at most, absmax to rounding
+                    a, b = triton_state[key + "_q"], torch_state[key + "_q"]
+                    if bits == 4:
+                        a, b = unpack_nibbles(a, torch_param.numel()), unpack_nibbles(b, torch_param.numel())
+                    assert neighbour_changes(a, b) <= NEIGHBOUR_LIMIT, f"{where}, {key} codes"
+                    a, b = triton_state[key + "_absmax"], torch_state[key + "_absmax"]
+                    assert ((a - b).abs() <= 1e-5 * b.abs()).all(), f"{where}, {key}_absmax"
+                elif bits == 16:
+                    assert neighbour_changes(triton_state[key], torch_state[key]) <= NEIGHBOUR_LIMIT, f"{where}, {key}"
+                else:
+                    assert relative_to_max(triton_state[key], torch_state[key]) < 1e-5, f"{where}, {key}"
 
 
 @pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
