@@ -14,9 +14,19 @@ the batch fixed at ``--min_batch_size`` into ``OUTPUT_DIR/baseline_fixed_batch``
 evaluated on the held-out blocks at ``--eval_points`` points evenly spaced in training examples, and the comparison
 gives the optimizer steps and tokens each needs to reach the scheduled run's final held-out loss.
 
-It writes the model and tokenizer, ``metrics.json`` (final loss, evaluation loss and perplexity, tokens, the GNS
-and batch-size history, the evaluations; the baseline's and the comparison) and ``gns_plot.png`` (held-out loss
-against tokens and against optimizer steps, GNS and batch size, both runs overlaid) to ``--output_dir``.
+It announces each run as it starts ("run 1/2: GNS schedule (...) → OUTPUT_DIR", "run 2/2: fixed batch 8 baseline
+→ OUTPUT_DIR/baseline_fixed_batch") and its result when it ends, and writes each run's folder as it goes: at each
+evaluation point a checkpoint (``checkpoint-STEP``, the latest ``--save_total_limit`` kept; ``--save_strategy``
+replaces these with the Trainer's own) and ``metrics.json`` with the run so far (``"complete": false``: the training
+and evaluation history), so that an interrupted run can be plotted (``hf-gns-spam plot OUTPUT_DIR`` reads the latest
+checkpoint's ``trainer_state.json``) and continued: ``--resume_from_checkpoint true`` keeps the runs whose
+``metrics.json`` is complete and continues the others from their latest checkpoint. A job started without it clears
+the checkpoints, ``trainer_state.json`` and ``metrics.json`` an earlier job left in the two run folders.
+
+At the end each run's folder holds its model and tokenizer, ``trainer_state.json``, its latest checkpoint and its
+``metrics.json`` (final loss, evaluation loss and perplexity, tokens, the GNS and batch-size history, the
+evaluations); ``--output_dir``'s ``metrics.json`` also holds the baseline's and the comparison, and ``gns_plot.png``
+draws held-out loss against tokens and against optimizer steps, GNS and batch size, both runs overlaid.
 ``--quantize int4`` trains with the projections fake-quantized to 4 bits (weights and activations, the Stable-SPAM
 paper's W4A4 quantization-aware training).
 """
@@ -27,8 +37,11 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import sysconfig
+import time
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -48,9 +61,12 @@ from transformers import (
     PreTrainedTokenizerFast,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
     set_seed,
 )
+from transformers.hf_argparser import string_to_bool
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from hf_gns_spam.fake_quant import apply_fake_quantization
 from hf_gns_spam.metrics import causal_lm_accuracy
@@ -69,7 +85,8 @@ DEFAULT_TRAINING_FLAGS = {
     "--per_device_eval_batch_size": "32",
     "--logging_steps": "5",
     "--eval_strategy": "no",
-    "--save_strategy": "no",
+    "--save_strategy": "no",  # the job saves at its evaluation points (JobArguments.save_at_eval_points)
+    "--save_total_limit": "1",
     "--report_to": "none",
     "--include_num_input_tokens_seen": "true",
     "--seed": "0",
@@ -125,6 +142,10 @@ class GNSArguments:
         default=0.5, metadata={"help": "learning rate x (batch / min_batch_size)^power on top of its schedule"}
     )
     gns_ema_decay: float = field(default=0.95, metadata={"help": "EMA decay of |G|^2 and tr(Sigma)"})
+
+
+@dataclass
+class JobArguments:
     baseline: str = field(
         default="fixed",
         metadata={
@@ -134,6 +155,13 @@ class GNSArguments:
     )
     eval_points: int = field(
         default=12, metadata={"help": "held-out evaluations per run, evenly spaced in training examples"}
+    )
+    save_at_eval_points: bool | None = field(
+        default=None,
+        metadata={
+            "help": "save a checkpoint at each evaluation point (the latest --save_total_limit kept); "
+            "default: true unless --save_strategy is given"
+        },
     )
 
 
@@ -218,12 +246,23 @@ def prepare_data(model_args: ModelArguments, data_args: DataArguments) -> tuple:
     return tokenizer, lm_data
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, GNSArguments, TrainingArguments]:
-    for flag, value in DEFAULT_TRAINING_FLAGS.items():
-        if flag not in argv:
-            argv = [*argv, flag, value]
-    parser = HfArgumentParser((ModelArguments, DataArguments, GNSArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+def given(argv: list[str], flag: str) -> bool:
+    """Whether the command line sets ``flag`` (``--flag value`` or ``--flag=value``)."""
+    return any(arg == flag or arg.startswith(f"{flag}=") for arg in argv)
+
+
+def parse_arguments(
+    argv: list[str],
+) -> tuple[ModelArguments, DataArguments, GNSArguments, JobArguments, TrainingArguments]:
+    """The command line's arguments, with the main job's ``TrainingArguments`` defaults where it sets none."""
+    defaults = [
+        item for flag, value in DEFAULT_TRAINING_FLAGS.items() if not given(argv, flag) for item in (flag, value)
+    ]
+    parser = HfArgumentParser((ModelArguments, DataArguments, GNSArguments, JobArguments, TrainingArguments))
+    model_args, data_args, gns_args, job_args, training = parser.parse_args_into_dataclasses(args=[*argv, *defaults])
+    if job_args.save_at_eval_points is None:
+        job_args.save_at_eval_points = not given(argv, "--save_strategy")
+    return model_args, data_args, gns_args, job_args, training
 
 
 def build_model(model_args: ModelArguments, tokenizer, block_size: int):
@@ -305,19 +344,64 @@ def causal_lm_trainer(
 
 class EvaluateAtExamples(TrainerCallback):
     """Evaluates on the held-out set when the examples consumed (all processes, from the ``GNSCallback``) first
-    reach each of ``points``, so that runs with different batch sizes are compared at the same data."""
+    reach each of ``points``, so that runs with different batch sizes are compared at the same data; with ``save``,
+    also saves a checkpoint there. A run continued from a checkpoint skips the points its examples already passed."""
 
-    def __init__(self, points: list[int], gns_callback: GNSCallback):
-        self.points, self.gns_callback = sorted(points), gns_callback
+    def __init__(self, points: list[int], gns_callback: GNSCallback, save: bool = False):
+        self.points, self.gns_callback, self.save = sorted(points), gns_callback, save
         self.next = 0
 
-    def on_step_end(self, args, state, control, **kwargs):
-        reached = self.next
+    def _reached(self, start: int) -> int:
+        """How many of the points the examples consumed so far have reached (``start`` of them known to be)."""
+        reached = start
         while reached < len(self.points) and self.gns_callback.samples >= self.points[reached]:
             reached += 1
+        return reached
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # continuing from a checkpoint, the GNSCallback has restored its examples before this event
+        self.next = self._reached(0) if state.global_step > 0 else 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        reached = self._reached(self.next)
         if reached > self.next:
             control.should_evaluate = True
+            control.should_save = control.should_save or self.save
             self.next = reached
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so that an interruption never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.tmp")
+    partial.write_text(json.dumps(data, indent=2, allow_nan=True))
+    partial.replace(path)
+
+
+def run_progress(state: TrainerState) -> dict:
+    """A run's record so far: optimizer steps, tokens, the logged training history and the held-out evaluations."""
+    records = training_records({"log_history": state.log_history})
+    return {
+        "optimizer_steps": state.global_step,
+        "train_tokens": state.num_input_tokens_seen,
+        "history": [
+            {
+                key: record.get(key)
+                for key in ("step", "num_input_tokens_seen", "loss", "gns", "gns_tokens", "batch_size")
+            }
+            for record in records
+        ],
+        "evaluations": evaluations(state.log_history),
+    }
+
+
+class MetricsSoFar(TrainerCallback):
+    """Writes the run so far to ``OUTPUT_DIR/metrics.json`` (``"complete": false`` and :func:`run_progress`) after
+    each evaluation, so that an interrupted run leaves its history; the run's end replaces it with the whole."""
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_json(Path(args.output_dir) / "metrics.json", {"complete": False, **run_progress(state)})
 
 
 def evaluation_points(lm_data: datasets.DatasetDict, training: TrainingArguments, count: int) -> list[int]:
@@ -367,7 +451,8 @@ def compare_to_baseline(run: list[dict], baseline: list[dict]) -> dict:
 
 
 def train_evaluate_save(model, tokenizer, lm_data: datasets.DatasetDict, training: TrainingArguments, callbacks):
-    """Train a causal LM on ``lm_data`` with the Trainer, evaluate it, save the model and trainer_state.json.
+    """Train a causal LM on ``lm_data`` with the Trainer (continuing from ``training.resume_from_checkpoint`` if
+    set), evaluate it, save the model and trainer_state.json.
 
     Returns (trainer, train output, evaluation metrics).
     """
@@ -386,11 +471,12 @@ def train_run(
     lm_data: datasets.DatasetDict,
     training: TrainingArguments,
     callback: GNSCallback,
-    eval_points: int,
-) -> tuple[dict, bool]:
-    """Build the model (from the seed), quantize and patch it, train, evaluate and save.
+    job: JobArguments,
+) -> dict:
+    """Build the model (from the seed), quantize and patch it, train (writing checkpoints and the metrics so far as
+    it goes), evaluate, save, and write the run's ``metrics.json`` (``"complete": true``).
 
-    Returns the run's metrics and whether this process is the one that writes (the main process)."""
+    Returns the run's metrics."""
     set_seed(training.seed)
     model = build_model(model_args, tokenizer, data_args.block_size)
     quantized = quantize_model(model, model_args.quantize, model_args.quantize_group_size)
@@ -399,10 +485,13 @@ def train_run(
         print(report)
         if quantized:
             print(f"fake-quantized to {model_args.quantize}: {len(quantized)} linear layers")
-    clock = EvaluateAtExamples(evaluation_points(lm_data, training, eval_points), callback)
-    trainer, result, evaluation = train_evaluate_save(model, tokenizer, lm_data, training, [callback, clock])
+    clock = EvaluateAtExamples(evaluation_points(lm_data, training, job.eval_points), callback, job.save_at_eval_points)
+    trainer, result, evaluation = train_evaluate_save(
+        model, tokenizer, lm_data, training, [callback, clock, MetricsSoFar()]
+    )
     records = training_records({"log_history": trainer.state.log_history})
-    return {
+    metrics = {
+        "complete": True,
         "final_train_loss": records[-1]["loss"] if records else math.nan,
         "first_train_loss": records[0]["loss"] if records else math.nan,
         "train_loss_mean": result.training_loss,
@@ -412,35 +501,52 @@ def train_run(
         # evaluation blocks is exp(mean token cross-entropy), computed here from the Trainer's eval_loss
         "eval_perplexity": math.exp(evaluation["eval_loss"]),
         "perplexity_note": "exp(eval_loss), computed locally (evaluate's perplexity metric needs the Hub)",
-        "train_tokens": trainer.state.num_input_tokens_seen,
-        "optimizer_steps": trainer.state.global_step,
         "patched_norms": len(report.patched),
         "quantized_layers": len(quantized),
         "output_dir": training.output_dir,
-        "history": [
-            {
-                key: record.get(key)
-                for key in ("step", "num_input_tokens_seen", "loss", "gns", "gns_tokens", "batch_size")
-            }
-            for record in records
-        ],
-        "evaluations": evaluations(trainer.state.log_history),
-    }, trainer.is_world_process_zero()
+        **run_progress(trainer.state),
+    }
+    if trainer.is_world_process_zero():
+        write_json(Path(training.output_dir) / "metrics.json", metrics)
+    return metrics
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, gns_args, training = parse_arguments(list(sys.argv[1:] if argv is None else argv))
-    if gns_args.baseline not in ("fixed", "none"):
-        raise ValueError(f"--baseline must be fixed or none, got {gns_args.baseline!r}")
-    set_seed(training.seed)
-    tokenizer, lm_data = prepare_data(model_args, data_args)
+@dataclass
+class Run:
+    """One training run of the job: its label (in the plot), what it is (for its announcement), its arguments and
+    its GNSCallback."""
 
-    callback = gns_callback(gns_args, training)
+    label: str
+    description: str
+    training: TrainingArguments
+    callback: GNSCallback
+
+
+def schedule_description(gns_args: GNSArguments, minimum: int) -> str:
+    """The scheduled run in words, e.g. ``GNS schedule (batch 8 to 64, 2 × GNS, learning rate × (B/8)^0.5)``."""
+    if gns_args.schedule == "none":
+        return f"fixed batch {minimum}, GNS measured"
+    rule = f"batch {minimum} to {gns_args.max_batch_size or 8 * minimum}"
+    if gns_args.schedule == "gns":
+        rule += f", {gns_args.gns_multiplier:g} × GNS"
+    if gns_args.gns_lr_batch_power:
+        rule += f", learning rate × (B/{minimum})^{gns_args.gns_lr_batch_power:g}"
+    return f"{'GNS' if gns_args.schedule == 'gns' else gns_args.schedule} schedule ({rule})"
+
+
+def job_runs(gns_args: GNSArguments, job: JobArguments, training: TrainingArguments) -> list[Run]:
+    """The scheduled run into ``--output_dir`` and, with ``--baseline fixed``, the same model, seed, data, budget
+    and learning-rate schedule with the batch fixed at min_batch_size, into ``OUTPUT_DIR/baseline_fixed_batch``."""
     minimum = min_batch_size(gns_args, training)
-    metrics, writes = train_run(model_args, data_args, tokenizer, lm_data, training, callback, gns_args.eval_points)
-    runs = {f"{gns_args.schedule} schedule": training.output_dir}
-    if gns_args.baseline == "fixed" and gns_args.schedule != "none":
-        # the same model, seed, data, budget and learning-rate schedule, the batch fixed at min_batch_size
+    runs = [
+        Run(
+            f"{gns_args.schedule} schedule",
+            schedule_description(gns_args, minimum),
+            training,
+            gns_callback(gns_args, training),
+        )
+    ]
+    if job.baseline == "fixed" and gns_args.schedule != "none":
         unit = training.per_device_train_batch_size * training.world_size
         if minimum % unit:
             raise ValueError(f"--min_batch_size {minimum} is not a multiple of micro-batch x processes ({unit})")
@@ -448,26 +554,125 @@ def main(argv: list[str] | None = None) -> dict:
             training,
             output_dir=str(Path(training.output_dir) / "baseline_fixed_batch"),
             gradient_accumulation_steps=minimum // unit,
-            resume_from_checkpoint=None,
         )
         measuring = GNSCallback(ema_decay=gns_args.gns_ema_decay)
-        baseline, _ = train_run(
-            model_args, data_args, tokenizer, lm_data, baseline_args, measuring, gns_args.eval_points
-        )
-        metrics["baseline"] = baseline
-        metrics["comparison"] = compare_to_baseline(metrics["evaluations"], baseline["evaluations"])
-        runs[f"fixed batch {minimum}"] = baseline_args.output_dir
-    if not writes:  # several processes (torchrun): one writes
-        return metrics
-    Path(training.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(training.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
-    plot = plot_runs(runs, Path(training.output_dir) / "gns_plot.png")
-    print(f"model, metrics.json and {plot.name} written to {training.output_dir}")
-    print(
-        f"loss {metrics['first_train_loss']:.3f} -> {metrics['final_train_loss']:.3f}, eval perplexity "
-        f"{metrics['eval_perplexity']:.2f}, next-token accuracy {metrics['eval_accuracy']:.3f}, "
-        f"{metrics['train_tokens']:,} tokens, {metrics['optimizer_steps']} steps"
+        runs.append(Run(f"fixed batch {minimum}", f"fixed batch {minimum} baseline", baseline_args, measuring))
+    return runs
+
+
+def continues_job(training: TrainingArguments) -> bool:
+    """Whether ``--resume_from_checkpoint`` asks to continue the job (``true``; not given or ``false``: start it)."""
+    value = training.resume_from_checkpoint
+    if value is None:
+        return False
+    try:
+        return string_to_bool(value)
+    except ArgumentTypeError:
+        raise ValueError(
+            f"--resume_from_checkpoint {value!r}: the main job continues with --resume_from_checkpoint true (each run "
+            "from the latest checkpoint in its own folder, the runs whose metrics.json is complete kept)"
+        ) from None
+
+
+def clear_progress(folder: Path) -> list[str]:
+    """Remove what an earlier job left in a run's folder that would pass for this run's progress until the run
+    replaces it: its checkpoints (continuing picks the highest-numbered), ``trainer_state.json`` (``hf-gns-spam
+    plot`` reads it before any checkpoint's) and ``metrics.json`` (continuing keeps a run whose metrics.json is
+    complete). Returns the names removed."""
+    removed = []
+    for path in sorted(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(path.name)
+    for name in ("trainer_state.json", "metrics.json"):
+        if (folder / name).is_file():
+            (folder / name).unlink()
+            removed.append(name)
+    return removed
+
+
+def completed_run(folder: Path) -> dict | None:
+    """The metrics of a run that finished in ``folder`` (its metrics.json is complete), else None."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    if not metrics.get("complete"):
+        return None
+    return {key: value for key, value in metrics.items() if key not in ("baseline", "comparison")}
+
+
+def announce(message: str, training: TrainingArguments) -> None:
+    """Print a line of the job's progress on the main process, at once (also when stdout is a pipe)."""
+    if training.process_index == 0:
+        print(message, flush=True)
+
+
+def duration(seconds: float) -> str:
+    """``1 h 2 min``, ``3 min 4 s`` or ``5 s``."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def run_summary(metrics: dict) -> str:
+    """A finished run's result in one line."""
+    return (
+        f"training loss {metrics['first_train_loss']:.3f} -> {metrics['final_train_loss']:.3f}, held-out loss "
+        f"{metrics['eval_loss']:.3f} (perplexity {metrics['eval_perplexity']:.2f}, next-token accuracy "
+        f"{metrics['eval_accuracy']:.3f}), {metrics['train_tokens']:,} tokens, "
+        f"{metrics['optimizer_steps']} optimizer steps"
     )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The main job (the module docstring): its runs, one after the other, then the comparison and the plot.
+
+    Returns the scheduled run's metrics, with the baseline's and the comparison under ``baseline`` and
+    ``comparison``."""
+    model_args, data_args, gns_args, job, training = parse_arguments(list(sys.argv[1:] if argv is None else argv))
+    if job.baseline not in ("fixed", "none"):
+        raise ValueError(f"--baseline must be fixed or none, got {job.baseline!r}")
+    continuing = continues_job(training)
+    set_seed(training.seed)
+    tokenizer, lm_data = prepare_data(model_args, data_args)
+    runs = job_runs(gns_args, job, training)
+    if not continuing and training.process_index == 0:
+        for run in runs:
+            removed = clear_progress(Path(run.training.output_dir))
+            if removed:
+                print(f"removed an earlier job's {', '.join(removed)} from {run.training.output_dir}", flush=True)
+
+    results = []
+    for index, run in enumerate(runs, start=1):
+        folder = Path(run.training.output_dir)
+        header = f"run {index}/{len(runs)}: {run.description} → {folder}"
+        kept = completed_run(folder) if continuing else None
+        if kept is not None:
+            announce(f"{header}: already complete (its metrics.json), not trained again", training)
+            results.append(kept)
+            continue
+        checkpoint = get_last_checkpoint(folder) if continuing and folder.is_dir() else None
+        announce(header + (f", continuing from {Path(checkpoint).name}" if checkpoint else ""), training)
+        started = time.monotonic()
+        arguments = dataclasses.replace(run.training, resume_from_checkpoint=checkpoint)
+        results.append(train_run(model_args, data_args, tokenizer, lm_data, arguments, run.callback, job))
+        announce(
+            f"run {index}/{len(runs)} done in {duration(time.monotonic() - started)}: {run_summary(results[-1])}",
+            training,
+        )
+
+    metrics = results[0]
+    if len(runs) == 2:
+        metrics["baseline"] = results[1]
+        metrics["comparison"] = compare_to_baseline(metrics["evaluations"], results[1]["evaluations"])
+    if training.process_index != 0:  # several processes (torchrun): one writes
+        return metrics
+    write_json(Path(training.output_dir) / "metrics.json", metrics)
+    plot = plot_runs({run.label: run.training.output_dir for run in runs}, Path(training.output_dir) / "gns_plot.png")
+    print(f"model, metrics.json and {plot.name} written to {training.output_dir}")
     if "comparison" in metrics:
         comparison = metrics["comparison"]
         steps = comparison["baseline_steps"]
