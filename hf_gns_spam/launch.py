@@ -34,8 +34,9 @@ after SCRIPT belongs to the script; a launcher option put there by mistake gets 
 parser rejects it. The errors that the command line decides answer at once, without importing torch (the console
 script imports this module and the package, which import neither; torch, transformers and the GNS are imported
 where they are used): a malformed command line (an unknown option, a value that is not a number), a missing script
-or module, contradicting options. A value out of its range (``--gns-ema-decay 1.5``) is found by
-:class:`~hf_gns_spam.GNSCallback`'s own checks, whose module imports torch and transformers.
+or module, contradicting options, a value out of its range (``--gns-ema-decay 1.5``, ``--max-batch-size`` below
+``--min-batch-size``): those are :class:`~hf_gns_spam.GNSCallback`'s own checks, which
+:func:`hf_gns_spam.gns.arguments.check_callback_arguments` makes for both without importing torch.
 
 Whether the schedule's batch bounds fit the script's ``TrainingArguments`` is checked twice by one function,
 :func:`_checked_callback`: before the script runs, against the values its command line gives
@@ -144,7 +145,7 @@ GNS_OPTIONS = (
               "also log the whole model's GNS (gns_total) every N optimizer steps (costly; off by default)"),
 )  # fmt: skip
 _SCHEDULE_FLAG = "--gns-schedule"
-# GNSCallback checks these itself; the others are checked by its batch schedule, which needs both bounds
+# checked without a schedule; the others are checked by GNSCallback's batch schedule, which needs both bounds
 _CHECKED_WITHOUT_SCHEDULE = ("lr_batch_power", "ema_decay", "verify_interval", "validate_every")
 _OPTION_OF_PARAMETER = {"schedule": _SCHEDULE_FLAG, **{o.parameter: o.flag for o in GNS_OPTIONS}}
 
@@ -267,13 +268,13 @@ def _options_from(namespace: argparse.Namespace) -> LaunchOptions:
         gns_values=given,
     )
     if given:  # their ranges, now, as far as they do not depend on the script's TrainingArguments (the defaults fit)
-        from hf_gns_spam.gns import GNSCallback
+        from hf_gns_spam.gns.arguments import check_callback_arguments  # GNSCallback's checks, without torch
 
         kwargs = options.callback_kwargs()
         if schedule and kwargs["min_batch_size"] is None:  # the schedule is checked against the TrainingArguments
             kwargs = {k: v for k, v in kwargs.items() if k in _CHECKED_WITHOUT_SCHEDULE}
         with _in_launcher_terms():
-            GNSCallback(**kwargs)
+            check_callback_arguments(**kwargs)
     return options
 
 

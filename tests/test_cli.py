@@ -1,5 +1,6 @@
-"""The ``hf-gns-spam`` command line answers ``--help`` and the errors its command line decides without importing
-torch (it would take seconds): each case runs in a fresh Python whose import of torch fails; and ``import
+"""The ``hf-gns-spam`` command line answers ``--help`` and the errors its command line decides (values out of their
+range included) without importing torch (it would take seconds): each case runs in a fresh Python whose import of
+torch fails; and ``import
 hf_gns_spam``, which the console script runs first, imports neither torch nor transformers, yet registers the
 optim names whichever of the two is imported first."""
 
@@ -91,9 +92,24 @@ def test_help_answers_without_torch(arguments, expected, entry):
         (["launch", "--gns-schedule", "linear", "no_such_script.py"], "SCRIPT no_such_script.py: no such file"),
         (["launch", "-m", "no_such_package.module"], "no module named 'no_such_package.module'"),
         (["plot"], "the following arguments are required: RUN_DIR"),
+        # values out of their range: GNSCallback's own checks (hf_gns_spam.gns.arguments), in the launcher's terms
+        (["launch", "--gns-ema-decay", "1.5", "train.py"], "--gns-ema-decay must be in [0, 1), got 1.5"),
+        (["launch", "--gns-schedule", "linear", "--min-batch-size", "16", "--max-batch-size", "8", "train.py"],
+         "--max-batch-size 8 < --min-batch-size 16"),
+        (["launch", "--gns-schedule", "gns", "--gns-lr-batch-power", "-0.5", "train.py"],
+         "--gns-lr-batch-power must be in [0, 1] (0.5: square-root scaling), got -0.5"),
+        (["launch", "--gns-verify-interval", "0", "train.py"], "--gns-verify-interval must be >= 1, got 0"),
+        (["launch", "--gns-validate-every", "0", "train.py"], "--gns-validate-every must be None (off) or an int >= 1"),
+        (["launch", "--gns-schedule", "gns", "--min-batch-size", "1", "train.py"],
+         "--gns-schedule 'gns' needs --min-batch-size >= 2"),
+        (["launch", "--gns-schedule", "gns", "--min-batch-size", "4", "--gns-max-growth", "1", "train.py"],
+         "--gns-max-growth must be in (1, inf), got 1.0"),
+        (["launch", "--gns-schedule", "gns", "--min-batch-size", "4", "--gns-update-interval", "0", "train.py"],
+         "--gns-update-interval must be >= 1"),
     ],
     ids=["unknown", "contradiction", "not-this-schedule", "not-a-number", "no-script", "missing-script",
-         "missing-module", "plot-no-run"],
+         "missing-module", "plot-no-run", "ema-decay", "max-below-min", "lr-batch-power", "verify-interval",
+         "validate-every", "gns-min-batch", "max-growth", "update-interval"],
 )  # fmt: skip
 def test_command_line_errors_answer_without_torch(arguments, expected):
     code, imported, _, stderr = without_torch(arguments)

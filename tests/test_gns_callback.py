@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_gns_spam import GNSCallback, StableSPAM, patch_model, per_example_grad_stats
+from hf_gns_spam.gns.arguments import check_callback_arguments
 from hf_gns_spam.gns.callback import METRIC_NAMES, TOTAL_METRIC_NAMES
 from hf_gns_spam.gns.estimator import unbiased_estimates
 from hf_gns_spam.gns.whole_model import StoredMicroBatch, weighted_squared_norms
@@ -87,6 +89,23 @@ def test_impossible_schedules_are_clear_errors(tmp_path):
     patch_model(model)
     with pytest.raises(ValueError, match=r"min_batch_size=3 must be a positive multiple of .* = 2"):
         make_trainer(tmp_path, model, GNSCallback(schedule="linear", min_batch_size=3, max_batch_size=8))
+
+
+def test_the_torch_free_checks_take_the_callbacks_arguments():
+    """check_callback_arguments (which the launcher calls without torch) has GNSCallback's parameters and defaults,
+    and its checks are the callback's: the same message from both."""
+    callback = list(inspect.signature(GNSCallback.__init__).parameters.values())[1:]  # without self
+    assert callback == list(inspect.signature(check_callback_arguments).parameters.values())
+    for kwargs, message in [
+        ({"ema_decay": 1.5, "validate_every": 2}, r"ema_decay must be in \[0, 1\), got 1.5$"),  # not 1.5² = 2.25
+        ({"lr_batch_power": -0.5}, r"lr_batch_power must be in \[0, 1\]"),
+        ({"verify_interval": 0}, "verify_interval must be >= 1, got 0"),
+        ({"schedule": "gns", "min_batch_size": 4, "max_batch_size": 8, "max_growth": 1.0}, r"max_growth must be in"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_callback_arguments(**kwargs)
+        with pytest.raises(ValueError, match=message):
+            GNSCallback(**kwargs)
 
 
 def per_example_norm_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,6 +1,52 @@
-"""Gradient noise scale: the estimator and the Trainer callback."""
+"""Gradient noise scale: the estimator and the Trainer callback.
 
-from hf_gns_spam.gns.callback import GNSCallback
-from hf_gns_spam.gns.estimator import GradientNoiseScale, effective_batch_size, unbiased_estimates
+Lazy in the package's way (PEP 562, see :mod:`hf_gns_spam`): the public names are imported from their modules on
+first use, so that importing this package, or one of its torch-free modules (:mod:`~hf_gns_spam.gns.arguments`,
+:mod:`~hf_gns_spam.gns.schedule`, :mod:`~hf_gns_spam.gns.estimator`, :mod:`~hf_gns_spam.gns.accumulation`), imports
+neither torch nor transformers: the launcher checks its options with :func:`check_callback_arguments` before the
+script imports them.
+"""
 
-__all__ = ["GNSCallback", "GradientNoiseScale", "effective_batch_size", "unbiased_estimates"]
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module it is imported from on first use
+_LAZY_NAMES = {
+    "GNSCallback": "hf_gns_spam.gns.callback",
+    "GradientNoiseScale": "hf_gns_spam.gns.estimator",
+    "check_callback_arguments": "hf_gns_spam.gns.arguments",
+    "effective_batch_size": "hf_gns_spam.gns.estimator",
+    "unbiased_estimates": "hf_gns_spam.gns.estimator",
+}
+
+__all__ = [
+    "GNSCallback",
+    "GradientNoiseScale",
+    "check_callback_arguments",
+    "effective_batch_size",
+    "unbiased_estimates",
+]
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports these
+    from hf_gns_spam.gns.arguments import check_callback_arguments
+    from hf_gns_spam.gns.callback import GNSCallback
+    from hf_gns_spam.gns.estimator import GradientNoiseScale, effective_batch_size, unbiased_estimates
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module, or a module of this package, on first use; either is kept in the
+    package's namespace."""
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # which sets the attribute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_NAMES})

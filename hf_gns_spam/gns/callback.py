@@ -67,6 +67,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_gns_spam.gns.accumulation import AccumulationController, AccumulationError, EpochLoop
+from hf_gns_spam.gns.arguments import check_callback_arguments
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.example_weights import (
     ExampleWeightError,
@@ -138,23 +139,12 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         verify_interval: int = 100,
         validate_every: int | None = None,
     ) -> None:
-        if schedule is not None:
-            if min_batch_size is None or max_batch_size is None:
-                raise ValueError(f"schedule={schedule!r} needs min_batch_size and max_batch_size (global examples)")
-            # check everything but the unit now (it needs the TrainingArguments): unit 1 accepts any bounds
-            BatchSizeSchedule(
-                schedule, min_batch_size, max_batch_size, 1, update_interval, warmup_steps, gns_multiplier, max_growth
-            )
-        if not 0.0 <= lr_batch_power <= 1.0:
-            raise ValueError(f"lr_batch_power must be in [0, 1] (0.5: square-root scaling), got {lr_batch_power}")
-        if verify_interval < 1:
-            raise ValueError(f"verify_interval must be >= 1, got {verify_interval}")
-        if validate_every is not None and (
-            isinstance(validate_every, bool) or not isinstance(validate_every, int) or validate_every < 1
-        ):
-            raise ValueError(
-                f"validate_every must be None (off) or an int >= 1 (optimizer steps), got {validate_every!r}"
-            )
+        check_callback_arguments(  # every check of the arguments, shared with the launcher (no torch there)
+            schedule=schedule, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+            update_interval=update_interval, warmup_steps=warmup_steps, gns_multiplier=gns_multiplier,
+            max_growth=max_growth, lr_batch_power=lr_batch_power, ema_decay=ema_decay,
+            verify_interval=verify_interval, validate_every=validate_every,
+        )  # fmt: skip
         install_trainer_hooks()
         self.schedule = schedule
         self.min_batch_size = min_batch_size

@@ -1,0 +1,57 @@
+"""The checks of :class:`~hf_gns_spam.gns.callback.GNSCallback`'s constructor arguments, without torch.
+
+:func:`check_callback_arguments` is every check ``GNSCallback.__init__`` makes, and the only place they are made:
+the callback calls it first, and the launcher (``hf-gns-spam launch``) calls it on its options before anything
+imports torch, so that a value out of its range is reported at once, with the same message. It imports only the
+torch-free :mod:`hf_gns_spam.gns.schedule` and :mod:`hf_gns_spam.gns.estimator`, whose own checks it runs:
+
+* with a schedule, both batch bounds are given and :class:`~hf_gns_spam.gns.schedule.BatchSizeSchedule` accepts
+  them with a unit of 1 (every check but the one against the TrainingArguments' micro-batch × processes, which the
+  callback makes when it meets the Trainer): the schedule's name, ``max_batch_size >= min_batch_size``,
+  ``update_interval``, ``warmup_steps``, ``gns_multiplier``, ``max_growth``;
+* ``lr_batch_power`` in [0, 1], ``verify_interval >= 1``, ``validate_every`` None or an int >= 1;
+* ``ema_decay`` in [0, 1), as :class:`~hf_gns_spam.gns.estimator.GradientNoiseScale` requires (the whole model's
+  estimator of ``validate_every`` decays by ``ema_decay``^N, in [0, 1) with it).
+
+The parameters and their defaults are ``GNSCallback.__init__``'s (tests/test_gns_callback.py compares the two).
+"""
+
+from __future__ import annotations
+
+from hf_gns_spam.gns.estimator import GradientNoiseScale
+from hf_gns_spam.gns.schedule import BatchSizeSchedule
+
+__all__ = ["check_callback_arguments"]
+
+
+def check_callback_arguments(
+    schedule: str | None = None,
+    min_batch_size: int | None = None,
+    max_batch_size: int | None = None,
+    update_interval: int = 10,
+    warmup_steps: int = 0,
+    gns_multiplier: float = 1.0,
+    max_growth: float = 2.0,
+    lr_batch_power: float = 0.0,
+    ema_decay: float = 0.99,
+    verify_interval: int = 100,
+    validate_every: int | None = None,
+) -> None:
+    """Raise ValueError, naming the argument and its valid range, for the first argument ``GNSCallback`` refuses
+    (module docstring); return None when it accepts them all."""
+    if schedule is not None:
+        if min_batch_size is None or max_batch_size is None:
+            raise ValueError(f"schedule={schedule!r} needs min_batch_size and max_batch_size (global examples)")
+        # check everything but the unit now (it needs the TrainingArguments): unit 1 accepts any bounds
+        BatchSizeSchedule(
+            schedule, min_batch_size, max_batch_size, 1, update_interval, warmup_steps, gns_multiplier, max_growth
+        )
+    if not 0.0 <= lr_batch_power <= 1.0:
+        raise ValueError(f"lr_batch_power must be in [0, 1] (0.5: square-root scaling), got {lr_batch_power}")
+    if verify_interval < 1:
+        raise ValueError(f"verify_interval must be >= 1, got {verify_interval}")
+    if validate_every is not None and (
+        isinstance(validate_every, bool) or not isinstance(validate_every, int) or validate_every < 1
+    ):
+        raise ValueError(f"validate_every must be None (off) or an int >= 1 (optimizer steps), got {validate_every!r}")
+    GradientNoiseScale(ema_decay=ema_decay)  # its own check of the range
