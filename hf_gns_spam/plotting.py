@@ -1,10 +1,10 @@
 """Plot training runs' loss, gradient noise scale and batch size, one run or several overlaid.
 
 Reads the Trainer's ``trainer_state.json`` (its ``log_history``, where :class:`~hf_gns_spam.GNSCallback` puts
-``gns``, ``gns_tokens`` and ``batch_size`` beside ``loss``) and draws four panels: loss against data and against
-optimizer steps (training loss as a line, held-out ``eval_loss`` as markers), the GNS and the batch size against
-data. Comparing runs that grow the batch with fixed-batch runs needs both loss panels: a growing batch buys fewer
-optimizer steps with more data.
+``gns``, ``gns_tokens``, ``batch_size`` and ``examples_seen`` beside ``loss``) and draws four panels: loss against
+data and against optimizer steps (training loss as a line, held-out ``eval_loss`` as markers), the GNS and the batch
+size against data. Comparing runs that grow the batch with fixed-batch runs needs both loss panels: a growing batch
+buys fewer optimizer steps with more data.
 
 The data axis, one unit shared by all the runs of a figure (:func:`shared_data_unit`):
 
@@ -13,17 +13,25 @@ The data axis, one unit shared by all the runs of a figure (:func:`shared_data_u
 * else **examples** when every run's examples are known (a run that counts tokens is then drawn in examples too,
   and the axis label names the runs without tokens). :func:`examples_seen` gives a run's examples at the end of
   optimizer step s, E(s) = Σ_{t≤s} B(t), where B(t) is the batch of step t. ``GNSCallback`` logs in each training
-  record (the ones with ``loss``, at the logging steps) ``batch_size``: the examples of that record's optimizer
-  step alone, all processes. A record's batch is taken to have been in force since the step after the previous
-  record: B(t) = batch_size of the first record at or after step t (the last record's after it), so at a record's
-  step s_i, E(s_i) = Σ_{j≤i} (s_j − s_{j−1})·b_j. A schedule changes the batch from the step after a decision
-  (``"gns"`` decides every ``update_interval`` steps), so E is exact at every step with ``logging_steps=1``, and
-  at every record when each change follows a logged step (``"gns"`` with ``update_interval`` and
-  ``warmup_steps`` multiples of ``logging_steps``) and no epoch ends on a shorter step between records. Otherwise
-  E is off by the unlogged steps' differences from the next logged batch (a 2-to-16 ``"linear"`` ramp, 4 epochs
-  of 60 examples, logged every 2 steps: by 4 of 228 examples at the end, from an epoch's shorter last step;
-  holding the earlier record's batch instead: by 14). A run with no ``batch_size`` records (no ``GNSCallback``)
-  has a fixed batch, B = ``train_batch_size`` × ``gradient_accumulation_steps`` × ``world_size`` from its
+  record (the ones with ``loss``, at the logging steps) ``examples_seen``, E at the record's step as the callback
+  counted it (all processes; resumed runs go on counting), and ``batch_size``, the examples of that record's
+  optimizer step alone. A record's ``examples_seen`` is its E, exactly, wherever the batch changed.
+
+  Runs logged before ``examples_seen`` was (and records where it is nan: resumed from a checkpoint without the
+  callback's state) reconstruct E from ``batch_size``: a record's batch is taken to have been in force since the
+  step after the previous record, B(t) = batch_size of the first record at or after step t, so at a record's step
+  s_i, E(s_i) = E(s_{i−1}) + (s_i − s_{i−1})·b_i (s_0 = 0, E(s_0) = 0). A schedule changes the batch from the step
+  after a decision (``"gns"`` decides every ``update_interval`` steps), so the reconstruction is exact at every
+  step with ``logging_steps=1``, and at every record when each change follows a logged step (``"gns"`` with
+  ``update_interval`` and ``warmup_steps`` multiples of ``logging_steps``) and no epoch ends on a shorter step
+  between records. Otherwise it is off by the unlogged steps' differences from the next logged batch (a 2-to-16
+  ``"linear"`` ramp, 4 epochs of 60 examples, logged every 2 steps: by 4 of 228 examples at the end, from an
+  epoch's shorter last step; holding the earlier record's batch instead: by 14).
+
+  Between records (an evaluation that is not at a logging step), E(s) = E(s_i) − (s_i − s)·b_i from the following
+  record s_i, not below E(s_{i−1}): exact when the batch did not change between s and s_i. After the last record,
+  E(s) = E(s_last) + (s − s_last)·b_last. A run with no ``batch_size`` records (no ``GNSCallback``) has a fixed
+  batch, B = ``train_batch_size`` × ``gradient_accumulation_steps`` × ``world_size`` from its
   ``trainer_state.json`` and the ``training_args.bin`` the Trainer saved next to it;
 * else **optimizer steps**, labelled as such with the runs that record neither.
 
@@ -172,23 +180,28 @@ def load_run(label: str, run_dir: str | Path) -> Run:
 def examples_seen(records: list[dict[str, Any]], steps: list[int], fixed_batch_size: int | None = None) -> list[int]:
     """E(s) = Σ_{t≤s} B(t), the examples consumed by the end of optimizer step s, for each s in ``steps``.
 
-    B(t) is ``fixed_batch_size`` when given; else the ``batch_size`` of the first record of ``records`` at or
-    after step t (the last record's for steps after it), as in the module docstring: exact where the batch
-    changed only on the step after a logged one."""
+    B(t) is ``fixed_batch_size`` when given. Else, at the step of each of ``records``, its logged ``examples_seen``
+    (exact), or for a record without it, the previous record's E plus the steps since it at this record's
+    ``batch_size``; between records, from the following record back at its batch, not below the previous record's
+    E (module docstring)."""
     if fixed_batch_size is not None:
         return [step * fixed_batch_size for step in steps]
-    logged = dict(sorted((record["step"], record["batch_size"]) for record in records))
-    logged_steps, batches = list(logged), list(logged.values())
+    logged = {record["step"]: record for record in sorted(records, key=lambda record: record["step"])}
+    logged_steps, batches = list(logged), [record["batch_size"] for record in logged.values()]
     cumulative, total, previous_step = [], 0, 0
-    for step, batch in zip(logged_steps, batches, strict=True):
-        total += (step - previous_step) * batch  # the steps since the previous record, at this record's batch
+    for step, record in logged.items():
+        counted = record.get("examples_seen")
+        # the callback's count; else the steps since the previous record, at this record's batch
+        total = counted if is_positive(counted) else total + (step - previous_step) * record["batch_size"]
         cumulative.append(total)
         previous_step = step
     result = []
     for step in steps:
         following = min(bisect.bisect_left(logged_steps, step), len(logged_steps) - 1)
         # E(s) = E(the following record's step) − the steps from s to it at its batch (+ after the last one)
-        result.append(cumulative[following] + (step - logged_steps[following]) * batches[following])
+        back = cumulative[following] + (step - logged_steps[following]) * batches[following]
+        previous = cumulative[following - 1] if following > 0 else 0
+        result.append(max(back, previous) if step <= logged_steps[following] else back)
     return result
 
 

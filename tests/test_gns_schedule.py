@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 
@@ -188,6 +189,13 @@ def test_resume_is_bit_identical(tmp_path, saving, step, position):
     straight_callback = next(c for c in straight.callback_handler.callbacks if isinstance(c, GNSCallback))
     assert resumed_callback.estimator == straight_callback.estimator
     assert auditor.max_relative_error < 1e-5
+    # the examples seen, logged every step, go on counting from the checkpoint's: the uninterrupted run's counts
+    straight_records = [r for r in straight.state.log_history if "loss" in r]
+    resumed_records = [r for r in resumed.state.log_history if "loss" in r]
+    assert [r["step"] for r in resumed_records] == [r["step"] for r in straight_records]
+    counts = list(itertools.accumulate(r["batch_size"] for r in straight_records))
+    assert [r["examples_seen"] for r in resumed_records] == [r["examples_seen"] for r in straight_records] == counts
+    assert counts[-1] == 48 and resumed_records[-1]["step"] > step  # records after the checkpoint's step
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_gns_spam import GNSCallback, patch_model
 from hf_gns_spam.gns.example_weights import ExampleWeightError
@@ -96,6 +96,28 @@ def test_callback_restored_from_a_checkpoint_resumes_bit_identically(tmp_path):
     original = next(c for c in straight.callback_handler.callbacks if isinstance(c, GNSCallback))
     assert restored.samples == 48 and restored.estimator == original.estimator
     assert auditor.max_relative_error < 1e-5
+    examples = [r["examples_seen"] for r in resumed.state.log_history if "loss" in r]
+    assert examples == [r["examples_seen"] for r in straight.state.log_history if "loss" in r] and examples[-1] == 48
+
+
+@pytest.mark.slow
+def test_resumed_from_a_checkpoint_without_the_callback_the_examples_seen_are_unknown(tmp_path):
+    """A run that had no GNSCallback, resumed with one: the examples before the checkpoint are unknown (its
+    batches were not logged), so examples_seen is nan rather than the count since the resume; a fresh train()
+    counts again."""
+    first, _ = run(tmp_path, TrainerCallback(), num_train_epochs=1, save_strategy="steps", save_steps=10)
+    first.train()  # patched, but no GNSCallback
+    callback = GNSCallback()
+    # no checkpoints: transformers 5.25 cannot save one for a callback its checkpoint's state lacks (KeyError)
+    resumed, _ = run(tmp_path, callback, num_train_epochs=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-10"))
+    records = [r for r in resumed.state.log_history if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 25)) and "examples_seen" not in records[9]
+    assert all(math.isnan(r["examples_seen"]) and r["batch_size"] == 1 for r in records[10:])
+    assert callback.samples == 14 and not callback.samples_from_start
+    resumed.train()  # from the start: counted from the start
+    records = [r for r in resumed.state.log_history if "loss" in r]
+    assert [r["examples_seen"] for r in records] == list(range(1, 25)) and callback.samples_from_start
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""hf_gns_spam.plotting: the data axis (tokens, else examples from the logged batch sizes), its label and shared
-unit, readable log-axis ticks, and the steps and data each overlaid run needs to reach the first run's final
-held-out loss. Synthetic trainer_state.json files, and one from a real Trainer whose batch grows."""
+"""hf_gns_spam.plotting: the data axis (tokens, else examples: GNSCallback's logged count, or reconstructed from the
+logged batch sizes), its label and shared unit, readable log-axis ticks, and the steps and data each overlaid run
+needs to reach the first run's final held-out loss. Synthetic trainer_state.json files, and real Trainer runs whose
+batch grows."""
 
 from __future__ import annotations
 
@@ -48,6 +49,26 @@ def test_examples_hold_the_logged_batch_until_the_next_record():
     # batches 4 4 | 8 8 | 16 16 16 | 16 16: each record's since the previous record, the last one's after it
     assert examples_seen(records, list(range(1, 10))) == [4, 8, 16, 24, 40, 56, 72, 88, 104]
     assert examples_seen(records, [3, 9], fixed_batch_size=6) == [18, 54]
+
+
+def test_logged_examples_seen_are_exact_where_the_batch_changed_between_records():
+    """GNSCallback's examples_seen (E at each record's step) is used where logged; a record without it continues
+    from the previous record at its own batch; steps between records count back from the following one."""
+    batches = [2, 2, 2, 4, 4, 8, 8, 8]  # the batch grew after steps 3 and 5, between the records (every 2 steps)
+    truth = [sum(batches[:step]) for step in range(1, 9)]
+    records = [
+        {"step": step, "batch_size": batches[step - 1], "examples_seen": truth[step - 1]} for step in (2, 4, 6, 8)
+    ]
+    old = [{k: v for k, v in record.items() if k != "examples_seen"} for record in records]
+    assert examples_seen(old, [2, 4, 6, 8]) == [4, 12, 28, 44]  # the reconstruction alone: each batch held too long
+    assert examples_seen(records, [2, 4, 6, 8]) == [4, 10, 22, 38] == truth[1::2]
+    assert examples_seen(records, [1, 3, 5, 7, 9]) == [2, 6, 14, 30, 46]  # between records, and after the last
+    # nan at step 4 (a run resumed from a checkpoint without the callback's state), none at step 6 (an older log)
+    mixed = [records[0], {**records[1], "examples_seen": float("nan")}, old[2], records[3]]
+    assert examples_seen(mixed, [2, 4, 6, 8]) == [4, 4 + 2 * 4, 4 + 2 * 4 + 2 * 8, 38]
+    # counting back from a following record at its (larger) batch stops at the previous record's count
+    jump = [{"step": 2, "batch_size": 2, "examples_seen": 4}, {"step": 6, "batch_size": 8, "examples_seen": 18}]
+    assert examples_seen(jump, [3, 5, 6]) == [4, 10, 18]
 
 
 def test_a_run_without_token_counts_is_drawn_against_examples(tmp_path):
@@ -186,9 +207,13 @@ def test_no_saving_text_without_held_out_evaluations(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_growing_batch_without_token_counts_from_a_real_trainer(tmp_path):
-    """The examples axis of a real run (GNSCallback's "gns" schedule deciding every 4 steps, a record every 2,
-    tokens not counted) equals the examples GNSCallback itself consumed by each logged step."""
+@pytest.mark.parametrize("interval", [4, 3], ids=["decisions-at-records", "decisions-between-records"])
+def test_a_growing_batch_without_token_counts_from_a_real_trainer(tmp_path, interval):
+    """The examples axis of a real run (GNSCallback's "gns" schedule deciding every ``interval`` steps, a record
+    every 2, tokens not counted) equals the examples GNSCallback itself consumed by each logged step: its logged
+    ``examples_seen``. The reconstruction from ``batch_size`` alone (runs logged before ``examples_seen``) is exact
+    too where the batch changes right after logged steps (every 4), and not where it changes between them (every 3:
+    the batch of step 4, after the decision at step 3, is taken for step 3 as well)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_gns_spam import GNSCallback, patch_model
@@ -204,7 +229,12 @@ def test_a_growing_batch_without_token_counts_from_a_real_trainer(tmp_path):
     model = tiny_llama()
     patch_model(model)
     gns = GNSCallback(  # batches 2, 4, 8: each divides the 64 examples, so no epoch ends on a shorter step
-        schedule="gns", min_batch_size=2, max_batch_size=8, warmup_steps=4, update_interval=4, gns_multiplier=50
+        schedule="gns",
+        min_batch_size=2,
+        max_batch_size=8,
+        warmup_steps=interval,
+        update_interval=interval,
+        gns_multiplier=50,
     )
     spy = ExamplesPerStep(gns)
     arguments = TrainingArguments(
@@ -227,4 +257,8 @@ def test_a_growing_batch_without_token_counts_from_a_real_trainer(tmp_path):
     assert not run.counts_tokens and shared_data_unit([run]) == "examples"
     assert {r["batch_size"] for r in run.records} == {2, 4, 8}  # the batch grew
     steps = [r["step"] for r in run.records]
-    assert data_values(run, "examples", run.records) == [spy.samples[step] for step in steps]
+    counted = [spy.samples[step] for step in steps]
+    assert [r["examples_seen"] for r in run.records] == counted
+    assert data_values(run, "examples", run.records) == counted
+    reconstructed = examples_seen([{k: v for k, v in r.items() if k != "examples_seen"} for r in run.records], steps)
+    assert (reconstructed == counted) == (interval == 4), (reconstructed, counted)

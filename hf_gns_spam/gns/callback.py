@@ -27,7 +27,10 @@ tr Σ and GNS = tr Σ / |G|². Every step checks that it consumed the micro-batc
 
 The estimate and the step's batch are merged into the Trainer's own log record (so TensorBoard, W&B and
 ``state.log_history`` get them next to ``loss``): ``gns``, ``gns_tokens``, ``gns_grad_sq``, ``gns_trace_sigma``,
-``batch_size`` (examples in the step, all processes) and ``grad_accum_steps`` (its micro-batches per process).
+``batch_size`` (examples in the step, all processes), ``grad_accum_steps`` (its micro-batches per process) and
+``examples_seen`` (the examples of all optimizer steps so far, all processes, cumulative as the Trainer's
+``num_input_tokens_seen``: kept in checkpoints, so a resumed run goes on counting; nan after resuming from a
+checkpoint without this callback's state, whose earlier examples it cannot know).
 
 With a batch schedule the run's length is a budget in data: the Trainer's ``max_steps`` at train start (its
 "Total optimization steps", steps of ``min_batch_size`` examples, from ``max_steps`` or ``num_train_epochs``), which
@@ -88,7 +91,9 @@ __all__ = ["GNSCallback"]
 logger = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 10_000
-METRIC_NAMES = ("gns", "gns_tokens", "gns_grad_sq", "gns_trace_sigma", "batch_size", "grad_accum_steps")
+METRIC_NAMES = (
+    "gns", "gns_tokens", "gns_grad_sq", "gns_trace_sigma", "batch_size", "grad_accum_steps", "examples_seen",
+)  # fmt: skip
 # logged besides METRIC_NAMES with validate_every, in the first record at or after each validation step
 TOTAL_METRIC_NAMES = ("gns_total", "gns_total_grad_sq", "gns_total_trace_sigma")
 
@@ -165,6 +170,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.controller: AccumulationController | None = None
         self.estimator = GradientNoiseScale(ema_decay=ema_decay)
         self.samples = 0  # examples consumed, all processes
+        # samples counts the run's examples from its start (not after resuming from a checkpoint without our state)
+        self.samples_from_start = True
         self.tokens_per_example = math.nan
         self.last_batch_size = 0  # examples in the latest optimizer step, all processes
         self.last_accumulation = 0  # micro-batches in the latest optimizer step, each process
@@ -262,6 +269,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             saved = saved[0] if saved else None
         position = saved.get("attributes", {}).get("controller_state") if isinstance(saved, dict) else None
         if position is None:
+            self.samples_from_start = not resuming  # the checkpoint's examples are unknown: counted from here on
             if skip:
                 controller.resume(epochs_trained, skip, trainer.args.gradient_accumulation_steps)
                 self._resumed_mid_epoch = True
@@ -287,7 +295,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
     # ------------------------------------------------------------------------------------------ the schedule
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
-            self.samples = 0
+            self.samples, self.samples_from_start = 0, True
         self._reset_step()
         if self.batch_schedule is not None:
             self._plan_steps(state, epoch_starts=not self._resumed_mid_epoch)
@@ -622,6 +630,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             "gns_trace_sigma": self.estimator.trace_sigma,
             "batch_size": self.last_batch_size,
             "grad_accum_steps": self.last_accumulation,
+            "examples_seen": self.samples if self.samples_from_start else math.nan,
         }
 
     def total_metrics(self) -> dict[str, float]:
@@ -660,6 +669,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "estimator_state": self.estimator.state_dict(),
                 "controller_state": self.controller.state_dict() if self.controller else None,
                 "samples": self.samples,
+                "samples_from_start": self.samples_from_start,
                 "tokens_per_example": self.tokens_per_example,
                 "last_batch_size": self.last_batch_size,
                 "last_accumulation": self.last_accumulation,
@@ -673,6 +683,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         for name in ("samples", "tokens_per_example", "last_batch_size", "last_accumulation"):
             setattr(self, name, attributes[name])
         self._steps_since_verified = attributes["steps_since_verified"]
+        self.samples_from_start = attributes.get("samples_from_start", True)  # checkpoints from before it lack it
         if attributes.get("total_estimator_state") is not None:  # checkpoints from before validate_every lack it
             self.total_estimator = GradientNoiseScale(
                 ema_decay=self.total_estimator.ema_decay, **attributes["total_estimator_state"]
