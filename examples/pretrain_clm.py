@@ -70,7 +70,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from hf_gns_spam.fake_quant import apply_fake_quantization
 from hf_gns_spam.metrics import causal_lm_accuracy
-from hf_gns_spam.plotting import plot_runs, training_records
+from hf_gns_spam.plotting import first_crossing, plot_runs, training_records
 
 DEFAULT_OUTPUT_DIR = "runs/pretrain_clm"
 # the main job's TrainingArguments when the command line does not set them
@@ -414,17 +414,6 @@ def evaluation_points(lm_data: datasets.DatasetDict, training: TrainingArguments
     return [max(1, round(budget * (i + 1) / count)) for i in range(count)]
 
 
-def first_crossing(xs: list[float], losses: list[float], target: float) -> float | None:
-    """x at which the loss first reaches ``target``, linearly interpolated between points; None if never."""
-    for i, loss in enumerate(losses):
-        if loss <= target:
-            if i == 0:
-                return xs[0]
-            x0, x1, l0, l1 = xs[i - 1], xs[i], losses[i - 1], loss
-            return x0 + (x1 - x0) * (l0 - target) / (l0 - l1)
-    return None
-
-
 def evaluations(log_history: list[dict]) -> list[dict]:
     """The run's held-out evaluations: optimizer step, tokens seen, loss."""
     return [
@@ -591,6 +580,17 @@ def clear_progress(folder: Path) -> list[str]:
     return removed
 
 
+def interrupted_progress(folder: Path) -> list[str]:
+    """What an interrupted run left in ``folder``: its checkpoints and metrics.json while that metrics.json is not
+    complete (a finished run's folder, or an empty one, gives []; a metrics.json without ``complete`` was written at
+    the end of a job, before the job wrote its metrics as it went)."""
+    metrics = folder / "metrics.json"
+    if metrics.is_file() and json.loads(metrics.read_text()).get("complete", True):
+        return []
+    left = sorted(path.name for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir())
+    return left + ["metrics.json"] * metrics.is_file()
+
+
 def completed_run(folder: Path) -> dict | None:
     """The metrics of a run that finished in ``folder`` (its metrics.json is complete), else None."""
     path = folder / "metrics.json"
@@ -639,6 +639,16 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training.seed)
     tokenizer, lm_data = prepare_data(model_args, data_args)
     runs = job_runs(gns_args, job, training)
+    if not continuing:
+        # a finished job's files are replaced by this one; an interrupted job's progress is never thrown away
+        for run in runs:
+            left = interrupted_progress(Path(run.training.output_dir))
+            if left:
+                raise FileExistsError(
+                    f"{run.training.output_dir} holds an interrupted job's progress ({', '.join(left)}): continue it "
+                    "with --resume_from_checkpoint true, or start afresh in another --output_dir (or after removing "
+                    "that folder)"
+                )
     if not continuing and training.process_index == 0:
         for run in runs:
             removed = clear_progress(Path(run.training.output_dir))

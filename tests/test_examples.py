@@ -324,6 +324,12 @@ def test_main_job_writes_each_run_as_it_goes_and_continues_after_an_interruption
     # the interrupted job plots from the baseline's checkpoint
     assert cli_main(["plot", str(cut), str(left), "--output", str(tmp_path / "cut.png")]) == 0
 
+    # started again without --resume_from_checkpoint, the job refuses to throw the interrupted progress away
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint true") as refused:
+        run_main_job(clm, cut, FolderSnapshots({}))
+    assert f"{left} holds an interrupted job's progress (checkpoint-{step}, metrics.json)" in str(refused.value)
+    assert [p.name for p in left.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+
     capsys.readouterr()
     run_main_job(clm, cut, FolderSnapshots({}), "--resume_from_checkpoint", "true")
     out = capsys.readouterr().out
