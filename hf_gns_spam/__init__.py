@@ -21,12 +21,11 @@ option errors answer at once (the console script imports this package first). Th
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hf_gns_spam.integrations.known_warnings import silence_known_warnings
 from hf_gns_spam.integrations.trainer_optimizer import register_trainer_optimizers_on_import
+from hf_gns_spam.lazy_import import lazy_attributes
 
 __version__ = "0.1.0.dev0"
 
@@ -67,20 +66,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from hf_gns_spam.stats import PerExampleStats, per_example_grad_stats, reset_per_example_grad_stats
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name from its module, or a subpackage or module of the package, on first use; either is
-    kept in the package's namespace."""
-    if name in _LAZY_NAMES:
-        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
-        globals()[name] = value
-        return value
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")  # which sets the attribute
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_NAMES})
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY_NAMES)
 
 
 # Before transformers imports peft, which imports bitsandbytes: bitsandbytes logs one of the messages silenced here

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_gns_spam"
 # module (dotted, relative to the package) or package prefix -> layer; a module may import its own layer or below
 LAYERS = {
     "kernels": 0,
+    "lazy_import": 0,
     "ops": 1,
     "fake_quant": 1,
     "optim": 1,

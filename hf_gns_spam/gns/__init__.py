@@ -9,9 +9,9 @@ script imports them.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hf_gns_spam.lazy_import import lazy_attributes
 
 # public name -> the module it is imported from on first use
 _LAZY_NAMES = {
@@ -36,17 +36,4 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from hf_gns_spam.gns.estimator import GradientNoiseScale, effective_batch_size, unbiased_estimates
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name from its module, or a module of this package, on first use; either is kept in the
-    package's namespace."""
-    if name in _LAZY_NAMES:
-        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
-        globals()[name] = value
-        return value
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")  # which sets the attribute
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_NAMES})
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY_NAMES)
