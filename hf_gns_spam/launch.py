@@ -143,10 +143,12 @@ GNS_OPTIONS = (
               "optimizer steps between two checks of how the loss weights its examples"),
     GNSOption("--gns-validate-every", "validate_every", int, None, _ANY_SCHEDULE,
               "also log the whole model's GNS (gns_total) every N optimizer steps (costly; off by default)"),
+    GNSOption("--gns-signal", "gns_signal", str, "all", ("gns",),
+              "the GNS the batch follows: all (every patched norm, the logged gns), block, final or other"),
 )  # fmt: skip
 _SCHEDULE_FLAG = "--gns-schedule"
 # checked without a schedule; the others are checked by GNSCallback's batch schedule, which needs both bounds
-_CHECKED_WITHOUT_SCHEDULE = ("lr_batch_power", "ema_decay", "verify_interval", "validate_every")
+_CHECKED_WITHOUT_SCHEDULE = ("lr_batch_power", "ema_decay", "verify_interval", "validate_every", "gns_signal")
 _OPTION_OF_PARAMETER = {"schedule": _SCHEDULE_FLAG, **{o.parameter: o.flag for o in GNS_OPTIONS}}
 
 

@@ -10,6 +10,8 @@ torch-free :mod:`hf_gns_spam.gns.schedule` and :mod:`hf_gns_spam.gns.estimator`,
   callback makes when it meets the Trainer): the schedule's name, ``max_batch_size >= min_batch_size``,
   ``update_interval``, ``warmup_steps``, ``gns_multiplier``, ``max_growth``;
 * ``lr_batch_power`` in [0, 1], ``verify_interval >= 1``, ``validate_every`` None or an int >= 1;
+* ``gns_signal`` one of :data:`GNS_SIGNALS` (``"all"``, or a norm group of :data:`NORM_GROUPS`; whether the
+  model has that group is checked when the callback meets the model);
 * ``ema_decay`` in [0, 1), as :class:`~hf_gns_spam.gns.estimator.GradientNoiseScale` requires (the whole model's
   estimator of ``validate_every`` decays by ``ema_decay``^N, in [0, 1) with it).
 
@@ -18,10 +20,19 @@ The parameters and their defaults are ``GNSCallback.__init__``'s (tests/test_gns
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from hf_gns_spam.gns.estimator import GradientNoiseScale
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
 
-__all__ = ["check_callback_arguments"]
+__all__ = ["GNS_SIGNALS", "NORM_GROUPS", "GNSSignal", "NormGroup", "check_callback_arguments"]
+
+# the groups of patched norms with their own GNS (hf_gns_spam.gns.groups decides each norm's group), in log order
+NormGroup = Literal["block", "final", "other"]
+NORM_GROUPS: tuple[NormGroup, ...] = get_args(NormGroup)
+# which estimate a "gns" schedule follows: every patched norm ("all", the logged gns), or one group's
+GNSSignal = Literal["all", "block", "final", "other"]
+GNS_SIGNALS: tuple[GNSSignal, ...] = get_args(GNSSignal)
 
 
 def check_callback_arguments(
@@ -36,6 +47,7 @@ def check_callback_arguments(
     ema_decay: float = 0.99,
     verify_interval: int = 100,
     validate_every: int | None = None,
+    gns_signal: GNSSignal = "all",
 ) -> None:
     """Raise ValueError, naming the argument and its valid range, for the first argument ``GNSCallback`` refuses
     (module docstring); return None when it accepts them all."""
@@ -54,4 +66,6 @@ def check_callback_arguments(
         isinstance(validate_every, bool) or not isinstance(validate_every, int) or validate_every < 1
     ):
         raise ValueError(f"validate_every must be None (off) or an int >= 1 (optimizer steps), got {validate_every!r}")
+    if gns_signal not in GNS_SIGNALS:
+        raise ValueError(f"gns_signal must be one of {', '.join(map(repr, GNS_SIGNALS))}, got {gns_signal!r}")
     GradientNoiseScale(ema_decay=ema_decay)  # its own check of the range

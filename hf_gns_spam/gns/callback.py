@@ -32,6 +32,14 @@ The estimate and the step's batch are merged into the Trainer's own log record (
 ``num_input_tokens_seen``: kept in checkpoints, so a resumed run goes on counting; nan after resuming from a
 checkpoint without this callback's state, whose earlier examples it cannot know).
 
+Per norm group. Each patched norm is in one group (:mod:`hf_gns_spam.gns.groups`: ``"block"``, the norms inside
+the repeated blocks; ``"final"``, the norm after the last block; ``"other"``), classified once per module. The step's
+sums Σ_b ‖G_b‖² and ‖G‖² are also kept per group (sums over modules of what the backward already computed, carried
+by the step's one all-reduce) and go through the same formulas into one more estimator per group, with the same
+EMA, clipping and skips: logged as ``gns/block``, ``gns/final``, ``gns/other`` (the groups the model has) beside
+``gns``, which stays the estimate over every patched norm. ``gns_signal`` chooses the estimate the ``"gns"``
+schedule follows: ``"all"`` (``gns``, the default) or one group's.
+
 With a batch schedule the run's length is a budget in data: the Trainer's ``max_steps`` at train start (its
 "Total optimization steps", steps of ``min_batch_size`` examples, from ``max_steps`` or ``num_train_epochs``), which
 the run uses up in fewer optimizer steps as the batch grows. ``state.max_steps`` (the progress bar's total, and what
@@ -70,7 +78,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_gns_spam.gns.accumulation import AccumulationController, AccumulationError, EpochLoop
-from hf_gns_spam.gns.arguments import check_callback_arguments
+from hf_gns_spam.gns.arguments import NORM_GROUPS, GNSSignal, NormGroup, check_callback_arguments
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.example_weights import (
     ExampleWeightError,
@@ -79,6 +87,7 @@ from hf_gns_spam.gns.example_weights import (
     identify_loss_weighting,
     token_counts,
 )
+from hf_gns_spam.gns.groups import norm_groups
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
 from hf_gns_spam.gns.whole_model import StoredMicroBatch, squared_gradient_norm, weighted_squared_norms
 from hf_gns_spam.integrations.trainer_loop import TrainerLoopObserver, install_trainer_hooks, show_total_steps
@@ -96,6 +105,8 @@ METRIC_NAMES = (
 )  # fmt: skip
 # logged besides METRIC_NAMES with validate_every, in the first record at or after each validation step
 TOTAL_METRIC_NAMES = ("gns_total", "gns_total_grad_sq", "gns_total_trace_sigma")
+# logged besides METRIC_NAMES, each for the norm groups the model has (hf_gns_spam.gns.groups)
+GROUP_METRIC_NAMES = tuple(f"gns/{group}" for group in NORM_GROUPS)
 
 
 class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
@@ -125,6 +136,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             Cost: one extra forward and backward per example of the validated step, at batch size 1 (about the
             step's own compute again, at a batch-1 speed), and its micro-batch inputs kept until its optimizer
             step; training itself is unchanged (bit for bit). Not with FSDP or reentrant gradient checkpointing.
+        gns_signal: ``"gns"``: the estimate the batch follows: ``"all"`` (default) the GNS of every patched norm,
+            logged as ``gns``; ``"block"``, ``"final"`` or ``"other"`` that group's GNS (:mod:`hf_gns_spam.gns.groups`;
+            the model must have the group), logged as ``gns/block`` etc. ``gns`` stays the all-norm estimate.
 
     Call ``patch_model(model)`` before training; the callback measures the patched norms only. It can be passed
     in ``Trainer(callbacks=[...])``, added with ``trainer.add_callback``, or restored from a checkpoint.
@@ -143,12 +157,13 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         ema_decay: float = 0.99,
         verify_interval: int = 100,
         validate_every: int | None = None,
+        gns_signal: GNSSignal = "all",
     ) -> None:
         check_callback_arguments(  # every check of the arguments, shared with the launcher (no torch there)
             schedule=schedule, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
             update_interval=update_interval, warmup_steps=warmup_steps, gns_multiplier=gns_multiplier,
             max_growth=max_growth, lr_batch_power=lr_batch_power, ema_decay=ema_decay,
-            verify_interval=verify_interval, validate_every=validate_every,
+            verify_interval=verify_interval, validate_every=validate_every, gns_signal=gns_signal,
         )  # fmt: skip
         install_trainer_hooks()
         self.schedule = schedule
@@ -162,6 +177,11 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.ema_decay = ema_decay
         self.verify_interval = verify_interval
         self.validate_every = validate_every
+        self.gns_signal = gns_signal
+        # each norm group's estimate, from the same step's sums as the all-norm estimator's
+        self.group_estimators = {group: GradientNoiseScale(ema_decay=ema_decay) for group in NORM_GROUPS}
+        self.groups_present: tuple[NormGroup, ...] = ()  # the groups of the patched norms, in NORM_GROUPS order
+        self._groups: dict[str, NormGroup] = {}  # statistics key (a norm's parameter name) -> its group, cached
         # the whole model's estimate (validate_every): one update per validation step, the norms' horizon in steps
         self.total_estimator = GradientNoiseScale(ema_decay=ema_decay ** (validate_every or 1))
         self.total_history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_LENGTH)
@@ -198,6 +218,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._big: torch.Tensor | None = None  # ‖G‖² of replicated gradients (None: not measured)
         self._big_shards = torch.zeros(())  # this process's part of ‖G‖² of sharded gradients
+        self._group_big = torch.zeros(len(NORM_GROUPS))  # the same two, per norm group (NORM_GROUPS order)
+        self._group_big_shards = torch.zeros(len(NORM_GROUPS))
+        self._group_measured = [False] * len(NORM_GROUPS)  # the group has a gradient
         self._unusable_step = False  # a micro-batch whose weights could not be identified
         self._validating = False  # this step is a validation step (validate_every)
         self._stored: list[StoredMicroBatch] = []  # its micro-batches
@@ -208,10 +231,17 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._check_model(model)  # early checks; add_callback and restored callbacks get them at train()
         self._batch_schedule(args)
 
-    @staticmethod
-    def _check_model(model: nn.Module | None) -> None:
-        if model is not None and not any(is_patched(m) for m in model.modules()):
+    def _check_model(self, model: nn.Module | None) -> None:
+        if model is None:
+            return
+        if not any(is_patched(m) for m in model.modules()):
             raise ValueError("GNSCallback found no patched normalization layer: call patch_model(model) first")
+        groups = set(norm_groups(model).values())
+        if self.gns_signal != "all" and self.gns_signal not in groups:
+            raise ValueError(
+                f"gns_signal={self.gns_signal!r}, but the model has no patched norm in that group (it has "
+                f"{', '.join(g for g in NORM_GROUPS if g in groups)}; hf_gns_spam.gns.groups gives the rule)"
+            )
 
     def attach(self, trainer: Trainer) -> None:
         self._trainer = trainer
@@ -363,9 +393,14 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             state.global_step,
             controller.progress,
             controller.loop.budget,
-            self.estimator.gns,
-            self.estimator.is_current,
+            self.signal_estimator.gns,
+            self.signal_estimator.is_current,
         )
+
+    @property
+    def signal_estimator(self) -> GradientNoiseScale:
+        """The estimate the ``"gns"`` schedule follows (``gns_signal``)."""
+        return self.estimator if self.gns_signal == "all" else self.group_estimators[self.gns_signal]
 
     def _set_learning_rate(self, lr_scheduler) -> None:
         """The next step's learning rate: the LR schedule at the progress in reference steps (in data, the schedule
@@ -498,9 +533,18 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._weight_sum = self._weight_sum + weights.sum()
         self._weight_sq_sum = self._weight_sq_sum + weights.square().sum()
 
-    def _norm_parameters(self) -> list[nn.Parameter]:
+    def _groups_of(self, names) -> dict[str, NormGroup]:
+        """The group of each statistics key (a patched norm's parameter name), classified once per module."""
+        if any(name not in self._groups for name in names):
+            modules = norm_groups(self._trainer.model)
+            for name in names:
+                self._groups.setdefault(name, modules[name.rpartition(".")[0]])
+        return self._groups
+
+    def _norm_parameters(self) -> list[tuple[NormGroup, nn.Parameter]]:
         stats = per_example_grad_stats(self._trainer.model)
-        return [p for n, p in self._trainer.model.named_parameters() if n in stats and p.grad is not None]
+        groups = self._groups_of(stats)
+        return [(groups[n], p) for n, p in self._trainer.model.named_parameters() if n in stats and p.grad is not None]
 
     def before_clipping(self, trainer: Trainer) -> None:
         """‖G‖² of the patched norms' gradient: replicated gradients (one process, DDP) are summed here; FSDP2's
@@ -508,13 +552,22 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         On a validation step, also ‖G‖² of all trainable parameters."""
         if self._validating and self._total_big is None:
             self._total_big = squared_gradient_norm(trainer.model)
-        grads = [p.grad for p in self._norm_parameters()]
-        if not grads:
+        parameters = self._norm_parameters()
+        if not parameters:
             self._big = None
             return
-        zero = torch.zeros((), device=grads[0].device)
-        self._big = sum((g.float().square().sum() for g in grads if not isinstance(g, DTensor)), zero)
-        self._big_shards = sum((g.to_local().float().square().sum() for g in grads if isinstance(g, DTensor)), zero)
+        zero = torch.zeros((), device=parameters[0][1].grad.device)
+        replicated, shards = [zero] * len(NORM_GROUPS), [zero] * len(NORM_GROUPS)
+        self._group_measured = [False] * len(NORM_GROUPS)
+        for group, parameter in parameters:
+            index, grad = NORM_GROUPS.index(group), parameter.grad
+            self._group_measured[index] = True
+            if isinstance(grad, DTensor):
+                shards[index] = shards[index] + grad.to_local().float().square().sum()
+            else:
+                replicated[index] = replicated[index] + grad.float().square().sum()
+        self._group_big, self._group_big_shards = torch.stack(replicated), torch.stack(shards)
+        self._big, self._big_shards = self._group_big.sum(), self._group_big_shards.sum()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer
@@ -533,6 +586,11 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 model, self._stored, self.weighting.shifted, smoothing, {"norms": list(named_stats)}
             )
             total_sq, norms_sq = sums["all"].to(device, torch.float32), sums["norms"].to(device, torch.float32)
+        groups = self._groups_of(named_stats)
+        self.groups_present = tuple(g for g in NORM_GROUPS if g in set(groups.values()))
+        group_sum_sq = [
+            sum((s.sum_sq for n, s in named_stats.items() if groups[n] == group), zero) for group in NORM_GROUPS
+        ]
         local = torch.stack(
             [
                 sum((s.sum_sq for s in stats), zero),
@@ -546,11 +604,17 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 total_sq,
                 norms_sq,
                 zero + float(validated),
+                *group_sum_sq,
+                *self._group_big_shards.to(device),
             ]
         )
-        totals = trainer.accelerator.reduce(local, reduction="sum")
+        totals = trainer.accelerator.reduce(local, reduction="sum").tolist()  # the step's one all-reduce
         (sum_sq, weight_sum, weight_sq_sum, micro, rows, label_tokens, measured, big_shards, total_sq, norms_sq,
-         validated_processes) = (float(v) for v in totals.tolist())  # fmt: skip
+         validated_processes) = (float(v) for v in totals[:11])  # fmt: skip
+        groups_count = len(NORM_GROUPS)
+        group_sum_sq, group_big_shards = totals[11 : 11 + groups_count], totals[11 + groups_count :]
+        group_big = [b + s for b, s in zip(self._group_big.tolist(), group_big_shards, strict=True)]
+        group_measured = self._group_measured
         total_big = float(self._total_big) if validated else math.nan
         processes = trainer.accelerator.num_processes
         validated = round(validated_processes) == processes  # every process recomputed its examples
@@ -572,12 +636,24 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         effective_batch = weight_sum**2 / weight_sq_sum if weight_sq_sum > 0 else 0.0
         if unusable or measured < 2 or big is None or not effective_batch > 1.0:  # e.g. frozen norms (LoRA)
             self.estimator.skip()
+            for group in self.groups_present:
+                self.group_estimators[group].skip()
             small = math.nan
         else:
             small = sum_sq / weight_sq_sum
             big = big * processes**2 / weight_sum**2
-            self.history.append({"small": small, "big": big, "effective_batch": effective_batch, "batch_size": rows})
+            entry = {"small": small, "big": big, "effective_batch": effective_batch, "batch_size": rows}
             self.estimator.update(small, big, effective_batch)
+            for index, group in enumerate(NORM_GROUPS):  # the same formulas on the group's share of the sums
+                if group not in self.groups_present:
+                    continue
+                if not group_measured[index]:  # the group's norms are frozen
+                    self.group_estimators[group].skip()
+                    continue
+                entry[f"small/{group}"] = group_sum_sq[index] / weight_sq_sum
+                entry[f"big/{group}"] = group_big[index] * processes**2 / weight_sum**2
+                self.group_estimators[group].update(entry[f"small/{group}"], entry[f"big/{group}"], effective_batch)
+            self.history.append(entry)
         if validating:
             self._update_total(
                 state.global_step + 1, validated, total_sq, total_big, norms_sq, weight_sum, weight_sq_sum, small
@@ -631,7 +707,14 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             "batch_size": self.last_batch_size,
             "grad_accum_steps": self.last_accumulation,
             "examples_seen": self.samples if self.samples_from_start else math.nan,
+            **self.group_metrics(),
         }
+
+    def group_metrics(self) -> dict[str, float]:
+        """``gns/<group>``: each norm group's smoothed GNS, for the groups the model has (nan while the latest
+        step gave the group no estimate)."""
+        estimators = self.group_estimators
+        return {f"gns/{g}": estimators[g].gns if estimators[g].is_current else math.nan for g in self.groups_present}
 
     def total_metrics(self) -> dict[str, float]:
         """The whole model's smoothed estimate (``validate_every``); nan before the first validation step and
@@ -664,6 +747,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "ema_decay": self.ema_decay,
                 "verify_interval": self.verify_interval,
                 "validate_every": self.validate_every,
+                "gns_signal": self.gns_signal,
             },
             "attributes": {
                 "estimator_state": self.estimator.state_dict(),
@@ -675,6 +759,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "last_accumulation": self.last_accumulation,
                 "steps_since_verified": self._steps_since_verified,
                 "total_estimator_state": self.total_estimator.state_dict(),
+                "group_estimator_states": {g: e.state_dict() for g, e in self.group_estimators.items()},
+                "groups_present": list(self.groups_present),
             },
         }
 
@@ -688,3 +774,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             self.total_estimator = GradientNoiseScale(
                 ema_decay=self.total_estimator.ema_decay, **attributes["total_estimator_state"]
             )
+        # checkpoints from before the norm groups lack them: those estimates start afresh
+        for group, saved in (attributes.get("group_estimator_states") or {}).items():
+            self.group_estimators[group] = GradientNoiseScale(ema_decay=self.ema_decay, **saved)
+        self.groups_present = tuple(attributes.get("groups_present", ()))

@@ -1,0 +1,201 @@
+"""The GNS per norm group (``gns/block``, ``gns/final``, ``gns/other``): the classification of the patched norms, the
+groups' per-example statistics and per-step estimates against torch.func, ``gns_signal``, and checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hf_gns_spam import GNSCallback, patch_model, per_example_grad_stats
+from hf_gns_spam.cli import main as cli_main
+from hf_gns_spam.gns.arguments import NORM_GROUPS, check_callback_arguments
+from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
+from hf_gns_spam.gns.groups import norm_groups
+from hf_gns_spam.gns.schedule import BatchSizeSchedule
+from tests import model_zoo
+from tests.test_gns_callback import make_trainer, per_example_gradients, weighted_small_big
+from tests.test_per_example_stats import expected_sum_sq
+
+# the groups by the architectures' own names, written out independently of the rule in hf_gns_spam.gns.groups
+EXPECTED_GROUPS = {
+    "llama": {
+        **{f"model.layers.{i}.{n}": "block" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")},
+        "model.norm": "final",
+    },
+    "gpt2": {
+        **{f"transformer.h.{i}.{n}": "block" for i in range(2) for n in ("ln_1", "ln_2")},
+        "transformer.ln_f": "final",
+    },
+    "qwen3": {
+        **{f"model.layers.{i}.{n}": "block" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")},
+        **{f"model.layers.{i}.self_attn.{n}": "other" for i in range(2) for n in ("q_norm", "k_norm")},
+        "model.norm": "final",
+    },
+    "opt": {
+        **{
+            f"model.decoder.layers.{i}.{n}": "block"
+            for i in range(2)
+            for n in ("self_attn_layer_norm", "final_layer_norm")
+        },
+        "model.decoder.final_layer_norm": "final",
+    },
+    "t5": {
+        **{f"encoder.block.{i}.layer.{j}.layer_norm": "block" for i in range(2) for j in range(2)},
+        **{f"decoder.block.{i}.layer.{j}.layer_norm": "block" for i in range(2) for j in range(3)},
+        "encoder.final_layer_norm": "final",
+        "decoder.final_layer_norm": "final",
+    },
+    "bert": {
+        "bert.embeddings.LayerNorm": "other",
+        **{f"bert.encoder.layer.{i}.{n}.LayerNorm": "block" for i in range(2) for n in ("attention.output", "output")},
+        "cls.predictions.transform.LayerNorm": "other",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture", sorted(EXPECTED_GROUPS))
+def test_each_patched_norm_is_classified_by_structure(architecture):
+    model = model_zoo.build(architecture)
+    report = patch_model(model)
+    assert norm_groups(model) == EXPECTED_GROUPS[architecture]
+    assert sorted(norm_groups(model)) == sorted(p.name for p in report.patched)
+
+
+def group_parameters(model: torch.nn.Module, architecture: str, group: str) -> list[str]:
+    """The parameter names of the group's norms (from EXPECTED_GROUPS, not from the classification under test)."""
+    modules = {m for m, g in EXPECTED_GROUPS[architecture].items() if g == group}
+    return [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in modules]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_group_statistics_equal_torch_func_per_example_gradients(architecture):
+    """Σ_b ‖G_b‖² over each group's norm parameters (the sums the callback adds per group) against float64
+    torch.func per-example gradients of that group's parameters."""
+    model = model_zoo.build(architecture)
+    reference = copy.deepcopy(model)
+    patch_model(model)
+    inputs = model_zoo.batch(architecture, batch_size=4)
+    model(**inputs).loss.backward()  # the model's loss: a mean over the batch's label tokens
+    stats = per_example_grad_stats(model)
+    groups = norm_groups(model)
+    for group in ("block", "final"):
+        names = group_parameters(reference, architecture, group)
+        assert names and all(groups[n.rpartition(".")[0]] == group for n in names)
+        measured = sum(float(stats[n].sum_sq) for n in names)
+        expected = sum(expected_sum_sq(reference, inputs, "tokens", names).values())
+        assert measured == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_first_step_group_estimates_equal_torch_func(tmp_path, architecture):
+    """A real Trainer step (accumulation 2, clipping on): each group's small, big, |G|², tr Σ and logged gns/<group>
+    equal the estimates from per-example gradients of that group's parameters computed with torch.func."""
+    model = model_zoo.build(architecture)
+    initial = copy.deepcopy(model)
+    patch_model(model)
+    callback = GNSCallback()
+    trainer = make_trainer(tmp_path, model, callback, max_steps=1)
+    micro_batches, num_items = [], []
+
+    def record(module, args, kwargs):
+        micro_batches.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")})
+        num_items.append(float(kwargs["num_items_in_batch"]))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    assert len(micro_batches) == 2 and len(callback.history) == 1 and callback.groups_present == ("block", "final")
+
+    batch = {k: torch.cat([m[k] for m in micro_batches]) for k in micro_batches[0]}
+    weights = (batch["labels"][:, 1:] != -100).sum(1).double() / num_items[0]
+    measured = callback.history[0]
+    logged = next(r for r in trainer.state.log_history if "loss" in r)
+    assert "gns/other" not in logged
+    smalls, bigs = [], []
+    for group in ("block", "final"):
+        per_example = per_example_gradients(initial, batch, group_parameters(initial, architecture, group))
+        small, big, effective_batch = weighted_small_big(per_example, weights)
+        grad_sq, trace_sigma = unbiased_estimates(small, big, effective_batch)
+        assert measured[f"small/{group}"] == pytest.approx(small, rel=1e-4)
+        assert measured[f"big/{group}"] == pytest.approx(big, rel=1e-4)
+        estimator = callback.group_estimators[group]  # one update, bias-corrected: the step's own estimates
+        assert estimator.grad_sq == pytest.approx(grad_sq, rel=1e-4, abs=1e-9)
+        assert estimator.trace_sigma == pytest.approx(trace_sigma, rel=1e-4)
+        assert logged[f"gns/{group}"] == pytest.approx(trace_sigma / grad_sq if grad_sq > 0 else math.inf, rel=1e-3)
+        smalls.append(measured[f"small/{group}"])
+        bigs.append(measured[f"big/{group}"])
+    # the groups split the all-norm sums (every patched norm of these models is in block or final)
+    assert sum(smalls) == pytest.approx(measured["small"], rel=1e-6)
+    assert sum(bigs) == pytest.approx(measured["big"], rel=1e-6)
+
+
+def estimator_with_gns(gns: float) -> GradientNoiseScale:
+    """An estimator whose one update gives tr Σ / |G|² = gns (effective batch 4, |G|² = 1)."""
+    estimator = GradientNoiseScale(ema_decay=0.9)
+    # small = |G|² + tr Σ, big = |G|² + tr Σ / 4
+    estimator.update(1.0 + gns, 1.0 + gns / 4, 4.0)
+    assert estimator.gns == pytest.approx(gns)
+    return estimator
+
+
+@pytest.mark.parametrize(("signal", "expected"), [("all", 3), ("block", 8), ("final", 2)])
+def test_the_schedule_follows_the_chosen_signal(signal, expected):
+    """A "gns" decision (micro-batch 1, one process: accumulation = batch) with GNS 3 over all norms, 10 for the
+    blocks and 1.5 for the final norm, gns_multiplier 1, current batch 2, at most ×4 per decision: 3, 8 (the cap)
+    and 2 (never decreasing)."""
+    callback = GNSCallback(
+        schedule="gns", min_batch_size=2, max_batch_size=64, update_interval=1, max_growth=4, gns_signal=signal
+    )
+    callback.batch_schedule = BatchSizeSchedule("gns", 2, 64, 1, 1, 0, 1.0, 4.0)
+    callback.controller = SimpleNamespace(accumulation=2, progress=10, loop=SimpleNamespace(budget=1000))
+    callback.estimator = estimator_with_gns(3.0)
+    callback.group_estimators["block"] = estimator_with_gns(10.0)
+    callback.group_estimators["final"] = estimator_with_gns(1.5)
+    target = callback._target(SimpleNamespace(global_step=5))
+    assert callback.signal_estimator is (callback.estimator if signal == "all" else callback.group_estimators[signal])
+    assert target == callback.batch_schedule.target_accumulation(2, 5, 10, 1000, callback.signal_estimator.gns, True)
+    assert target == expected
+
+
+def test_gns_signal_is_checked_by_the_torch_free_checks_and_against_the_model(tmp_path):
+    for make in (check_callback_arguments, GNSCallback):
+        with pytest.raises(ValueError, match="gns_signal must be one of 'all', 'block', 'final', 'other', got 'x'"):
+            make(gns_signal="x")
+    model = model_zoo.build("llama")
+    patch_model(model)
+    with pytest.raises(ValueError, match="gns_signal='other', but the model has no patched norm in that group"):
+        make_trainer(tmp_path, model, GNSCallback(gns_signal="other"))
+    make_trainer(tmp_path, model, GNSCallback(gns_signal="final"))  # llama has one
+
+
+def test_the_launcher_checks_gns_signal(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["launch", "--gns-schedule", "gns", "--gns-signal", "x", "train.py"])
+    assert exited.value.code == 2
+    assert "--gns-signal must be one of 'all', 'block', 'final', 'other', got 'x'" in capsys.readouterr().err
+
+
+def test_checkpoint_state_round_trips_the_group_estimates_and_old_checkpoints_load(tmp_path):
+    model = model_zoo.build("gpt2")
+    patch_model(model)
+    callback = GNSCallback(gns_signal="block", ema_decay=0.5)
+    trainer = make_trainer(tmp_path, model, callback, max_steps=2)
+    trainer.train()
+    assert callback.group_estimators["block"].updates == 2 and callback.group_estimators["other"].updates == 0
+    state = callback.state()
+    restored = GNSCallback.from_state(state)
+    restored._restore(state["attributes"])
+    assert restored.gns_signal == "block" and restored.groups_present == ("block", "final")
+    for group in NORM_GROUPS:
+        assert restored.group_estimators[group] == callback.group_estimators[group]
+    assert restored.group_metrics() == callback.group_metrics()
+
+    old = copy.deepcopy(state)  # a checkpoint from before the norm groups
+    del old["args"]["gns_signal"], old["attributes"]["group_estimator_states"], old["attributes"]["groups_present"]
+    restored = GNSCallback.from_state(old)
+    restored._restore(old["attributes"])
+    assert restored.gns_signal == "all" and restored.estimator == callback.estimator
+    assert all(restored.group_estimators[g] == GradientNoiseScale(ema_decay=0.5) for g in NORM_GROUPS)
