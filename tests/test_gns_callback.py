@@ -141,9 +141,11 @@ def weighted_small_big(per_example: torch.Tensor, weights: torch.Tensor) -> tupl
     return small.item(), big.item(), (weights.sum().square() / weights.square().sum()).item()
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
-def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
-    """The first optimizer step's small and big from the callback, recomputed from per-example gradients."""
+def first_trainer_step(tmp_path, architecture: str) -> tuple:
+    """One optimizer step (2 micro-batches) of a patched ``architecture`` through the real Trainer with a
+    GNSCallback: (the model before the step, the callback, the trainer, the step's whole batch, each example's weight
+    in the loss). The Trainer's loss is Σ token losses / num_items_in_batch (which, for GPT-2, counts labels without
+    the shift), so an example's weight is its label count after the shift over num_items_in_batch."""
     model = model_zoo.build(architecture)
     initial = copy.deepcopy(model)
     patch_model(model)
@@ -159,13 +161,17 @@ def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
     trainer.train()
     hook.remove()
     assert len(micro_batches) == 2 and len(callback.history) == 1
-
     batch = {k: torch.cat([m[k] for m in micro_batches]) for k in micro_batches[0]}
+    weights = (batch["labels"][:, 1:] != -100).sum(1).double() / micro_batches_num_items[0]
+    return initial, callback, trainer, batch, weights
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
+    """The first optimizer step's small and big from the callback, recomputed from per-example gradients."""
+    initial, callback, _, batch, weights = first_trainer_step(tmp_path, architecture)
     per_example = per_example_norm_gradients(initial, batch)
-    # the Trainer's loss: Σ token losses / num_items_in_batch (which, for GPT-2, counts labels without the shift)
-    tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
-    num_items_in_batch = micro_batches_num_items[0]
-    small, big, effective_batch = weighted_small_big(per_example, tokens / num_items_in_batch)
+    small, big, effective_batch = weighted_small_big(per_example, weights)
     measured = callback.history[0]
     assert measured["batch_size"] == 4
     assert measured["small"] == pytest.approx(small, rel=1e-4)

@@ -17,7 +17,7 @@ from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.groups import norm_groups
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
 from tests import model_zoo
-from tests.test_gns_callback import make_trainer, per_example_gradients, weighted_small_big
+from tests.test_gns_callback import first_trainer_step, make_trainer, per_example_gradients, weighted_small_big
 from tests.test_per_example_stats import expected_sum_sq
 
 # the groups by the architectures' own names, written out independently of the rule in hf_gns_spam.gns.groups
@@ -94,23 +94,8 @@ def test_group_statistics_equal_torch_func_per_example_gradients(architecture):
 def test_first_step_group_estimates_equal_torch_func(tmp_path, architecture):
     """A real Trainer step (accumulation 2, clipping on): each group's small, big, |G|², tr Σ and logged gns/<group>
     equal the estimates from per-example gradients of that group's parameters computed with torch.func."""
-    model = model_zoo.build(architecture)
-    initial = copy.deepcopy(model)
-    patch_model(model)
-    callback = GNSCallback()
-    trainer = make_trainer(tmp_path, model, callback, max_steps=1)
-    micro_batches, num_items = [], []
-
-    def record(module, args, kwargs):
-        micro_batches.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")})
-        num_items.append(float(kwargs["num_items_in_batch"]))
-
-    model.register_forward_pre_hook(record, with_kwargs=True)
-    trainer.train()
-    assert len(micro_batches) == 2 and len(callback.history) == 1 and callback.groups_present == ("block", "final")
-
-    batch = {k: torch.cat([m[k] for m in micro_batches]) for k in micro_batches[0]}
-    weights = (batch["labels"][:, 1:] != -100).sum(1).double() / num_items[0]
+    initial, callback, trainer, batch, weights = first_trainer_step(tmp_path, architecture)
+    assert callback.groups_present == ("block", "final")
     measured = callback.history[0]
     logged = next(r for r in trainer.state.log_history if "loss" in r)
     assert "gns/other" not in logged
