@@ -52,6 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from hf_gns_spam import GNSCallback, patch_model  # isort: split
 
 import datasets
+import torch.distributed
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -699,3 +700,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    # under torchrun the Trainer created a gloo/NCCL process group: left to the interpreter's shutdown it can abort
+    # the process ("terminate called without an active exception") after a successful run
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
