@@ -92,13 +92,15 @@ def test_group_statistics_equal_torch_func_per_example_gradients(architecture):
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_first_step_group_estimates_equal_torch_func(tmp_path, architecture):
-    """A real Trainer step (accumulation 2, clipping on): each group's small, big, |G|², tr Σ and logged gns/<group>
-    equal the estimates from per-example gradients of that group's parameters computed with torch.func."""
+    """A real Trainer step (accumulation 2, clipping on): each group's small, big, |G|², tr Σ and logged gns/<group>,
+    gns/<group>_grad_sq and gns/<group>_trace_sigma equal the estimates from per-example gradients of that group's
+    parameters computed with torch.func."""
     initial, callback, trainer, batch, weights = first_trainer_step(tmp_path, architecture)
     assert callback.groups_present == ("block", "final")
     measured = callback.history[0]
     logged = next(r for r in trainer.state.log_history if "loss" in r)
-    assert "gns/other" not in logged
+    assert {f"gns/{g}{s}" for g in ("block", "final") for s in ("", "_grad_sq", "_trace_sigma")} <= set(logged)
+    assert not any(key.startswith("gns/other") for key in logged)
     smalls, bigs = [], []
     for group in ("block", "final"):
         per_example = per_example_gradients(initial, batch, group_parameters(initial, architecture, group))
@@ -110,6 +112,8 @@ def test_first_step_group_estimates_equal_torch_func(tmp_path, architecture):
         assert estimator.grad_sq == pytest.approx(grad_sq, rel=1e-4, abs=1e-9)
         assert estimator.trace_sigma == pytest.approx(trace_sigma, rel=1e-4)
         assert logged[f"gns/{group}"] == pytest.approx(trace_sigma / grad_sq if grad_sq > 0 else math.inf, rel=1e-3)
+        assert logged[f"gns/{group}_grad_sq"] == pytest.approx(grad_sq, rel=1e-4, abs=1e-9)
+        assert logged[f"gns/{group}_trace_sigma"] == pytest.approx(trace_sigma, rel=1e-4)
         smalls.append(measured[f"small/{group}"])
         bigs.append(measured[f"big/{group}"])
     # the groups split the all-norm sums (every patched norm of these models is in block or final)
@@ -170,6 +174,10 @@ def test_checkpoint_state_round_trips_the_group_estimates_and_old_checkpoints_lo
     trainer = make_trainer(tmp_path, model, callback, max_steps=2)
     trainer.train()
     assert callback.group_estimators["block"].updates == 2 and callback.group_estimators["other"].updates == 0
+    logged = [r for r in trainer.state.log_history if "loss" in r][-1]  # the groups' EMAs after 2 updates
+    for group in ("block", "final"):
+        assert logged[f"gns/{group}_grad_sq"] == callback.group_estimators[group].grad_sq
+        assert logged[f"gns/{group}_trace_sigma"] == callback.group_estimators[group].trace_sigma
     state = callback.state()
     restored = GNSCallback.from_state(state)
     restored._restore(state["attributes"])

@@ -37,7 +37,9 @@ the repeated blocks; ``"final"``, the norm after the last block; ``"other"``), c
 sums Σ_b ‖G_b‖² and ‖G‖² are also kept per group (sums over modules of what the backward already computed, carried
 by the step's one all-reduce) and go through the same formulas into one more estimator per group, with the same
 EMA, clipping and skips: logged as ``gns/block``, ``gns/final``, ``gns/other`` (the groups the model has) beside
-``gns``, which stays the estimate over every patched norm. ``gns_signal`` chooses the estimate the ``"gns"``
+``gns``, which stays the estimate over every patched norm, each with its smoothed |G|² and tr Σ (the group
+estimator's EMAs, as ``gns_grad_sq`` and ``gns_trace_sigma`` are for all norms): ``gns/block_grad_sq``,
+``gns/block_trace_sigma``, and so on for ``final`` and ``other``. ``gns_signal`` chooses the estimate the ``"gns"``
 schedule follows: ``"all"`` (``gns``, the default) or one group's.
 
 With a batch schedule the run's length is a budget in data: the Trainer's ``max_steps`` at train start (its
@@ -105,8 +107,10 @@ METRIC_NAMES = (
 )  # fmt: skip
 # logged besides METRIC_NAMES with validate_every, in the first record at or after each validation step
 TOTAL_METRIC_NAMES = ("gns_total", "gns_total_grad_sq", "gns_total_trace_sigma")
-# logged besides METRIC_NAMES, each for the norm groups the model has (hf_gns_spam.gns.groups)
-GROUP_METRIC_NAMES = tuple(f"gns/{group}" for group in NORM_GROUPS)
+# logged besides METRIC_NAMES, for each norm group the model has (hf_gns_spam.gns.groups): its GNS, |G|² and tr Σ
+GROUP_METRIC_NAMES = tuple(
+    f"gns/{group}{suffix}" for group in NORM_GROUPS for suffix in ("", "_grad_sq", "_trace_sigma")
+)
 
 
 class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
@@ -711,10 +715,16 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         }
 
     def group_metrics(self) -> dict[str, float]:
-        """``gns/<group>``: each norm group's smoothed GNS, for the groups the model has (nan while the latest
-        step gave the group no estimate)."""
-        estimators = self.group_estimators
-        return {f"gns/{g}": estimators[g].gns if estimators[g].is_current else math.nan for g in self.groups_present}
+        """For each norm group the model has: ``gns/<group>``, its smoothed GNS (nan while the latest step gave the
+        group no estimate), and ``gns/<group>_grad_sq`` and ``gns/<group>_trace_sigma``, its smoothed |G|² and tr Σ
+        (nan before its first estimate)."""
+        metrics = {}
+        for group in self.groups_present:
+            estimator = self.group_estimators[group]
+            metrics[f"gns/{group}"] = estimator.gns if estimator.is_current else math.nan
+            metrics[f"gns/{group}_grad_sq"] = estimator.grad_sq
+            metrics[f"gns/{group}_trace_sigma"] = estimator.trace_sigma
+        return metrics
 
     def total_metrics(self) -> dict[str, float]:
         """The whole model's smoothed estimate (``validate_every``); nan before the first validation step and
