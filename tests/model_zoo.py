@@ -57,8 +57,9 @@ EXPECTED_NORMS = {
 }
 
 
-def build(architecture: str, seed: int = 0) -> torch.nn.Module:
-    config = AutoConfig.for_model(architecture, **{**_DECODER, **ARCHITECTURES[architecture]})
+def build(architecture: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
+    """A tiny ``architecture`` from its config (``config_overrides`` on top, e.g. ``tie_word_embeddings=True``)."""
+    config = AutoConfig.for_model(architecture, **{**_DECODER, **ARCHITECTURES[architecture], **config_overrides})
     torch.manual_seed(seed)
     if architecture == "t5":
         model = AutoModelForSeq2SeqLM.from_config(config)

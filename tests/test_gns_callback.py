@@ -13,8 +13,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_gns_spam import GNSCallback, StableSPAM, patch_model, per_example_grad_stats
 from hf_gns_spam.gns.arguments import check_callback_arguments
 from hf_gns_spam.gns.callback import METRIC_NAMES, TOTAL_METRIC_NAMES
-from hf_gns_spam.gns.estimator import unbiased_estimates
-from hf_gns_spam.gns.whole_model import StoredMicroBatch, weighted_squared_norms
+from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
+from hf_gns_spam.gns.whole_model import StoredMicroBatch, embedding_parameters, weighted_squared_norms
 from tests import model_zoo
 from tests.conftest import column_dataset
 from tests.test_per_example_stats import token_losses
@@ -269,11 +269,37 @@ class SnapshotAfterStep(TrainerCallback):
             self.state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
-def test_whole_model_estimate_on_a_validation_step_equals_torch_func(tmp_path, architecture):
+# the embeddings by the architectures' own names (not from embedding_parameters, which is under test): LLaMA's
+# token embeddings and its LM head (one Parameter when tied), GPT-2's token and position embeddings (its head is wte)
+EMBEDDING_NAMES = {
+    "llama": ["model.embed_tokens.weight", "lm_head.weight"],
+    "llama_tied": ["model.embed_tokens.weight"],
+    "gpt2": ["transformer.wte.weight", "transformer.wpe.weight"],
+}
+
+
+def build_variant(variant: str, seed: int = 0) -> torch.nn.Module:
+    """model_zoo's LLaMA (untied head), LLaMA with a tied head, or GPT-2 (tied, with wpe)."""
+    if variant == "llama_tied":
+        return model_zoo.build("llama", seed, tie_word_embeddings=True)
+    return model_zoo.build(variant, seed)
+
+
+@pytest.mark.parametrize("variant", sorted(EMBEDDING_NAMES))
+def test_embedding_parameters_are_the_embeddings_and_the_head_once(variant):
+    model = build_variant(variant)
+    by_identity = {id(p): n for n, p in model.named_parameters()}  # a tied Parameter under its first name
+    assert sorted(by_identity[id(p)] for p in embedding_parameters(model)) == sorted(EMBEDDING_NAMES[variant])
+    head, tokens = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert (head is tokens) == (variant != "llama")
+
+
+@pytest.mark.parametrize("variant", sorted(EMBEDDING_NAMES))
+def test_whole_model_estimate_on_a_validation_step_equals_torch_func(tmp_path, variant):
     """validate_every=2 on padded data with accumulation 2: step 2's logged gns_total, |G|² and tr Σ equal the
-    estimates from per-example gradients of ALL trainable parameters computed independently with torch.func."""
-    model = model_zoo.build(architecture)
+    estimates from per-example gradients of ALL trainable parameters computed independently with torch.func, and
+    gns_total_no_embeddings etc. those of all but the embeddings (float64 reference)."""
+    model = build_variant(variant)
     patch_model(model)
     callback = GNSCallback(validate_every=2)
     trainer = make_trainer(tmp_path, model, callback, max_steps=2)
@@ -283,33 +309,60 @@ def test_whole_model_estimate_on_a_validation_step_equals_torch_func(tmp_path, a
     trainer.train()
     assert len(micro_batches) == 4 and len(callback.total_history) == 1
 
-    reference = model_zoo.build(architecture)  # unpatched, at the parameters step 2 started from
+    reference = build_variant(variant)  # unpatched, at the parameters step 2 started from
     reference.load_state_dict(snapshot.state_dict)
     batch = {k: torch.cat([m[k] for m in micro_batches[2:]]) for k in micro_batches[0]}
     names = [n for n, p in reference.named_parameters() if p.requires_grad]
     assert len(names) > 10  # embeddings, attention, MLP, norms (and GPT-2's biases)
-    per_example = per_example_gradients(reference, batch, names)
+    without_embeddings = [n for n in names if n not in EMBEDDING_NAMES[variant]]
+    assert len(without_embeddings) == len(names) - len(EMBEDDING_NAMES[variant])
     tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
     assert num_items[2] == num_items[3]
-    small, big, effective_batch = weighted_small_big(per_example, tokens / num_items[2])
-    grad_sq, trace_sigma = unbiased_estimates(small, big, effective_batch)
-
     records = [r for r in trainer.state.log_history if "loss" in r]
     assert not set(TOTAL_METRIC_NAMES) & set(records[0])  # step 1 was not validated
     logged = records[1]
     assert {*METRIC_NAMES, *TOTAL_METRIC_NAMES} <= set(logged)
     measured = callback.total_history[0]
     assert measured["step"] == 2
-    assert measured["small"] == pytest.approx(small, rel=1e-4)
-    assert measured["big"] == pytest.approx(big, rel=1e-4)
-    assert measured["effective_batch"] == pytest.approx(effective_batch, rel=1e-6)
-    # one update of the EMA, bias-corrected: the step's own estimates
-    assert logged["gns_total_grad_sq"] == pytest.approx(grad_sq, rel=1e-4)
-    assert logged["gns_total_trace_sigma"] == pytest.approx(trace_sigma, rel=1e-4)
-    assert logged["gns_total"] == pytest.approx(trace_sigma / grad_sq if grad_sq > 0 else math.inf, rel=1e-4)
+    for prefix, suffix, parameters in (
+        ("gns_total", "", names),
+        ("gns_total_no_embeddings", "_no_embeddings", without_embeddings),
+    ):
+        per_example = per_example_gradients(reference, batch, parameters)
+        small, big, effective_batch = weighted_small_big(per_example, tokens / num_items[2])
+        grad_sq, trace_sigma = unbiased_estimates(small, big, effective_batch)
+        assert measured[f"small{suffix}"] == pytest.approx(small, rel=1e-4), prefix
+        assert measured[f"big{suffix}"] == pytest.approx(big, rel=1e-4), prefix
+        assert measured["effective_batch"] == pytest.approx(effective_batch, rel=1e-6)
+        # one update of the EMA, bias-corrected: the step's own estimates
+        assert logged[f"{prefix}_grad_sq"] == pytest.approx(grad_sq, rel=1e-4), prefix
+        assert logged[f"{prefix}_trace_sigma"] == pytest.approx(trace_sigma, rel=1e-4), prefix
+        assert logged[prefix] == pytest.approx(trace_sigma / grad_sq if grad_sq > 0 else math.inf, rel=1e-4), prefix
+        assert measured[prefix] == logged[prefix]
+    assert measured["small_no_embeddings"] < measured["small"]  # the embeddings have per-example gradients
     # the recomputed gradients restricted to the norms give the norms' own small (from their statistics)
     assert measured["norms_small_recomputed"] == pytest.approx(measured["norms_small"], rel=1e-4)
     assert measured["gns"] == logged["gns"]
+
+
+def test_checkpoints_keep_the_no_embeddings_estimate_and_old_ones_start_it_fresh(tmp_path):
+    model = model_zoo.build("llama")
+    patch_model(model)
+    callback = GNSCallback(validate_every=1, ema_decay=0.5)
+    make_trainer(tmp_path, model, callback, max_steps=2).train()
+    assert callback.total_no_embeddings_estimator.updates == 2
+    state = callback.state()
+    restored = GNSCallback.from_state(state)
+    restored._restore(state["attributes"])
+    assert restored.total_no_embeddings_estimator == callback.total_no_embeddings_estimator
+    assert restored.total_metrics() == callback.total_metrics()
+
+    old = copy.deepcopy(state)  # a checkpoint from before the estimate without embeddings
+    del old["attributes"]["total_no_embeddings_estimator_state"]
+    restored = GNSCallback.from_state(old)
+    restored._restore(old["attributes"])
+    assert restored.total_estimator == callback.total_estimator
+    assert restored.total_no_embeddings_estimator == GradientNoiseScale(ema_decay=0.5)
 
 
 def test_validation_leaves_training_bit_identical(tmp_path):

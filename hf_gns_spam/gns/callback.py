@@ -64,6 +64,14 @@ feed a second :class:`~hf_gns_spam.gns.estimator.GradientNoiseScale` (EMA decay 
 step, the same horizon in optimizer steps as the norms' EMA), logged as ``gns_total``, ``gns_total_grad_sq`` and
 ``gns_total_trace_sigma`` in the first log record at or after each validation step; ``total_history`` keeps each
 validation step's values beside the norms' ``gns``.
+
+The same sums over the trainable parameters without the embeddings (the ``weight`` of every ``nn.Embedding``, token
+and position embeddings, and the parameters of ``model.get_output_embeddings()``, the LM head, tied or not; a tied
+head is one Parameter, left out once: :func:`~hf_gns_spam.gns.whole_model.embedding_parameters`), from the same
+per-example gradients and carried by the same all-reduce, feed a third estimator with the same decay, logged as
+``gns_total_no_embeddings``, ``gns_total_no_embeddings_grad_sq`` and ``gns_total_no_embeddings_trace_sigma``. Why
+both: the reference implementation (nanoGNS) leaves the tied embeddings out of its whole-model GNS, and on small
+language models the embeddings raise it by a factor of about 1.5–2. A model without embeddings gives equal values.
 """
 
 from __future__ import annotations
@@ -91,7 +99,12 @@ from hf_gns_spam.gns.example_weights import (
 )
 from hf_gns_spam.gns.groups import norm_groups
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
-from hf_gns_spam.gns.whole_model import StoredMicroBatch, squared_gradient_norm, weighted_squared_norms
+from hf_gns_spam.gns.whole_model import (
+    StoredMicroBatch,
+    embedding_parameters,
+    squared_gradient_norm,
+    weighted_squared_norms,
+)
 from hf_gns_spam.integrations.trainer_loop import TrainerLoopObserver, install_trainer_hooks, show_total_steps
 from hf_gns_spam.patching import is_patched
 from hf_gns_spam.sequences import sequence_ids
@@ -106,7 +119,10 @@ METRIC_NAMES = (
     "gns", "gns_tokens", "gns_grad_sq", "gns_trace_sigma", "batch_size", "grad_accum_steps", "examples_seen",
 )  # fmt: skip
 # logged besides METRIC_NAMES with validate_every, in the first record at or after each validation step
-TOTAL_METRIC_NAMES = ("gns_total", "gns_total_grad_sq", "gns_total_trace_sigma")
+TOTAL_METRIC_NAMES = (
+    "gns_total", "gns_total_grad_sq", "gns_total_trace_sigma",
+    "gns_total_no_embeddings", "gns_total_no_embeddings_grad_sq", "gns_total_no_embeddings_trace_sigma",
+)  # fmt: skip
 # logged besides METRIC_NAMES, for each norm group the model has (hf_gns_spam.gns.groups): its GNS, |G|² and tr Σ
 GROUP_METRIC_NAMES = tuple(
     f"gns/{group}{suffix}" for group in NORM_GROUPS for suffix in ("", "_grad_sq", "_trace_sigma")
@@ -136,7 +152,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             identified on the first micro-batch (each check recomputes one micro-batch's per-example losses).
         validate_every: ``None`` (default) or N ≥ 1: every N-th optimizer step, also estimate the GNS of all
             trainable parameters from their per-example gradients and log it as ``gns_total`` (with
-            ``gns_total_grad_sq`` and ``gns_total_trace_sigma``) beside ``gns``, to check the norms' estimate.
+            ``gns_total_grad_sq`` and ``gns_total_trace_sigma``) beside ``gns``, to check the norms' estimate; the
+            same without the embeddings (token and position embeddings, the LM head) as
+            ``gns_total_no_embeddings`` (``_grad_sq``, ``_trace_sigma``), from the same gradients.
             Cost: one extra forward and backward per example of the validated step, at batch size 1 (about the
             step's own compute again, at a batch-1 speed), and its micro-batch inputs kept until its optimizer
             step; training itself is unchanged (bit for bit). Not with FSDP or reentrant gradient checkpointing.
@@ -188,6 +206,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._groups: dict[str, NormGroup] = {}  # statistics key (a norm's parameter name) -> its group, cached
         # the whole model's estimate (validate_every): one update per validation step, the norms' horizon in steps
         self.total_estimator = GradientNoiseScale(ema_decay=ema_decay ** (validate_every or 1))
+        # ... and of all but the embeddings (whole_model.embedding_parameters), from the same per-example gradients
+        self.total_no_embeddings_estimator = GradientNoiseScale(ema_decay=ema_decay ** (validate_every or 1))
         self.total_history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_LENGTH)
         self._total_unlogged = False  # a validation step ran since the latest log record
         self.batch_schedule: BatchSizeSchedule | None = None
@@ -229,6 +249,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._validating = False  # this step is a validation step (validate_every)
         self._stored: list[StoredMicroBatch] = []  # its micro-batches
         self._total_big: torch.Tensor | None = None  # its ‖G‖² over all trainable parameters, before clipping
+        self._total_big_no_embeddings: torch.Tensor | None = None  # ... and over all but the embeddings
 
     # ------------------------------------------------------------------------------------------ attaching
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -553,9 +574,10 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
     def before_clipping(self, trainer: Trainer) -> None:
         """‖G‖² of the patched norms' gradient: replicated gradients (one process, DDP) are summed here; FSDP2's
         shards (DTensor) are summed locally here and over the processes with the step's other statistics.
-        On a validation step, also ‖G‖² of all trainable parameters."""
+        On a validation step, also ‖G‖² of all trainable parameters, and of all but the embeddings."""
         if self._validating and self._total_big is None:
             self._total_big = squared_gradient_norm(trainer.model)
+            self._total_big_no_embeddings = squared_gradient_norm(trainer.model, embedding_parameters(trainer.model))
         parameters = self._norm_parameters()
         if not parameters:
             self._big = None
@@ -583,13 +605,18 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         device = stats[0].sum_sq.device if stats else args.device
         zero = torch.zeros((), device=device)
         validated = self._validating and not self._unusable_step and self._total_big is not None
-        total_sq = norms_sq = zero
-        if validated:  # the whole model's Σ α_e²‖g_e‖² (and the norms' share of it, recomputed)
+        total_sq = no_embeddings_sq = norms_sq = zero
+        no_embeddings = True  # some trainable parameter is not an embedding
+        if validated:  # the whole model's Σ α_e²‖g_e‖², without the embeddings, and the norms' share (recomputed)
             smoothing = getattr(trainer.label_smoother, "epsilon", 0.0) if trainer.label_smoother else 0.0
-            sums = weighted_squared_norms(
-                model, self._stored, self.weighting.shifted, smoothing, {"norms": list(named_stats)}
+            embeddings = {id(p) for p in embedding_parameters(model)}
+            no_embedding_names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in embeddings]
+            no_embeddings = bool(no_embedding_names)
+            groups = {"norms": list(named_stats), "no_embeddings": no_embedding_names}
+            sums = weighted_squared_norms(model, self._stored, self.weighting.shifted, smoothing, groups)
+            total_sq, no_embeddings_sq, norms_sq = (
+                sums[key].to(device, torch.float32) for key in ("all", "no_embeddings", "norms")
             )
-            total_sq, norms_sq = sums["all"].to(device, torch.float32), sums["norms"].to(device, torch.float32)
         groups = self._groups_of(named_stats)
         self.groups_present = tuple(g for g in NORM_GROUPS if g in set(groups.values()))
         group_sum_sq = [
@@ -606,6 +633,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 torch.stack([s.count for s in stats]).max() if stats else zero,
                 zero if self._big is None else self._big_shards.to(device),
                 total_sq,
+                no_embeddings_sq,
                 norms_sq,
                 zero + float(validated),
                 *group_sum_sq,
@@ -613,13 +641,15 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             ]
         )
         totals = trainer.accelerator.reduce(local, reduction="sum").tolist()  # the step's one all-reduce
-        (sum_sq, weight_sum, weight_sq_sum, micro, rows, label_tokens, measured, big_shards, total_sq, norms_sq,
-         validated_processes) = (float(v) for v in totals[:11])  # fmt: skip
+        (sum_sq, weight_sum, weight_sq_sum, micro, rows, label_tokens, measured, big_shards, total_sq,
+         no_embeddings_sq, norms_sq, validated_processes) = (float(v) for v in totals[:12])  # fmt: skip
         groups_count = len(NORM_GROUPS)
-        group_sum_sq, group_big_shards = totals[11 : 11 + groups_count], totals[11 + groups_count :]
+        group_sum_sq, group_big_shards = totals[12 : 12 + groups_count], totals[12 + groups_count :]
         group_big = [b + s for b, s in zip(self._group_big.tolist(), group_big_shards, strict=True)]
         group_measured = self._group_measured
         total_big = float(self._total_big) if validated else math.nan
+        # nan (the estimator skips the step) when every trainable parameter is an embedding
+        total_big_no_embeddings = float(self._total_big_no_embeddings) if validated and no_embeddings else math.nan
         processes = trainer.accelerator.num_processes
         validated = round(validated_processes) == processes  # every process recomputed its examples
         big = None if self._big is None else float(self._big) + big_shards
@@ -660,31 +690,46 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             self.history.append(entry)
         if validating:
             self._update_total(
-                state.global_step + 1, validated, total_sq, total_big, norms_sq, weight_sum, weight_sq_sum, small
+                state.global_step + 1,
+                validated,
+                (total_sq, total_big),
+                (no_embeddings_sq, total_big_no_embeddings),
+                norms_sq,
+                weight_sum,
+                weight_sq_sum,
+                small,
             )
 
     def _update_total(
         self,
         step: int,
         validated: bool,
-        total_sq: float,
-        total_big: float,
+        total: tuple[float, float],
+        no_embeddings: tuple[float, float],
         norms_sq: float,
         weight_sum: float,
         weight_sq_sum: float,
         norms_small: float,
     ) -> None:
-        """One validation step into the whole model's estimator and ``total_history``."""
+        """One validation step into the whole model's estimators (with and without the embeddings: ``total`` and
+        ``no_embeddings`` are each (Σ_e α_e²‖g_e‖², ‖G‖²)) and ``total_history``."""
         self._total_unlogged = True
         effective_batch = weight_sum**2 / weight_sq_sum if weight_sq_sum > 0 else 0.0
         if not validated or not effective_batch > 1.0:
             self.total_estimator.skip()
+            self.total_no_embeddings_estimator.skip()
             return
         processes = self._trainer.accelerator.num_processes
-        small = total_sq / weight_sq_sum
-        big = total_big * processes**2 / weight_sum**2
+        small, big = total[0] / weight_sq_sum, total[1] * processes**2 / weight_sum**2
+        small_no_embeddings = no_embeddings[0] / weight_sq_sum
+        big_no_embeddings = no_embeddings[1] * processes**2 / weight_sum**2
         grad_sq, trace_sigma = unbiased_estimates(small, big, effective_batch)
+        grad_sq_no_embeddings, trace_sigma_no_embeddings = unbiased_estimates(
+            small_no_embeddings, big_no_embeddings, effective_batch
+        )
         self.total_estimator.update(small, big, effective_batch)
+        self.total_no_embeddings_estimator.update(small_no_embeddings, big_no_embeddings, effective_batch)
+        smoothed = self.total_metrics()
         self.total_history.append(
             {
                 "step": step,
@@ -693,7 +738,12 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "effective_batch": effective_batch,
                 "grad_sq": grad_sq,  # this step's unbiased estimates (before smoothing)
                 "trace_sigma": trace_sigma,
-                "gns_total": self.total_metrics()["gns_total"],  # the smoothed estimates after this step
+                "small_no_embeddings": small_no_embeddings,
+                "big_no_embeddings": big_no_embeddings,
+                "grad_sq_no_embeddings": grad_sq_no_embeddings,
+                "trace_sigma_no_embeddings": trace_sigma_no_embeddings,
+                "gns_total": smoothed["gns_total"],  # the smoothed estimates after this step
+                "gns_total_no_embeddings": smoothed["gns_total_no_embeddings"],
                 "gns": self.metrics()["gns"],
                 "norms_small": norms_small,  # the norms' small from their statistics ...
                 "norms_small_recomputed": norms_sq / weight_sq_sum,  # ... and from the recomputed gradients
@@ -727,14 +777,17 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         return metrics
 
     def total_metrics(self) -> dict[str, float]:
-        """The whole model's smoothed estimate (``validate_every``); nan before the first validation step and
-        while the latest one gave no estimate."""
-        estimator = self.total_estimator
-        return {
-            "gns_total": estimator.gns if estimator.is_current else math.nan,
-            "gns_total_grad_sq": estimator.grad_sq,
-            "gns_total_trace_sigma": estimator.trace_sigma,
-        }
+        """The whole model's smoothed estimates (``validate_every``), with and without the embeddings; the GNS is
+        nan before the first validation step and while the latest one gave no estimate."""
+        metrics = {}
+        for prefix, estimator in (
+            ("gns_total", self.total_estimator),
+            ("gns_total_no_embeddings", self.total_no_embeddings_estimator),
+        ):
+            metrics[prefix] = estimator.gns if estimator.is_current else math.nan
+            metrics[f"{prefix}_grad_sq"] = estimator.grad_sq
+            metrics[f"{prefix}_trace_sigma"] = estimator.trace_sigma
+        return metrics
 
     def log_metrics(self) -> dict[str, float]:
         metrics = self.metrics() if self.last_accumulation else {}
@@ -769,6 +822,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "last_accumulation": self.last_accumulation,
                 "steps_since_verified": self._steps_since_verified,
                 "total_estimator_state": self.total_estimator.state_dict(),
+                "total_no_embeddings_estimator_state": self.total_no_embeddings_estimator.state_dict(),
                 "group_estimator_states": {g: e.state_dict() for g, e in self.group_estimators.items()},
                 "groups_present": list(self.groups_present),
             },
@@ -783,6 +837,11 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         if attributes.get("total_estimator_state") is not None:  # checkpoints from before validate_every lack it
             self.total_estimator = GradientNoiseScale(
                 ema_decay=self.total_estimator.ema_decay, **attributes["total_estimator_state"]
+            )
+        if attributes.get("total_no_embeddings_estimator_state") is not None:  # checkpoints from before it lack it
+            self.total_no_embeddings_estimator = GradientNoiseScale(
+                ema_decay=self.total_no_embeddings_estimator.ema_decay,
+                **attributes["total_no_embeddings_estimator_state"],
             )
         # checkpoints from before the norm groups lack them: those estimates start afresh
         for group, saved in (attributes.get("group_estimator_states") or {}).items():

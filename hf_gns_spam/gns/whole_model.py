@@ -7,7 +7,16 @@ gradient g_e of its own loss ℓ_e with respect to ALL trainable parameters, and
     Σ_e α_e² ‖g_e‖²
 
 (α_e: the example's weight in the loss that was back-propagated, as the callback observed it), from which the
-callback forms the whole model's ``small`` exactly as it does for the norms.
+callback forms the whole model's ``small`` exactly as it does for the norms; the same sum restricted to named
+groups of the parameters comes from the same gradients (the norms' share, and the whole model without its
+embeddings).
+
+The embeddings (:func:`embedding_parameters`) are the ``weight`` of every ``nn.Embedding`` module of the model (the
+token embeddings, and learned position embeddings such as GPT-2's ``wpe``) and the parameters of
+``model.get_output_embeddings()`` where the model has one (the LM head, tied or not; a tied head is the same
+Parameter as the token embeddings and is counted once). The whole model's GNS is reported with and without them:
+the reference implementation of Gray et al. (nanoGNS) leaves the tied embeddings out of its total, and on small
+language models the embeddings raise the whole model's GNS by a factor of about 1.5–2.
 
 The own loss ℓ_e is the one :mod:`hf_gns_spam.gns.example_weights` identified the loss as a weighted sum of: the
 mean over example e's label tokens of ``(1 − ε)·(−log p(y)) + ε·mean_v(−log p(v))`` (the Trainer's label
@@ -46,7 +55,13 @@ from torch.distributed.tensor import DTensor
 
 from hf_gns_spam.gns.example_weights import IGNORE_INDEX, example_index
 
-__all__ = ["StoredMicroBatch", "WholeModelError", "squared_gradient_norm", "weighted_squared_norms"]
+__all__ = [
+    "StoredMicroBatch",
+    "WholeModelError",
+    "embedding_parameters",
+    "squared_gradient_norm",
+    "weighted_squared_norms",
+]
 
 LABEL_KEYS = ("labels", "shift_labels")
 PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -205,11 +220,30 @@ def weighted_squared_norms(
     return sums
 
 
-def squared_gradient_norm(model: nn.Module) -> torch.Tensor | None:
-    """‖G‖² of the accumulated gradient of every trainable parameter (float32, 0-dim), None without gradients."""
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    if not grads:
+def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The model's embeddings, each Parameter once: the ``weight`` of every ``nn.Embedding`` module and the
+    parameters of ``model.get_output_embeddings()`` when the model has one (the LM head, tied or not)."""
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and isinstance(module.weight, nn.Parameter):
+            found.setdefault(id(module.weight), module.weight)
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = get_output_embeddings() if callable(get_output_embeddings) else None
+    if isinstance(head, nn.Module):
+        for parameter in head.parameters():
+            found.setdefault(id(parameter), parameter)
+    return list(found.values())
+
+
+def squared_gradient_norm(model: nn.Module, exclude: Iterable[nn.Parameter] = ()) -> torch.Tensor | None:
+    """‖G‖² of the accumulated gradient of every trainable parameter not in ``exclude`` (float32, 0-dim, on the
+    first gradient's device; 0 when every parameter with a gradient is excluded), None without gradients."""
+    with_grad = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not with_grad:
         return None
-    if any(isinstance(g, DTensor) for g in grads):
+    if any(isinstance(p.grad, DTensor) for p in with_grad):
         raise WholeModelError("validate_every does not work with sharded gradients (FSDP)")
-    return torch.stack([g.float().square().sum().to(grads[0].device) for g in grads]).sum()
+    device = with_grad[0].grad.device
+    excluded = {id(p) for p in exclude}
+    squares = [p.grad.float().square().sum().to(device) for p in with_grad if id(p) not in excluded]
+    return torch.stack(squares).sum() if squares else torch.zeros((), device=device)
