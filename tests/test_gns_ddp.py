@@ -1,4 +1,5 @@
-"""GNSCallback in a real 2-process DDP run (torchrun, gloo, CPU): every rank computes the same estimate."""
+"""GNSCallback in a real 2-process DDP run (torchrun, gloo, CPU): every rank computes the same estimate, all norms'
+and each norm group's, and it equals one computed from per-example gradients of both ranks' examples."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_gns_spam.gns.estimator import GradientNoiseScale
 from tests import model_zoo
 from tests.ports import free_port
-from tests.test_gns_callback import per_example_norm_gradients, weighted_small_big
+from tests.test_gns_callback import per_example_gradients, per_example_norm_gradients, weighted_small_big
+from tests.test_gns_groups import group_parameters
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_gns_train.py"
 
@@ -50,6 +53,44 @@ def test_two_processes_log_the_same_gns_and_end_identical(tmp_path):
     assert ranks[0]["history"][0]["small"] == pytest.approx(small, rel=1e-4)
     assert ranks[0]["history"][0]["big"] == pytest.approx(big, rel=1e-4)
     assert ranks[0]["history"][0]["effective_batch"] == pytest.approx(effective_batch, rel=1e-6)
+    check_group_estimates_against_torch_func(ranks)
+
+
+def check_group_estimates_against_torch_func(ranks: list[dict]) -> None:
+    """Every step's logged gns/<group>, gns/<group>_grad_sq and gns/<group>_trace_sigma (identical on both ranks)
+    equal an independent reference: per-example gradients (torch.func, float64) of the group's norm parameters on
+    both ranks' examples of the step, at the parameters the step saw, into the estimator's formulas and its EMA.
+
+    Tolerance: rel 1e-4 (float32 sums against float64; measured: ~1e-6) on each step's small and big and on the
+    smoothed values, and for |G|², a difference of nearly equal numbers that can be small beside tr Σ, also abs
+    1e-4 × tr Σ. A wrong process count, a rank's examples left out or a group's sums mixed up are O(1) errors."""
+    groups = ("block", "final")
+    logged = ranks[0]["groups"]
+    assert logged == ranks[1]["groups"]
+    assert sorted(logged) == sorted(f"gns/{g}{s}" for g in groups for s in ("", "_grad_sq", "_trace_sigma"))
+    steps = list(zip(ranks[0]["steps"], ranks[1]["steps"], strict=True))
+    assert len(steps) == len(logged["gns/block"]) == 8
+    estimators = {g: GradientNoiseScale(ema_decay=ranks[0]["ema_decay"]) for g in groups}
+    for index, (mine, theirs) in enumerate(steps):
+        model = model_zoo.build("llama")
+        model.load_state_dict(mine["parameters"])
+        micro_batches = mine["micro_batches"] + theirs["micro_batches"]
+        batch = {k: torch.cat([m[k] for m in micro_batches]) for k in ("input_ids", "attention_mask", "labels")}
+        weights = torch.cat(
+            [(m["labels"][:, 1:] != -100).sum(1).double() / float(m["num_items_in_batch"]) for m in micro_batches]
+        )
+        for group in groups:
+            per_example = per_example_gradients(model, batch, group_parameters(model, "llama", group))
+            small, big, effective_batch = weighted_small_big(per_example, weights)
+            assert ranks[0]["history"][index][f"small/{group}"] == pytest.approx(small, rel=1e-4), (index, group)
+            assert ranks[0]["history"][index][f"big/{group}"] == pytest.approx(big, rel=1e-4), (index, group)
+            estimator = estimators[group]
+            estimator.update(small, big, effective_batch)
+            trace_sigma = logged[f"gns/{group}_trace_sigma"][index]
+            assert trace_sigma == pytest.approx(estimator.trace_sigma, rel=1e-4), (index, group)
+            grad_sq = logged[f"gns/{group}_grad_sq"][index]
+            assert grad_sq == pytest.approx(estimator.grad_sq, rel=1e-4, abs=1e-4 * abs(trace_sigma)), (index, group)
+            assert logged[f"gns/{group}"][index] == pytest.approx(estimator.gns, rel=1e-4), (index, group)
 
 
 @pytest.mark.slow

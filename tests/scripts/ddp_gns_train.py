@@ -1,5 +1,6 @@
 """Run by tests/test_gns_ddp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): train a tiny patched LLaMA with
-GNSCallback and write this rank's logged GNS values, batch sizes and final parameters to OUTPUT_DIR/rank{R}.pt."""
+GNSCallback and write this rank's logged GNS values (all norms and per norm group), batch sizes, final parameters,
+and each optimizer step's micro-batches and the parameters they saw to OUTPUT_DIR/rank{R}.pt."""
 
 from __future__ import annotations
 
@@ -27,18 +28,22 @@ class DistributedStepAuditor(TrainerCallback):
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.pending: list[dict[str, torch.Tensor]] = []
+        # each optimizer step: this rank's micro-batches and the parameters they were computed at
+        self.steps: list[dict] = []
         self.max_relative_error = 0.0
         self.rows = 0
         model.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, module, args, kwargs):
         if torch.is_grad_enabled():
-            self.pending.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")})
+            self.pending.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels", "num_items_in_batch")})
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         micro_batches, self.pending = self.pending, []
         self.rows += sum(len(m["input_ids"]) for m in micro_batches)
         module = model.module if hasattr(model, "module") else model
+        parameters = {n: p.detach().clone() for n, p in module.named_parameters()}  # before the optimizer step
+        self.steps.append({"micro_batches": micro_batches, "parameters": parameters})
         reference = copy.deepcopy(module)
         reference._forward_pre_hooks.clear()
         reference.zero_grad(set_to_none=True)
@@ -94,11 +99,15 @@ def main() -> None:
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     records = [r for r in trainer.state.log_history if "loss" in r]
+    group_keys = [k for k in records[0] if k.startswith("gns/")] if records else []
     torch.save(
         {
             "gns": [r["gns"] for r in records],
             "gns_trace_sigma": [r["gns_trace_sigma"] for r in records],
             "batch_size": [r["batch_size"] for r in records],
+            "groups": {k: [r[k] for r in records] for k in group_keys},  # gns/<group>, _grad_sq, _trace_sigma
+            "ema_decay": callback.ema_decay,
+            "steps": auditor.steps,
             "samples": callback.samples,
             "history": callback.history,
             "first_step_inputs": first_step_inputs,
