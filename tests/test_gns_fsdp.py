@@ -1,4 +1,5 @@
-"""The norms' statistics under FSDP2 (``fully_shard``, DTensor parameters; torchrun, gloo, CPU) equal one process's.
+"""The norms' statistics under FSDP2 (``fully_shard``, DTensor parameters; torchrun, gloo, CPU) equal one process's,
+over all norms and per norm group (the sums behind ``gns/<group>``).
 
 The Trainer cannot drive FSDP2 on CPU (accelerate ignores FSDP without GPUs), so the script shards the model with
 ``fully_shard`` directly and measures what GNSCallback measures."""
@@ -14,8 +15,10 @@ import pytest
 import torch
 
 from hf_gns_spam import patch_model, per_example_grad_stats
+from hf_gns_spam.gns.arguments import NORM_GROUPS
 from tests import model_zoo
 from tests.ports import free_port
+from tests.test_gns_groups import EXPECTED_GROUPS
 from tests.test_per_example_stats import token_losses
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_gns_statistics.py"
@@ -41,6 +44,16 @@ def test_fsdp2_statistics_and_sharded_gradient_norm_equal_one_process(tmp_path):
     big = sum(float(p.grad.square().sum()) for n, p in model.named_parameters() if n in expected)
 
     assert ranks[0]["replicated"] == 0.0  # every norm gradient is a shard
+    # per norm group: the groups by the architecture's names, each group's Σ_b ‖G_b‖² and ‖G‖² as one process's
+    groups = {n: EXPECTED_GROUPS["llama"][n.rpartition(".")[0]] for n in expected}
+    assert ranks[0]["groups"] == ranks[1]["groups"] == groups
+    grads = {n: p.grad for n, p in model.named_parameters() if n in expected}
+    for group in NORM_GROUPS:
+        names = [n for n, g in groups.items() if g == group]
+        group_big = sum(float(grads[n].square().sum()) for n in names)
+        assert ranks[0]["group_big"][group] == ranks[1]["group_big"][group] == pytest.approx(group_big, rel=1e-5)
+        measured = sum(rank["stats"][n][0] for rank in ranks for n in names) / 4
+        assert measured == pytest.approx(sum(expected[n][0] for n in names), rel=1e-5), group
     assert ranks[0]["big"] == ranks[1]["big"] == pytest.approx(big, rel=1e-5)
     for name, (sum_sq, count) in expected.items():
         # each rank measured its 2 examples, weighted x2 (FSDP2 averages the 2 ranks' gradients): sum / 2² = one run

@@ -1,7 +1,8 @@
 """Run by tests/test_gns_fsdp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): a patched tiny LLaMA sharded with
 FSDP2's ``fully_shard`` (DTensor parameters), one backward of each rank's half of a batch, and the statistics the
-GNS needs written to OUTPUT_DIR/rank{R}.pt: the per-example statistics of the norms (local), and ‖G‖² of the norms'
-sharded gradient as GNSCallback measures it (its local shard part, summed over the ranks here)."""
+GNS needs written to OUTPUT_DIR/rank{R}.pt: the per-example statistics of the norms (local), ‖G‖² of the norms'
+sharded gradient as GNSCallback measures it (its local shard part, summed over the ranks here), the same per norm
+group, and the group GNSCallback put each norm parameter in."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hf_gns_spam import GNSCallback, patch_model, per_example_grad_stats
+from hf_gns_spam.gns.arguments import NORM_GROUPS
 from tests import model_zoo
 from tests.test_per_example_stats import token_losses
 
@@ -40,9 +42,18 @@ def main() -> None:
     callback.before_clipping(None)
     shards = callback._big_shards.clone()
     dist.all_reduce(shards)
+    group_shards = callback._group_big_shards.clone()  # per norm group, in NORM_GROUPS order
+    dist.all_reduce(group_shards)
+    group_big = dict(zip(NORM_GROUPS, (callback._group_big + group_shards).tolist(), strict=True))
     stats = {n: (float(s.sum_sq), float(s.count)) for n, s in per_example_grad_stats(model).items()}
     torch.save(
-        {"stats": stats, "big": float(callback._big) + float(shards), "replicated": float(callback._big)},
+        {
+            "stats": stats,
+            "big": float(callback._big) + float(shards),
+            "replicated": float(callback._big),
+            "group_big": group_big,
+            "groups": dict(callback._groups_of(stats)),  # statistics key -> its norm group
+        },
         output_dir / f"rank{rank}.pt",
     )
     dist.destroy_process_group()
