@@ -70,8 +70,9 @@ and position embeddings, and the parameters of ``model.get_output_embeddings()``
 head is one Parameter, left out once: :func:`~hf_gns_spam.gns.whole_model.embedding_parameters`), from the same
 per-example gradients and carried by the same all-reduce, feed a third estimator with the same decay, logged as
 ``gns_total_no_embeddings``, ``gns_total_no_embeddings_grad_sq`` and ``gns_total_no_embeddings_trace_sigma``. Why
-both: the reference implementation (nanoGNS) leaves the tied embeddings out of its whole-model GNS, and on small
-language models the embeddings raise it by a factor of about 1.5–2. A model without embeddings gives equal values.
+both: the reference implementation (nanoGNS) leaves the tied embeddings out of its whole-model GNS, and in small
+language models the embeddings raise it by a factor of about 1.5–2 over most of a run (``benchmarks/gns_fidelity.py``;
+not at the very start). A model without embeddings gives equal values.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ The embeddings (:func:`embedding_parameters`) are the ``weight`` of every ``nn.E
 token embeddings, and learned position embeddings such as GPT-2's ``wpe``) and the parameters of
 ``model.get_output_embeddings()`` where the model has one (the LM head, tied or not; a tied head is the same
 Parameter as the token embeddings and is counted once). The whole model's GNS is reported with and without them:
-the reference implementation of Gray et al. (nanoGNS) leaves the tied embeddings out of its total, and on small
-language models the embeddings raise the whole model's GNS by a factor of about 1.5–2.
+the reference implementation of Gray et al. (nanoGNS) leaves the tied embeddings out of its total, and in small
+language models the embeddings raise the whole model's GNS by a factor of about 1.5–2 over most of a run
+(``benchmarks/gns_fidelity.py``).
 
 The own loss ℓ_e is the one :mod:`hf_gns_spam.gns.example_weights` identified the loss as a weighted sum of: the
 mean over example e's label tokens of ``(1 − ε)·(−log p(y)) + ε·mean_v(−log p(v))`` (the Trainer's label
