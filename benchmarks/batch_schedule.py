@@ -10,10 +10,13 @@ and the data order, so the runs of a seed are paired):
     small    fixed batch of min_batch examples (GNSCallback measuring only)
     large    fixed batch of max_batch examples (micro-batches of min_batch accumulated; measuring only)
     linear   GNSCallback(schedule="linear"): min_batch -> max_batch linearly in examples
-    gns      GNSCallback(schedule="gns") with the main job's settings (pretrain_clm.GNSArguments defaults:
-             gns_multiplier=2, lr_batch_power=0.5, ema_decay=0.95)
-    ...      variants (see VARIANTS): multiplier 1 or 2 with or without the learning rate following the batch, a
-             fixed large batch with a scaled learning rate
+    gns      GNSCallback(schedule="gns") with the main job's settings (pretrain_clm.GNSArguments defaults, which are
+             GNSCallback's: the per-block norms' GNS, gns_multiplier=1, lr_batch_power=0.5, ema_decay=0.99)
+    oracle   the gns schedule's mechanics following the critical batch measured by benchmarks/critical_batch.py
+             (``--oracle_cbs``) instead of a GNS: how close a perfect signal would come
+    ...      variants (see ``--list``): the schedule's earlier settings (every norm, multiplier 1 or 2, with or
+             without the learning rate following the batch, EMA 0.95), fixed batches of 2, 4 and 8 × min_batch with
+             the learning rate × sqrt(B / min_batch)
 
 The loss is measured on a fixed held-out set (the first ``--eval_examples`` validation blocks) at ``--eval_points``
 points evenly spaced in examples (at the first optimizer step that reaches each point); steps and tokens to reach
@@ -30,6 +33,7 @@ tables.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -75,20 +79,55 @@ RUNS: dict[str, dict] = {
     "gns": {"kind": "gns", "help": 'GNSCallback(schedule="gns"), the main job\'s settings'},
 }
 VARIANTS: dict[str, dict] = {
+    "gns_old": {
+        "kind": "gns",
+        "callback": {
+            "gns_signal": "all",
+            "gns_multiplier": 2.0,
+            "lr_batch_power": 0.5,
+            "ema_decay": 0.95,
+            "warmup_steps": 20,
+        },
+        "help": "gns with the main job's settings of 2026-12-01 to 2026-12-07: every norm, 2 x GNS, lr x "
+        "sqrt(B / B_min), EMA 0.95, warm-up 20 steps",
+    },
+    "gns_all": {
+        "kind": "gns",
+        "callback": {"gns_signal": "all"},
+        "help": "gns following every patched norm's GNS (the logged gns), the other settings the main job's",
+    },
     "gns_m1": {
         "kind": "gns",
-        "callback": {"gns_multiplier": 1.0, "lr_batch_power": 0.0},
-        "help": "gns, gns_multiplier=1, lr in examples only (the main job's settings before 2026-12-01)",
+        "callback": {
+            "gns_signal": "all",
+            "gns_multiplier": 1.0,
+            "lr_batch_power": 0.0,
+            "ema_decay": 0.95,
+            "warmup_steps": 20,
+        },
+        "help": "gns, every norm, gns_multiplier=1, lr in examples only, EMA 0.95 (the main job before 2026-12-01)",
     },
     "gns_m2": {
         "kind": "gns",
-        "callback": {"gns_multiplier": 2.0, "lr_batch_power": 0.0},
-        "help": "gns, gns_multiplier=2, lr in examples only",
+        "callback": {
+            "gns_signal": "all",
+            "gns_multiplier": 2.0,
+            "lr_batch_power": 0.0,
+            "ema_decay": 0.95,
+            "warmup_steps": 20,
+        },
+        "help": "gns, every norm, gns_multiplier=2, lr in examples only, EMA 0.95",
     },
     "gns_lr": {
         "kind": "gns",
-        "callback": {"gns_multiplier": 1.0, "lr_batch_power": 0.5},
-        "help": "gns, gns_multiplier=1, lr x sqrt(B / B_min)",
+        "callback": {
+            "gns_signal": "all",
+            "gns_multiplier": 1.0,
+            "lr_batch_power": 0.5,
+            "ema_decay": 0.95,
+            "warmup_steps": 20,
+        },
+        "help": "gns, every norm, gns_multiplier=1, lr x sqrt(B / B_min), EMA 0.95",
     },
     "large_lr": {
         "kind": "fixed",
@@ -96,11 +135,39 @@ VARIANTS: dict[str, dict] = {
         "lr_scale": "sqrt",
         "help": "fixed batch = max_batch, lr x sqrt(max_batch / min_batch)",
     },
+    **{
+        f"fixed{m}x_lr": {
+            "kind": "fixed",
+            "batch": m,
+            "lr_scale": "sqrt",
+            "help": f"fixed batch = {m} x min_batch, lr x sqrt({m})",
+        }
+        for m in (2, 4)
+    },
+    "oracle": {
+        "kind": "oracle",
+        "help": "the gns schedule's mechanics following the critical batch measured by benchmarks/critical_batch.py "
+        "(--oracle_cbs) instead of a GNS",
+    },
 }
 
 
 def catalogue_help(name: str) -> str:
     return {**RUNS, **VARIANTS}[name].get("help", "")
+
+
+def run_description(name: str, args: argparse.Namespace) -> str:
+    """What identifies a run in the cache besides the configuration: its help, the GNSCallback settings of a
+    scheduled run (the main job's defaults may change), and the oracle's measured CBS."""
+    spec = {**RUNS, **VARIANTS}[name]
+    if spec["kind"] not in ("gns", "oracle"):
+        return catalogue_help(name)
+    settings = {**main_job_gns_settings(), **spec.get("callback", {})}
+    text = f"{catalogue_help(name)} {json.dumps(settings, sort_keys=True)}"
+    if name != "oracle":
+        return text
+    fractions, cbs = measured_cbs(*args.oracle_cbs)
+    return f"{text}: {[round(f, 4) for f in fractions]} -> {[round(c, 2) for c in cbs]}"
 
 
 def main_job_gns_settings() -> dict:
@@ -112,10 +179,60 @@ def main_job_gns_settings() -> dict:
         "gns_multiplier": defaults.gns_multiplier,
         "ema_decay": defaults.gns_ema_decay,
         "lr_batch_power": defaults.gns_lr_batch_power,
+        "gns_signal": defaults.gns_signal,
     }
 
 
-def make_callback(spec: dict, min_batch: int, max_batch: int) -> GNSCallback:
+class MeasuredCriticalBatch:
+    """Stands in for the GNS estimator: its ``gns`` is the critical batch measured by branching
+    (``benchmarks/critical_batch.py``) at the data consumed, divided by the schedule's multiplier, so that the
+    schedule's target (multiplier × gns) is the measured CBS. Between the measured points the CBS is interpolated
+    linearly in log CBS over the fraction of the budget consumed, and held at the first and last point's values
+    outside them (the geometric mean over the seeds at each point)."""
+
+    is_current = True
+
+    def __init__(self, fractions: list[float], cbs: list[float], multiplier: float, controller_of):
+        self.fractions, self.log_cbs = fractions, [math.log(c) for c in cbs]
+        self.multiplier, self.controller_of = multiplier, controller_of
+
+    def at(self, fraction: float) -> float:
+        fractions, logs = self.fractions, self.log_cbs
+        if fraction <= fractions[0]:
+            return math.exp(logs[0])
+        for (f0, l0), (f1, l1) in itertools.pairwise(zip(fractions, logs, strict=True)):
+            if fraction <= f1:
+                return math.exp(l0 + (l1 - l0) * (fraction - f0) / (f1 - f0))
+        return math.exp(logs[-1])
+
+    @property
+    def gns(self) -> float:
+        controller = self.controller_of()
+        return self.at(controller.progress / controller.loop.budget) / self.multiplier
+
+
+class OracleCallback(GNSCallback):
+    """GNSCallback whose "gns" schedule follows the measured critical batch (:class:`MeasuredCriticalBatch`)."""
+
+    def __init__(self, fractions: list[float], cbs: list[float], **kwargs):
+        super().__init__(**kwargs)
+        self.measured = MeasuredCriticalBatch(fractions, cbs, self.gns_multiplier, lambda: self.controller)
+
+    @property
+    def signal_estimator(self):
+        return self.measured
+
+
+def measured_cbs(path: str, setting: str, tolerance: str) -> tuple[list[float], list[float]]:
+    """(fractions of the budget, CBS) from critical_batch.py's results.json: geometric mean over its seeds."""
+    results = json.loads(Path(path).read_text())
+    per_seed = results["cbs"][setting][tolerance]
+    fractions = results["fractions"][setting]
+    cbs = [math.exp(statistics.fmean(math.log(seed[i]) for seed in per_seed)) for i in range(len(fractions))]
+    return fractions, cbs
+
+
+def make_callback(spec: dict, min_batch: int, max_batch: int, oracle: tuple | None = None) -> GNSCallback:
     settings = main_job_gns_settings()
     if spec["kind"] == "fixed":
         return GNSCallback(ema_decay=settings["ema_decay"])  # measures only
@@ -125,6 +242,10 @@ def make_callback(spec: dict, min_batch: int, max_batch: int) -> GNSCallback:
         )
     settings.update(spec.get("callback", {}))
     common = {"schedule": "gns", "min_batch_size": min_batch, "max_batch_size": max_batch, **settings}
+    if spec["kind"] == "oracle":
+        if oracle is None:
+            raise SystemExit("the oracle run needs --oracle_cbs (benchmarks/critical_batch.py's results.json)")
+        return OracleCallback(*oracle, **common)
     return GNSCallback(**common)
 
 
@@ -230,7 +351,10 @@ def prepare_data(args) -> tuple:
 
 def train_one(name: str, spec: dict, seed: int, args, model_args, tokenizer, lm_data) -> dict:
     min_batch, max_batch, micro = args.min_batch, args.max_batch, args.micro_batch
-    fixed_batch = {"min": min_batch, "max": max_batch}.get(spec.get("batch"), min_batch)
+    batch = spec.get("batch")
+    fixed_batch = (
+        batch * min_batch if isinstance(batch, int) else {"min": min_batch, "max": max_batch}.get(batch, min_batch)
+    )
     steps = args.budget // fixed_batch
     set_seed(seed)
     model = clm.build_model(model_args, tokenizer, args.block_size)
@@ -255,7 +379,8 @@ def train_one(name: str, spec: dict, seed: int, args, model_args, tokenizer, lm_
         seed=seed,
         use_cpu=not torch.cuda.is_available(),
     )
-    callback = make_callback(spec, min_batch, max_batch)
+    oracle = measured_cbs(*args.oracle_cbs) if spec["kind"] == "oracle" else None
+    callback = make_callback(spec, min_batch, max_batch, oracle)
     points = [round(args.budget * (i + 1) / args.eval_points) for i in range(args.eval_points)]
     probe = None
     if name in args.probe_runs and seed == args.seeds[0]:
@@ -434,6 +559,32 @@ def analyse(results: dict[str, dict[int, dict]], names: list[str], seeds: list[i
                 verdict.append(f"{label} {fmt_pct(s)} {'holds' if ok else 'FAILS'}")
                 out["targets"][name][f"{label}_target_holds"] = ok
             lines.append(f"{name:>16}  " + ";  ".join(verdict))
+
+    # issue 23's target: >= 30% fewer optimizer steps than the fixed small batch on the same examples, with a final
+    # held-out loss no worse than the small batch's + LOSS_ALLOWANCE (paired by seed)
+    if have_small:
+        lines.append("")
+        lines.append(
+            f"equal examples: optimizer steps saved and final held-out loss against the fixed small batch (per seed "
+            f"paired; target: >= {STEPS_TARGET:.0%} fewer steps at <= +{LOSS_ALLOWANCE} nats)"
+        )
+        lines.append(f"{'run':>16} {'steps saved':>28} {'final loss - small':>30}  target")
+        for name in names:
+            if name == "small":
+                continue
+            saved = summary(
+                [1.0 - results[name][s]["optimizer_steps"] / results["small"][s]["optimizer_steps"] for s in seeds]
+            )
+            excess = summary(
+                [results[name][s]["eval"][-1]["loss"] - results["small"][s]["eval"][-1]["loss"] for s in seeds]
+            )
+            ok = saved["mean"] >= STEPS_TARGET and excess["mean"] <= LOSS_ALLOWANCE
+            out["targets"].setdefault(name, {})["equal_examples_vs_small"] = {
+                "steps_saved": saved,
+                "final_loss_excess": excess,
+                "holds": ok,
+            }
+            lines.append(f"{name:>16} {fmt_pct(saved):>28} {fmt(excess, 4):>30}  {'holds' if ok else 'FAILS'}")
     return out, "\n".join(lines)
 
 
@@ -525,6 +676,8 @@ WINDOW = 40  # steps each side of the centred reference window
 DIAGNOSTIC_DECAYS = (0.95, 0.99)
 
 
+STEPS_TARGET = 0.30  # issue 23: fewer optimizer steps than the fixed small batch ...
+LOSS_ALLOWANCE = 0.02  # ... at a final held-out loss at most this many nats above the small batch's
 EASY_OFFSET = 0.1  # nats above the large batch's final loss: the easier target
 TRADEOFF_LEVELS = 5  # loss levels evenly from the worst to the best mean final loss among the runs
 
@@ -549,7 +702,7 @@ def plot(results: dict, names: list[str], seeds: list[int], block_size: int, pat
     for i, name in enumerate(names):
         color = colors[i % len(colors)]
         runs = [results[name][s] for s in seeds]
-        for axis, key, log in ((tokens_axis, "tokens", False), (steps_axis, "step", False)):
+        for axis, key, log in ((tokens_axis, "tokens", False), (steps_axis, "step", True)):
             low = max(r["eval"][0][key] for r in runs)
             high = min(r["eval"][-1][key] for r in runs)
             grid = np.geomspace(low, high, 60) if log else np.linspace(low, high, 60)
@@ -570,6 +723,7 @@ def plot(results: dict, names: list[str], seeds: list[int], block_size: int, pat
             axis.plot(grid * block_size / 1e6, np.nanmean(curves, 0), color=color, label=name)
     tokens_axis.set_xlabel("tokens (M)")
     steps_axis.set_xlabel("optimizer steps")
+    steps_axis.set_xscale("log")
     for axis in (tokens_axis, steps_axis):
         axis.set_ylabel("held-out loss (nats/token)")
         finals = [results[n][s]["eval"][-1]["loss"] for n in names for s in seeds]
@@ -618,6 +772,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="runs whose first seed also measures the whole model's GNS from per-example gradients (diagnostic)",
     )
     parser.add_argument("--probe_examples", type=int, default=192)
+    parser.add_argument(
+        "--oracle_cbs",
+        nargs=3,
+        metavar=("RESULTS_JSON", "SETTING", "TOLERANCE"),
+        default=["runs/critical_batch/results.json", "llama", "0.01"],
+        help="the oracle run's critical batch: critical_batch.py's results.json, its setting and tolerance",
+    )
     parser.add_argument("--tag", default="", help="suffix of the results and figure names (another comparison)")
     parser.add_argument("--list", action="store_true", help="list the runs and exit")
     return parser.parse_args(argv)
@@ -637,7 +798,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--budget must be a multiple of --max_batch ({args.max_batch})")
     torch.set_num_threads(args.threads)
     output = Path(args.output_dir)
-    ignored = ("seeds", "runs", "rerun", "output_dir", "list", "threads", "probe_runs", "probe_examples", "tag")
+    ignored = (
+        "seeds", "runs", "rerun", "output_dir", "list", "threads", "probe_runs", "probe_examples", "tag", "oracle_cbs",
+    )  # fmt: skip
     config = {k: v for k, v in vars(args).items() if k not in ignored}
     cache = RunCache(output / "runs", config, args.rerun)
 
@@ -646,7 +809,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     for name in args.runs:
         for seed in args.seeds:
-            cached = cache.get(name, seed, catalogue_help(name))
+            spec_text = run_description(name, args)
+            cached = cache.get(name, seed, spec_text)
             if cached is not None:
                 results.setdefault(name, {})[seed] = cached
                 continue
@@ -659,7 +823,7 @@ def main(argv: list[str] | None = None) -> dict:
                     flush=True,
                 )
             run = train_one(name, catalogue[name], seed, args, model_args, tokenizer, lm_data)
-            cache.put(name, seed, run, catalogue_help(name))
+            cache.put(name, seed, run, spec_text)
             results.setdefault(name, {})[seed] = run
             print(
                 f"{name:>16} seed {seed}: final held-out loss {run['eval'][-1]['loss']:.4f}, "

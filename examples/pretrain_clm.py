@@ -70,6 +70,7 @@ from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from hf_gns_spam.fake_quant import apply_fake_quantization
+from hf_gns_spam.gns.arguments import CALLBACK_DEFAULTS
 from hf_gns_spam.metrics import causal_lm_accuracy
 from hf_gns_spam.plotting import first_crossing, plot_runs, training_records
 
@@ -136,13 +137,27 @@ class GNSArguments:
     schedule: str = field(default="gns", metadata={"help": "batch-size schedule: none, linear or gns"})
     min_batch_size: int | None = field(default=None, metadata={"help": "default: micro-batch x processes"})
     max_batch_size: int | None = field(default=None, metadata={"help": "default: 8 x min_batch_size"})
-    gns_warmup_steps: int = field(default=20, metadata={"help": "optimizer steps before the first change"})
-    gns_update_interval: int = field(default=10, metadata={"help": "optimizer steps between changes"})
-    gns_multiplier: float = field(default=2.0, metadata={"help": "batch target = multiplier x GNS"})
-    gns_lr_batch_power: float = field(
-        default=0.5, metadata={"help": "learning rate x (batch / min_batch_size)^power on top of its schedule"}
+    gns_warmup_steps: float = field(
+        default=CALLBACK_DEFAULTS["warmup_steps"],
+        metadata={"help": "no change before this many optimizer steps (>= 1) or this fraction of the data (< 1)"},
     )
-    gns_ema_decay: float = field(default=0.95, metadata={"help": "EMA decay of |G|^2 and tr(Sigma)"})
+    gns_update_interval: int = field(
+        default=CALLBACK_DEFAULTS["update_interval"], metadata={"help": "optimizer steps between changes"}
+    )
+    gns_multiplier: float = field(
+        default=CALLBACK_DEFAULTS["gns_multiplier"], metadata={"help": "batch target = multiplier x GNS"}
+    )
+    gns_lr_batch_power: float = field(
+        default=CALLBACK_DEFAULTS["lr_batch_power"],
+        metadata={"help": "learning rate x (batch / min_batch_size)^power on top of its schedule"},
+    )
+    gns_ema_decay: float = field(
+        default=CALLBACK_DEFAULTS["ema_decay"], metadata={"help": "EMA decay of |G|^2 and tr(Sigma)"}
+    )
+    gns_signal: str = field(
+        default=CALLBACK_DEFAULTS["gns_signal"],
+        metadata={"help": "the GNS the batch follows: block (the per-block norms'), all, final or other"},
+    )
 
 
 @dataclass
@@ -321,6 +336,7 @@ def gns_callback(gns_args: GNSArguments, training: TrainingArguments) -> GNSCall
         gns_multiplier=gns_args.gns_multiplier,
         lr_batch_power=gns_args.gns_lr_batch_power,
         ema_decay=gns_args.gns_ema_decay,
+        gns_signal=gns_args.gns_signal,
     )
 
 
@@ -513,12 +529,13 @@ class Run:
 
 
 def schedule_description(gns_args: GNSArguments, minimum: int) -> str:
-    """The scheduled run in words, e.g. ``GNS schedule (batch 8 to 64, 2 × GNS, learning rate × (B/8)^0.5)``."""
+    """The scheduled run in words, e.g. ``GNS schedule (batch 8 to 64, 1 × GNS of the block norms, learning rate ×
+    (B/8)^0.5)``."""
     if gns_args.schedule == "none":
         return f"fixed batch {minimum}, GNS measured"
     rule = f"batch {minimum} to {gns_args.max_batch_size or 8 * minimum}"
     if gns_args.schedule == "gns":
-        rule += f", {gns_args.gns_multiplier:g} × GNS"
+        rule += f", {gns_args.gns_multiplier:g} × GNS of the {gns_args.gns_signal} norms"
     if gns_args.gns_lr_batch_power:
         rule += f", learning rate × (B/{minimum})^{gns_args.gns_lr_batch_power:g}"
     return f"{'GNS' if gns_args.schedule == 'gns' else gns_args.schedule} schedule ({rule})"

@@ -19,8 +19,8 @@ In the process the script runs in (torchrun and accelerate start the launcher as
      patched itself is left as it is), and the patch report is printed once, by the main process, on stderr;
    * a :class:`~hf_gns_spam.GNSCallback` built from the options is added to each Trainer (``--no-gns``: not), unless
      the script gives the Trainer its own, which is then the one used (and one the script adds later with
-     ``add_callback`` replaces the launcher's). Its defaults are those of ``examples/pretrain_clm.py``
-     (:data:`GNS_OPTIONS`): ``--min-batch-size`` = per_device_train_batch_size × processes ×
+     ``add_callback`` replaces the launcher's). Its defaults are GNSCallback's, which ``examples/pretrain_clm.py``
+     uses too (:data:`GNS_OPTIONS`), and ``--min-batch-size`` = per_device_train_batch_size × processes ×
      gradient_accumulation_steps of the script's ``TrainingArguments``, ``--max-batch-size`` = 8 × that.
 3. The script runs with :mod:`runpy` as python runs it: ``__name__ == "__main__"``, ``sys.argv == [SCRIPT,
    *script args]``, ``sys.path[0]`` the script's folder (the current folder for ``-m``). When it returns, a
@@ -65,6 +65,8 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from hf_gns_spam.gns.arguments import CALLBACK_DEFAULTS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -118,32 +120,32 @@ class GNSOption:
 _ANY_SCHEDULE = (None, "linear", "gns")
 _SCHEDULED = ("linear", "gns")
 # Declared once: the argument parser, the checks that options fit the schedule, and the translation of
-# GNSCallback's messages into option names all read this table. The defaults are examples/pretrain_clm.py's (where
-# they differ from GNSCallback's: gns_multiplier 2 and lr_batch_power 0.5 are what let a growing batch save optimizer
-# steps in benchmarks/batch_schedule.py; warmup 20 steps; ema_decay 0.95 for short runs).
+# GNSCallback's messages into option names all read this table. The defaults are GNSCallback's (CALLBACK_DEFAULTS),
+# which examples/pretrain_clm.py uses too.
 GNS_OPTIONS = (
     GNSOption("--min-batch-size", "min_batch_size", int, None, _SCHEDULED,
               "global batch (examples per optimizer step, all processes) to start from; default: the script's "
               "per_device_train_batch_size x processes x gradient_accumulation_steps"),
     GNSOption("--max-batch-size", "max_batch_size", int, None, _SCHEDULED,
               "global batch the schedule may grow to; default: 8 x --min-batch-size"),
-    GNSOption("--gns-warmup-steps", "warmup_steps", int, 20, ("gns",),
-              "optimizer steps before the first batch-size decision"),
-    GNSOption("--gns-update-interval", "update_interval", int, 10, ("gns",),
+    GNSOption("--gns-warmup-steps", "warmup_steps", float, CALLBACK_DEFAULTS["warmup_steps"], ("gns",),
+              "no batch-size decision before this many optimizer steps (>= 1) or this fraction of the data (< 1)"),
+    GNSOption("--gns-update-interval", "update_interval", int, CALLBACK_DEFAULTS["update_interval"], ("gns",),
               "optimizer steps between batch-size decisions"),
-    GNSOption("--gns-multiplier", "gns_multiplier", float, 2.0, ("gns",), "the batch follows this x the GNS"),
-    GNSOption("--gns-max-growth", "max_growth", float, 2.0, ("gns",),
+    GNSOption("--gns-multiplier", "gns_multiplier", float, CALLBACK_DEFAULTS["gns_multiplier"], ("gns",),
+              "the batch follows this x the GNS"),
+    GNSOption("--gns-max-growth", "max_growth", float, CALLBACK_DEFAULTS["max_growth"], ("gns",),
               "the most one decision multiplies the batch by"),
-    GNSOption("--gns-lr-batch-power", "lr_batch_power", float, 0.5, _SCHEDULED,
+    GNSOption("--gns-lr-batch-power", "lr_batch_power", float, CALLBACK_DEFAULTS["lr_batch_power"], _SCHEDULED,
               "learning rate x (batch / min batch)^p on top of its schedule (0.5: square-root scaling; 0: the "
               "schedule in data of a fixed batch)"),
-    GNSOption("--gns-ema-decay", "ema_decay", float, 0.95, _ANY_SCHEDULE,
+    GNSOption("--gns-ema-decay", "ema_decay", float, CALLBACK_DEFAULTS["ema_decay"], _ANY_SCHEDULE,
               "decay of the EMAs of |G|^2 and tr(Sigma), per optimizer step"),
-    GNSOption("--gns-verify-interval", "verify_interval", int, 100, _ANY_SCHEDULE,
+    GNSOption("--gns-verify-interval", "verify_interval", int, CALLBACK_DEFAULTS["verify_interval"], _ANY_SCHEDULE,
               "optimizer steps between two checks of how the loss weights its examples"),
     GNSOption("--gns-validate-every", "validate_every", int, None, _ANY_SCHEDULE,
               "also log the whole model's GNS (gns_total) every N optimizer steps (costly; off by default)"),
-    GNSOption("--gns-signal", "gns_signal", str, "all", ("gns",),
+    GNSOption("--gns-signal", "gns_signal", str, CALLBACK_DEFAULTS["gns_signal"], ("gns",),
               "the GNS the batch follows: all (every patched norm, the logged gns), block, final or other"),
 )  # fmt: skip
 _SCHEDULE_FLAG = "--gns-schedule"

@@ -8,6 +8,7 @@ not fail a test.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -17,14 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
+from hf_gns_spam import GNSCallback
 from hf_gns_spam.cli import main as cli_main
 from hf_gns_spam.integrations.known_warnings import (
     BITSANDBYTES_KERNELS_MESSAGE,
     KERNELS_OFFLINE_TRUST_MESSAGE,
     PIN_MEMORY_MESSAGE,
 )
+from hf_gns_spam.launch import GNS_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -52,7 +55,7 @@ def test_pretrain_clm_writes_model_metrics_and_plot(tmp_path):
     assert not [message for message in KNOWN_MESSAGES if message in result.stderr + result.stdout]
     baseline_dir = output_dir / "baseline_fixed_batch"
     announcements = [  # each run announced as it starts, its result as it ends, in order
-        f"run 1/2: GNS schedule (batch 4 to 16, 2 × GNS, learning rate × (B/4)^0.5) → {output_dir}\n",
+        f"run 1/2: GNS schedule (batch 4 to 16, 1 × GNS of the block norms, learning rate × (B/4)^0.5) → {output_dir}\n",
         "run 1/2 done in ",
         f"run 2/2: fixed batch 4 baseline → {baseline_dir}\n",
         "run 2/2 done in ",
@@ -350,10 +353,34 @@ def test_main_job_writes_each_run_as_it_goes_and_continues_after_an_interruption
     capsys.readouterr()
     run_main_job(clm, cut, FolderSnapshots({}), "--resume_from_checkpoint", "true")
     out = capsys.readouterr().out
-    assert f"run 1/2: GNS schedule (batch 4 to 16, 2 × GNS, learning rate × (B/4)^0.5) → {cut}: already complete" in out
+    assert f"run 1/2: GNS schedule (batch 4 to 16, 1 × GNS of the block norms, learning rate × (B/4)^0.5) → {cut}: already complete" in out
     assert f"run 2/2: fixed batch 4 baseline → {left}, continuing from checkpoint-{step}\n" in out
     continued = json.loads((cut / "metrics.json").read_text())
     # the same numbers as the uninterrupted job
     assert_same_evaluations(continued["evaluations"], final["evaluations"])
     assert_same_evaluations(continued["baseline"]["evaluations"], final["baseline"]["evaluations"])
     assert continued["comparison"] == pytest.approx(final["comparison"], rel=1e-6)
+
+
+def test_the_main_job_the_launcher_and_the_callback_share_one_set_of_defaults():
+    """GNSCallback's keyword defaults are the launcher's options' and the main job's arguments' (issue 23: they once
+    were 1 / 0 / 0.99 in the class and 2 / 0.5 / 0.95 in the launcher and the main job)."""
+    clm = load_main_job()
+    defaults = {name: p.default for name, p in inspect.signature(GNSCallback.__init__).parameters.items()}
+    main_job = clm.GNSArguments()
+    main_job_values = {
+        "warmup_steps": main_job.gns_warmup_steps,
+        "update_interval": main_job.gns_update_interval,
+        "gns_multiplier": main_job.gns_multiplier,
+        "lr_batch_power": main_job.gns_lr_batch_power,
+        "ema_decay": main_job.gns_ema_decay,
+        "gns_signal": main_job.gns_signal,
+    }
+    assert main_job_values == {name: defaults[name] for name in main_job_values}
+    launcher = {option.parameter: option.default for option in GNS_OPTIONS}
+    assert launcher == {name: defaults[name] for name in launcher}
+    assert set(launcher) == set(defaults) - {"self", "schedule"}  # every keyword but the schedule has an option
+    # the main job's callback is built with its arguments
+    training = TrainingArguments(output_dir="unused", per_device_train_batch_size=8, use_cpu=True)
+    callback = clm.gns_callback(main_job, training)
+    assert {name: getattr(callback, name) for name in main_job_values} == main_job_values

@@ -4,6 +4,7 @@ groups' per-example statistics and per-step estimates against torch.func, ``gns_
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import torch
 
 from hf_gns_spam import GNSCallback, patch_model, per_example_grad_stats
 from hf_gns_spam.cli import main as cli_main
-from hf_gns_spam.gns.arguments import NORM_GROUPS, check_callback_arguments
+from hf_gns_spam.gns.arguments import CALLBACK_DEFAULTS, NORM_GROUPS, check_callback_arguments
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.groups import norm_groups
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
@@ -94,7 +95,7 @@ def test_group_statistics_equal_torch_func_per_example_gradients(architecture):
 def test_first_step_group_estimates_equal_torch_func(tmp_path, architecture):
     """A real Trainer step (accumulation 2, clipping on): each group's small, big, |G|², tr Σ and logged gns/<group>,
     gns/<group>_grad_sq and gns/<group>_trace_sigma equal the estimates from per-example gradients of that group's
-    parameters computed with torch.func."""
+    parameters computed with torch.func; the default signal is the block group's."""
     initial, callback, trainer, batch, weights = first_trainer_step(tmp_path, architecture)
     assert callback.groups_present == ("block", "final")
     measured = callback.history[0]
@@ -116,6 +117,9 @@ def test_first_step_group_estimates_equal_torch_func(tmp_path, architecture):
         assert logged[f"gns/{group}_trace_sigma"] == pytest.approx(trace_sigma, rel=1e-4)
         smalls.append(measured[f"small/{group}"])
         bigs.append(measured[f"big/{group}"])
+    # the default signal (what a "gns" schedule follows unless told otherwise) is the block group's estimate,
+    # checked against torch.func above
+    assert callback.gns_signal == "block" and callback.signal_estimator is callback.group_estimators["block"]
     # the groups split the all-norm sums (every patched norm of these models is in block or final)
     assert sum(smalls) == pytest.approx(measured["small"], rel=1e-6)
     assert sum(bigs) == pytest.approx(measured["big"], rel=1e-6)
@@ -155,9 +159,11 @@ def test_gns_signal_is_checked_by_the_torch_free_checks_and_against_the_model(tm
             make(gns_signal="x")
     model = model_zoo.build("llama")
     patch_model(model)
+    schedule = {"schedule": "gns", "min_batch_size": 4, "max_batch_size": 16}
     with pytest.raises(ValueError, match="gns_signal='other', but the model has no patched norm in that group"):
-        make_trainer(tmp_path, model, GNSCallback(gns_signal="other"))
-    make_trainer(tmp_path, model, GNSCallback(gns_signal="final"))  # llama has one
+        make_trainer(tmp_path, model, GNSCallback(gns_signal="other", **schedule))
+    make_trainer(tmp_path, model, GNSCallback(gns_signal="final", **schedule))  # llama has one
+    make_trainer(tmp_path, model, GNSCallback(gns_signal="other"))  # measuring only: the signal drives nothing
 
 
 def test_the_launcher_checks_gns_signal(capsys):
@@ -167,7 +173,7 @@ def test_the_launcher_checks_gns_signal(capsys):
     assert "--gns-signal must be one of 'all', 'block', 'final', 'other', got 'x'" in capsys.readouterr().err
 
 
-def test_checkpoint_state_round_trips_the_group_estimates_and_old_checkpoints_load(tmp_path):
+def test_checkpoint_state_round_trips_the_group_estimates_and_old_checkpoints_load(tmp_path, caplog):
     model = model_zoo.build("gpt2")
     patch_model(model)
     callback = GNSCallback(gns_signal="block", ema_decay=0.5)
@@ -188,7 +194,15 @@ def test_checkpoint_state_round_trips_the_group_estimates_and_old_checkpoints_lo
 
     old = copy.deepcopy(state)  # a checkpoint from before the norm groups
     del old["args"]["gns_signal"], old["attributes"]["group_estimator_states"], old["attributes"]["groups_present"]
-    restored = GNSCallback.from_state(old)
+    restored = GNSCallback.from_state(old)  # as transformers restores it: the saved args, the defaults for the rest
     restored._restore(old["attributes"])
-    assert restored.gns_signal == "all" and restored.estimator == callback.estimator
+    assert restored.gns_signal == CALLBACK_DEFAULTS["gns_signal"] and restored.estimator == callback.estimator
     assert all(restored.group_estimators[g] == GradientNoiseScale(ema_decay=0.5) for g in NORM_GROUPS)
+    # a scheduled run resumed from such a checkpoint is told that the signal it follows changes there
+    old["args"].update(schedule="gns", min_batch_size=4, max_batch_size=16)
+    for signal, warned in (("block", True), ("all", False)):
+        restored = GNSCallback(**{**old["args"], "gns_signal": signal})
+        with caplog.at_level(logging.WARNING, logger="hf_gns_spam.gns.callback"):
+            caplog.clear()
+            restored._restore(old["attributes"])
+        assert ("its batch followed the GNS of every patched norm (gns_signal='all')" in caplog.text) is warned

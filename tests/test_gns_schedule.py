@@ -116,10 +116,12 @@ def test_linear_schedule_epochs_every_step_exact_no_data_lost(tmp_path):
     # the logged batch sizes are the steps' sizes; the accumulation never decreases inside an epoch
     records = [r for r in trainer.state.log_history if "loss" in r]
     assert [r["batch_size"] for r in records] == sizes
-    # LR in samples: step k used lr = base · f(samples before step k / min_batch_size)
+    # LR in samples: step k used lr = base · f(samples before step k / min_batch_size) · (B_k / min_batch_size)^0.5
+    # (the default lr_batch_power, square-root scaling)
+    assert callback.lr_batch_power == 0.5
     factor = trainer.lr_scheduler.lr_lambdas[0]
     before = [sum(sizes[:k]) for k in range(len(sizes))]
-    expected = [1e-3 * factor(s / 1) for s in before]
+    expected = [1e-3 * factor(s / 1) * (b / 1) ** 0.5 for s, b in zip(before, sizes, strict=True)]
     assert auditor.learning_rates == pytest.approx(expected, rel=1e-9)
     assert auditor.learning_rates[-1] < 0.02 * max(auditor.learning_rates)  # the cosine reached its end in data
 

@@ -102,6 +102,22 @@ def test_decisions_only_every_update_interval_after_the_warmup():
     assert decisions[30] == 4
 
 
+def test_a_fractional_warmup_waits_for_that_share_of_the_data():
+    """warmup_steps in (0, 1) is a fraction of the budget in data (as TrainingArguments.warmup_steps): no decision
+    before warmup × budget examples, whatever the step; a whole number >= 1 counts steps; anything else is refused."""
+    schedule = gns_schedule(update_interval=10, warmup_steps=0.1)
+    budget = 4480.0
+    for step, samples, decides in ((10, 447.9, False), (60, 447.9, False), (60, 448.0, True), (10, 4000.0, True)):
+        wanted = schedule.target_accumulation(2, step, samples, budget, 100.0, True)
+        assert (wanted != 2) is decides, (step, samples)
+        assert schedule.warming_up(step, samples, budget) is not decides
+    assert gns_schedule(warmup_steps=20.0).warming_up(19, 1e9, budget)  # 20.0 is 20 steps, not a fraction
+    assert not gns_schedule(warmup_steps=0).warming_up(0, 0.0, budget)
+    for bad in (-0.5, 2.5, math.inf, math.nan):
+        with pytest.raises(ValueError, match="warmup_steps must be a whole number of optimizer steps"):
+            gns_schedule(warmup_steps=bad)
+
+
 def test_linear_is_unchanged_and_ignores_the_estimate():
     """B(s) = B_min + (B_max − B_min)·s/S rounded to whole units, never decreasing, whatever the estimate says."""
     schedule = BatchSizeSchedule("linear", 8, 256, 4)

@@ -65,7 +65,9 @@ def test_every_trainer_gets_a_patched_model_and_its_own_gns_callback_reported_on
     (a,), (b,) = gns_callbacks(first), gns_callbacks(second)
     assert a is not b
     assert (a.schedule, a.min_batch_size, a.max_batch_size) == ("linear", 2, 8)  # micro-batch 2 x 1 process x 1
-    assert (a.lr_batch_power, a.ema_decay, a.warmup_steps) == (0.5, 0.95, 0)  # pretrain_clm's; warmup: "gns" only
+    # GNSCallback's own defaults (one set: the launcher's are CALLBACK_DEFAULTS), warmup_steps included though only
+    # "gns" reads it
+    assert (a.lr_batch_power, a.ema_decay, a.warmup_steps, a.gns_signal) == (0.5, 0.99, 0.1, "block")
     err = capsys.readouterr().err
     assert err.count("hf-gns-spam launch: patch_model: patched 5 normalization module(s)") == 1
     assert err.count("GNSCallback(schedule='linear', min_batch_size=2, max_batch_size=8,") == 1

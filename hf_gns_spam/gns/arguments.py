@@ -15,17 +15,26 @@ torch-free :mod:`hf_gns_spam.gns.schedule` and :mod:`hf_gns_spam.gns.estimator`,
 * ``ema_decay`` in [0, 1), as :class:`~hf_gns_spam.gns.estimator.GradientNoiseScale` requires (the whole model's
   estimator of ``validate_every`` decays by ``ema_decay``^N, in [0, 1) with it).
 
-The parameters and their defaults are ``GNSCallback.__init__``'s (tests/test_gns_callback.py compares the two).
+The parameters and their defaults are ``GNSCallback.__init__``'s (tests/test_gns_callback.py compares the two), and
+:data:`CALLBACK_DEFAULTS` gives them to the launcher's options and the main job's arguments, so the three share one
+set of defaults. Those of the "gns" schedule are the ones benchmarks/critical_batch.py and
+benchmarks/batch_schedule.py support (BENCHMARKS.md): follow the per-block norms' GNS (``gns_signal="block"``: the
+final norm's GNS stays flat while the critical batch grows, and dominates the all-norm sum), smoothed over about
+100 steps (``ema_decay=0.99``), times 1 (``gns_multiplier``: the block GNS was 0.6–1.1× the critical batch measured
+by branching), with the learning rate × √(B / B_min) (``lr_batch_power=0.5``), deciding every 10 steps once 10% of
+the run's data is consumed (``warmup_steps=0.1``: the GNS of the first steps is a transient far above the batch that
+pays there, and the schedule never decreases).
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import inspect
+from typing import Any, Literal, get_args
 
 from hf_gns_spam.gns.estimator import GradientNoiseScale
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
 
-__all__ = ["GNS_SIGNALS", "NORM_GROUPS", "GNSSignal", "NormGroup", "check_callback_arguments"]
+__all__ = ["CALLBACK_DEFAULTS", "GNS_SIGNALS", "NORM_GROUPS", "GNSSignal", "NormGroup", "check_callback_arguments"]
 
 # the groups of patched norms with their own GNS (hf_gns_spam.gns.groups decides each norm's group), in log order
 NormGroup = Literal["block", "final", "other"]
@@ -40,14 +49,14 @@ def check_callback_arguments(
     min_batch_size: int | None = None,
     max_batch_size: int | None = None,
     update_interval: int = 10,
-    warmup_steps: int = 0,
+    warmup_steps: float = 0.1,
     gns_multiplier: float = 1.0,
     max_growth: float = 2.0,
-    lr_batch_power: float = 0.0,
+    lr_batch_power: float = 0.5,
     ema_decay: float = 0.99,
     verify_interval: int = 100,
     validate_every: int | None = None,
-    gns_signal: GNSSignal = "all",
+    gns_signal: GNSSignal = "block",
 ) -> None:
     """Raise ValueError, naming the argument and its valid range, for the first argument ``GNSCallback`` refuses
     (module docstring); return None when it accepts them all."""
@@ -69,3 +78,9 @@ def check_callback_arguments(
     if gns_signal not in GNS_SIGNALS:
         raise ValueError(f"gns_signal must be one of {', '.join(map(repr, GNS_SIGNALS))}, got {gns_signal!r}")
     GradientNoiseScale(ema_decay=ema_decay)  # its own check of the range
+
+
+# GNSCallback's keyword defaults (this signature's, which is GNSCallback.__init__'s), for the launcher and the main job
+CALLBACK_DEFAULTS: dict[str, Any] = {
+    name: parameter.default for name, parameter in inspect.signature(check_callback_arguments).parameters.items()
+}

@@ -141,14 +141,17 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             multiples of ``per_device_train_batch_size`` × processes. Required with a schedule; training starts
             at ``min_batch_size`` (``gradient_accumulation_steps`` is set from it).
         update_interval: ``"gns"``: optimizer steps between two decisions.
-        warmup_steps: ``"gns"``: optimizer steps before the first decision.
+        warmup_steps: ``"gns"``: no decision before this many optimizer steps (a value >= 1) or before this
+            fraction of the run's data (a value in (0, 1), as ``TrainingArguments.warmup_steps``): 0.1 (default) lets
+            the GNS's transient after initialisation pass (:mod:`hf_gns_spam.gns.schedule`).
         gns_multiplier: ``"gns"``: the batch target is this × the GNS in examples.
         max_growth: ``"gns"``: the most one decision may multiply the batch by.
         lr_batch_power: with a schedule, the learning rate is the LR schedule at the data consumed times
-            (B / min_batch_size)^lr_batch_power for the step's batch B: 0 (default) keeps the schedule in data of a
-            fixed batch; 0.5 (square-root scaling) lets a larger batch take larger steps (benchmarks/batch_schedule.py:
-            without it a growing batch saved no optimizer steps there).
-        ema_decay: decay of the EMAs of |G|² and tr Σ, per optimizer step.
+            (B / min_batch_size)^lr_batch_power for the step's batch B: 0.5 (default, square-root scaling) lets a
+            larger batch take larger steps (benchmarks/batch_schedule.py: without it a growing batch saved no
+            optimizer steps there); 0 keeps the schedule in data of a fixed batch.
+        ema_decay: decay of the EMAs of |G|² and tr Σ, per optimizer step (0.99: a horizon of about 100 steps;
+            benchmarks/critical_batch.py: the smoother estimate follows the critical batch more closely than 0.95).
         verify_interval: optimizer steps between two checks that the loss still weights its examples as
             identified on the first micro-batch (each check recomputes one micro-batch's per-example losses).
         validate_every: ``None`` (default) or N ≥ 1: every N-th optimizer step, also estimate the GNS of all
@@ -159,9 +162,12 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             Cost: one extra forward and backward per example of the validated step, at batch size 1 (about the
             step's own compute again, at a batch-1 speed), and its micro-batch inputs kept until its optimizer
             step; training itself is unchanged (bit for bit). Not with FSDP or reentrant gradient checkpointing.
-        gns_signal: ``"gns"``: the estimate the batch follows: ``"all"`` (default) the GNS of every patched norm,
-            logged as ``gns``; ``"block"``, ``"final"`` or ``"other"`` that group's GNS (:mod:`hf_gns_spam.gns.groups`;
-            the model must have the group), logged as ``gns/block`` etc. ``gns`` stays the all-norm estimate.
+        gns_signal: ``"gns"``: the estimate the batch follows: ``"block"`` (default) the GNS of the norms inside the
+            repeated blocks, logged as ``gns/block``; ``"final"`` or ``"other"`` that group's
+            (:mod:`hf_gns_spam.gns.groups`); ``"all"`` every patched norm's, logged as ``gns``. With a ``"gns"``
+            schedule the model must have the group. ``gns`` stays the all-norm estimate. Why "block": the final
+            norm carries most of the norms' |G|², and its GNS stays flat while the critical batch grows
+            (benchmarks/critical_batch.py, BENCHMARKS.md).
 
     Call ``patch_model(model)`` before training; the callback measures the patched norms only. It can be passed
     in ``Trainer(callbacks=[...])``, added with ``trainer.add_callback``, or restored from a checkpoint.
@@ -173,14 +179,14 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         min_batch_size: int | None = None,
         max_batch_size: int | None = None,
         update_interval: int = 10,
-        warmup_steps: int = 0,
+        warmup_steps: float = 0.1,
         gns_multiplier: float = 1.0,
         max_growth: float = 2.0,
-        lr_batch_power: float = 0.0,
+        lr_batch_power: float = 0.5,
         ema_decay: float = 0.99,
         verify_interval: int = 100,
         validate_every: int | None = None,
-        gns_signal: GNSSignal = "all",
+        gns_signal: GNSSignal = "block",
     ) -> None:
         check_callback_arguments(  # every check of the arguments, shared with the launcher (no torch there)
             schedule=schedule, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
@@ -263,10 +269,12 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         if not any(is_patched(m) for m in model.modules()):
             raise ValueError("GNSCallback found no patched normalization layer: call patch_model(model) first")
         groups = set(norm_groups(model).values())
-        if self.gns_signal != "all" and self.gns_signal not in groups:
+        if self.schedule == "gns" and self.gns_signal != "all" and self.gns_signal not in groups:
             raise ValueError(
-                f"gns_signal={self.gns_signal!r}, but the model has no patched norm in that group (it has "
-                f"{', '.join(g for g in NORM_GROUPS if g in groups)}; hf_gns_spam.gns.groups gives the rule)"
+                f"GNSCallback(schedule='gns') follows gns_signal={self.gns_signal!r}, but the model has no patched "
+                f"norm in that group (it has {', '.join(g for g in NORM_GROUPS if g in groups)}; "
+                "hf_gns_spam.gns.groups gives the rule): pass gns_signal='all' to follow every patched norm, or "
+                "one of the groups it has"
             )
 
     def attach(self, trainer: Trainer) -> None:
@@ -848,3 +856,10 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         for group, saved in (attributes.get("group_estimator_states") or {}).items():
             self.group_estimators[group] = GradientNoiseScale(ema_decay=self.ema_decay, **saved)
         self.groups_present = tuple(attributes.get("groups_present", ()))
+        if "group_estimator_states" not in attributes and self.schedule == "gns" and self.gns_signal != "all":
+            logger.warning(
+                "GNSCallback: the checkpoint was saved before the norm groups existed; its batch followed the GNS of "
+                "every patched norm (gns_signal='all'). From here on it follows gns_signal=%r, whose estimate starts "
+                "afresh (pass gns_signal='all' to keep the old signal).",
+                self.gns_signal,
+            )
