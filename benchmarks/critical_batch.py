@@ -431,10 +431,11 @@ def plot(runs: list[dict], tolerance: float, decay: float, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     settings = sorted({r["setting"] for r in runs})
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
-    colours = {"norms": "C0", "block": "C1", "final": "C2", "whole": "C3", "whole_no_emb": "C4"}
+    colours = {"norms": "C0", "block": "C1", "final": "C2", "whole": "C3", "whole_no_emb": "C4"}  # snapshots left out
     for ax, setting in zip(axes[0], settings, strict=True):
         for k, run in enumerate(r for r in runs if r["setting"] == setting):
             batches = run["batches"]
@@ -462,11 +463,14 @@ def plot(runs: list[dict], tolerance: float, decay: float, path: Path) -> None:
                     alpha=0.8,
                     label=f"{signal} (EMA {decay})" if k == 0 else None,
                 )
-                ax.plot(fractions, emas[f"{signal} snapshot"], ":", color=colour, alpha=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(
+            matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else "")
+        )
         ax.set_xlabel("fraction of the epoch at the branch point")
         ax.set_ylabel("examples")
-        ax.set_title(f"{setting}: CBS (black) and GNS variants (dotted: snapshot)")
+        ax.set_title(f"{setting}: CBS (black), GNS (EMA {decay}); a line per seed", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
