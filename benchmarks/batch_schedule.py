@@ -144,6 +144,17 @@ VARIANTS: dict[str, dict] = {
         }
         for m in (2, 4)
     },
+    "oracle_tight": {
+        "kind": "oracle",
+        "tolerance": "0.005",
+        "help": "oracle following the critical batch at a tolerance of 0.005 nats per window (about the 0.02-nats "
+        "allowance spread over the windows where the batch is above its minimum)",
+    },
+    "gns_m075": {
+        "kind": "gns",
+        "callback": {"gns_multiplier": 0.75},
+        "help": "gns, the main job's settings with gns_multiplier=0.75 (block GNS / CBS = 1.34 at 0.0075 nats)",
+    },
     "oracle": {
         "kind": "oracle",
         "help": "the gns schedule's mechanics following the critical batch measured by benchmarks/critical_batch.py "
@@ -164,9 +175,9 @@ def run_description(name: str, args: argparse.Namespace) -> str:
         return catalogue_help(name)
     settings = {**main_job_gns_settings(), **spec.get("callback", {})}
     text = f"{catalogue_help(name)} {json.dumps(settings, sort_keys=True)}"
-    if name != "oracle":
+    if spec["kind"] != "oracle":
         return text
-    fractions, cbs = measured_cbs(*args.oracle_cbs)
+    fractions, cbs = oracle_cbs(spec, args)
     return f"{text}: {[round(f, 4) for f in fractions]} -> {[round(c, 2) for c in cbs]}"
 
 
@@ -230,6 +241,12 @@ def measured_cbs(path: str, setting: str, tolerance: str) -> tuple[list[float], 
     fractions = results["fractions"][setting]
     cbs = [math.exp(statistics.fmean(math.log(seed[i]) for seed in per_seed)) for i in range(len(fractions))]
     return fractions, cbs
+
+
+def oracle_cbs(spec: dict, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """The critical batch an oracle run follows: --oracle_cbs, at the run's own tolerance when it names one."""
+    path, setting, tolerance = args.oracle_cbs
+    return measured_cbs(path, setting, spec.get("tolerance", tolerance))
 
 
 def make_callback(spec: dict, min_batch: int, max_batch: int, oracle: tuple | None = None) -> GNSCallback:
@@ -379,7 +396,7 @@ def train_one(name: str, spec: dict, seed: int, args, model_args, tokenizer, lm_
         seed=seed,
         use_cpu=not torch.cuda.is_available(),
     )
-    oracle = measured_cbs(*args.oracle_cbs) if spec["kind"] == "oracle" else None
+    oracle = oracle_cbs(spec, args) if spec["kind"] == "oracle" else None
     callback = make_callback(spec, min_batch, max_batch, oracle)
     points = [round(args.budget * (i + 1) / args.eval_points) for i in range(args.eval_points)]
     probe = None

@@ -484,7 +484,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=float, default=0.2, help="fraction of the epoch each branch trains")
     parser.add_argument("--base_batch", type=int, default=8, help="B0: the trunk's batch (the main job's)")
     parser.add_argument("--max_multiple", type=int, default=16, help="largest branch batch / B0 (a power of 2)")
-    parser.add_argument("--tolerances", nargs="+", type=float, default=[0.01, 0.02])
+    parser.add_argument("--tolerances", nargs="+", type=float, default=[0.005, 0.01, 0.02])
     parser.add_argument("--ema_decays", nargs="+", type=float, default=[0.95, 0.98, 0.99])
     parser.add_argument("--eval_examples", type=int, default=512)
     parser.add_argument("--snapshot_examples", type=int, default=256)
@@ -525,7 +525,12 @@ def main(argv: list[str] | None = None) -> dict:
     results, table = analyse(runs, args.tolerances, args.ema_decays)
     print(table)
     (output / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True))
-    plot(runs, args.tolerances[0], args.ema_decays[-1], output / "critical_batch.png")
+    plot(
+        runs,
+        0.01 if 0.01 in args.tolerances else args.tolerances[0],
+        args.ema_decays[-1],
+        output / "critical_batch.png",
+    )
     print(f"\nwrote {output / 'results.json'} and {output / 'critical_batch.png'}")
     return results
 
