@@ -91,6 +91,7 @@ from run_cache import RunCache  # noqa: E402
 from hf_gns_spam import patch_model  # noqa: E402
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates  # noqa: E402
 from hf_gns_spam.gns.groups import norm_groups  # noqa: E402
+from hf_gns_spam.gns.whole_model import embedding_parameters  # noqa: E402
 
 datasets.disable_progress_bars()
 hf_logging.set_verbosity_error()
@@ -139,10 +140,7 @@ def build_model(setting: str, tokenizer, block_size: int) -> nn.Module:
 def parameter_parts(model: nn.Module) -> dict[str, str]:
     """The part (:data:`PARTS`) of every trainable parameter, by name (a tied parameter once)."""
     groups = norm_groups(model)
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    head = model.get_output_embeddings()
-    if head is not None:
-        embedding_ids.update(id(p) for p in head.parameters())
+    embedding_ids = {id(p) for p in embedding_parameters(model)}  # the rule of gns_total_no_embeddings
     parts = {}
     for name, parameter in model.named_parameters():  # named_parameters() yields a tied parameter once
         module_name = name.rpartition(".")[0]
