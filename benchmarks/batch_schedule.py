@@ -146,17 +146,19 @@ VARIANTS: dict[str, dict] = {
     },
     "oracle_tight": {
         "kind": "oracle",
+        "callback": {"gns_multiplier": 1.0},  # the target is the CBS itself (gns = CBS / multiplier)
         "tolerance": "0.005",
         "help": "oracle following the critical batch at a tolerance of 0.005 nats per window (about the 0.02-nats "
         "allowance spread over the windows where the batch is above its minimum)",
     },
-    "gns_m075": {
+    "gns_block_m1": {
         "kind": "gns",
-        "callback": {"gns_multiplier": 0.75},
-        "help": "gns, the main job's settings with gns_multiplier=0.75 (block GNS / CBS = 1.34 at 0.0075 nats)",
+        "callback": {"gns_multiplier": 1.0},
+        "help": "gns, the main job's settings with gns_multiplier=1 (block GNS / CBS = 1.10 at 0.01 nats)",
     },
     "oracle": {
         "kind": "oracle",
+        "callback": {"gns_multiplier": 1.0},  # the target is the CBS itself (gns = CBS / multiplier)
         "help": "the gns schedule's mechanics following the critical batch measured by benchmarks/critical_batch.py "
         "(--oracle_cbs) instead of a GNS",
     },

@@ -529,7 +529,7 @@ class Run:
 
 
 def schedule_description(gns_args: GNSArguments, minimum: int) -> str:
-    """The scheduled run in words, e.g. ``GNS schedule (batch 8 to 64, 1 × GNS of the block norms, learning rate ×
+    """The scheduled run in words, e.g. ``GNS schedule (batch 8 to 64, 0.75 × GNS of the block norms, learning rate ×
     (B/8)^0.5)``."""
     if gns_args.schedule == "none":
         return f"fixed batch {minimum}, GNS measured"

@@ -33,6 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 # the third-party messages every offline CPU run printed, which a first contact must not show
 KNOWN_MESSAGES = (BITSANDBYTES_KERNELS_MESSAGE, KERNELS_OFFLINE_TRUST_MESSAGE, PIN_MEMORY_MESSAGE)
+# how the main job announces its scheduled run at the tests' size (micro-batch 4), with the default GNS settings
+SCHEDULED_RUN = "GNS schedule (batch 4 to 16, 0.75 × GNS of the block norms, learning rate × (B/4)^0.5)"
 
 
 @pytest.mark.slow
@@ -55,7 +57,7 @@ def test_pretrain_clm_writes_model_metrics_and_plot(tmp_path):
     assert not [message for message in KNOWN_MESSAGES if message in result.stderr + result.stdout]
     baseline_dir = output_dir / "baseline_fixed_batch"
     announcements = [  # each run announced as it starts, its result as it ends, in order
-        f"run 1/2: GNS schedule (batch 4 to 16, 1 × GNS of the block norms, learning rate × (B/4)^0.5) → {output_dir}\n",
+        f"run 1/2: {SCHEDULED_RUN} → {output_dir}\n",
         "run 1/2 done in ",
         f"run 2/2: fixed batch 4 baseline → {baseline_dir}\n",
         "run 2/2 done in ",
@@ -353,7 +355,7 @@ def test_main_job_writes_each_run_as_it_goes_and_continues_after_an_interruption
     capsys.readouterr()
     run_main_job(clm, cut, FolderSnapshots({}), "--resume_from_checkpoint", "true")
     out = capsys.readouterr().out
-    assert f"run 1/2: GNS schedule (batch 4 to 16, 1 × GNS of the block norms, learning rate × (B/4)^0.5) → {cut}: already complete" in out
+    assert f"run 1/2: {SCHEDULED_RUN} → {cut}: already complete" in out
     assert f"run 2/2: fixed batch 4 baseline → {left}, continuing from checkpoint-{step}\n" in out
     continued = json.loads((cut / "metrics.json").read_text())
     # the same numbers as the uninterrupted job

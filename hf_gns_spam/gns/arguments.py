@@ -20,10 +20,11 @@ The parameters and their defaults are ``GNSCallback.__init__``'s (tests/test_gns
 set of defaults. Those of the "gns" schedule are the ones benchmarks/critical_batch.py and
 benchmarks/batch_schedule.py support (BENCHMARKS.md): follow the per-block norms' GNS (``gns_signal="block"``: the
 final norm's GNS stays flat while the critical batch grows, and dominates the all-norm sum), smoothed over about
-100 steps (``ema_decay=0.99``), times 1 (``gns_multiplier``: the block GNS was 0.6–1.1× the critical batch measured
-by branching), with the learning rate × √(B / B_min) (``lr_batch_power=0.5``), deciding every 10 steps once 10% of
-the run's data is consumed (``warmup_steps=0.1``: the GNS of the first steps is a transient far above the batch that
-pays there, and the schedule never decreases).
+100 steps (``ema_decay=0.99``), times 0.75 (``gns_multiplier``: the block GNS was 1.34× the main job's critical
+batch measured by branching at 0.0075 nats per window, a 0.02-nat allowance spread over the windows where the batch
+is above its minimum; 0.6–1.1× it at 0.01 nats), with the learning rate × √(B / B_min) (``lr_batch_power=0.5``),
+deciding every 10 steps once 10% of the run's data is consumed (``warmup_steps=0.1``: the GNS of the first steps is
+a transient far above the batch that pays there, and the schedule never decreases).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def check_callback_arguments(
     max_batch_size: int | None = None,
     update_interval: int = 10,
     warmup_steps: float = 0.1,
-    gns_multiplier: float = 1.0,
+    gns_multiplier: float = 0.75,
     max_growth: float = 2.0,
     lr_batch_power: float = 0.5,
     ema_decay: float = 0.99,

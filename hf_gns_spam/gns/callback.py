@@ -144,7 +144,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         warmup_steps: ``"gns"``: no decision before this many optimizer steps (a value >= 1) or before this
             fraction of the run's data (a value in (0, 1), as ``TrainingArguments.warmup_steps``): 0.1 (default) lets
             the GNS's transient after initialisation pass (:mod:`hf_gns_spam.gns.schedule`).
-        gns_multiplier: ``"gns"``: the batch target is this × the GNS in examples.
+        gns_multiplier: ``"gns"``: the batch target is this × the GNS in examples (0.75: calibrated against the
+            critical batch size measured by branching, :mod:`hf_gns_spam.gns.arguments`).
         max_growth: ``"gns"``: the most one decision may multiply the batch by.
         lr_batch_power: with a schedule, the learning rate is the LR schedule at the data consumed times
             (B / min_batch_size)^lr_batch_power for the step's batch B: 0.5 (default, square-root scaling) lets a
@@ -180,7 +181,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         max_batch_size: int | None = None,
         update_interval: int = 10,
         warmup_steps: float = 0.1,
-        gns_multiplier: float = 1.0,
+        gns_multiplier: float = 0.75,
         max_growth: float = 2.0,
         lr_batch_power: float = 0.5,
         ema_decay: float = 0.99,
