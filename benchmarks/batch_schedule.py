@@ -753,7 +753,7 @@ def plot(results: dict, names: list[str], seeds: list[int], block_size: int, pat
     steps_axis.set_title("held-out loss against optimizer steps")
     batch_axis.set_title("batch size (examples) against tokens, mean over seeds")
     batch_axis.set_xlabel("tokens (M)")
-    gns_axis.set_title("GNS (examples) the callback estimated, mean over seeds")
+    gns_axis.set_title("GNS of every patched norm (the logged gns; the schedule follows gns/block), mean over seeds")
     gns_axis.set_xlabel("tokens (M)")
     gns_axis.set_yscale("log")
     for axis in (batch_axis, gns_axis):

@@ -89,6 +89,11 @@ DataUnit = Literal["tokens", "examples", "steps"]
 UNIT_NAMES: dict[DataUnit, str] = {"tokens": "tokens", "examples": "examples", "steps": "optimizer steps"}
 
 
+# the GNS panel's lines: every patched norm's estimate, and the per-block norms' (what a "gns" schedule follows by
+# default), each drawn where the run logged it
+GNS_LABELS = {"gns": "gns (all norms)", "gns/block": "gns/block"}
+
+
 def find_trainer_state(run_dir: str | Path) -> Path:
     """``run_dir/trainer_state.json``, or the one in the run's latest ``checkpoint-*`` folder."""
     run_dir = Path(run_dir)
@@ -385,12 +390,16 @@ def plot_figure(runs: dict[str, str | Path]) -> Figure:
                 label=f"{run.label}: held-out" if evaluations else None,
             )
             axis.plot([], [], color=color, alpha=0.45, label=f"{run.label}: training")
-        for key, draw in (("gns", gns_axis.plot), ("batch_size", batch_axis.step)):
+        for key, draw, style in (
+            ("gns", gns_axis.plot, {}),
+            ("gns/block", gns_axis.plot, {"ls": "--"}),  # the per-block norms' GNS, the "gns" schedule's default
+            ("batch_size", batch_axis.step, {"where": "pre"}),  # a record's batch: since the previous record
+        ):
             pairs = [(x, r.get(key)) for x, r in zip(x_records, run.records, strict=True)]
             pairs = [(x, value) for x, value in pairs if is_positive(value)]
             if pairs:
-                kwargs = {"where": "pre"} if key == "batch_size" else {}  # a record's batch: since the previous
-                draw([p[0] for p in pairs], [p[1] for p in pairs], color=color, label=run.label, **kwargs)
+                label = run.label if key == "batch_size" else f"{run.label}: {GNS_LABELS[key]}"
+                draw([p[0] for p in pairs], [p[1] for p in pairs], color=color, label=label, **style)
     reached = loss_reached(loaded, unit) if len(loaded) > 1 else None
     if reached is not None:
         for axis in (data_axis, steps_axis):

@@ -6,6 +6,7 @@ batch grows."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -170,6 +171,22 @@ def test_gns_ticks_are_plain_numbers_within_a_decade_and_across_decades(tmp_path
     major, minor = gns_tick_labels(write_run(tmp_path / "wide", records))
     assert {"1", "10", "100", "1,000"} <= set(major) and minor == []
     assert all(re.fullmatch(r"[\d,]+(\.\d+)?", label) for label in major), major
+
+
+def test_the_gns_panel_draws_the_all_norm_and_the_block_estimates_where_logged(tmp_path):
+    """gns (all norms) solid and gns/block (what the "gns" schedule follows by default) dashed, each only where the
+    run logged it; a run without gns/block gets no dashed line."""
+    records = training_log([4] * 10)
+    for step, record in enumerate(records):
+        record["gns"], record["gns/block"] = 2.0 + step, (10.0 + step if step >= 3 else math.nan)
+    older = training_log([4] * 10)
+    for step, record in enumerate(older):
+        record["gns"] = 3.0 + step
+    figure = plot_figure({"new": write_run(tmp_path / "new", records), "old": write_run(tmp_path / "old", older)})
+    lines = {line.get_label(): line for line in figure.axes[2].get_lines()}
+    assert set(lines) == {"new: gns (all norms)", "new: gns/block", "old: gns (all norms)"}
+    assert list(lines["new: gns/block"].get_ydata()) == [10.0 + step for step in range(3, 10)]
+    assert lines["new: gns/block"].get_linestyle() == "--" and lines["new: gns (all norms)"].get_linestyle() == "-"
 
 
 def evaluated_run(folder: Path, batch: int, eval_steps: list[int], eval_losses: list[float]) -> Path:
