@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import math
 
 import pytest
@@ -208,6 +209,32 @@ def test_qlora_trains_with_stable_spam_and_the_callback(tmp_path, has_avx512bf16
     assert all(math.isnan(r["gns"]) for r in records) and callback.estimator.skipped == 3
     assert isinstance(trainer.optimizer.optimizer, StableSPAM)
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
+
+
+def test_frozen_norms_under_lora_are_reported_once_and_refused_by_a_gns_schedule(tmp_path, caplog):
+    """peft LoRA freezes the norms: no norm weight gets a gradient, so there is no GNS. Measuring only, the first
+    step says so once (not at every step); a "gns" schedule, which could never move, stops at the first step."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model():
+        model = get_peft_model(model_zoo.build("llama"), LoraConfig(r=4, target_modules="all-linear"))
+        patch_model(model)
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "norm" in n)
+        return model
+
+    callback = GNSCallback()
+    trainer = make_trainer(tmp_path / "measure", lora_model(), callback, max_steps=3)
+    with caplog.at_level(logging.WARNING, logger="hf_gns_spam.gns.callback"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "no patched normalization layer" in r.getMessage()]
+    assert len(warnings) == 1 and "at optimizer step 1" in warnings[0] and "frozen" in warnings[0]
+    assert all(math.isnan(r["gns"]) for r in trainer.state.log_history if "loss" in r)
+
+    scheduled = GNSCallback(schedule="gns", min_batch_size=4, max_batch_size=16)
+    trainer = make_trainer(tmp_path / "gns", lora_model(), scheduled, max_steps=3)
+    with pytest.raises(ValueError, match=r"no patched normalization layer's weight received a gradient.*never move"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_a_trainer_with_other_internals_is_refused_when_the_hooks_are_installed():

@@ -232,6 +232,19 @@ def test_compute_loss_func_token_mean_is_identified_and_others_are_refused(tmp_p
         )
 
 
+def test_a_compute_loss_override_that_ignores_return_outputs_is_a_clear_error_at_the_first_step(tmp_path):
+    """A user's compute_loss that always returns the loss alone, even when asked for (loss, outputs): the callback
+    needs the outputs on the micro-batches where it observes the loss's weighting, so the first step stops with an
+    error naming the override and the fix (it once crashed with "iteration over a 0-d tensor")."""
+
+    class LossOnlyTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(**inputs).loss  # return_outputs ignored
+
+    with pytest.raises(TypeError, match=r"LossOnlyTrainer.compute_loss\(..., return_outputs=True\) returned Tensor"):
+        first_step(tmp_path, model_zoo.build("llama"), 2, padded_dataset(size=8), trainer_class=LossOnlyTrainer)
+
+
 def classification_model():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 

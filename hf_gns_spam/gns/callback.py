@@ -218,6 +218,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.total_no_embeddings_estimator = GradientNoiseScale(ema_decay=ema_decay ** (validate_every or 1))
         self.total_history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_LENGTH)
         self._total_unlogged = False  # a validation step ran since the latest log record
+        self._no_norm_gradient_reported = False  # the warning (or error) of a step without any norm gradient
         self.batch_schedule: BatchSizeSchedule | None = None
         self.controller: AccumulationController | None = None
         self.estimator = GradientNoiseScale(ema_decay=ema_decay)
@@ -668,6 +669,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 f"this optimizer step ran {self._micro_batches} micro-batches on this process but {round(micro)} on "
                 f"{processes} processes together: the processes are out of step"
             )
+        if big is None:
+            self._report_no_norm_gradient(state)
         unusable = self._unusable_step
         validating = self._validating
         self.last_accumulation, self.last_batch_size = self._micro_batches, round(rows)
@@ -709,6 +712,23 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 weight_sq_sum,
                 small,
             )
+
+    def _report_no_norm_gradient(self, state) -> None:
+        """Say once, at the first step where no patched norm's weight got a gradient (frozen norms: peft's LoRA and
+        QLoRA freeze them), that there is no GNS; a "gns" schedule, which would then never move, is an error."""
+        if self._no_norm_gradient_reported:
+            return
+        self._no_norm_gradient_reported = True
+        message = (
+            f"GNSCallback: at optimizer step {state.global_step + 1} no patched normalization layer's weight received "
+            "a gradient (their weights are frozen, as peft's LoRA and QLoRA leave them, or the backward did not reach "
+            "them), so there is no GNS: gns and gns/<group> stay nan. The statistics need trainable norm weights: "
+            "unfreeze them (weight.requires_grad_(True) on each patched norm; they are then trained too)"
+        )
+        if self.schedule == "gns":
+            raise ValueError(f"{message}, or use schedule='linear' or None: a 'gns' schedule would never move.")
+        if state.is_world_process_zero:
+            logger.warning("%s.", message)
 
     def _update_total(
         self,

@@ -177,9 +177,15 @@ def _wrap_compute_loss(trainer: Trainer) -> None:
             with warnings.catch_warnings():  # asked for by the observer, not the user: TRL's notice is not theirs
                 if not return_outputs:
                     warnings.filterwarnings("ignore", message=TRL_RETURN_OUTPUTS_NOTICE, category=FutureWarning)
-                loss, outputs = original(
-                    model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch, **kwargs
+                result = original(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch, **kwargs)
+            if not (isinstance(result, tuple | list) and len(result) == 2):
+                raise TypeError(
+                    f"{type(trainer).__name__}.compute_loss(..., return_outputs=True) returned "
+                    f"{type(result).__name__}, not (loss, outputs): GNSCallback needs the model's outputs (the "
+                    "logits) on the micro-batches where it observes how the loss weights its examples. Make the "
+                    "override return (loss, outputs) when return_outputs=True, as Trainer.compute_loss does."
                 )
+            loss, outputs = result
         else:
             loss, outputs = original(model, inputs, num_items_in_batch=num_items_in_batch, **kwargs), None
         for observer in observers:
