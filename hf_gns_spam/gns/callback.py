@@ -40,7 +40,8 @@ EMA, clipping and skips: logged as ``gns/block``, ``gns/final``, ``gns/other`` (
 ``gns``, which stays the estimate over every patched norm, each with its smoothed |G|² and tr Σ (the group
 estimator's EMAs, as ``gns_grad_sq`` and ``gns_trace_sigma`` are for all norms): ``gns/block_grad_sq``,
 ``gns/block_trace_sigma``, and so on for ``final`` and ``other``. ``gns_signal`` chooses the estimate the ``"gns"``
-schedule follows: ``"all"`` (``gns``, the default) or one group's.
+schedule follows: ``"block"`` (``gns/block``, the default: it followed the critical batch size measured by
+branching best, benchmarks/critical_batch.py) or another group's, or ``"all"`` (``gns``).
 
 With a batch schedule the run's length is a budget in data: the Trainer's ``max_steps`` at train start (its
 "Total optimization steps", steps of ``min_batch_size`` examples, from ``max_steps`` or ``num_train_epochs``), which
