@@ -100,7 +100,11 @@ def test_the_torch_free_checks_take_the_callbacks_arguments():
     for kwargs, message in [
         ({"ema_decay": 1.5, "validate_every": 2}, r"ema_decay must be in \[0, 1\), got 1.5$"),  # not 1.5² = 2.25
         ({"lr_batch_power": -0.5}, r"lr_batch_power must be in \[0, 1\]"),
-        ({"verify_interval": 0}, "verify_interval must be >= 1, got 0"),
+        ({"verify_interval": 0}, "verify_interval must be an int >= 1 \\(optimizer steps\\), got 0"),
+        ({"verify_interval": math.nan}, "verify_interval must be an int >= 1 .*, got nan"),  # never re-verified
+        ({"schedule": "gns", "min_batch_size": 4, "max_batch_size": 8, "update_interval": 2.5}, "update_interval must"),
+        ({"schedule": "gns", "min_batch_size": 4, "max_batch_size": 8, "gns_multiplier": math.inf}, "finite number"),
+        ({"min_batch_size": 16, "max_batch_size": 8}, "max_batch_size=8 < min_batch_size=16"),  # without a schedule
         ({"schedule": "gns", "min_batch_size": 4, "max_batch_size": 8, "max_growth": 1.0}, r"max_growth must be in"),
     ]:
         with pytest.raises(ValueError, match=message):

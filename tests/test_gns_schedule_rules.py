@@ -140,10 +140,12 @@ def test_validation_errors_say_the_valid_range():
         BatchSizeSchedule("gns", 4, 64, 4, max_growth=1.5)  # from 1 unit, 1.5 × could never add a unit
     assert BatchSizeSchedule("gns", 8, 64, 4, max_growth=1.5).max_growth == 1.5  # 2 units -> 3 is allowed
     assert BatchSizeSchedule("linear", 4, 64, 4, max_growth=1.5).max_growth == 1.5  # linear does not use it
-    with pytest.raises(ValueError, match="update_interval must be >= 1"):
-        gns_schedule(update_interval=0)
-    with pytest.raises(ValueError, match="gns_multiplier > 0"):
-        gns_schedule(gns_multiplier=0.0)
+    for interval in (0, 2.5, True):
+        with pytest.raises(ValueError, match="update_interval must be an int >= 1"):
+            gns_schedule(update_interval=interval)
+    for multiplier in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="gns_multiplier must be a finite number > 0"):
+            gns_schedule(gns_multiplier=multiplier)
     with pytest.raises(ValueError, match="min_batch_size=6 must be a positive multiple"):
         gns_schedule(min_batch_size=6)
     with pytest.raises(ValueError, match="max_batch_size=4 < min_batch_size=8"):

@@ -8,8 +8,9 @@ torch-free :mod:`hf_gns_spam.gns.schedule` and :mod:`hf_gns_spam.gns.estimator`,
 * with a schedule, both batch bounds are given and :class:`~hf_gns_spam.gns.schedule.BatchSizeSchedule` accepts
   them with a unit of 1 (every check but the one against the TrainingArguments' micro-batch × processes, which the
   callback makes when it meets the Trainer): the schedule's name, ``max_batch_size >= min_batch_size``,
-  ``update_interval``, ``warmup_steps``, ``gns_multiplier``, ``max_growth``;
-* ``lr_batch_power`` in [0, 1], ``verify_interval >= 1``, ``validate_every`` None or an int >= 1;
+  ``update_interval`` (an int), ``warmup_steps``, ``gns_multiplier`` (finite), ``max_growth``; without a schedule,
+  bounds that are given must not contradict each other;
+* ``lr_batch_power`` in [0, 1], ``verify_interval`` an int >= 1, ``validate_every`` None or an int >= 1;
 * ``gns_signal`` one of :data:`GNS_SIGNALS` (``"all"``, or a norm group of :data:`NORM_GROUPS`; whether the
   model has that group is checked when the callback meets the model);
 * ``ema_decay`` in [0, 1), as :class:`~hf_gns_spam.gns.estimator.GradientNoiseScale` requires (the whole model's
@@ -70,8 +71,11 @@ def check_callback_arguments(
         )
     if not 0.0 <= lr_batch_power <= 1.0:
         raise ValueError(f"lr_batch_power must be in [0, 1] (0.5: square-root scaling), got {lr_batch_power}")
-    if verify_interval < 1:
-        raise ValueError(f"verify_interval must be >= 1, got {verify_interval}")
+    if isinstance(verify_interval, bool) or not isinstance(verify_interval, int) or verify_interval < 1:
+        raise ValueError(f"verify_interval must be an int >= 1 (optimizer steps), got {verify_interval!r}")
+    bounds_given = min_batch_size is not None and max_batch_size is not None
+    if schedule is None and bounds_given and max_batch_size < min_batch_size:  # unused, but contradictory
+        raise ValueError(f"max_batch_size={max_batch_size} < min_batch_size={min_batch_size}")
     if validate_every is not None and (
         isinstance(validate_every, bool) or not isinstance(validate_every, int) or validate_every < 1
     ):

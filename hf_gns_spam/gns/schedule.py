@@ -65,8 +65,14 @@ class BatchSizeSchedule:
             raise ValueError(f"max_batch_size={self.max_batch_size} < min_batch_size={self.min_batch_size}")
         if self.kind == "gns" and self.min_batch_size < 2:
             raise ValueError("schedule='gns' needs min_batch_size >= 2: the noise scale is measured across examples")
-        if self.update_interval < 1 or not self.gns_multiplier > 0:
-            raise ValueError("update_interval must be >= 1 and gns_multiplier > 0")
+        if (
+            isinstance(self.update_interval, bool)
+            or not isinstance(self.update_interval, int)
+            or self.update_interval < 1
+        ):
+            raise ValueError(f"update_interval must be an int >= 1 (optimizer steps), got {self.update_interval!r}")
+        if not 0 < self.gns_multiplier < math.inf:
+            raise ValueError(f"gns_multiplier must be a finite number > 0, got {self.gns_multiplier}")
         if not (0 <= self.warmup_steps < 1 or (math.isfinite(self.warmup_steps) and self.warmup_steps % 1 == 0)):
             raise ValueError(
                 f"warmup_steps must be a whole number of optimizer steps (>= 1) or a fraction of the run's data in "
