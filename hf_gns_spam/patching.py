@@ -223,8 +223,8 @@ class _GNSNormMixin:
             self._gns_shared = True
             self._gns_statistics = _new_statistics(self._gns_statistics.device)
             warnings.warn(
-                f"{type(self).__name__} was called more than once in one forward (a shared normalization layer): "
-                "hf_gns_spam leaves it out of the per-example statistics",
+                f"{type(self).__name__} {getattr(self, '_gns_name', '')!r} was called more than once in one forward "
+                "(a shared normalization layer): hf_gns_spam leaves it out of the per-example statistics",
                 stacklevel=3,
             )
         self._gns_last_forward = forward_index
@@ -437,6 +437,7 @@ def patch_model(
         original = type(module)
         module.__class__ = _patched_class(original)
         module._gns_spec, module._gns_description, module._gns_context = spec, description, context
+        module._gns_name = name  # its name in the model patch_model was given, for messages
         module._gns_statistics = _new_statistics(module.weight.device)
         report.patched.append(PatchedModule(name, original.__name__, description, spec))
     if report.patched and getattr(model, "_gns_batch_context_hook", None) is None:
@@ -476,7 +477,7 @@ def unpatch_model(model: nn.Module) -> int:
             module.__class__ = module._gns_original_class
             for attribute in ("_gns_spec", "_gns_description", "_gns_statistics", "_gns_context"):
                 delattr(module, attribute)
-            for attribute in ("_gns_shared", "_gns_last_forward"):
+            for attribute in ("_gns_shared", "_gns_last_forward", "_gns_name"):
                 module.__dict__.pop(attribute, None)
             restored += 1
     hook = getattr(model, "_gns_batch_context_hook", None)

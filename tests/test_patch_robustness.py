@@ -87,7 +87,7 @@ def test_shared_norms_are_skipped_at_patch_time_or_left_out_at_run_time():
     assert reasons["tied_too"] == "shared: its weight is also held by tied"
     assert sorted(p.name for p in report.patched) == ["looped", "plain"]  # the loop is only seen at run time
     input_ids = torch.randint(0, 50, (4, 6))
-    with pytest.warns(UserWarning, match="called more than once in one forward"):
+    with pytest.warns(UserWarning, match="'looped' was called more than once in one forward"):
         model(input_ids).sum().backward()
     assert sorted(per_example_grad_stats(model)) == ["plain.bias", "plain.weight"]
     # plain is still exact: 4 examples, and the same statistics as with the loop left unpatched
