@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -264,8 +265,15 @@ def test_the_check_before_the_script_runs_says_what_the_trainers_construction_sa
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure_report(result.stderr)
     return result
+
+
+def failure_report(stderr: str) -> str:
+    """What a failed multi-process run said: every line that names an error or an abort (a rank's own message is
+    far above torchrun's summary), then the end of stderr."""
+    clues = [line for line in stderr.splitlines() if re.search(r"terminate|abort|Error|Traceback|Signal", line)]
+    return "\n".join(clues[-40:]) + "\n---- end of stderr ----\n" + stderr[-3000:]
 
 
 def logged_steps(trainer_state: Path) -> list[dict]:
