@@ -79,6 +79,7 @@ not at the very start). A model without embeddings gives equal values.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -129,6 +130,30 @@ TOTAL_METRIC_NAMES = (
 GROUP_METRIC_NAMES = tuple(
     f"gns/{group}{suffix}" for group in NORM_GROUPS for suffix in ("", "_grad_sq", "_trace_sigma")
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepWeights:
+    """The example weights of one optimizer step, summed over the processes: A = Σ_b a_b and Σ_b a_b², and the
+    number of processes P. They turn the step's sums over any set of parameters into the estimator's inputs
+    (:mod:`hf_gns_spam.gns.estimator`):
+
+        small = Σ_b a_b²‖g_b‖² / Σ_b a_b²      big = ‖G‖² · P² / A²      B_eff = A² / Σ_b a_b²
+
+    (‖G‖² of the gradient each process holds, which DDP averaged over the P processes: P× it is the sum)."""
+
+    weight_sum: float
+    weight_sq_sum: float
+    processes: int
+
+    @property
+    def effective_batch(self) -> float:
+        """B_eff, 0 when no example had a weight."""
+        return self.weight_sum**2 / self.weight_sq_sum if self.weight_sq_sum > 0 else 0.0
+
+    def small_big(self, sum_sq: float, big: float) -> tuple[float, float]:
+        """(small, big) from Σ_b a_b²‖g_b‖² and ‖G‖² of the same parameters."""
+        return sum_sq / self.weight_sq_sum, big * self.processes**2 / self.weight_sum**2
 
 
 class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
@@ -681,15 +706,15 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         reset_per_example_grad_stats(model)
         if label_tokens > 0:
             self.tokens_per_example = label_tokens / rows
-        effective_batch = weight_sum**2 / weight_sq_sum if weight_sq_sum > 0 else 0.0
+        weights = StepWeights(weight_sum, weight_sq_sum, processes)
+        effective_batch = weights.effective_batch
         if unusable or measured < 2 or big is None or not effective_batch > 1.0:  # e.g. frozen norms (LoRA)
             self.estimator.skip()
             for group in self.groups_present:
                 self.group_estimators[group].skip()
             small = math.nan
         else:
-            small = sum_sq / weight_sq_sum
-            big = big * processes**2 / weight_sum**2
+            small, big = weights.small_big(sum_sq, big)
             entry = {"small": small, "big": big, "effective_batch": effective_batch, "batch_size": rows}
             self.estimator.update(small, big, effective_batch)
             for index, group in enumerate(NORM_GROUPS):  # the same formulas on the group's share of the sums
@@ -698,8 +723,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 if not group_measured[index]:  # the group's norms are frozen
                     self.group_estimators[group].skip()
                     continue
-                entry[f"small/{group}"] = group_sum_sq[index] / weight_sq_sum
-                entry[f"big/{group}"] = group_big[index] * processes**2 / weight_sum**2
+                entry[f"small/{group}"], entry[f"big/{group}"] = weights.small_big(
+                    group_sum_sq[index], group_big[index]
+                )
                 self.group_estimators[group].update(entry[f"small/{group}"], entry[f"big/{group}"], effective_batch)
             self.history.append(entry)
         if validating:
@@ -709,8 +735,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 (total_sq, total_big),
                 (no_embeddings_sq, total_big_no_embeddings),
                 norms_sq,
-                weight_sum,
-                weight_sq_sum,
+                weights,
                 small,
             )
 
@@ -738,22 +763,19 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         total: tuple[float, float],
         no_embeddings: tuple[float, float],
         norms_sq: float,
-        weight_sum: float,
-        weight_sq_sum: float,
+        weights: StepWeights,
         norms_small: float,
     ) -> None:
         """One validation step into the whole model's estimators (with and without the embeddings: ``total`` and
         ``no_embeddings`` are each (Σ_e α_e²‖g_e‖², ‖G‖²)) and ``total_history``."""
         self._total_unlogged = True
-        effective_batch = weight_sum**2 / weight_sq_sum if weight_sq_sum > 0 else 0.0
+        effective_batch = weights.effective_batch
         if not validated or not effective_batch > 1.0:
             self.total_estimator.skip()
             self.total_no_embeddings_estimator.skip()
             return
-        processes = self._trainer.accelerator.num_processes
-        small, big = total[0] / weight_sq_sum, total[1] * processes**2 / weight_sum**2
-        small_no_embeddings = no_embeddings[0] / weight_sq_sum
-        big_no_embeddings = no_embeddings[1] * processes**2 / weight_sum**2
+        small, big = weights.small_big(*total)
+        small_no_embeddings, big_no_embeddings = weights.small_big(*no_embeddings)
         grad_sq, trace_sigma = unbiased_estimates(small, big, effective_batch)
         grad_sq_no_embeddings, trace_sigma_no_embeddings = unbiased_estimates(
             small_no_embeddings, big_no_embeddings, effective_batch
@@ -777,7 +799,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "gns_total_no_embeddings": smoothed["gns_total_no_embeddings"],
                 "gns": self.metrics()["gns"],
                 "norms_small": norms_small,  # the norms' small from their statistics ...
-                "norms_small_recomputed": norms_sq / weight_sq_sum,  # ... and from the recomputed gradients
+                "norms_small_recomputed": norms_sq / weights.weight_sq_sum,  # ... and from the recomputed gradients
             }
         )
 
@@ -865,15 +887,11 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             setattr(self, name, attributes[name])
         self._steps_since_verified = attributes["steps_since_verified"]
         self.samples_from_start = attributes.get("samples_from_start", True)  # checkpoints from before it lack it
-        if attributes.get("total_estimator_state") is not None:  # checkpoints from before validate_every lack it
-            self.total_estimator = GradientNoiseScale(
-                ema_decay=self.total_estimator.ema_decay, **attributes["total_estimator_state"]
-            )
-        if attributes.get("total_no_embeddings_estimator_state") is not None:  # checkpoints from before it lack it
-            self.total_no_embeddings_estimator = GradientNoiseScale(
-                ema_decay=self.total_no_embeddings_estimator.ema_decay,
-                **attributes["total_no_embeddings_estimator_state"],
-            )
+        # checkpoints from before validate_every lack both, from before the embeddings' variant the second
+        for name in ("total_estimator", "total_no_embeddings_estimator"):
+            if attributes.get(f"{name}_state") is not None:
+                ema_decay = getattr(self, name).ema_decay
+                setattr(self, name, GradientNoiseScale(ema_decay=ema_decay, **attributes[f"{name}_state"]))
         # checkpoints from before the norm groups lack them: those estimates start afresh
         for group, saved in (attributes.get("group_estimator_states") or {}).items():
             self.group_estimators[group] = GradientNoiseScale(ema_decay=self.ema_decay, **saved)
