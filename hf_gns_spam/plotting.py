@@ -23,10 +23,10 @@ The data axis, one unit shared by all the runs of a figure (:func:`shared_data_u
   s_i, E(s_i) = E(s_{i−1}) + (s_i − s_{i−1})·b_i (s_0 = 0, E(s_0) = 0). A schedule changes the batch from the step
   after a decision (``"gns"`` decides every ``update_interval`` steps), so the reconstruction is exact at every
   step with ``logging_steps=1``, and at every record when each change follows a logged step (``"gns"`` with
-  ``update_interval`` and ``warmup_steps`` multiples of ``logging_steps``) and no epoch ends on a shorter step
-  between records. Otherwise it is off by the unlogged steps' differences from the next logged batch (a 2-to-16
-  ``"linear"`` ramp, 4 epochs of 60 examples, logged every 2 steps: by 4 of 228 examples at the end, from an
-  epoch's shorter last step; holding the earlier record's batch instead: by 14).
+  ``update_interval`` a multiple of ``logging_steps``, and ``warmup_steps`` too where it counts steps) and no epoch
+  ends on a shorter step between records. Otherwise it is off by the unlogged steps' differences from the next
+  logged batch (a 2-to-16 ``"linear"`` ramp, 4 epochs of 60 examples, logged every 2 steps: by 4 of 228 examples at
+  the end, from an epoch's shorter last step; holding the earlier record's batch instead: by 14).
 
   Between records (an evaluation that is not at a logging step), E(s) = E(s_i) − (s_i − s)·b_i from the following
   record s_i, not below E(s_{i−1}): exact when the batch did not change between s and s_i. After the last record,

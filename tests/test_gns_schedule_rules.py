@@ -113,7 +113,7 @@ def test_a_fractional_warmup_waits_for_that_share_of_the_data():
         assert schedule.warming_up(step, samples, budget) is not decides
     assert gns_schedule(warmup_steps=20.0).warming_up(19, 1e9, budget)  # 20.0 is 20 steps, not a fraction
     assert not gns_schedule(warmup_steps=0).warming_up(0, 0.0, budget)
-    for bad in (-0.5, 2.5, math.inf, math.nan):
+    for bad in (-0.5, -2, 2.5, math.inf, math.nan):  # -2: a whole number, but no count of steps
         with pytest.raises(ValueError, match="warmup_steps must be a whole number of optimizer steps"):
             gns_schedule(warmup_steps=bad)
 

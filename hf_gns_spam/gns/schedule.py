@@ -73,7 +73,7 @@ class BatchSizeSchedule:
             raise ValueError(f"update_interval must be an int >= 1 (optimizer steps), got {self.update_interval!r}")
         if not 0 < self.gns_multiplier < math.inf:
             raise ValueError(f"gns_multiplier must be a finite number > 0, got {self.gns_multiplier}")
-        if not (0 <= self.warmup_steps < 1 or (math.isfinite(self.warmup_steps) and self.warmup_steps % 1 == 0)):
+        if not (0 <= self.warmup_steps < 1 or (1 <= self.warmup_steps < math.inf and self.warmup_steps % 1 == 0)):
             raise ValueError(
                 f"warmup_steps must be a whole number of optimizer steps (>= 1) or a fraction of the run's data in "
                 f"[0, 1), got {self.warmup_steps}"
