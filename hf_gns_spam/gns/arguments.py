@@ -34,7 +34,7 @@ import inspect
 from typing import Any, Literal, get_args
 
 from hf_gns_spam.gns.estimator import GradientNoiseScale
-from hf_gns_spam.gns.schedule import BatchSizeSchedule
+from hf_gns_spam.gns.schedule import BatchSizeSchedule, is_step_count
 
 __all__ = ["CALLBACK_DEFAULTS", "GNS_SIGNALS", "NORM_GROUPS", "GNSSignal", "NormGroup", "check_callback_arguments"]
 
@@ -71,14 +71,12 @@ def check_callback_arguments(
         )
     if not 0.0 <= lr_batch_power <= 1.0:
         raise ValueError(f"lr_batch_power must be in [0, 1] (0.5: square-root scaling), got {lr_batch_power}")
-    if isinstance(verify_interval, bool) or not isinstance(verify_interval, int) or verify_interval < 1:
+    if not is_step_count(verify_interval):
         raise ValueError(f"verify_interval must be an int >= 1 (optimizer steps), got {verify_interval!r}")
     bounds_given = min_batch_size is not None and max_batch_size is not None
     if schedule is None and bounds_given and max_batch_size < min_batch_size:  # unused, but contradictory
         raise ValueError(f"max_batch_size={max_batch_size} < min_batch_size={min_batch_size}")
-    if validate_every is not None and (
-        isinstance(validate_every, bool) or not isinstance(validate_every, int) or validate_every < 1
-    ):
+    if validate_every is not None and not is_step_count(validate_every):
         raise ValueError(f"validate_every must be None (off) or an int >= 1 (optimizer steps), got {validate_every!r}")
     if gns_signal not in GNS_SIGNALS:
         raise ValueError(f"gns_signal must be one of {', '.join(map(repr, GNS_SIGNALS))}, got {gns_signal!r}")

@@ -33,9 +33,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["BatchSizeSchedule"]
+__all__ = ["BatchSizeSchedule", "is_step_count"]
 
 SCHEDULES = ("linear", "gns")
+
+
+def is_step_count(value: object) -> bool:
+    """Whether ``value`` is an int >= 1 (not a bool): a number of optimizer steps."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,7 @@ class BatchSizeSchedule:
             raise ValueError(f"max_batch_size={self.max_batch_size} < min_batch_size={self.min_batch_size}")
         if self.kind == "gns" and self.min_batch_size < 2:
             raise ValueError("schedule='gns' needs min_batch_size >= 2: the noise scale is measured across examples")
-        if (
-            isinstance(self.update_interval, bool)
-            or not isinstance(self.update_interval, int)
-            or self.update_interval < 1
-        ):
+        if not is_step_count(self.update_interval):
             raise ValueError(f"update_interval must be an int >= 1 (optimizer steps), got {self.update_interval!r}")
         if not 0 < self.gns_multiplier < math.inf:
             raise ValueError(f"gns_multiplier must be a finite number > 0, got {self.gns_multiplier}")
