@@ -43,6 +43,7 @@ __all__ = [
     "is_patched",
     "patch_model",
     "set_example_scales_function",
+    "set_paired_rows",
     "unpatch_model",
 ]
 
@@ -108,6 +109,9 @@ class BatchContext:
     sequence_ids: torch.Tensor | None = None  # [B, T] sequence of each token in a packed batch (see sequences.py)
     example_scales: torch.Tensor | None = None  # c_b from the root's example-scales function, if any
     forward_index: int = 0  # counts the root's forward calls (a norm called twice in one is shared)
+    # examples made of two rows, the batch being [first rows of the B/2 examples; their second rows] (TRL's DPO
+    # and reward trainers: [chosen; rejected]); set by GNSCallback (set_paired_rows), not by the forward
+    paired_rows: bool = False
 
 
 # (examples in the batch or None, the forward's keyword arguments) -> per-example scales [batch] or None
@@ -155,6 +159,30 @@ def set_example_scales_function(model: nn.Module, function: ExampleScalesFunctio
             _EXAMPLE_SCALES_FUNCTIONS[root] = function
 
 
+def set_paired_rows(model: nn.Module, paired: bool) -> None:
+    """Declare that in ``model``'s training forwards an example is a pair of rows: row i and row i + B/2 of a batch
+    of B rows (TRL's DPOTrainer and RewardTrainer concatenate the chosen and the rejected sequences so). The
+    statistics are then those of each pair's gradient, the sum of its two rows' contributions (cross term
+    included), not of each row's. Applies to every patched norm of ``model`` (whichever module patch_model was
+    called on)."""
+    contexts = {id(m._gns_context): m._gns_context for m in model.modules() if is_patched(m)}
+    for context in contexts.values():
+        context.paired_rows = paired
+
+
+def _pair_order(rows: int, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a batch of ``rows`` = 2P rows whose examples are the pairs (i, i + P): the order that puts each pair's
+    rows together, its inverse, and each reordered row's pair (non-decreasing: the segment ids of the statistics)."""
+    if rows % 2:
+        raise ValueError(
+            f"{type(module).__name__} {getattr(module, '_gns_name', '')!r}: the examples are pairs of rows (chosen and "
+            f"rejected), but this batch has {rows} rows, an odd number"
+        )
+    half = rows // 2
+    order = torch.arange(rows).view(2, half).t().reshape(-1)  # 0, P, 1, P + 1, ...
+    return order, torch.argsort(order), torch.arange(half).repeat_interleave(2)
+
+
 def _rebuild_patched_module(original: type[nn.Module]) -> nn.Module:
     """Unpickling: an empty instance of the patched class of ``original`` (its state is set afterwards)."""
     cls = _patched_class(original)
@@ -167,6 +195,7 @@ class _GNSNormMixin:
     _gns_original_class: type[nn.Module]
     _gns_spec: NormSpec
     _gns_statistics: torch.Tensor
+    _gns_sinks: tuple[torch.Tensor, torch.Tensor | None]  # gradients of a frozen weight and bias (_new_sinks)
     _gns_context: BatchContext
 
     def __reduce_ex__(self, protocol: int):
@@ -179,14 +208,25 @@ class _GNSNormMixin:
         weight: torch.Tensor = self.weight
         bias: torch.Tensor | None = getattr(self, "bias", None)
         context = self._gns_context
-        statistics = None
-        if torch.is_grad_enabled() and weight.requires_grad and not getattr(self, "_gns_shared", False):
+        statistics, sinks = None, (None, None)
+        if (
+            torch.is_grad_enabled()
+            and not getattr(self, "_gns_shared", False)
+            and _backward_passes(self, hidden_states)
+        ):
             if self._gns_statistics.device != weight.device:  # the model moved after patching
                 self._gns_statistics = _new_statistics(weight.device)
+                self._gns_sinks = _new_sinks(self)
             statistics = self._gns_statistics
             self._note_call(context.forward_index)
             if getattr(self, "_gns_shared", False):
                 statistics = None
+            else:  # frozen parameters (LoRA): their gradient goes to a sink, so that they are measured too
+                weight_sink, bias_sink = self._gns_sinks
+                sinks = (
+                    None if weight.requires_grad else weight_sink,
+                    None if bias is None or bias.requires_grad else bias_sink,
+                )
         if self._gns_spec.kind == "layer_norm" and torch.is_autocast_enabled(hidden_states.device.type):
             # F.layer_norm runs in float32 under autocast; do as it does
             hidden_states, weight = hidden_states.float(), weight.float()
@@ -207,10 +247,20 @@ class _GNSNormMixin:
             segments = None  # a module off the token path (a vision tower in a multimodal model)
         scales = context.example_scales if statistics is not None and segments is None else None
         scales = _matching(scales, examples)
-        if segments is None:
-            output = gns_norm(hidden_states, weight, bias, self._gns_spec, statistics, scales)
-        else:
-            output = gns_norm(hidden_states, weight, bias, self._gns_spec, statistics, scales, segment_ids=segments)
+        if statistics is not None and context.paired_rows:
+            if segments is not None:
+                raise ValueError("examples made of paired rows cannot also be packed sequences (padding_free)")
+            # reorder the rows so that each pair's two rows are neighbours, and take each pair as one segment
+            order, inverse, pairs = (t.to(hidden_states.device) for t in _pair_order(examples, self))
+            pair_of_token = pairs if hidden_states.dim() == 2 else pairs[:, None].expand(hidden_states.shape[:2])
+            output = gns_norm(
+                hidden_states[order], weight, bias, self._gns_spec, statistics, segment_ids=pair_of_token,
+                frozen_grads=sinks,
+            )[inverse]  # fmt: skip
+            return output.reshape(shape)
+        output = gns_norm(
+            hidden_states, weight, bias, self._gns_spec, statistics, scales, segment_ids=segments, frozen_grads=sinks
+        )
         return output.reshape(shape)
 
     def _note_call(self, forward_index: int) -> None:
@@ -222,12 +272,21 @@ class _GNSNormMixin:
         if getattr(self, "_gns_last_forward", None) == forward_index and forward_index > 0:
             self._gns_shared = True
             self._gns_statistics = _new_statistics(self._gns_statistics.device)
+            self._gns_sinks = _new_sinks(self)
             warnings.warn(
                 f"{type(self).__name__} {getattr(self, '_gns_name', '')!r} was called more than once in one forward "
                 "(a shared normalization layer): hf_gns_spam leaves it out of the per-example statistics",
                 stacklevel=3,
             )
         self._gns_last_forward = forward_index
+
+
+def _backward_passes(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether the backward will pass through ``module``: one of its parameters is trained or its input carries a
+    gradient. A frozen norm is measured only then, so that measuring never adds a backward through the layers
+    below it (a norm whose input is a frozen embedding's output is not measured)."""
+    bias = getattr(module, "bias", None)
+    return module.weight.requires_grad or (bias is not None and bias.requires_grad) or hidden_states.requires_grad
 
 
 def _matching(scales: torch.Tensor | None, examples: int) -> torch.Tensor | None:
@@ -251,6 +310,17 @@ def _patched_class(original: type[nn.Module]) -> type[nn.Module]:
 def _new_statistics(device: torch.device) -> torch.Tensor:
     """The autograd leaf whose ``.grad`` accumulates the statistics (:mod:`hf_gns_spam.ops.gns_norm`)."""
     return torch.zeros(STATISTICS_SIZE, dtype=torch.float32, device=device, requires_grad=True)
+
+
+def _new_sinks(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float32 autograd leaves that receive the gradients of a frozen weight and bias (see
+    :mod:`hf_gns_spam.ops.gns_norm`): the statistics then cover frozen norms, and their batch gradient is read from
+    the sinks' ``.grad``."""
+    bias = getattr(module, "bias", None)
+    return tuple(  # type: ignore[return-value]
+        None if p is None else torch.zeros(p.shape, dtype=torch.float32, device=p.device, requires_grad=True)
+        for p in (module.weight, bias)
+    )
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -417,6 +487,8 @@ def patch_model(
     shared = _shared_modules(model)
     for name, module in model.named_modules():
         if is_patched(module):
+            if not hasattr(module, "_gns_sinks"):  # patched by a version without sinks, then pickled
+                module._gns_sinks = _new_sinks(module)
             report.patched.append(
                 PatchedModule(name, module._gns_original_class.__name__, module._gns_description, module._gns_spec)
             )
@@ -439,6 +511,7 @@ def patch_model(
         module._gns_spec, module._gns_description, module._gns_context = spec, description, context
         module._gns_name = name  # its name in the model patch_model was given, for messages
         module._gns_statistics = _new_statistics(module.weight.device)
+        module._gns_sinks = _new_sinks(module)
         report.patched.append(PatchedModule(name, original.__name__, description, spec))
     if report.patched and getattr(model, "_gns_batch_context_hook", None) is None:
         model._gns_batch_context = context
@@ -477,7 +550,7 @@ def unpatch_model(model: nn.Module) -> int:
             module.__class__ = module._gns_original_class
             for attribute in ("_gns_spec", "_gns_description", "_gns_statistics", "_gns_context"):
                 delattr(module, attribute)
-            for attribute in ("_gns_shared", "_gns_last_forward", "_gns_name"):
+            for attribute in ("_gns_shared", "_gns_last_forward", "_gns_name", "_gns_sinks"):
                 module.__dict__.pop(attribute, None)
             restored += 1
     hook = getattr(model, "_gns_batch_context_hook", None)

@@ -26,7 +26,13 @@ from hf_gns_spam.kernels.norm_contract import (
 )
 from hf_gns_spam.patching import is_patched
 
-__all__ = ["PerExampleStats", "per_example_grad_stats", "reset_per_example_grad_stats"]
+__all__ = [
+    "NormGradient",
+    "PerExampleStats",
+    "norm_gradients",
+    "per_example_grad_stats",
+    "reset_per_example_grad_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,9 @@ class PerExampleStats:
 def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
     """Statistics of every parameter of every patched module, keyed by its name in ``model.named_parameters()``.
 
-    A parameter whose module saw no backward pass since the last reset (or whose weight is frozen) reports zeros.
-    A module found at run time to be applied more than once per forward (shared) is left out.
+    A parameter whose module saw no backward pass since the last reset reports zeros (a frozen norm whose input
+    carries no gradient is not measured). A module found at run time to be applied more than once per forward
+    (shared) is left out.
     """
     stats: dict[str, PerExampleStats] = {}
     for module_name, module in model.named_modules():
@@ -67,8 +74,39 @@ def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
     return stats
 
 
+@dataclass(frozen=True)
+class NormGradient:
+    """The batch gradient Σ_b G_p[b] of one patched norm parameter (None where the backward did not reach it since
+    the last reset), whether the parameter is ``frozen`` (then the gradient is its module's float32 sink, local to
+    this process; otherwise its ``.grad``, reduced over the processes by DDP, sharded by FSDP2) and its ``size``."""
+
+    gradient: torch.Tensor | None
+    frozen: bool
+    size: int
+
+
+def norm_gradients(model: nn.Module) -> dict[str, NormGradient]:
+    """The batch gradient of every parameter :func:`per_example_grad_stats` reports, with the same keys."""
+    gradients: dict[str, NormGradient] = {}
+    for module_name, module in model.named_modules():
+        if not is_patched(module) or getattr(module, "_gns_shared", False):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for name, sink in zip(("weight", "bias"), module._gns_sinks, strict=True):
+            parameter = getattr(module, name, None)
+            if parameter is None:
+                continue
+            frozen = not parameter.requires_grad
+            gradient = sink.grad if frozen else parameter.grad
+            gradients[prefix + name] = NormGradient(gradient, frozen, sink.numel())
+    return gradients
+
+
 def reset_per_example_grad_stats(model: nn.Module) -> None:
-    """Zero the statistics of every patched module (start of a new optimizer step)."""
+    """Zero the statistics (and the frozen parameters' gradients) of every patched module: a new optimizer step."""
     for module in model.modules():
         if is_patched(module):
             module._gns_statistics.grad = None
+            for sink in module._gns_sinks:
+                if sink is not None:
+                    sink.grad = None

@@ -25,11 +25,14 @@ SCRIPT = Path(__file__).parent / "scripts" / "fsdp_gns_statistics.py"
 
 
 @pytest.mark.slow
-def test_fsdp2_statistics_and_sharded_gradient_norm_equal_one_process(tmp_path):
+@pytest.mark.parametrize("norms", ["trained", "frozen"])
+def test_fsdp2_statistics_and_sharded_gradient_norm_equal_one_process(tmp_path, norms):
+    """Trained norms: their gradients are DTensor shards summed over the processes. Frozen norms (LoRA): their
+    sinks are local, full and averaged over the processes. Both give one process's statistics and ‖G‖²."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(SCRIPT), str(tmp_path)],
+         str(SCRIPT), str(tmp_path), norms],
         capture_output=True, text=True, env=environment, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
@@ -43,7 +46,10 @@ def test_fsdp2_statistics_and_sharded_gradient_norm_equal_one_process(tmp_path):
     expected = {n: (float(s.sum_sq), float(s.count)) for n, s in per_example_grad_stats(model).items()}
     big = sum(float(p.grad.square().sum()) for n, p in model.named_parameters() if n in expected)
 
-    assert ranks[0]["replicated"] == 0.0  # every norm gradient is a shard
+    if norms == "trained":
+        assert ranks[0]["replicated"] == 0.0  # every norm gradient is a shard
+    else:
+        assert ranks[0]["replicated"] == ranks[1]["replicated"] == pytest.approx(big, rel=1e-5)  # the averaged sinks
     # per norm group: the groups by the architecture's names, each group's Σ_b ‖G_b‖² and ‖G‖² as one process's
     groups = {n: EXPECTED_GROUPS["llama"][n.rpartition(".")[0]] for n in expected}
     assert ranks[0]["groups"] == ranks[1]["groups"] == groups

@@ -288,12 +288,14 @@ def test_trl_sft_trainer_split_invariance(tmp_path):
 @pytest.mark.slow
 def test_trl_outputs_are_asked_for_only_when_the_weighting_is_identified(tmp_path):
     """TRL's SFTTrainer runs a second, no-grad forward whenever compute_loss is asked for the outputs (its fused LM
-    head builds no logits): the callback asks on the first micro-batch and then once every verify_interval steps,
-    not on every micro-batch, and TRL's deprecation notice for that request is not shown to the user."""
+    head builds no logits): the callback asks on the first micro-batch (whose examples have unequal lengths, which
+    confirms the weighting) and then once every verify_interval steps, not on every micro-batch, and TRL's
+    deprecation notice for that request is not shown to the user."""
     import warnings
 
     trl = pytest.importorskip("trl")
-    data = padded_dataset(size=24).remove_columns(["attention_mask", "labels"])
+    data = padded_dataset(size=24, length=32).remove_columns(["attention_mask", "labels"])
+    data = data.map(lambda row, i: {"input_ids": row["input_ids"][: 3 + i]}, with_indices=True)  # all lengths differ
     model = model_zoo.build("llama")
     patch_model(model)
     forwards = {"grad": 0, "no_grad": 0}

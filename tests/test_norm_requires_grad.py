@@ -1,6 +1,9 @@
 """Every combination of requires-grad on the input, the weight and the bias of a patched norm, for both norm kinds
-and both backends: the gradients equal the original module's, and the statistics are taken only for a trainable
-weight (a frozen weight with a trainable bias once crashed: the unneeded gradients aliased each other)."""
+and both backends: the gradients equal the original module's; a frozen parameter gets no gradient, its sink gets the
+gradient it would have had, and the statistics cover it (LoRA freezes the norms) whenever the backward passes
+through the module; a frozen norm with an input that carries no gradient is not measured (measuring it would add a
+backward through the layers below). A frozen weight with a trainable bias once crashed: the unneeded gradients
+aliased each other."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from torch import nn
 from hf_gns_spam import patch_model, per_example_grad_stats
 from hf_gns_spam.ops import gns_norm as gns_norm_module
 from hf_gns_spam.ops.gns_norm import norm_backend
+from hf_gns_spam.stats import norm_gradients
 
 
 class LlamaStyleRMSNorm(nn.Module):
@@ -65,15 +69,40 @@ def test_every_requires_grad_combination(backend, kind, input_grad, weight_grad,
         (patched(inputs[1]) * dy).sum().backward()
     if input_grad:
         torch.testing.assert_close(inputs[1].grad, inputs[0].grad, rtol=1e-5, atol=1e-6)
+    trainable = dict(original.named_parameters())
+    # the independent reference: every parameter trainable, one example (row of x) at a time, in float64
+    reference = copy.deepcopy(original).double().requires_grad_(True)
+    per_example = {name: [] for name, _ in reference.named_parameters()}
+    for row in range(x.shape[0]):
+        reference.zero_grad()
+        (reference(x[row : row + 1].double()) * dy[row : row + 1].double()).sum().backward()
+        for name, parameter in reference.named_parameters():
+            per_example[name].append(parameter.grad.clone())
+    measured_anything = input_grad or weight_grad or bias_grad
+    stats, gradients = per_example_grad_stats(patched), norm_gradients(patched)
     for name, parameter in patched.named_parameters():
-        reference = dict(original.named_parameters())[name]
+        expected_gradient = torch.stack(per_example[name]).sum(0).float()
         if parameter.requires_grad:
-            torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(parameter.grad, trainable[name].grad, rtol=1e-5, atol=1e-6)
+            assert not gradients[name].frozen
         else:
-            assert parameter.grad is None
-    stats = per_example_grad_stats(patched)
-    measured = stats["weight"].sum_sq.item()
-    assert (measured > 0) == weight_grad  # no statistics for a frozen weight (nothing is measured, nothing costs)
+            assert parameter.grad is None and gradients[name].frozen
+            torch.testing.assert_close(gradients[name].gradient, expected_gradient, rtol=1e-5, atol=1e-5)
+        expected_sum_sq = sum(g.square().sum() for g in per_example[name]).item()
+        assert stats[name].sum_sq.item() == pytest.approx(expected_sum_sq if measured_anything else 0.0, rel=1e-5)
+        assert stats[name].count.item() == (x.shape[0] if measured_anything else 0)
+
+
+def test_a_frozen_norm_whose_input_carries_no_gradient_is_not_measured():
+    """A frozen norm on a frozen input (the first norm after frozen embeddings) stays out of the backward: its
+    output carries no gradient, so measuring it costs nothing and gives nothing."""
+    patched = make_norm("rms_norm")
+    patch_model(patched)
+    patched.weight.requires_grad_(False)
+    output = patched(torch.randn(2, 3, 16))
+    assert not output.requires_grad
+    assert per_example_grad_stats(patched)["weight"].count.item() == 0
+    assert norm_gradients(patched)["weight"].gradient is None
 
 
 def test_the_backend_switch_is_per_thread(monkeypatch):

@@ -12,6 +12,7 @@ from torch import nn
 from hf_gns_spam import patch_model, per_example_grad_stats, reset_per_example_grad_stats
 from hf_gns_spam.integrations.bitsandbytes_cpu import disable_cpu_weight_repacking
 from hf_gns_spam.ops.gns_norm import norm_backend
+from hf_gns_spam.stats import norm_gradients
 from tests import model_zoo
 
 
@@ -116,14 +117,25 @@ def test_statistics_accumulate_over_backward_passes_until_reset():
         assert sum_sq == pytest.approx(after_first[name][0] + after_second[name][0], rel=1e-6)
 
 
-def test_frozen_norms_cost_nothing():
-    model = model_zoo.build("llama")
-    patch_model(model)
-    for name, parameter in model.named_parameters():
+def test_frozen_norms_give_the_statistics_and_gradients_of_trained_ones():
+    """LoRA freezes the norms: a frozen norm reached by the backward has the statistics it would have if trained,
+    its sink holds the gradient it would have had, and the weight itself gets none."""
+    trained = model_zoo.build("llama")
+    frozen = copy.deepcopy(trained)
+    for model in (trained, frozen):
+        patch_model(model)
+    for name, parameter in frozen.named_parameters():
         parameter.requires_grad_("norm" not in name)
-    run_backward(model, model_zoo.batch("llama"))
-    assert all(v == (0.0, 0.0) for v in snapshot(model).values())
-    assert all(m._gns_statistics.grad is None for m in model.modules() if hasattr(m, "_gns_statistics"))
+    inputs = model_zoo.batch("llama")
+    run_backward(trained, inputs)
+    run_backward(frozen, inputs)
+    expected, gradients = snapshot(trained), norm_gradients(frozen)
+    for name, (sum_sq, count) in snapshot(frozen).items():
+        assert count == expected[name][1] > 0
+        assert sum_sq == pytest.approx(expected[name][0], rel=1e-5)
+        parameter = dict(trained.named_parameters())[name]
+        assert gradients[name].frozen and dict(frozen.named_parameters())[name].grad is None
+        torch.testing.assert_close(gradients[name].gradient, parameter.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_checkpointing_gives_the_same_statistics():
@@ -174,12 +186,13 @@ def test_peft_lora_with_a_norm_in_modules_to_save():
     run_backward(model, model_zoo.batch("llama"))
     stats = snapshot(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    unused = {n for n in stats if "original_module" in n or "layers.0.input_layernorm" in n}
     for name, (sum_sq, count) in stats.items():
-        if name in trainable:
-            assert count == 3 and sum_sq > 0, name
-        else:  # frozen layer norms of the LoRA model: nothing computed
+        if name in unused:  # peft's unused copy; a frozen norm on the frozen embeddings' output: not measured
             assert (sum_sq, count) == (0.0, 0.0), name
-    assert any(name in trainable for name in stats)
+        else:  # the trained norm and the frozen ones the backward passes through
+            assert count == 3 and sum_sq > 0, name
+    assert any(name in trainable for name in stats) and len(unused) == 2
 
 
 def test_torch_compile_traces_the_norm_without_graph_breaks():
@@ -214,7 +227,8 @@ def test_torch_compile_inductor_on_a_patched_llama():
 
 @pytest.mark.slow
 def test_qlora_model_patched_norms_are_frozen_and_exact(tmp_path):
-    """bitsandbytes 4-bit base weights + LoRA: the norms are frozen fp32 (prepare_model_for_kbit_training)."""
+    """bitsandbytes 4-bit base weights + LoRA: the norms are frozen fp32 (prepare_model_for_kbit_training), the
+    patched model computes what the original does, and the frozen norms the backward reaches are measured."""
     pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -235,7 +249,9 @@ def test_qlora_model_patched_norms_are_frozen_and_exact(tmp_path):
     output = model(**inputs)
     torch.testing.assert_close(output.logits, expected.logits)
     output.loss.backward()
-    assert all(v == (0.0, 0.0) for v in snapshot(model).values())
+    measured = {n: count for n, (_, count) in snapshot(model).items()}
+    assert measured.pop("base_model.model.model.layers.0.input_layernorm.weight") == 0  # on the frozen embeddings
+    assert set(measured.values()) == {3.0}
     assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 

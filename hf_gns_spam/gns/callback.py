@@ -101,6 +101,7 @@ from hf_gns_spam.gns.example_weights import (
     token_counts,
 )
 from hf_gns_spam.gns.groups import norm_groups
+from hf_gns_spam.gns.logit_gradients import LogitGradientProbe
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
 from hf_gns_spam.gns.whole_model import (
     StoredMicroBatch,
@@ -108,14 +109,25 @@ from hf_gns_spam.gns.whole_model import (
     squared_gradient_norm,
     weighted_squared_norms,
 )
-from hf_gns_spam.integrations.trainer_loop import TrainerLoopObserver, install_trainer_hooks, show_total_steps
-from hf_gns_spam.patching import is_patched
+from hf_gns_spam.integrations.trainer_loop import (
+    TrainerLoopObserver,
+    backward_factor,
+    install_trainer_hooks,
+    show_total_steps,
+)
+from hf_gns_spam.integrations.trl_pairs import check_paired_trainer, is_paired_trainer
+from hf_gns_spam.patching import is_patched, set_paired_rows
 from hf_gns_spam.sequences import sequence_ids
-from hf_gns_spam.stats import per_example_grad_stats, reset_per_example_grad_stats
+from hf_gns_spam.stats import NormGradient, norm_gradients, per_example_grad_stats, reset_per_example_grad_stats
 
 __all__ = ["GNSCallback"]
 
 logger = logging.getLogger(__name__)
+# the weighting of TRL's DPO and reward losses: a mean over the micro-batch's examples, which are pairs of rows
+PAIR_MEAN = LossWeighting("examples_over_micro", 1.0, shifted=False)
+# micro-batches of equal label-token counts checked before the weighting is taken as confirmed without one that
+# tells a token mean from a mean of per-example means (fixed-length blocks never have one)
+UNINFORMATIVE_CHECKS = 8
 
 HISTORY_LENGTH = 10_000
 METRIC_NAMES = (
@@ -180,7 +192,10 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         ema_decay: decay of the EMAs of |G|² and tr Σ, per optimizer step (0.99: a horizon of about 100 steps;
             benchmarks/critical_batch.py: the smoother estimate follows the critical batch more closely than 0.95).
         verify_interval: optimizer steps between two checks that the loss still weights its examples as
-            identified on the first micro-batch (each check recomputes one micro-batch's per-example losses).
+            identified (each check recomputes one micro-batch's per-example losses and observes the gradient that
+            reaches its logits, :mod:`hf_gns_spam.gns.logit_gradients`). Every micro-batch is checked until one
+            whose examples have unequal label-token counts confirms the weighting (at most
+            ``UNINFORMATIVE_CHECKS`` micro-batches of equal counts, which cannot tell the weightings apart).
         validate_every: ``None`` (default) or N ≥ 1: every N-th optimizer step, also estimate the GNS of all
             trainable parameters from their per-example gradients and log it as ``gns_total`` (with
             ``gns_total_grad_sq`` and ``gns_total_trace_sigma``) beside ``gns``, to check the norms' estimate; the
@@ -262,6 +277,13 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._arguments_accumulation: int | None = None  # the TrainingArguments' value when training started
         self._resumed_mid_epoch = False
         self._steps_since_verified = 0
+        # the weighting is confirmed once the gradient at the logits agreed with it on a micro-batch that tells the
+        # weightings apart (unequal label-token counts): until then every micro-batch is checked
+        self._weighting_confirmed = False
+        self._paired = False  # the Trainer's examples are pairs of rows (TRL's DPO and reward trainers)
+        self._uninformative_checks = 0
+        self._outputs_hook: torch.utils.hooks.RemovableHandle | None = None  # while compute_loss runs
+        self._captured: Any = None  # the outputs of its forward with gradients (_capture_outputs)
         # the expected accumulation of each optimizer step left, planned after step _plan_start (with a schedule)
         self._plan: list[int] = []
         self._plan_start = 0
@@ -274,7 +296,10 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._label_tokens = 0
         self._weight_sum: torch.Tensor | float = 0.0
         self._weight_sq_sum: torch.Tensor | float = 0.0
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: tuple[dict[LossWeighting, torch.Tensor], torch.Tensor] | None = None
+        self._probe: LogitGradientProbe | None = None  # watches this micro-batch's logits in its backward
+        # ... with the candidate weightings' weights and accelerate's factor, to check once its backward has run
+        self._probed: tuple[LogitGradientProbe, dict[LossWeighting, torch.Tensor], float] | None = None
         self._big: torch.Tensor | None = None  # ‖G‖² of replicated gradients (None: not measured)
         self._big_shards = torch.zeros(())  # this process's part of ‖G‖² of sharded gradients
         self._group_big = torch.zeros(len(NORM_GROUPS))  # the same two, per norm group (NORM_GROUPS order)
@@ -307,6 +332,15 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
 
     def attach(self, trainer: Trainer) -> None:
         self._trainer = trainer
+        self._paired = is_paired_trainer(trainer)
+        if self._paired:  # TRL's DPO and reward trainers: an example is a pair of rows (integrations/trl_pairs.py)
+            check_paired_trainer(trainer)
+            if self.validate_every is not None:
+                raise ValueError(
+                    f"GNSCallback(validate_every=...) does not work with {type(trainer).__name__}: the whole model's "
+                    "per-example gradients are computed for examples that are one row, not a pair of rows"
+                )
+        set_paired_rows(trainer.model, self._paired)
         self._check_model(trainer.model)
         if trainer.is_deepspeed_enabled:
             raise ValueError(
@@ -408,6 +442,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.controller.finish_epoch(self._micro_batches)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._stop_capturing()  # a compute_loss that raised may have left it
+        if self._paired:  # the model's later forwards (outside this Trainer) take rows as examples again
+            set_paired_rows(self._trainer.model, False)
         # the TrainingArguments come out as they went in: the model's saved training_args.bin, and a second
         # Trainer or run built from the same arguments, get the user's accumulation, not the grown one
         if self._arguments_accumulation is not None:
@@ -525,16 +562,45 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
     # ------------------------------------------------------------------------------------------ measurement
     def _weighting_due(self, micro_batch: int) -> bool:
         """Whether the examples' weighting is identified (or verified) on this step's ``micro_batch``-th
-        micro-batch (from 1): until it is known, then on a step's first every ``verify_interval`` steps."""
-        return self.weighting is None or (micro_batch == 1 and self._steps_since_verified >= self.verify_interval)
+        micro-batch (from 1): until it is confirmed, then on a step's first every ``verify_interval`` steps."""
+        if self.weighting is None or not self._weighting_confirmed:
+            return True
+        return micro_batch == 1 and self._steps_since_verified >= self.verify_interval
 
     def wants_outputs(self, trainer: Trainer) -> bool:
-        return self._weighting_due(self._micro_batches + 1)
+        self._check_observed_weights()  # the previous micro-batch's backward has run: it may confirm the weighting
+        self._stop_capturing()
+        if self._paired:  # the pairs' weights are the mean's (integrations/trl_pairs.py): nothing to observe
+            return False
+        due = self._weighting_due(self._micro_batches + 1)
+        if due:  # a hook only for the coming compute_loss: a copied or pickled model never carries it
+            self._outputs_hook = trainer.model.register_forward_hook(self._capture_outputs)
+        return due
+
+    def _stop_capturing(self) -> Any:
+        """Remove the outputs hook and hand over what it captured."""
+        if self._outputs_hook is not None:
+            self._outputs_hook.remove()
+            self._outputs_hook = None
+        captured, self._captured = self._captured, None
+        return captured
+
+    def _capture_outputs(self, module: nn.Module, args: tuple, outputs: Any) -> None:
+        """Keep the outputs of the micro-batch's forward with gradients, whose logits (or label log-probabilities)
+        the backward passes through: compute_loss may return others (TRL's SFTTrainer returns those of a second
+        forward without gradients, its training forward having a fused LM head)."""
+        if torch.is_grad_enabled():
+            self._captured = outputs
 
     def observe_loss(
         self, trainer: Trainer, inputs: dict, num_items_in_batch: Any, loss: torch.Tensor, outputs: Any
     ) -> None:
+        self._check_observed_weights()
+        trained_outputs = self._stop_capturing()
         self._micro_batches += 1
+        if self._paired:
+            self._observe_pairs(inputs, loss)
+            return
         sequences = sequence_ids(inputs)  # packed / padding-free batches: an example is a sequence
         labels_are_shifted = isinstance(inputs.get("shift_labels"), torch.Tensor)
         labels = inputs["shift_labels"] if labels_are_shifted else inputs.get("labels")
@@ -554,21 +620,36 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             if self.weighting is None:
                 return
             due = False
+        weighting, candidates = self.weighting, None
         if due:
             smoothing = getattr(trainer.label_smoother, "epsilon", 0.0) if trainer.label_smoother else 0.0
-            weighting = identify_loss_weighting(
+            matching = identify_loss_weighting(
                 loss, outputs, labels, labels_are_shifted, num_items_in_batch, trainer.accelerator.num_processes,
                 smoothing, sequences,
             )  # fmt: skip
-            if self.weighting is not None and weighting != self.weighting:
+            if self.weighting is not None and self.weighting not in matching:
                 raise ExampleWeightError(
-                    f"the loss weighted its examples as {self.weighting} and now as {weighting}: GNSCallback "
-                    "cannot follow a loss whose weighting changes during training"
+                    f"the loss weighted its examples as {self.weighting} and now as one of "
+                    f"{[str(m) for m in matching]}: GNSCallback cannot follow a loss whose weighting changes during "
+                    "training"
                 )
-            self.weighting, self._steps_since_verified = weighting, 0
-        tokens = token_counts(labels, self.weighting.shifted, sequences)
+            weighting = matching[0] if self.weighting is None else self.weighting
+            candidates = [weighting] if self.weighting is not None else matching
+            self._probe = LogitGradientProbe.attach(
+                trained_outputs if trained_outputs is not None else outputs, labels, weighting.shifted, smoothing,
+                sequences,
+            )  # fmt: skip
+            if self._probe is None:
+                raise ExampleWeightError(
+                    "GNSCallback matched the loss's value to its examples' cross-entropy, but the model's outputs "
+                    "carry no logits (or label log-probabilities) that the backward passes through, so the weights "
+                    "cannot be observed in the backward: the loss is not computed from these outputs"
+                )
+        tokens = token_counts(labels, weighting.shifted, sequences)  # the candidates share the shift
         self._label_tokens += int(tokens.sum())
-        weights = example_weights(tokens, self.weighting, num_items_in_batch).to(loss.device)
+        weights = {
+            w: example_weights(tokens, w, num_items_in_batch).to(loss.device) for w in (candidates or [weighting])
+        }
         self._pending = (weights, loss.detach())
         if self._validating:
             self._stored.append(
@@ -580,20 +661,65 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 )
             )
 
+    def _observe_pairs(self, inputs: dict, loss: torch.Tensor) -> None:
+        """A micro-batch of TRL's DPO or reward trainer: 2P rows, P pair examples, each weighing 1/P in its loss."""
+        rows = inputs.get("input_ids")
+        if not isinstance(rows, torch.Tensor) or rows.shape[0] % 2:
+            raise ExampleWeightError(
+                "GNSCallback expected a micro-batch of chosen and rejected rows (an even number of input_ids rows), "
+                f"got {None if not isinstance(rows, torch.Tensor) else tuple(rows.shape)}"
+            )
+        pairs = rows.shape[0] // 2
+        self._rows += pairs
+        if not torch.isfinite(loss.detach()).all():
+            self._unusable_step = True
+        self.weighting = PAIR_MEAN
+        self._pending = ({PAIR_MEAN: torch.full((pairs,), 1.0 / pairs, device=loss.device)}, loss.detach())
+
     def observe_backward(self, trainer: Trainer, loss: torch.Tensor, loss_scale: float) -> None:
         if self._pending is None:
             if self._unusable_step:
                 return
             raise AccumulationError("a backward pass without a training loss before it: GNSCallback lost track")
-        weights, computed = self._pending
+        candidates, computed = self._pending
         self._pending = None
         computed = computed.float()
         factor = torch.where(computed != 0, loss.detach().float() / computed, 1.0) * loss_scale
-        weights = weights * factor
+        candidates = {weighting: weights * factor for weighting, weights in candidates.items()}
+        if self._probe is not None:  # the weights count once its backward has confirmed them (_check_observed_weights)
+            self._probed = (self._probe, candidates, backward_factor(trainer.accelerator))
+            self._probe = None
+            return
+        self._add_weights(next(iter(candidates.values())))
+
+    def _add_weights(self, weights: torch.Tensor) -> None:
+        """Count a micro-batch's examples' weights a_b (in units of the loss passed to the backward)."""
         if self._validating and self._stored and self._stored[-1].weights is None:
             self._stored[-1].weights = weights
         self._weight_sum = self._weight_sum + weights.sum()
         self._weight_sq_sum = self._weight_sq_sum + weights.square().sum()
+
+    def _check_observed_weights(self) -> None:
+        """After the backward of a micro-batch whose weighting was identified or verified: the token weights that
+        reached its logits must be those of the identified weighting (:mod:`hf_gns_spam.gns.logit_gradients`)."""
+        if self._probed is not None:
+            probe, candidates, backward = self._probed
+            self._probed = None
+            weighting = probe.select({w: weights * backward for w, weights in candidates.items()})
+            self._add_weights(candidates[weighting])
+            self.weighting, self._steps_since_verified = weighting, 0
+            if self._weighting_confirmed:
+                return
+            self._uninformative_checks += not probe.informative
+            if probe.informative or self._uninformative_checks >= UNINFORMATIVE_CHECKS:
+                self._weighting_confirmed = True
+            if not probe.informative and self._weighting_confirmed:
+                logger.info(
+                    "GNSCallback: the loss's weighting (%s) was checked on %d micro-batches whose examples all had the "
+                    "same number of label tokens, which cannot tell a token mean from a mean of per-example means; "
+                    "it is re-checked every verify_interval=%d steps.",
+                    self.weighting, self._uninformative_checks, self.verify_interval,
+                )  # fmt: skip
 
     def _groups_of(self, names) -> dict[str, NormGroup]:
         """The group of each statistics key (a patched norm's parameter name), classified once per module."""
@@ -603,27 +729,29 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 self._groups.setdefault(name, modules[name.rpartition(".")[0]])
         return self._groups
 
-    def _norm_parameters(self) -> list[tuple[NormGroup, nn.Parameter]]:
-        stats = per_example_grad_stats(self._trainer.model)
-        groups = self._groups_of(stats)
-        return [(groups[n], p) for n, p in self._trainer.model.named_parameters() if n in stats and p.grad is not None]
-
     def before_clipping(self, trainer: Trainer) -> None:
         """‖G‖² of the patched norms' gradient: replicated gradients (one process, DDP) are summed here; FSDP2's
-        shards (DTensor) are summed locally here and over the processes with the step's other statistics.
-        On a validation step, also ‖G‖² of all trainable parameters, and of all but the embeddings."""
+        shards (DTensor) are summed locally here and over the processes with the step's other statistics. Frozen
+        norms' gradients (sinks, local to each process) are averaged over the processes first, as DDP averages the
+        trained ones. On a validation step, also ‖G‖² of all trainable parameters, and of all but the embeddings."""
+        self._check_observed_weights()
         if self._validating and self._total_big is None:
             self._total_big = squared_gradient_norm(trainer.model)
             self._total_big_no_embeddings = squared_gradient_norm(trainer.model, embedding_parameters(trainer.model))
-        parameters = self._norm_parameters()
-        if not parameters:
+        gradients = norm_gradients(trainer.model)
+        groups = self._groups_of(gradients)
+        measured = [(groups[n], g.gradient) for n, g in gradients.items() if not g.frozen and g.gradient is not None]
+        frozen = {name: gradient for name, gradient in gradients.items() if gradient.frozen}
+        if frozen:
+            measured += self._frozen_gradients(trainer, frozen, groups)
+        if not measured:
             self._big = None
             return
-        zero = torch.zeros((), device=parameters[0][1].grad.device)
+        zero = torch.zeros((), device=measured[0][1].device)
         replicated, shards = [zero] * len(NORM_GROUPS), [zero] * len(NORM_GROUPS)
         self._group_measured = [False] * len(NORM_GROUPS)
-        for group, parameter in parameters:
-            index, grad = NORM_GROUPS.index(group), parameter.grad
+        for group, grad in measured:
+            index = NORM_GROUPS.index(group)
             self._group_measured[index] = True
             if isinstance(grad, DTensor):
                 shards[index] = shards[index] + grad.to_local().float().square().sum()
@@ -632,8 +760,32 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._group_big, self._group_big_shards = torch.stack(replicated), torch.stack(shards)
         self._big, self._big_shards = self._group_big.sum(), self._group_big_shards.sum()
 
+    @staticmethod
+    def _frozen_gradients(
+        trainer: Trainer, frozen: dict[str, NormGradient], groups: dict[str, NormGroup]
+    ) -> list[tuple[NormGroup, torch.Tensor]]:
+        """The frozen norms' batch gradients (their sinks), averaged over the processes as DDP averages the trained
+        ones: one all-reduce of every sink, zeros for those the backward did not reach here (all processes take
+        part with the same names in the same order, whatever their backward reached; nothing is read on the host)."""
+        processes = trainer.accelerator.num_processes
+        reached = [name for name, g in frozen.items() if g.gradient is not None]
+        if not reached and processes == 1:
+            return []
+        device = frozen[reached[0]].gradient.device if reached else trainer.accelerator.device
+        flat = torch.cat(
+            [
+                torch.zeros(g.size, device=device) if g.gradient is None else g.gradient.reshape(-1)
+                for g in frozen.values()
+            ]
+        )
+        if processes > 1:
+            flat = trainer.accelerator.reduce(flat, reduction="mean")
+        pieces = dict(zip(frozen, flat.split([g.size for g in frozen.values()]), strict=True))
+        return [(groups[name], pieces[name]) for name in reached]
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer
+        self._check_observed_weights()
         if self._big is None:  # no clipping (max_grad_norm=0, DeepSpeed): the gradient is as it was
             self.before_clipping(trainer)
         model = trainer.model
@@ -708,7 +860,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             self.tokens_per_example = label_tokens / rows
         weights = StepWeights(weight_sum, weight_sq_sum, processes)
         effective_batch = weights.effective_batch
-        if unusable or measured < 2 or big is None or not effective_batch > 1.0:  # e.g. frozen norms (LoRA)
+        if unusable or measured < 2 or big is None or not effective_batch > 1.0:  # e.g. no norm reached
             self.estimator.skip()
             for group in self.groups_present:
                 self.group_estimators[group].skip()
@@ -740,16 +892,17 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             )
 
     def _report_no_norm_gradient(self, state) -> None:
-        """Say once, at the first step where no patched norm's weight got a gradient (frozen norms: peft's LoRA and
-        QLoRA freeze them), that there is no GNS; a "gns" schedule, which would then never move, is an error."""
+        """Say once, at the first step where the backward reached no patched norm (only parameters above the last
+        norm are trained, e.g. LoRA on the output head alone), that there is no GNS; a "gns" schedule, which would
+        then never move, is an error. Frozen norms are measured wherever the backward passes through them."""
         if self._no_norm_gradient_reported:
             return
         self._no_norm_gradient_reported = True
         message = (
-            f"GNSCallback: at optimizer step {state.global_step + 1} no patched normalization layer's weight received "
-            "a gradient (their weights are frozen, as peft's LoRA and QLoRA leave them, or the backward did not reach "
-            "them), so there is no GNS: gns and gns/<group> stay nan. The statistics need trainable norm weights: "
-            "unfreeze them (weight.requires_grad_(True) on each patched norm; they are then trained too)"
+            f"GNSCallback: at optimizer step {state.global_step + 1} the backward reached no patched normalization "
+            "layer (nothing trained lies below one: a frozen norm is measured only where the gradient passes through "
+            "it anyway), so there is no GNS: gns and gns/<group> stay nan. Train something below a norm (LoRA on the "
+            "attention or MLP projections) or make a norm's weight trainable (weight.requires_grad_(True))"
         )
         if self.schedule == "gns":
             raise ValueError(f"{message}, or use schedule='linear' or None: a 'gns' schedule would never move.")

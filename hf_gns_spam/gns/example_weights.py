@@ -23,9 +23,12 @@ returned and the outputs and labels it was computed on:
 An example is a row of the batch, or a sequence of a packed batch (:mod:`hf_gns_spam.sequences`): its own loss
 is then the mean over the label positions inside that sequence.
 
-The first candidate that reproduces L to ``rtol`` is taken (candidates that tie give the same weights, up to
-coincidences of the data); if none does, :class:`ExampleWeightError` says what was observed and what to do. Once
-identified, the weights of later micro-batches follow from their labels alone (:func:`example_weights`).
+Every candidate that reproduces L to ``rtol`` is kept (at initialisation every example's loss is about log V, so
+several weightings can match the value); if none does, :class:`ExampleWeightError` says what was observed and what
+to do. The gradient observed at the logits in the same micro-batch's backward then picks the one weighting that
+holds, or refuses them all (:mod:`hf_gns_spam.gns.logit_gradients`). Once confirmed, the weights of later
+micro-batches follow from their labels alone (:func:`example_weights`), and are checked again every
+``verify_interval`` steps.
 """
 
 from __future__ import annotations
@@ -181,8 +184,9 @@ def identify_loss_weighting(
     smoothing: float = 0.0,
     sequences: torch.Tensor | None = None,
     rtol: float = 2e-3,
-) -> LossWeighting:
-    """The weighting among the module's table with which Σ_e a_e·ℓ_e reproduces the observed ``loss``.
+) -> list[LossWeighting]:
+    """The weightings among the module's table with which Σ_e a_e·ℓ_e reproduces the observed ``loss``, in the
+    table's order, all with the same shift (the first shift that matches).
 
     ``labels`` are the labels the loss was computed on (``shift_labels`` with ``labels_are_shifted=True``: they
     are never shifted again); ``sequences`` the packed sequences' ids (examples are then sequences). Raises
@@ -190,8 +194,9 @@ def identify_loss_weighting(
     """
     observed = float(loss.detach().float())
     shifts = (False,) if labels_are_shifted or labels.dim() < 2 else (True, False)
-    tried = []
+    tried: list[str] = []
     for shifted in shifts:
+        matching = []
         losses = own_losses(outputs, labels, shifted, smoothing, sequences)
         if losses is None or not torch.equal(losses.tokens.cpu(), token_counts(labels, shifted, sequences).cpu()):
             continue
@@ -205,7 +210,9 @@ def identify_loss_weighting(
                 weights = example_weights(losses.tokens, weighting, num_items_in_batch)
                 reconstructed = float((weights * per_example).sum())
                 if abs(reconstructed - observed) <= rtol * max(abs(observed), 1e-6):
-                    return weighting
+                    matching.append(weighting)
+        if matching:
+            return matching
     raise ExampleWeightError(
         f"GNSCallback could not tell how this loss ({observed:.6g}) weights its examples: it is none of "
         f"[{', '.join(tried) or 'no candidate: the outputs carry no logits or log_probs for these labels'}] of the "

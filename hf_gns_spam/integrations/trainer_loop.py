@@ -215,6 +215,14 @@ def _wrap_accelerator(trainer: Trainer) -> None:
     accelerator.clip_grad_norm_ = clip_grad_norm_
 
 
+def backward_factor(accelerator: Any) -> float:
+    """What ``accelerator.backward(loss)`` multiplies the loss by before back-propagating it (beyond the gradient
+    scaler's scale): 1 / gradient_accumulation_steps (accelerate 1.x, ``Accelerator.backward``, outside DeepSpeed,
+    which GNSCallback refuses). GNSCallback checks this against the gradient it observes at the logits, so a change
+    in accelerate is an error at the first step, not a silent one."""
+    return 1.0 / accelerator.gradient_accumulation_steps
+
+
 def _wrap_log(trainer: Trainer) -> None:
     original = trainer.log
 

@@ -1,8 +1,8 @@
 """The GNS-aware normalization as a ``torch.library`` custom operator with autograd.
 
-``gns_norm(x, weight, bias, spec, statistics, example_scales, segment_ids)`` returns what the original normalization
-module returns. Its backward returns the usual dx, dw, db and, as the gradient of ``statistics`` (a float32 leaf
-tensor of shape [5] with ``requires_grad=True``), the per-example statistics of this backward pass::
+``gns_norm(x, weight, bias, spec, statistics, example_scales, segment_ids, frozen_grads)`` returns what the original
+normalization module returns. Its backward returns the usual dx, dw, db and, as the gradient of ``statistics`` (a
+float32 leaf tensor of shape [5] with ``requires_grad=True``), the per-example statistics of this backward pass::
 
     statistics.grad += [Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²]
 
@@ -19,8 +19,13 @@ cheap check, ``ValueError``), and again in the pure-torch backward (a host read 
 on a GPU reads nothing on the host: there, ids that fail the checks give NaN statistics. Because autograd accumulates
 leaf gradients, successive backward passes (gradient accumulation, gradient checkpointing's recomputation) add up
 until the leaf's ``.grad`` is reset, with no side effects inside the backward: ``torch.compile`` traces it as one
-opaque operator in the forward graph and one in the backward graph. ``statistics=None`` (a frozen weight) computes
-no statistics at all.
+opaque operator in the forward graph and one in the backward graph. ``statistics=None`` computes no statistics at
+all.
+
+Frozen parameters (peft's LoRA and QLoRA freeze the norms): ``frozen_grads=(weight_sink, bias_sink)``, float32 leaf
+tensors of the weight's and the bias's shape with ``requires_grad=True`` (either may be None), receive as their
+gradient the gradient the frozen weight (bias) would have had. The statistics then cover the frozen parameters too,
+and the callback gets their batch gradient from the sinks; the frozen parameters themselves get no gradient.
 
 Dispatch: CUDA tensors use the Triton kernels (:mod:`hf_gns_spam.kernels.gns_norm`) when Triton is installed; other
 devices use the pure-torch reference (:mod:`hf_gns_spam.ops.norm_reference`). :func:`norm_backend` forces either.
@@ -91,13 +96,15 @@ def _gns_norm_forward(
     statistics: torch.Tensor | None,
     example_scales: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
+    weight_sink: torch.Tensor | None,
+    bias_sink: torch.Tensor | None,
     kind: str,
     eps: float,
     offset: float,
     rounding: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd); ``statistics`` is only an autograd handle for the backward's statistics, ``example_scales``
-    and ``segment_ids`` are saved for it (ids on the CPU are checked here, before any work)."""
+    """(y, mean, rstd); ``statistics`` and the sinks are only autograd handles for what the backward computes,
+    ``example_scales`` and ``segment_ids`` are saved for it (ids on the CPU are checked here, before any work)."""
     if segment_ids is not None and segment_ids.device.type == "cpu":
         norm_reference.check_segment_values(segment_ids, None if example_scales is None else example_scales.numel())
     forward, _ = _implementation(_resolved_backend(x))
@@ -105,7 +112,7 @@ def _gns_norm_forward(
 
 
 @_gns_norm_forward.register_fake
-def _(x, weight, bias, statistics, example_scales, segment_ids, kind, eps, offset, rounding):
+def _(x, weight, bias, statistics, example_scales, segment_ids, weight_sink, bias_sink, kind, eps, offset, rounding):
     out_dtype = output_dtype(_spec(kind, eps, offset, rounding), x.dtype, None if weight is None else weight.dtype)
     row_shape = x.shape[:-1]
     return (
@@ -171,7 +178,7 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, statistics, example_scales, segment_ids, kind, eps, offset, rounding = inputs
+    x, weight, bias, statistics, example_scales, segment_ids, _sink, _bias_sink, kind, eps, offset, rounding = inputs
     _, mean, rstd = output
     # without statistics the segments change nothing (dx, dw, db do not depend on them): no per-segment work
     ctx.save_for_backward(x, weight, bias, mean, rstd, example_scales, segment_ids if statistics is not None else None)
@@ -182,6 +189,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd, example_scales, segment_ids = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    sink_weight, sink_bias = ctx.needs_input_grad[6:8]  # frozen parameters whose gradient goes to a sink
     dx, dw, db, statistics = torch.ops.hf_gns_spam.gns_norm_backward(
         dy.contiguous(),
         x,
@@ -193,8 +201,8 @@ def _backward(ctx, dy, _dmean, _drstd):
         segment_ids,
         *ctx.spec_args,
         need_input,
-        need_weight,
-        need_bias,
+        need_weight or sink_weight,
+        need_bias or sink_bias,
     )
     return (
         dx if need_input else None,
@@ -202,6 +210,9 @@ def _backward(ctx, dy, _dmean, _drstd):
         db if need_bias else None,
         statistics if ctx.has_statistics else None,
         None,
+        None,
+        dw.float() if sink_weight else None,
+        db.float() if sink_bias else None,
         None,
         None,
         None,
@@ -221,8 +232,10 @@ def gns_norm(
     statistics: torch.Tensor | None = None,
     example_scales: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    frozen_grads: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> torch.Tensor:
-    """Normalize ``x`` over its last dimension as ``spec`` says; see the module docstring for the statistics.
+    """Normalize ``x`` over its last dimension as ``spec`` says; see the module docstring for the statistics and for
+    ``frozen_grads`` (the sinks of frozen parameters: a sink is refused for a parameter that requires a gradient).
 
     ``segment_ids`` (optional, int32/int64 of shape ``x.shape[:2]``, ``[N]`` for a 2-D x, on x's device): the
     example (sequence) of each token, in [0, E), non-decreasing in row-major order; the statistics are then per
@@ -242,7 +255,18 @@ def gns_norm(
                 "with segment_ids, example_scales must have shape [E] (one entry per segment), "
                 f"got {tuple(example_scales.shape)}"
             )
+    weight_sink, bias_sink = frozen_grads
+    for name, parameter, sink in (("weight", weight, weight_sink), ("bias", bias, bias_sink)):
+        if sink is None:
+            continue
+        if parameter is None or parameter.requires_grad or sink.shape != parameter.shape or sink.dtype != torch.float32:
+            raise ValueError(
+                f"the {name} sink must be a float32 tensor of the frozen {name}'s shape; got a sink of "
+                f"{tuple(sink.shape)} {sink.dtype} for a {name} of "
+                f"{None if parameter is None else (tuple(parameter.shape), parameter.requires_grad)} (shape, trainable)"
+            )
     y, _, _ = torch.ops.hf_gns_spam.gns_norm_forward(
-        x, weight, bias, statistics, example_scales, segment_ids, spec.kind, spec.eps, spec.offset, spec.rounding
-    )
+        x, weight, bias, statistics, example_scales, segment_ids, weight_sink, bias_sink,
+        spec.kind, spec.eps, spec.offset, spec.rounding,
+    )  # fmt: skip
     return y

@@ -23,11 +23,14 @@ from tests.test_per_example_stats import token_losses
 
 
 def main() -> None:
-    output_dir = Path(sys.argv[1])
+    output_dir, frozen = Path(sys.argv[1]), sys.argv[2:] == ["frozen"]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = model_zoo.build("llama")
     patch_model(model)
+    if frozen:  # as peft's LoRA leaves them: the gradients go to the norms' sinks
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("norm" not in name)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -38,8 +41,15 @@ def main() -> None:
     # FSDP2 averages the gradients over the ranks: × world makes the step's gradient Σ token losses / tokens
     (token_losses(logits, mine["labels"]).sum() / tokens * world).backward()
     callback = GNSCallback()
-    callback._trainer = SimpleNamespace(model=model)
-    callback.before_clipping(None)
+
+    def mean_over_processes(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "mean"
+        dist.all_reduce(tensor)
+        return tensor / world
+
+    accelerator = SimpleNamespace(num_processes=world, device=torch.device("cpu"), reduce=mean_over_processes)
+    callback._trainer = SimpleNamespace(model=model, accelerator=accelerator)
+    callback.before_clipping(callback._trainer)
     shards = callback._big_shards.clone()
     dist.all_reduce(shards)
     group_shards = callback._group_big_shards.clone()  # per norm group, in NORM_GROUPS order
