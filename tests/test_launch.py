@@ -348,6 +348,35 @@ def test_trl_sft_script_as_a_module_with_a_model_trl_loads_itself(tmp_path):
 
 
 @pytest.mark.slow
+def test_trl_dpo_script_as_a_module_gives_a_gns_and_grows_the_batch(tmp_path):
+    """DPO through TRL's own script (it loads the policy and the reference model): an example is a pair of rows, the
+    GNS is logged every step and a "gns" schedule grows the batch of pairs; both epochs' pairs are all trained."""
+    from tests.test_gns_preference import preference_data
+
+    model_dir, data_dir, out = tmp_path / "model", tmp_path / "data", tmp_path / "dpo"
+    model_zoo.build("llama").save_pretrained(model_dir)
+    model_zoo.tokenizer().save_pretrained(model_dir)
+    data_dir.mkdir()
+    pairs = preference_data(48)
+    lines = [json.dumps({k: pairs[k][i] for k in ("prompt", "chosen", "rejected")}) for i in range(len(pairs))]
+    (data_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
+    command = [sys.executable, "-m", "hf_gns_spam.cli", "launch", "--gns-schedule", "gns", "--max-batch-size", "16",
+               "--gns-warmup-steps", "2", "--gns-update-interval", "2", "-m", "trl.scripts.dpo",
+               "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
+               "--optim", "stable_spam", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+               "--num_train_epochs", "2", "--logging_steps", "1", "--save_strategy", "epoch", "--report_to", "none",
+               "--disable_tqdm", "true", "--learning_rate", "1e-3", "--bf16", "false",
+               "--max_length", "64"]  # fmt: skip
+    result = run(command, tmp_path)
+    assert result.stderr.count("patch_model: patched 5 normalization module(s)") >= 1
+    steps = logged_steps(latest_checkpoint(out) / "trainer_state.json")
+    sizes = [s["batch_size"] for s in steps]
+    assert sizes[0] == 4 and max(sizes) > 4 and sizes == sorted(sizes)  # pairs: 2 per micro-batch x 2, then grew
+    assert steps[-1]["examples_seen"] == sum(sizes) == 2 * 48  # every pair of both epochs, once each
+    assert not any(math.isnan(s["gns/block"]) for s in steps)
+
+
+@pytest.mark.slow
 def test_two_processes_under_torchrun(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
