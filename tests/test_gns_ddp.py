@@ -56,6 +56,32 @@ def test_two_processes_log_the_same_gns_and_end_identical(tmp_path):
     check_group_estimates_against_torch_func(ranks)
 
 
+@pytest.mark.slow
+def test_frozen_norms_under_ddp_give_one_process_first_step(tmp_path):
+    """Norms frozen (as under LoRA): their gradients are local sinks, averaged over the 2 processes by the callback
+    (DDP does not reduce them); the first step's small, big and effective batch equal those from per-example
+    gradients of both ranks' examples (the norms' gradients as if trained), both ranks agree, the norms stay as they
+    were."""
+    ranks = torchrun(tmp_path, "none", "frozen")
+    assert ranks[0]["max_relative_error"] < 1e-5  # the trained parameters' all-reduced gradients
+    for key in ("gns", "gns_trace_sigma", "history"):
+        assert ranks[0][key] == ranks[1][key], key
+    initial = model_zoo.build("llama")
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+        if "norm" in name:
+            assert torch.equal(value, dict(initial.named_parameters())[name]), name
+    micro_batches = [m for rank in ranks for m in rank["first_step_inputs"]]
+    num_items_in_batch = float(micro_batches[0]["num_items_in_batch"])
+    batch = {k: torch.cat([m[k] for m in micro_batches]) for k in ("input_ids", "attention_mask", "labels")}
+    per_example = per_example_norm_gradients(initial, batch)
+    tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
+    small, big, effective_batch = weighted_small_big(per_example, tokens / num_items_in_batch)
+    assert ranks[0]["history"][0]["small"] == pytest.approx(small, rel=1e-4)
+    assert ranks[0]["history"][0]["big"] == pytest.approx(big, rel=1e-4)
+    assert ranks[0]["history"][0]["effective_batch"] == pytest.approx(effective_batch, rel=1e-6)
+
+
 def check_group_estimates_against_torch_func(ranks: list[dict]) -> None:
     """Every step's logged gns/<group>, gns/<group>_grad_sq and gns/<group>_trace_sigma (identical on both ranks)
     equal an independent reference: per-example gradients (torch.func, float64) of the group's norm parameters on
