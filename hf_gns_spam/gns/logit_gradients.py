@@ -56,7 +56,8 @@ class LogitGradientProbe:
             smoothing,
             sequences,
         )
-        self._values = tensor.detach()
+        self._values: torch.Tensor | None = tensor.detach()  # released once the backward has been observed
+        self._device, self._length = tensor.device, tensor.shape[1] if tensor.dim() > 1 else 1
         self.token_weights: torch.Tensor | None = None  # c_t at the label positions, in the order of _positions()
         self.residual: float | None = None
         self._handle = tensor.register_hook(self._observe)
@@ -78,13 +79,13 @@ class LogitGradientProbe:
     def _label_positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, position, label, example) of every label position; row and position index the observed tensor
         (logits [B, T, V] or [B, 1, C], label log-probabilities [B, T] or [B, T − 1])."""
-        labels = self.labels.to(self._values.device)
+        labels = self.labels.to(self._device)
         sequences = self.sequences
         if labels.dim() == 1:  # classification
             labels, sequences = labels.unsqueeze(1), None
         index, _ = example_index(labels, sequences)
         if self.kind == "log_probs":
-            aligned = self._values.shape[1] == labels.shape[1] - 1  # already aligned with labels[:, 1:]
+            aligned = self._length == labels.shape[1] - 1  # already aligned with labels[:, 1:]
         else:
             aligned = self.shifted
         targets, owner = (labels[:, 1:], index[:, 1:]) if aligned else (labels, index)
@@ -105,7 +106,7 @@ class LogitGradientProbe:
     def _observe(self, grad: torch.Tensor) -> None:
         self._handle.remove()
         with torch.no_grad():
-            values = self._values
+            values, self._values = self._values, None  # the logits are not kept past their backward
             if values.dim() == 2 and self.kind == "logits":
                 values, grad = values.unsqueeze(1), grad.unsqueeze(1)
             rows, positions, targets, _ = self._label_positions()
