@@ -23,8 +23,7 @@ import copy
 import fnmatch
 import inspect
 import warnings
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +41,6 @@ __all__ = [
     "SkippedModule",
     "is_patched",
     "patch_model",
-    "set_example_scales_function",
     "set_paired_rows",
     "unpatch_model",
 ]
@@ -107,17 +105,12 @@ class BatchContext:
 
     batch_size: int | None = None  # rows of the forward's inputs (dim 0 of input_ids, inputs_embeds, ...)
     sequence_ids: torch.Tensor | None = None  # [B, T] sequence of each token in a packed batch (see sequences.py)
-    example_scales: torch.Tensor | None = None  # c_b from the root's example-scales function, if any
     forward_index: int = 0  # counts the root's forward calls (a norm called twice in one is shared)
     # examples made of two rows, the batch being [first rows of the B/2 examples; their second rows] (TRL's DPO
     # and reward trainers: [chosen; rejected]); set by GNSCallback (set_paired_rows), not by the forward
     paired_rows: bool = False
 
 
-# (examples in the batch or None, the forward's keyword arguments) -> per-example scales [batch] or None
-ExampleScalesFunction = Callable[[int | None, dict], "torch.Tensor | None"]
-# root module -> its function; kept outside the module so that copy.deepcopy(model) does not copy the owner
-_EXAMPLE_SCALES_FUNCTIONS: weakref.WeakKeyDictionary[nn.Module, ExampleScalesFunction] = weakref.WeakKeyDictionary()
 _INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 
 
@@ -137,26 +130,6 @@ def _record_batch_context(root: nn.Module, args: tuple, kwargs: dict) -> None:
                 context.batch_size = value.shape[0]
                 break
     context.sequence_ids = sequence_ids(kwargs)
-    scales_function = _EXAMPLE_SCALES_FUNCTIONS.get(root)
-    context.example_scales = None if scales_function is None else scales_function(context.batch_size, kwargs)
-
-
-def set_example_scales_function(model: nn.Module, function: ExampleScalesFunction | None) -> None:
-    """Compute per-example scales c_b from each forward call's ``(args, kwargs)`` of a patched model.
-
-    ``function(batch_size, kwargs)`` is called before every forward of the model with the number of examples
-    (None if unknown) and the forward's keyword arguments. It returns a float32 tensor of shape [batch] (or None);
-    the patched norms then also accumulate
-    Σ_b c_b‖G[b]‖² (``PerExampleStats.scaled_sum_sq``). ``model`` is the module ``patch_model`` was called on.
-    """
-    roots = [m for m in model.modules() if getattr(m, "_gns_batch_context_hook", None) is not None]
-    if not roots:
-        raise ValueError("set_example_scales_function needs a model prepared with patch_model(model) first")
-    for root in roots:
-        if function is None:
-            _EXAMPLE_SCALES_FUNCTIONS.pop(root, None)
-        else:
-            _EXAMPLE_SCALES_FUNCTIONS[root] = function
 
 
 def set_paired_rows(model: nn.Module, paired: bool) -> None:
@@ -241,17 +214,14 @@ class _GNSNormMixin:
                 )
             if shape[0] % batch == 0:  # [B·T, D] flattened by the model (OPT's MLP): examples stay examples
                 hidden_states = hidden_states.reshape(batch, -1, shape[-1])
-        examples = hidden_states.shape[0]
         segments = context.sequence_ids if statistics is not None else None
         if segments is not None and segments.shape != hidden_states.shape[:2]:
             segments = None  # a module off the token path (a vision tower in a multimodal model)
-        scales = context.example_scales if statistics is not None and segments is None else None
-        scales = _matching(scales, examples)
         if statistics is not None and context.paired_rows:
             if segments is not None:
                 raise ValueError("examples made of paired rows cannot also be packed sequences (padding_free)")
             # reorder the rows so that each pair's two rows are neighbours, and take each pair as one segment
-            order, inverse, pairs = (t.to(hidden_states.device) for t in _pair_order(examples, self))
+            order, inverse, pairs = (t.to(hidden_states.device) for t in _pair_order(hidden_states.shape[0], self))
             pair_of_token = pairs if hidden_states.dim() == 2 else pairs[:, None].expand(hidden_states.shape[:2])
             output = gns_norm(
                 hidden_states[order], weight, bias, self._gns_spec, statistics, segment_ids=pair_of_token,
@@ -259,7 +229,7 @@ class _GNSNormMixin:
             )[inverse]  # fmt: skip
             return output.reshape(shape)
         output = gns_norm(
-            hidden_states, weight, bias, self._gns_spec, statistics, scales, segment_ids=segments, frozen_grads=sinks
+            hidden_states, weight, bias, self._gns_spec, statistics, segment_ids=segments, frozen_grads=sinks
         )
         return output.reshape(shape)
 
@@ -287,11 +257,6 @@ def _backward_passes(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     below it (a norm whose input is a frozen embedding's output is not measured)."""
     bias = getattr(module, "bias", None)
     return module.weight.requires_grad or (bias is not None and bias.requires_grad) or hidden_states.requires_grad
-
-
-def _matching(scales: torch.Tensor | None, examples: int) -> torch.Tensor | None:
-    """The recorded per-example scales if they belong to an input of ``examples`` rows (else None)."""
-    return scales if scales is not None and scales.shape == (examples,) else None
 
 
 _PATCHED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
@@ -557,5 +522,4 @@ def unpatch_model(model: nn.Module) -> int:
     if hook is not None:
         hook.remove()
         del model._gns_batch_context_hook, model._gns_batch_context
-        _EXAMPLE_SCALES_FUNCTIONS.pop(model, None)
     return restored

@@ -17,13 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hf_gns_spam.kernels.norm_contract import (
-    BIAS_SCALED_SUM_SQ,
-    BIAS_SUM_SQ,
-    EXAMPLES,
-    WEIGHT_SCALED_SUM_SQ,
-    WEIGHT_SUM_SQ,
-)
+from hf_gns_spam.kernels.norm_contract import BIAS_SUM_SQ, EXAMPLES, WEIGHT_SUM_SQ
 from hf_gns_spam.patching import is_patched
 
 __all__ = [
@@ -37,15 +31,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PerExampleStats:
-    """0-dim float32 tensors on the parameter's device (reading them does not synchronise).
-
-    ``scaled_sum_sq`` is Σ_b c_b‖G_p[b]‖² with the per-example scales c_b given to the norm operator
-    (``example_scales``); it equals ``sum_sq`` when none were given.
-    """
+    """0-dim float32 tensors on the parameter's device (reading them does not synchronise)."""
 
     sum_sq: torch.Tensor
     count: torch.Tensor
-    scaled_sum_sq: torch.Tensor
 
 
 def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
@@ -64,13 +53,9 @@ def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
             accumulated = torch.zeros_like(module._gns_statistics)
         prefix = f"{module_name}." if module_name else ""
         examples = accumulated[EXAMPLES]
-        stats[prefix + "weight"] = PerExampleStats(
-            accumulated[WEIGHT_SUM_SQ], examples, accumulated[WEIGHT_SCALED_SUM_SQ]
-        )
+        stats[prefix + "weight"] = PerExampleStats(accumulated[WEIGHT_SUM_SQ], examples)
         if getattr(module, "bias", None) is not None:
-            stats[prefix + "bias"] = PerExampleStats(
-                accumulated[BIAS_SUM_SQ], examples, accumulated[BIAS_SCALED_SUM_SQ]
-            )
+            stats[prefix + "bias"] = PerExampleStats(accumulated[BIAS_SUM_SQ], examples)
     return stats
 
 

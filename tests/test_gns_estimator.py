@@ -13,7 +13,6 @@ import torch
 
 from hf_gns_spam import patch_model, per_example_grad_stats, reset_per_example_grad_stats
 from hf_gns_spam.gns import GradientNoiseScale, effective_batch_size, unbiased_estimates
-from hf_gns_spam.patching import set_example_scales_function
 from tests import model_zoo
 from tests.test_per_example_stats import token_losses
 
@@ -128,27 +127,25 @@ def patched_llama_and_exact_moments(dataset_size: int) -> tuple[torch.nn.Module,
 @pytest.mark.slow
 def test_weighted_estimates_are_unbiased_on_a_patched_model():
     """A real model, loss L = Σ_b a_b ℓ_b with random weights a_b = n_b / 10 (n_b uniform in 1..16, independent of
-    the examples): small from the patched norms with example scales c_b = 1/a_b², big = ‖grad‖² / (Σ a_b)², and
-    B_eff; the mean per-step |G|² and tr Σ are within 3 s.e. of the dataset's exact values (torch.func)."""
+    the examples): small = Σ_b ‖a_b g_b‖² / Σ_b a_b² from the patched norms (as GNSCallback computes it),
+    big = ‖grad‖² / (Σ a_b)², and B_eff; the mean per-step |G|² and tr Σ are within 3 s.e. of the dataset's exact
+    values (torch.func)."""
     dataset_size, batch_size, steps = 24, 4, 300
     model, data, true_grad_sq, true_trace_sigma = patched_llama_and_exact_moments(dataset_size)
 
-    scales = torch.ones(batch_size)
-    set_example_scales_function(model, lambda examples, kwargs: scales)
     generator = torch.Generator().manual_seed(1)
     weighted, equal = [], []
     for _ in range(steps):
         rows = torch.randint(0, dataset_size, (batch_size,), generator=generator)  # i.i.d. examples
         weights = torch.randint(1, 17, (batch_size,), generator=generator).double() / 10
-        scales.copy_(weights.reciprocal().square())
         batch = {k: v[rows] for k, v in data.items()}
         model.zero_grad(set_to_none=True)
         reset_per_example_grad_stats(model)
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         ((token_losses(logits, batch["labels"]).sum(1) / 7) * weights.float()).sum().backward()
         stats = per_example_grad_stats(model)
-        # c_b‖a_b g_b‖² = ‖g_b‖²: the scaled sum is Σ_b ‖g_b‖²
-        small = sum(s.scaled_sum_sq.item() for s in stats.values()) / batch_size
+        # example b's contribution is a_b g_b: the norms' sum is Σ_b a_b²‖g_b‖²
+        small = sum(s.sum_sq.item() for s in stats.values()) / weights.square().sum().item()
         grad_sq_norm = sum(p.grad.double().square().sum().item() for n, p in model.named_parameters() if n in stats)
         big = grad_sq_norm / weights.sum().item() ** 2
         effective_batch = effective_batch_size(weights.sum().item(), weights.square().sum().item())

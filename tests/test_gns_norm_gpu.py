@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_gns_spam.ops.gns_norm import NormSpec, gns_norm, norm_backend
+from hf_gns_spam.ops.norm_reference import STATISTICS_SIZE
 from tests.conftest import GPU_ONLY
 
 pytestmark = GPU_ONLY
@@ -22,7 +23,7 @@ def run(spec: NormSpec, x: torch.Tensor, weight: torch.Tensor, bias, dy: torch.T
     x = x.detach().clone().requires_grad_()
     weight = weight.detach().clone().requires_grad_()
     bias = None if bias is None else bias.detach().clone().requires_grad_()
-    statistics = torch.zeros(5, device=x.device, requires_grad=True)
+    statistics = torch.zeros(STATISTICS_SIZE, device=x.device, requires_grad=True)
     with norm_backend(backend):
         y = gns_norm(x, weight, bias, spec, statistics)
         y.backward(dy)
@@ -66,13 +67,13 @@ def random_segments(rows: int, tokens: int, generator: torch.Generator) -> torch
     return torch.tensor(ids)
 
 
-def run_segments(spec, x, weight, bias, dy, ids, scales, backend):
+def run_segments(spec, x, weight, bias, dy, ids, backend):
     x = x.detach().clone().requires_grad_()
     weight = weight.detach().clone().requires_grad_()
     bias = None if bias is None else bias.detach().clone().requires_grad_()
-    statistics = torch.zeros(5, device=x.device, requires_grad=True)
+    statistics = torch.zeros(STATISTICS_SIZE, device=x.device, requires_grad=True)
     with norm_backend(backend):
-        gns_norm(x, weight, bias, spec, statistics, scales, ids).backward(dy)
+        gns_norm(x, weight, bias, spec, statistics, ids).backward(dy)
     return x.grad, weight.grad, None if bias is None else bias.grad, statistics.grad
 
 
@@ -83,7 +84,7 @@ SEGMENT_SHAPES = [(1, 4096, (), 4096), (2, 2048, (), 1024), (1, 2048, (8,), 128)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("rows", "tokens", "heads", "hidden"), SEGMENT_SHAPES, ids=lambda v: str(v))
 def test_segments_triton_matches_torch_on_gpu(spec, dtype, rows, tokens, heads, hidden):
-    """Packed rows ([B, T, D], [B, T, H, D], chunked D): per-sequence statistics with scales, Triton against torch;
+    """Packed rows ([B, T, D], [B, T, H, D], chunked D): per-sequence statistics, Triton against torch;
     deterministic; dx bitwise as without segments."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     shape = (rows, tokens, *heads, hidden)
@@ -94,9 +95,8 @@ def test_segments_triton_matches_torch_on_gpu(spec, dtype, rows, tokens, heads, 
     )
     dy = torch.randn(shape, device="cuda", generator=generator).to(dtype)
     ids = random_segments(rows, tokens, torch.Generator().manual_seed(1)).cuda()
-    scales = torch.rand(int(ids.max()) + 1, device="cuda", generator=generator) + 0.5
-    expected = run_segments(spec, x, weight, bias, dy, ids, scales, "torch")
-    actual = run_segments(spec, x, weight, bias, dy, ids, scales, "triton")
+    expected = run_segments(spec, x, weight, bias, dy, ids, "torch")
+    actual = run_segments(spec, x, weight, bias, dy, ids, "triton")
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     for name, a, e in zip(("dx", "dw", "db", "statistics"), actual, expected, strict=True):
         if e is None:
@@ -106,7 +106,7 @@ def test_segments_triton_matches_torch_on_gpu(spec, dtype, rows, tokens, heads, 
         assert ((a.float() - e.float()).abs().max() / scale).item() < tolerance, name
     torch.testing.assert_close(actual[3], expected[3], rtol=1e-4, atol=0.0)  # float32 sums in both
     assert actual[3][2].item() == int(ids.max()) + 1
-    again = run_segments(spec, x, weight, bias, dy, ids, scales, "triton")
+    again = run_segments(spec, x, weight, bias, dy, ids, "triton")
     assert all(a is None or torch.equal(a, b) for a, b in zip(actual, again, strict=True))
     plain = run(spec, x, weight, bias, dy, "triton")
     assert torch.equal(actual[0], plain[1])  # dx does not depend on the segments
@@ -119,11 +119,10 @@ def test_segments_backward_has_no_host_sync_on_gpu():
     x = torch.randn(1, 1024, 512, device="cuda", generator=generator, dtype=torch.bfloat16).requires_grad_()
     weight = torch.ones(512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ids = random_segments(1, 1024, torch.Generator().manual_seed(1)).cuda()
-    scales = torch.ones(int(ids.max()) + 1, device="cuda")
-    statistics = torch.zeros(5, device="cuda", requires_grad=True)
+    statistics = torch.zeros(STATISTICS_SIZE, device="cuda", requires_grad=True)
     dy = torch.randn_like(x)
     with norm_backend("triton"):
-        y = gns_norm(x, weight, None, spec, statistics, scales, ids)
+        y = gns_norm(x, weight, None, spec, statistics, ids)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from hf_gns_spam.kernels import gns_norm as kernels
 from hf_gns_spam.ops.gns_norm import NormSpec, gns_norm, norm_backend
-from hf_gns_spam.ops.norm_reference import norm_backward, norm_forward
+from hf_gns_spam.ops.norm_reference import STATISTICS_SIZE, norm_backward, norm_forward
 
 BACKENDS = ["torch", "triton"]
 D = 24
@@ -73,8 +73,8 @@ def module_output(case: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor |
     return w * hidden.to(x.dtype).double()
 
 
-def ground_truth(case: str, layout: str, x, weight, bias, dy, scales=None) -> torch.Tensor:
-    """[Σ‖G_w[e]‖², Σ‖G_b[e]‖², E, Σ c_e‖G_w[e]‖², Σ c_e‖G_b[e]‖²] from torch.func, one sequence at a time."""
+def ground_truth(case: str, layout: str, x, weight, bias, dy) -> torch.Tensor:
+    """[Σ‖G_w[e]‖², Σ‖G_b[e]‖², E] from torch.func, one sequence at a time."""
     ids = segment_ids_for(layout)
     tokens_x = x.reshape(ids.numel(), -1, D)  # [tokens, rows per token, D]
     tokens_dy = dy.reshape(ids.numel(), -1, D)
@@ -86,29 +86,26 @@ def ground_truth(case: str, layout: str, x, weight, bias, dy, scales=None) -> to
     def contribution(w, b, x_e, dy_e):
         return (module_output(case, x_e, w, b if bias is not None else None) * dy_e.double()).sum()
 
-    totals = torch.zeros(5, dtype=torch.float64)
+    totals = torch.zeros(STATISTICS_SIZE, dtype=torch.float64)
     totals[2] = num_segments
     for e in range(num_segments):
         rows = flat == e
         g_w, g_b = torch.func.grad(contribution, argnums=(0, 1))(w64, b64, tokens_x[rows], tokens_dy[rows])
-        c = 1.0 if scales is None else float(scales[e])
         totals[0] += g_w.square().sum()
-        totals[3] += c * g_w.square().sum()
         if bias is not None:
             totals[1] += g_b.square().sum()
-            totals[4] += c * g_b.square().sum()
     return totals
 
 
-def run(backend, spec, x, weight, bias, dy, segment_ids, statistics=None, scales=None):
+def run(backend, spec, x, weight, bias, dy, segment_ids, statistics=None):
     """Forward and backward through the operator; returns (dx, dw, db, statistics.grad)."""
     x = x.clone().requires_grad_()
     weight = weight.clone().requires_grad_()
     bias = None if bias is None else bias.clone().requires_grad_()
     if statistics is None:
-        statistics = torch.zeros(5, requires_grad=True)
+        statistics = torch.zeros(STATISTICS_SIZE, requires_grad=True)
     with norm_backend(backend):
-        gns_norm(x, weight, bias, spec, statistics, scales, segment_ids).backward(dy)
+        gns_norm(x, weight, bias, spec, statistics, segment_ids).backward(dy)
     return x.grad, weight.grad, None if bias is None else bias.grad, statistics.grad
 
 
@@ -121,18 +118,15 @@ def tolerance(case: str) -> float:
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_statistics_equal_per_sequence_ground_truth(backend, case, layout):
-    """All five statistics, with per-sequence scales c_e, against torch.func one sequence at a time."""
+    """All the statistics against torch.func one sequence at a time."""
     spec, x, weight, bias, dy = make_inputs(case, layout)
     ids = segment_ids_for(layout)
     num_segments = int(ids.max()) + 1
-    scales = torch.linspace(0.5, 3.0, num_segments)
-    *_, statistics = run(backend, spec, x, weight, bias, dy, ids, scales=scales)
-    expected = ground_truth(case, layout, x, weight, bias, dy, scales)
+    *_, statistics = run(backend, spec, x, weight, bias, dy, ids)
+    expected = ground_truth(case, layout, x, weight, bias, dy)
     assert statistics.dtype == torch.float32
     assert statistics[2].item() == num_segments
     torch.testing.assert_close(statistics.double(), expected, rtol=tolerance(case), atol=1e-9)
-    # the scales matter: the unscaled and scaled sums differ (so a dropped c_e would fail above)
-    assert abs(expected[3] - expected[0]) > 1e-2 * expected[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,7 +134,7 @@ def test_statistics_accumulate_over_two_backward_passes(backend):
     """Two packed batches (different segmentations) into one leaf: the sum of the two ground truths."""
     spec, x1, weight, bias, dy1 = make_inputs("layer_norm_bias", "one_row", seed=1)
     _, x2, _, _, dy2 = make_inputs("layer_norm_bias", "two_rows", seed=2)
-    statistics = torch.zeros(5, requires_grad=True)
+    statistics = torch.zeros(STATISTICS_SIZE, requires_grad=True)
     run(backend, spec, x1, weight, bias, dy1, segment_ids_for("one_row"), statistics)
     run(backend, spec, x2, weight, bias, dy2, segment_ids_for("two_rows"), statistics)
     expected = ground_truth("layer_norm_bias", "one_row", x1, weight, bias, dy1) + ground_truth(
@@ -184,12 +178,11 @@ def test_triton_equals_torch(case, layout, max_block_d, rows_per_tile):
     bitwise, dw and db to rounding (bitwise where every tile lies in one sequence: one_row-None-1)."""
     spec, x, weight, bias, dy = make_inputs(case, layout)
     ids = segment_ids_for(layout)
-    scales = torch.linspace(2.0, 0.5, int(ids.max()) + 1)
     _, mean, rstd = norm_forward(spec, x, weight, bias)
     need_bias = bias is not None
-    want = norm_backward(spec, dy, x, weight, bias, mean, rstd, True, True, need_bias, scales, ids)
+    want = norm_backward(spec, dy, x, weight, bias, mean, rstd, True, True, need_bias, ids)
     tiling = {"max_block_d": max_block_d, "rows_per_tile": rows_per_tile}
-    got = kernels.gns_norm_backward(spec, dy, x, weight, bias, mean, rstd, True, True, need_bias, scales, ids, **tiling)
+    got = kernels.gns_norm_backward(spec, dy, x, weight, bias, mean, rstd, True, True, need_bias, ids, **tiling)
     plain = kernels.gns_norm_backward(spec, dy, x, weight, bias, mean, rstd, True, True, need_bias, **tiling)
     for name, a, e, p in zip(("dx", "dw", "db"), got[:3], want[:3], plain[:3], strict=True):
         if e is None:
@@ -203,7 +196,7 @@ def test_triton_equals_torch(case, layout, max_block_d, rows_per_tile):
     torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-6)
     assert got[3][2].item() == int(ids.max()) + 1
     again = kernels.gns_norm_backward(
-        spec, dy, x, weight, bias, mean, rstd, True, True, need_bias, scales, ids, **tiling
+        spec, dy, x, weight, bias, mean, rstd, True, True, need_bias, ids, **tiling
     )  # deterministic: the same bits
     for first, second in zip(got, again, strict=True):
         assert (first is None and second is None) or torch.equal(first, second)
@@ -216,8 +209,8 @@ def test_triton_equals_torch_for_each_needed_gradient(needs):
     spec, x, weight, bias, dy = make_inputs("layer_norm_bias", "two_rows")
     ids = segment_ids_for("two_rows")
     _, mean, rstd = norm_forward(spec, x, weight, bias)
-    want = norm_backward(spec, dy, x, weight, bias, mean, rstd, *needs, None, ids)
-    got = kernels.gns_norm_backward(spec, dy, x, weight, bias, mean, rstd, *needs, None, ids, rows_per_tile=3)
+    want = norm_backward(spec, dy, x, weight, bias, mean, rstd, *needs, ids)
+    got = kernels.gns_norm_backward(spec, dy, x, weight, bias, mean, rstd, *needs, ids, rows_per_tile=3)
     for needed, a, e in zip(needs, got[:3], want[:3], strict=True):
         assert (a is not None) == needed == (e is not None)
     torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-6)
@@ -244,18 +237,18 @@ def test_frozen_parameters_give_only_the_count(backend):
     """A frozen weight and bias (LoRA): no per-segment sums, the statistics are the count E alone."""
     spec, x, weight, bias, dy = make_inputs("layer_norm_bias", "two_rows")
     ids = segment_ids_for("two_rows")
-    statistics = torch.zeros(5, requires_grad=True)
+    statistics = torch.zeros(STATISTICS_SIZE, requires_grad=True)
     x_leaf = x.clone().requires_grad_()
     with norm_backend(backend):
-        gns_norm(x_leaf, weight, bias, spec, statistics, None, ids).backward(dy)
-    assert statistics.grad.tolist() == [0.0, 0.0, 4.0, 0.0, 0.0]
+        gns_norm(x_leaf, weight, bias, spec, statistics, ids).backward(dy)
+    assert statistics.grad.tolist() == [0.0, 0.0, 4.0]
 
 
 def run_without_statistics(backend, spec, x, weight, bias, dy, ids):
     x = x.clone().requires_grad_()
     weight = weight.clone().requires_grad_()
     with norm_backend(backend):
-        gns_norm(x, weight, bias, spec, None, None, ids).backward(dy)
+        gns_norm(x, weight, bias, spec, None, ids).backward(dy)
     return x.grad, weight.grad
 
 
@@ -279,18 +272,17 @@ def test_no_statistics_means_no_segment_work(backend, monkeypatch):
 def test_torch_compile_fullgraph_with_segments(backend):
     spec, x, weight, bias, dy = make_inputs("layer_norm_bias", "heads")
     ids = segment_ids_for("heads")
-    scales = torch.linspace(0.5, 2.0, int(ids.max()) + 1)
 
-    def step(x, weight, bias, statistics, ids, scales):
-        return gns_norm(x, weight, bias, spec, statistics, scales, ids) * 2.0
+    def step(x, weight, bias, statistics, ids):
+        return gns_norm(x, weight, bias, spec, statistics, ids) * 2.0
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     results = []
     for function in (step, compiled):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        statistics = torch.zeros(5, requires_grad=True)
+        statistics = torch.zeros(STATISTICS_SIZE, requires_grad=True)
         with norm_backend(backend):
-            function(*leaves, statistics, ids, scales).backward(dy)
+            function(*leaves, statistics, ids).backward(dy)
         results.append([t.grad for t in leaves] + [statistics.grad])
     for eager, traced in zip(*results, strict=True):
         assert torch.equal(eager, traced)
@@ -302,9 +294,9 @@ def test_invalid_segment_ids_are_refused(backend):
     spec, x, weight, bias, dy = make_inputs("layer_norm_bias", "two_rows")
     ids = segment_ids_for("two_rows")
 
-    def call(segment_ids, scales=None):
+    def call(segment_ids):
         with norm_backend(backend):
-            gns_norm(x, weight, bias, spec, torch.zeros(5, requires_grad=True), scales, segment_ids)
+            gns_norm(x, weight, bias, spec, torch.zeros(STATISTICS_SIZE, requires_grad=True), segment_ids)
 
     with pytest.raises(TypeError, match=r"int32 or int64, got torch\.float32"):
         call(ids.float())
@@ -318,33 +310,28 @@ def test_invalid_segment_ids_are_refused(backend):
         call(torch.cat([ids[:1], ids[1:] - 3]))
     with pytest.raises(ValueError, match="≥ 0"):
         call(ids - 1)
-    with pytest.raises(ValueError, match=r"example_scales must have one entry per segment: shape \[4\].*got \[2\]"):
-        call(ids, torch.ones(2))
-    with pytest.raises(ValueError, match=r"shape \[E\]"):
-        call(ids, torch.ones(4, 1))
-    call(ids.int(), torch.ones(4))  # int32 ids and E scales are fine
+    call(ids.int())  # int32 ids are fine
     with pytest.raises(ValueError, match="non-decreasing"):  # the torch backward checks too (it reads the ids)
         _, mean, rstd = norm_forward(spec, x, weight, bias)
-        norm_backward(spec, dy, x, weight, bias, mean, rstd, True, True, True, None, ids.flip(1))
+        norm_backward(spec, dy, x, weight, bias, mean, rstd, True, True, True, ids.flip(1))
 
 
 def test_kernel_marks_unchecked_invalid_ids_with_nan(monkeypatch):
-    """On a GPU the Triton backward reads no ids on the host: invalid ids (or scales not of E entries) give NaN
-    statistics instead of an error. Simulated on CPU by turning the host check off."""
+    """On a GPU the Triton backward reads no ids on the host: invalid ids give NaN statistics instead of an error.
+    Simulated on CPU by turning the host check off."""
     spec, x, weight, bias, dy = make_inputs("layer_norm_bias", "two_rows")
     ids = segment_ids_for("two_rows")
     _, mean, rstd = norm_forward(spec, x, weight, bias)
     monkeypatch.setattr(kernels, "check_segment_values", lambda *args, **kwargs: 0)
 
-    def statistics(segment_ids, scales=None):
+    def statistics(segment_ids):
         return kernels.gns_norm_backward(
-            spec, dy, x, weight, bias, mean, rstd, True, True, True, scales, segment_ids, rows_per_tile=4
+            spec, dy, x, weight, bias, mean, rstd, True, True, True, segment_ids, rows_per_tile=4
         )[3]
 
-    assert torch.isfinite(statistics(ids, torch.ones(4))).all()
+    assert torch.isfinite(statistics(ids)).all()
     assert torch.isnan(statistics(ids.flip(1))).all()  # decreasing
     assert torch.isnan(statistics(ids - 1)).all()  # negative
-    assert torch.isnan(statistics(ids, torch.ones(3))).all()  # E = 4 ids, 3 scales
     assert torch.isnan(statistics(ids + 2**31)).all()  # beyond int32
     assert torch.isnan(statistics(ids + 2**31 - 4)).all()  # the last id is 2³¹ − 1: no overflow in the kernel's loop
     assert torch.isfinite(statistics(ids + 2**31 - 5)).all()  # the largest id the kernel takes is 2³¹ − 2
@@ -359,4 +346,4 @@ def test_unused_ids_count_as_empty_sequences(backend):
     *_, dense = run(backend, spec, x, weight, bias, dy, ids)
     *_, sparse = run(backend, spec, x, weight, bias, dy, gapped)
     assert sparse[2].item() == 6 and dense[2].item() == 4
-    torch.testing.assert_close(sparse[[0, 1, 3, 4]], dense[[0, 1, 3, 4]], rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(sparse[[0, 1]], dense[[0, 1]], rtol=1e-6, atol=0.0)

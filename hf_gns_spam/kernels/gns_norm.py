@@ -28,7 +28,7 @@ The launcher then reduces in torch (deterministic, no atomics)::
 
     G_w[b] = Σ_t partial_w[b, t]     dw = Σ_b G_w[b]     statistics[0] = Σ_b ‖G_w[b]‖²
     G_b[b] = Σ_t partial_b[b, t]     db = Σ_b G_b[b]     statistics[1] = Σ_b ‖G_b[b]‖²
-    statistics[2] = B      (and the c_b-scaled sums: norm_contract.per_example_statistics)
+    statistics[2] = B      (norm_contract.per_example_statistics)
 
 Segments (``segment_ids``, packed rows: the examples are sequences, see the reference): the grid, the tiles and the
 passes over x and dy are the same; only the partial sums are kept per sequence, in the same pass. The rows of a tile
@@ -36,21 +36,21 @@ are consecutive, so are the rows of a sequence, and sequences are in order: a ti
 s_first … s_last, of which only s_first and s_last can extend beyond it. The program keeps the open sequence's sums
 in its [BLOCK_ROWS, BLOCK_D] accumulator; a block of rows that starts a new sequence (one loop iteration per distinct
 id in the block, usually none) closes the open one. When a sequence closes, its vector G (float32, [D] or the
-chunk's columns) goes to ``seg[t, 0]`` if it is s_first, else (it lies wholly inside the tile) only ‖G‖² and c_e‖G‖²
-are added to the tile's scalars. At the tile's end the open sequence goes to ``seg[t, 0]`` (if it is s_first) or
+chunk's columns) goes to ``seg[t, 0]`` if it is s_first, else (it lies wholly inside the tile) only ‖G‖² is added
+to the tile's scalars. At the tile's end the open sequence goes to ``seg[t, 0]`` (if it is s_first) or
 ``seg[t, 1]``, and ``partial[t]`` = the closed sequences' sum + the open one (bitwise the unsegmented partial when
 the tile lies in one sequence). In torch::
 
     slots: the 2·P vectors seg[t, 0], seg[t, 1] with ids s_first(t), s_last(t)   (non-decreasing in t)
     G[s] = segment_reduce(sum) over the runs of equal ids  (each a sequential sum over at most 2·P slots)
-    statistics[0] = Σ_s ‖G_w[s]‖² + Σ_t inner_w[t]        statistics[3] = Σ_s c_s‖G_w[s]‖² + Σ_t inner_c_w[t]
+    statistics[0] = Σ_s ‖G_w[s]‖² + Σ_t inner_w[t]        statistics[1] = Σ_s ‖G_b[s]‖² + Σ_t inner_b[t]
     statistics[2] = E = segment_ids[-1] + 1  (a device tensor: no host read)
 
 Memory is 2·P·D floats per parameter besides the P·D partial sums, whatever E; nothing is read on the host (no tile
 table, no count), so the backward neither waits for the GPU nor stops a CUDA graph. The ids are checked on the host
-only when they are on the CPU; on a GPU, ids that are negative, decreasing or ≥ 2³¹ − 1 (the kernel reads int32), or
-``example_scales`` without E entries, make the statistics NaN (and never cause an out-of-bounds access). dx does not
-depend on the segments; dw and db only through the summation order of tiles holding several sequences.
+only when they are on the CPU; on a GPU, ids that are negative, decreasing or ≥ 2³¹ − 1 (the kernel reads int32)
+make the statistics NaN (and never cause an out-of-bounds access). dx does not depend on the segments; dw and db
+only through the summation order of tiles holding several sequences.
 
 Rows of up to ``max_block_d`` (default 8192) features are held in one block: one read of x (forward) and of x and
 dy (backward). Wider rows are processed in chunks of ``min(max_block_d, 2048)`` features: the forward makes one pass
@@ -268,17 +268,17 @@ def _load_segments(Seg, rows, first, row_mask, rows_per_token):
 
 
 @triton.jit
-def _segment_close(acc, cur, s_first, SegPart, seg_off, c, col_mask, scale):
+def _segment_close(acc, cur, s_first, SegPart, seg_off, c, col_mask):
     """Close the open segment ``cur`` of one parameter (its sums are ``acc``, [BLOCK_ROWS, BLOCK_D]).
 
     The tile's first segment (``cur == s_first``) may have begun in an earlier tile: its vector goes to slot 0 of the
     tile's boundary partials. Any later segment closed inside the tile lies wholly in it: only its squared norm is
-    kept. Returns (G, ‖G‖², c·‖G‖²), the squared norms zero for the first segment."""
+    kept. Returns (G, ‖G‖²), the squared norm zero for the first segment."""
     v = tl.sum(acc, axis=0)
     is_first = cur == s_first
     tl.store(SegPart + seg_off + c, v, mask=tl.where(is_first, col_mask, False))
     squared = tl.where(is_first, 0.0, tl.sum(v * v, axis=0))
-    return v, squared, squared * scale
+    return v, squared
 
 
 @triton.jit
@@ -305,19 +305,14 @@ def _segment_block(
     closed_w,
     closed_b,
     sq_w,
-    sc_w,
     sq_b,
-    sc_b,
     SegW,
     SegB,
     seg_off,
     c,
     col_mask,
-    Scales,
-    n_scales,
     NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr,
-    HAS_SCALES: tl.constexpr,
 ):
     """Add a block of rows to the sums of their segments: ``prod_w`` (dy ⊙ x̂') and ``prod_b`` (dy) are the block's
     [BLOCK_ROWS, BLOCK_D] products, ``segs`` [BLOCK_ROWS] the rows' segment ids (masked rows: any id of the block;
@@ -328,20 +323,15 @@ def _segment_block(
     s = tl.min(segs, axis=0)
     while s <= hi:
         if s != cur:
-            scale = 1.0
-            if HAS_SCALES:
-                scale = tl.load(Scales + cur, mask=(cur >= 0) & (cur < n_scales), other=0.0)
             if NEED_DW:
-                v, squared, scaled = _segment_close(acc_w, cur, s_first, SegW, seg_off, c, col_mask, scale)
+                v, squared = _segment_close(acc_w, cur, s_first, SegW, seg_off, c, col_mask)
                 closed_w += v
                 sq_w += squared
-                sc_w += scaled
                 acc_w = tl.zeros_like(acc_w)
             if NEED_DB:
-                v, squared, scaled = _segment_close(acc_b, cur, s_first, SegB, seg_off, c, col_mask, scale)
+                v, squared = _segment_close(acc_b, cur, s_first, SegB, seg_off, c, col_mask)
                 closed_b += v
                 sq_b += squared
-                sc_b += scaled
                 acc_b = tl.zeros_like(acc_b)
             cur = s
         selected = (segs == s)[:, None]
@@ -350,7 +340,7 @@ def _segment_block(
         if NEED_DB:
             acc_b += tl.where(selected, prod_b, 0.0)
         s = tl.min(tl.where(segs > s, segs, hi + 1), axis=0)
-    return cur, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b
+    return cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b
 
 
 @triton.jit
@@ -393,7 +383,6 @@ def _gns_norm_bwd_kernel(
     SegW,
     SegB,
     SegStats,
-    Scales,
     rows_per_example,
     D,
     d_float,
@@ -401,7 +390,6 @@ def _gns_norm_bwd_kernel(
     rows_per_tile,
     offset,
     rows_per_token,
-    n_scales,
     IS_LAYER_NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ROUND: tl.constexpr,
@@ -409,7 +397,6 @@ def _gns_norm_bwd_kernel(
     NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr,
     SEGMENTED: tl.constexpr,
-    HAS_SCALES: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
@@ -423,7 +410,7 @@ def _gns_norm_bwd_kernel(
     SEGMENTED (segment ids ``Seg``, one per ``rows_per_token`` consecutive rows): the same rows are also summed per
     segment. The tile's first segment goes to ``Seg{W,B}[pid, 0]``, its last (if another) to ``Seg{W,B}[pid, 1]``
     (these two may extend into neighbouring tiles); the segments in between lie wholly in the tile and leave only
-    ``SegStats[pid] = (Σ‖G_w‖², Σ c‖G_w‖², Σ‖G_b‖², Σ c‖G_b‖²)`` over them.
+    ``SegStats[pid] = (Σ‖G_w‖², Σ‖G_b‖²)`` over them.
     """
     pid = tl.program_id(0)
     example = pid // n_tiles
@@ -437,9 +424,7 @@ def _gns_norm_bwd_kernel(
         s_first = tl.load(Seg + row_start // rows_per_token)
         seg_off = pid.to(tl.int64) * 2 * D
         sq_w = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
-        sc_w = sq_w
         sq_b = sq_w
-        sc_b = sq_w
     if NUM_CHUNKS == 1:
         col_mask = cols < D
         w = 1.0
@@ -465,9 +450,9 @@ def _gns_norm_bwd_kernel(
                     if NEED_DW:
                         prod_w = dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
                     segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
-                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b = _segment_block(
-                        segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b,
-                        SegW, SegB, seg_off, cols, col_mask, Scales, n_scales, NEED_DW, NEED_DB, HAS_SCALES,
+                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
+                        segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
+                        SegW, SegB, seg_off, cols, col_mask, NEED_DW, NEED_DB,
                     )  # fmt: skip
                 else:
                     if NEED_DW:
@@ -484,9 +469,9 @@ def _gns_norm_bwd_kernel(
             elif NEED_DB:
                 if SEGMENTED:
                     segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
-                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b = _segment_block(
-                        segs, 0.0, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b,
-                        SegW, SegB, seg_off, cols, col_mask, Scales, n_scales, NEED_DW, NEED_DB, HAS_SCALES,
+                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
+                        segs, 0.0, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
+                        SegW, SegB, seg_off, cols, col_mask, NEED_DW, NEED_DB,
                     )  # fmt: skip
                 else:
                     acc_b += dy
@@ -566,9 +551,9 @@ def _gns_norm_bwd_kernel(
                             acc_w += prod_w
                 if SEGMENTED:
                     segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
-                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b = _segment_block(
-                        segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sc_w, sq_b, sc_b,
-                        SegW, SegB, seg_off, c, col_mask, Scales, n_scales, NEED_DW, NEED_DB, HAS_SCALES,
+                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
+                        segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
+                        SegW, SegB, seg_off, c, col_mask, NEED_DW, NEED_DB,
                     )  # fmt: skip
                 elif NEED_DB:
                     acc_b += dy
@@ -583,11 +568,9 @@ def _gns_norm_bwd_kernel(
                 if NEED_DB:
                     tl.store(PartialB + partial_off + c, tl.sum(acc_b, axis=0), mask=col_mask)
     if SEGMENTED:
-        stats_off = pid.to(tl.int64) * 4
+        stats_off = pid.to(tl.int64) * 2
         tl.store(SegStats + stats_off, sq_w)
-        tl.store(SegStats + stats_off + 1, sc_w)
-        tl.store(SegStats + stats_off + 2, sq_b)
-        tl.store(SegStats + stats_off + 3, sc_b)
+        tl.store(SegStats + stats_off + 1, sq_b)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -773,7 +756,6 @@ def _segment_statistics(
     seg_w: Tensor | None,
     seg_b: Tensor | None,
     seg_stats: Tensor | None,
-    example_scales: Tensor | None,
     tiles: tuple[int, int, int, int],
     rows_per_token: int,
 ) -> Tensor:
@@ -781,7 +763,7 @@ def _segment_statistics(
 
     ``tiles`` is (programs, tiles per example, rows per example, rows per tile) of the launch. Each program left its
     first and last segments' partial sums (slots 0 and 1 of ``seg_w`` / ``seg_b``, [programs, 2, D]) and the
-    statistics of the segments wholly inside it (``seg_stats``, [programs, 4]). The 2·programs slots are ordered by
+    statistics of the segments wholly inside it (``seg_stats``, [programs, 2]). The 2·programs slots are ordered by
     segment; runs of equal ids are one segment each, summed by ``torch.segment_reduce`` (each output a sequential sum:
     deterministic) into at most 2·programs vectors, then squared.
     """
@@ -800,24 +782,15 @@ def _segment_statistics(
         slots = torch.arange(2 * n_programs, device=device)
         group_start = torch.searchsorted(group, slots)
         lengths = torch.searchsorted(group, slots, right=True) - group_start  # zero for unused groups
-        scales = None
-        if example_scales is not None:
-            group_ids = ids[group_start.clamp_max(2 * n_programs - 1)]
-            in_range = (group_ids >= 0) & (group_ids < example_scales.numel()) & (lengths > 0)
-            scales = torch.where(in_range, example_scales.float()[group_ids.clamp(0, example_scales.numel() - 1)], 0.0)
         for index, boundary in ((0, seg_w), (1, seg_b)):
             if boundary is None:
                 continue
             sums = torch.segment_reduce(boundary.view(2 * n_programs, -1), "sum", lengths=lengths, axis=0, unsafe=True)
             squared = sums.square().sum(-1)  # [2P], zero for unused groups
-            statistics[index] = squared.sum() + seg_stats[:, 2 * index].sum()
-            scaled = squared if scales is None else squared * scales
-            statistics[3 + index] = scaled.sum() + seg_stats[:, 2 * index + 1].sum()
-    # ids the host did not check: NaN statistics (no host read) unless ≥ 0, non-decreasing, at most _MAX_SEGMENT_ID
-    # (the kernel reads them as int32), and E scales
+            statistics[index] = squared.sum() + seg_stats[:, index].sum()
+    # ids the host did not check: NaN statistics (no host read) unless ≥ 0, non-decreasing and at most
+    # _MAX_SEGMENT_ID (the kernel reads them as int32)
     valid = (flat[0] >= 0) & (flat[-1] <= _MAX_SEGMENT_ID) & (flat[1:] >= flat[:-1]).all()
-    if example_scales is not None:
-        valid = valid & (flat[-1] + 1 == example_scales.numel())
     return torch.where(valid, statistics, torch.nan)
 
 
@@ -832,7 +805,6 @@ def gns_norm_backward(
     need_input_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
-    example_scales: Tensor | None = None,
     segment_ids: Tensor | None = None,
     *,
     max_block_d: int | None = None,
@@ -847,21 +819,19 @@ def gns_norm_backward(
         mean, rstd: float32 ``x.shape[:-1]``, as returned by :func:`gns_norm_forward`.
         need_input_grad, need_weight_grad, need_bias_grad: which gradients to compute; work for the others is
             skipped (no per-example buffers for a frozen weight or bias).
-        example_scales: optional float32 [B] factors c_b for the scaled statistics (see the reference); [E] with
-            segments.
         segment_ids: optional int32/int64 ``x.shape[:2]`` (``[N]`` for 2-D x) example (sequence) of each token, ≥ 0
             and non-decreasing in row-major order (module docstring). Not read on the host: on CPU tensors the ids
             are checked here (:func:`norm_contract.check_segment_values`), on other devices statistics computed
-            from ids that fail those checks (or with example_scales not of E entries) are NaN.
+            from ids that fail those checks are NaN.
         max_block_d: largest feature block held at once (power of two); defaults to :data:`MAX_BLOCK_D`.
         rows_per_tile: rows of one example handled by one program; defaults to a value that gives about
             two programs per SM. Changing it changes the summation order of dw, db and the statistics.
 
     Returns:
         ``(dx, dw, db, statistics)``: dx in x's dtype, dw and db in the parameters' dtypes (None when not needed);
-        statistics float32 ``[Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²]`` with G the
-        per-example gradients (:func:`norm_contract.per_example_statistics`), per segment with ``segment_ids``
-        (then the count E is read from the ids on the device). dx, dw and db do not depend on ``segment_ids``.
+        statistics float32 ``[Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B]`` with G the per-example gradients
+        (:func:`norm_contract.per_example_statistics`), per segment with ``segment_ids`` (then the count E is read
+        from the ids on the device). dx, dw and db do not depend on ``segment_ids``.
     """
     _check(x, weight, bias)
     if need_weight_grad and weight is None:
@@ -879,16 +849,16 @@ def gns_norm_backward(
     if segment_ids is not None:
         check_segment_layout(segment_ids, x)
         if segment_ids.device.type == "cpu":
-            check_segment_values(segment_ids, None if example_scales is None else example_scales.numel())
+            check_segment_values(segment_ids)
         seg = segment_ids.reshape(-1).contiguous()
     segmented = seg is not None and n_rows > 0 and (need_weight_grad or need_bias_grad)
 
     def no_work_statistics() -> Tensor:
         if seg is None:
-            return per_example_statistics(None, None, num_examples, example_scales, device)
+            return per_example_statistics(None, None, num_examples, device)
         if seg.numel() == 0:
             return torch.zeros(STATISTICS_SIZE, dtype=torch.float32, device=device)
-        return _segment_statistics(seg, None, None, None, example_scales, (0, 1, 0, 1), 1)
+        return _segment_statistics(seg, None, None, None, (0, 1, 0, 1), 1)
 
     if n_rows == 0:
         dx = torch.zeros_like(x) if need_input_grad else None
@@ -921,10 +891,7 @@ def gns_norm_backward(
         rows_per_token = n_rows // seg.numel()
         seg_w = torch.empty((n_programs, 2, d), dtype=torch.float32, device=device) if need_weight_grad else None
         seg_b = torch.empty((n_programs, 2, d), dtype=torch.float32, device=device) if need_bias_grad else None
-        seg_stats = torch.empty((n_programs, 4), dtype=torch.float32, device=device)
-    scales = None
-    if segmented and example_scales is not None:
-        scales = example_scales.to(device=device, dtype=torch.float32).contiguous()
+        seg_stats = torch.empty((n_programs, 2), dtype=torch.float32, device=device)
 
     def arg(t: Tensor | None) -> Tensor:
         return rstd1 if t is None else t  # a placeholder pointer for buffers a disabled branch never touches
@@ -945,7 +912,6 @@ def gns_norm_backward(
             arg(seg_w),
             arg(seg_b),
             arg(seg_stats),
-            arg(scales),
             rows_per_example,
             d,
             float(d),
@@ -953,7 +919,6 @@ def gns_norm_backward(
             rows_per_tile,
             float(spec.offset),
             rows_per_token,
-            0 if scales is None else scales.numel(),
             IS_LAYER_NORM=spec.kind == "layer_norm",
             HAS_WEIGHT=weight is not None,
             ROUND=_rounding_mode(spec, x.dtype, None if weight is None else weight.dtype),
@@ -961,7 +926,6 @@ def gns_norm_backward(
             NEED_DW=need_weight_grad,
             NEED_DB=need_bias_grad,
             SEGMENTED=segmented,
-            HAS_SCALES=scales is not None,
             BLOCK_ROWS=block_rows,
             BLOCK_D=block_d,
             NUM_CHUNKS=num_chunks,
@@ -981,9 +945,9 @@ def gns_norm_backward(
         db = bias_per_example.sum(0).to(bias.dtype)
     if segmented:
         tiles = (n_programs, n_tiles, rows_per_example, rows_per_tile)
-        statistics = _segment_statistics(seg, seg_w, seg_b, seg_stats, example_scales, tiles, rows_per_token)
+        statistics = _segment_statistics(seg, seg_w, seg_b, seg_stats, tiles, rows_per_token)
     elif seg is not None:
         statistics = no_work_statistics()
     else:
-        statistics = per_example_statistics(weight_per_example, bias_per_example, num_examples, example_scales, device)
+        statistics = per_example_statistics(weight_per_example, bias_per_example, num_examples, device)
     return dx, dw, db, statistics

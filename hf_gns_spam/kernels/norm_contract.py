@@ -3,13 +3,12 @@
 What a normalization computes (:class:`NormSpec`), which dtype it returns, how sequences of a packed batch are laid
 out (``segment_ids``), and the layout of the per-example statistics vector every backward returns::
 
-    statistics = [Σ_e ‖G_w[e]‖², Σ_e ‖G_b[e]‖², E, Σ_e c_e‖G_w[e]‖², Σ_e c_e‖G_b[e]‖²]
+    statistics = [Σ_e ‖G_w[e]‖², Σ_e ‖G_b[e]‖², E]
 
-(slots :data:`WEIGHT_SUM_SQ`, :data:`BIAS_SUM_SQ`, :data:`EXAMPLES`, :data:`WEIGHT_SCALED_SUM_SQ`,
-:data:`BIAS_SCALED_SUM_SQ`), with G_w[e], G_b[e] example e's contributions to the weight and bias gradients and c_e
-optional per-example scales. This module imports nothing but torch, so it sits at the bottom of the package's
-layers: the Triton kernels (:mod:`hf_gns_spam.kernels.gns_norm`), the reference (:mod:`hf_gns_spam.ops.norm_reference`)
-and everything above read it from here.
+(slots :data:`WEIGHT_SUM_SQ`, :data:`BIAS_SUM_SQ`, :data:`EXAMPLES`), with G_w[e], G_b[e] example e's contributions
+to the weight and bias gradients and E the number of examples. This module imports nothing but torch, so it sits at
+the bottom of the package's layers: the Triton kernels (:mod:`hf_gns_spam.kernels.gns_norm`), the reference
+(:mod:`hf_gns_spam.ops.norm_reference`) and everything above read it from here.
 """
 
 from __future__ import annotations
@@ -20,14 +19,12 @@ from typing import Literal
 import torch
 
 __all__ = [
-    "BIAS_SCALED_SUM_SQ",
     "BIAS_SUM_SQ",
     "EXAMPLES",
     "HALF_DTYPES",
     "ROUNDINGS",
     "SEGMENT_ID_DTYPES",
     "STATISTICS_SIZE",
-    "WEIGHT_SCALED_SUM_SQ",
     "WEIGHT_SUM_SQ",
     "NormKind",
     "NormSpec",
@@ -43,11 +40,11 @@ NormKind = Literal["layer_norm", "rms_norm"]
 Rounding = Literal["layer_norm", "llama", "fp32", "t5"]
 
 # the statistics vector's slots
-WEIGHT_SUM_SQ, BIAS_SUM_SQ, EXAMPLES, WEIGHT_SCALED_SUM_SQ, BIAS_SCALED_SUM_SQ = range(5)
+WEIGHT_SUM_SQ, BIAS_SUM_SQ, EXAMPLES = range(3)
 
 ROUNDINGS = ("layer_norm", "llama", "fp32", "t5")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-STATISTICS_SIZE = 5
+STATISTICS_SIZE = 3
 SEGMENT_ID_DTYPES = (torch.int32, torch.int64)
 
 
@@ -102,51 +99,35 @@ def check_segment_layout(segment_ids: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"segment_ids must be on x's device {x.device}, got {segment_ids.device}")
 
 
-def check_segment_values(segment_ids: torch.Tensor, num_example_scales: int | None = None) -> int:
-    """Raise unless the ids are ≥ 0 and non-decreasing in row-major order (and, when ``num_example_scales`` is
-    given, E = max + 1 equals it); return E (0 for no ids). Reads the values: a host synchronisation off the CPU."""
+def check_segment_values(segment_ids: torch.Tensor) -> int:
+    """Raise unless the ids are ≥ 0 and non-decreasing in row-major order; return E = max + 1 (0 for no ids).
+    Reads the values: a host synchronisation off the CPU."""
     flat = segment_ids.reshape(-1)
     if flat.numel() == 0:
-        num_segments = 0
-    else:
-        decreasing = flat[1:] < flat[:-1]
-        if bool(decreasing.any()):
-            position = int(decreasing.nonzero()[0, 0]) + 1
-            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), segment_ids.shape))
-            raise ValueError(
-                "segment_ids must be non-decreasing in row-major order (each sequence's tokens contiguous, sequences "
-                f"in order): segment_ids{list(index)} = {int(flat[position])} follows {int(flat[position - 1])}"
-            )
-        if int(flat[0]) < 0:
-            raise ValueError(f"segment_ids must be ≥ 0, got {int(flat[0])}")
-        num_segments = int(flat[-1]) + 1
-    if num_example_scales is not None and num_example_scales != num_segments:
+        return 0
+    decreasing = flat[1:] < flat[:-1]
+    if bool(decreasing.any()):
+        position = int(decreasing.nonzero()[0, 0]) + 1
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), segment_ids.shape))
         raise ValueError(
-            f"example_scales must have one entry per segment: shape [{num_segments}] (max segment id + 1), "
-            f"got [{num_example_scales}]"
+            "segment_ids must be non-decreasing in row-major order (each sequence's tokens contiguous, sequences "
+            f"in order): segment_ids{list(index)} = {int(flat[position])} follows {int(flat[position - 1])}"
         )
-    return num_segments
+    if int(flat[0]) < 0:
+        raise ValueError(f"segment_ids must be ≥ 0, got {int(flat[0])}")
+    return int(flat[-1]) + 1
 
 
 def per_example_statistics(
     weight_per_example: torch.Tensor | None,
     bias_per_example: torch.Tensor | None,
     num_examples: int,
-    example_scales: torch.Tensor | None,
     device: torch.device,
 ) -> torch.Tensor:
     """The float32 statistics vector (module docstring) from the per-example gradients G[b], shape [B, D]."""
     statistics = torch.zeros(STATISTICS_SIZE, dtype=torch.float32, device=device)
     statistics[EXAMPLES] = num_examples
-    slots = (
-        (WEIGHT_SUM_SQ, WEIGHT_SCALED_SUM_SQ, weight_per_example),
-        (BIAS_SUM_SQ, BIAS_SCALED_SUM_SQ, bias_per_example),
-    )
-    for plain, scaled_slot, per_example in slots:
-        if per_example is None:
-            continue
-        squared_norms = per_example.float().square().sum(-1)  # [B]
-        statistics[plain] = squared_norms.sum()
-        scaled = squared_norms if example_scales is None else squared_norms * example_scales.to(squared_norms)
-        statistics[scaled_slot] = scaled.sum()
+    for slot, per_example in ((WEIGHT_SUM_SQ, weight_per_example), (BIAS_SUM_SQ, bias_per_example)):
+        if per_example is not None:
+            statistics[slot] = per_example.float().square().sum(-1).sum()  # Σ_b of the [B] squared norms
     return statistics

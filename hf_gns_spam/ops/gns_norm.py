@@ -1,26 +1,24 @@
 """The GNS-aware normalization as a ``torch.library`` custom operator with autograd.
 
-``gns_norm(x, weight, bias, spec, statistics, example_scales, segment_ids, frozen_grads)`` returns what the original
-normalization module returns. Its backward returns the usual dx, dw, db and, as the gradient of ``statistics`` (a
-float32 leaf tensor of shape [5] with ``requires_grad=True``), the per-example statistics of this backward pass::
+``gns_norm(x, weight, bias, spec, statistics, segment_ids, frozen_grads)`` returns what the original normalization
+module returns. Its backward returns the usual dx, dw, db and, as the gradient of ``statistics`` (a float32 leaf
+tensor of shape [3] with ``requires_grad=True``), the per-example statistics of this backward pass::
 
-    statistics.grad += [Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²]
+    statistics.grad += [Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B]
 
-where G_w[b] (G_b[b]) is the contribution of example b to the weight (bias) gradient and c_b the optional
-``example_scales`` (shape [B], 1 when not given). An example is a row of dimension 0 of ``x``, or, with
-``segment_ids`` (packed / padding-free batches: several sequences per row), a sequence: ``segment_ids`` (int32 or
-int64, shape ``x.shape[:2]``, ``[N]`` for a 2-D x) gives each token's sequence e in [0, E), non-decreasing in
-row-major order; B is then E = max + 1 and ``example_scales`` has shape [E]. See
-:mod:`hf_gns_spam.ops.norm_reference` for the maths.
+where G_w[b] (G_b[b]) is the contribution of example b to the weight (bias) gradient. An example is a row of
+dimension 0 of ``x``, or, with ``segment_ids`` (packed / padding-free batches: several sequences per row), a
+sequence: ``segment_ids`` (int32 or int64, shape ``x.shape[:2]``, ``[N]`` for a 2-D x) gives each token's sequence e
+in [0, E), non-decreasing in row-major order; B is then E = max + 1. See :mod:`hf_gns_spam.ops.norm_reference` for
+the maths.
 
 Checks of ``segment_ids``: dtype, shape and device in :func:`gns_norm` (no value read, so ``torch.compile`` traces
-it); the values (≥ 0, non-decreasing, E entries in ``example_scales``) in the forward when the ids are on the CPU (a
-cheap check, ``ValueError``), and again in the pure-torch backward (a host read on an accelerator). The Triton backward
-on a GPU reads nothing on the host: there, ids that fail the checks give NaN statistics. Because autograd accumulates
-leaf gradients, successive backward passes (gradient accumulation, gradient checkpointing's recomputation) add up
-until the leaf's ``.grad`` is reset, with no side effects inside the backward: ``torch.compile`` traces it as one
-opaque operator in the forward graph and one in the backward graph. ``statistics=None`` computes no statistics at
-all.
+it); the values (≥ 0, non-decreasing) in the forward when the ids are on the CPU (a cheap check, ``ValueError``), and
+again in the pure-torch backward (a host read on an accelerator). The Triton backward on a GPU reads nothing on the
+host: there, ids that fail the checks give NaN statistics. Because autograd accumulates leaf gradients, successive
+backward passes (gradient accumulation, gradient checkpointing's recomputation) add up until the leaf's ``.grad`` is
+reset, with no side effects inside the backward: ``torch.compile`` traces it as one opaque operator in the forward
+graph and one in the backward graph. ``statistics=None`` computes no statistics at all.
 
 Frozen parameters (peft's LoRA and QLoRA freeze the norms): ``frozen_grads=(weight_sink, bias_sink)``, float32 leaf
 tensors of the weight's and the bias's shape with ``requires_grad=True`` (either may be None), receive as their
@@ -94,7 +92,6 @@ def _gns_norm_forward(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     statistics: torch.Tensor | None,
-    example_scales: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
     weight_sink: torch.Tensor | None,
     bias_sink: torch.Tensor | None,
@@ -104,15 +101,15 @@ def _gns_norm_forward(
     rounding: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd); ``statistics`` and the sinks are only autograd handles for what the backward computes,
-    ``example_scales`` and ``segment_ids`` are saved for it (ids on the CPU are checked here, before any work)."""
+    ``segment_ids`` is saved for it (ids on the CPU are checked here, before any work)."""
     if segment_ids is not None and segment_ids.device.type == "cpu":
-        norm_reference.check_segment_values(segment_ids, None if example_scales is None else example_scales.numel())
+        norm_reference.check_segment_values(segment_ids)
     forward, _ = _implementation(_resolved_backend(x))
     return forward(_spec(kind, eps, offset, rounding), x, weight, bias)
 
 
 @_gns_norm_forward.register_fake
-def _(x, weight, bias, statistics, example_scales, segment_ids, weight_sink, bias_sink, kind, eps, offset, rounding):
+def _(x, weight, bias, statistics, segment_ids, weight_sink, bias_sink, kind, eps, offset, rounding):
     out_dtype = output_dtype(_spec(kind, eps, offset, rounding), x.dtype, None if weight is None else weight.dtype)
     row_shape = x.shape[:-1]
     return (
@@ -130,7 +127,6 @@ def _gns_norm_backward(
     bias: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-    example_scales: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
     kind: str,
     eps: float,
@@ -154,7 +150,6 @@ def _gns_norm_backward(
         need_input_grad,
         need_weight_grad,
         need_bias_grad,
-        example_scales,
         segment_ids,
     )
     return (
@@ -166,9 +161,7 @@ def _gns_norm_backward(
 
 
 @_gns_norm_backward.register_fake
-def _(
-    dy, x, weight, bias, mean, rstd, scales, segments, kind, eps, offset, rounding, need_input, need_weight, need_bias
-):
+def _(dy, x, weight, bias, mean, rstd, segments, kind, eps, offset, rounding, need_input, need_weight, need_bias):
     return (
         x.new_empty(x.shape) if need_input else x.new_empty(0),
         weight.new_empty(weight.shape) if need_weight else x.new_empty(0),
@@ -178,18 +171,18 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, statistics, example_scales, segment_ids, _sink, _bias_sink, kind, eps, offset, rounding = inputs
+    x, weight, bias, statistics, segment_ids, _sink, _bias_sink, kind, eps, offset, rounding = inputs
     _, mean, rstd = output
     # without statistics the segments change nothing (dx, dw, db do not depend on them): no per-segment work
-    ctx.save_for_backward(x, weight, bias, mean, rstd, example_scales, segment_ids if statistics is not None else None)
+    ctx.save_for_backward(x, weight, bias, mean, rstd, segment_ids if statistics is not None else None)
     ctx.spec_args = (kind, eps, offset, rounding)
     ctx.has_statistics = statistics is not None
 
 
 def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd, example_scales, segment_ids = ctx.saved_tensors
+    x, weight, bias, mean, rstd, segment_ids = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    sink_weight, sink_bias = ctx.needs_input_grad[6:8]  # frozen parameters whose gradient goes to a sink
+    sink_weight, sink_bias = ctx.needs_input_grad[5:7]  # frozen parameters whose gradient goes to a sink
     dx, dw, db, statistics = torch.ops.hf_gns_spam.gns_norm_backward(
         dy.contiguous(),
         x,
@@ -197,7 +190,6 @@ def _backward(ctx, dy, _dmean, _drstd):
         bias,
         mean,
         rstd,
-        example_scales,
         segment_ids,
         *ctx.spec_args,
         need_input,
@@ -210,10 +202,8 @@ def _backward(ctx, dy, _dmean, _drstd):
         db if need_bias else None,
         statistics if ctx.has_statistics else None,
         None,
-        None,
         dw.float() if sink_weight else None,
         db.float() if sink_bias else None,
-        None,
         None,
         None,
         None,
@@ -230,7 +220,6 @@ def gns_norm(
     bias: torch.Tensor | None,
     spec: NormSpec,
     statistics: torch.Tensor | None = None,
-    example_scales: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     frozen_grads: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> torch.Tensor:
@@ -239,22 +228,14 @@ def gns_norm(
 
     ``segment_ids`` (optional, int32/int64 of shape ``x.shape[:2]``, ``[N]`` for a 2-D x, on x's device): the
     example (sequence) of each token, in [0, E), non-decreasing in row-major order; the statistics are then per
-    sequence and ``example_scales`` has shape [E]. Only dtype, shape and device are checked here (module docstring).
+    sequence. Only dtype, shape and device are checked here (module docstring).
     """
     if x.dim() < 2:
         raise ValueError(f"gns_norm needs an input of shape [batch, ..., features], got shape {tuple(x.shape)}")
     if bias is not None and spec.rounding not in ("layer_norm", "fp32"):
         raise ValueError(f"a bias is supported with the 'layer_norm' and 'fp32' roundings, not {spec.rounding!r}")
-    if segment_ids is None:
-        if example_scales is not None and example_scales.shape != (x.shape[0],):
-            raise ValueError(f"example_scales must have shape [{x.shape[0]}], got {tuple(example_scales.shape)}")
-    else:
+    if segment_ids is not None:
         norm_reference.check_segment_layout(segment_ids, x)
-        if example_scales is not None and example_scales.dim() != 1:
-            raise ValueError(
-                "with segment_ids, example_scales must have shape [E] (one entry per segment), "
-                f"got {tuple(example_scales.shape)}"
-            )
     weight_sink, bias_sink = frozen_grads
     for name, parameter, sink in (("weight", weight, weight_sink), ("bias", bias, bias_sink)):
         if sink is None:
@@ -266,7 +247,7 @@ def gns_norm(
                 f"{None if parameter is None else (tuple(parameter.shape), parameter.requires_grad)} (shape, trainable)"
             )
     y, _, _ = torch.ops.hf_gns_spam.gns_norm_forward(
-        x, weight, bias, statistics, example_scales, segment_ids, weight_sink, bias_sink,
+        x, weight, bias, statistics, segment_ids, weight_sink, bias_sink,
         spec.kind, spec.eps, spec.offset, spec.rounding,
     )  # fmt: skip
     return y

@@ -31,19 +31,16 @@ Backward, with dy the upstream gradient and ĝ = dy ⊙ (offset + w) (float32)::
     dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂))        (the mean(ĝ) term only for layer_norm)
     per-example weight gradient   G_w[b] = Σ_{rows of b} dy ⊙ x̂'      dw = Σ_b G_w[b]
     per-example bias gradient     G_b[b] = Σ_{rows of b} dy            db = Σ_b G_b[b]
-    statistics = (Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B, Σ_b c_b‖G_w[b]‖², Σ_b c_b‖G_b[b]‖²)
+    statistics = (Σ_b ‖G_w[b]‖², Σ_b ‖G_b[b]‖², B)
 
-where c_b are optional per-example scales (``example_scales``, shape [B], 1 when not given): with c_b = 1/a_b², a_b
-the weight of example b in the batch loss, the last two entries are the sums of the squared per-example gradients of
-the examples' own losses. With segments, B is E and ``example_scales`` has shape [E]; here dx, dw and db are computed
-exactly as without segments (bit for bit), only the statistics change (the Triton kernels' dw and db may differ in
-the last bits: summation order).
+With segments, B is E; here dx, dw and db are computed exactly as without segments (bit for bit), only the
+statistics change (the Triton kernels' dw and db may differ in the last bits: summation order).
 
 Checks of ``segment_ids``: :func:`check_segment_layout` (dtype int32/int64, shape, device; reads no values) wherever
-the ids enter; :func:`check_segment_values` (≥ 0, non-decreasing, E entries in ``example_scales``) reads the values:
-the operator calls it in the forward for CPU tensors, and this module's backward always calls it (on an accelerator
-that is a host synchronisation, acceptable off the Triton path). The Triton backward checks CPU tensors the same
-way; on a GPU it reads nothing on the host and returns NaN statistics for ids that fail these checks (see
+the ids enter; :func:`check_segment_values` (≥ 0, non-decreasing) reads the values: the operator calls it in the
+forward for CPU tensors, and this module's backward always calls it (on an accelerator that is a host
+synchronisation, acceptable off the Triton path). The Triton backward checks CPU tensors the same way; on a GPU it
+reads nothing on the host and returns NaN statistics for ids that fail these checks (see
 :mod:`hf_gns_spam.kernels.gns_norm`).
 """
 
@@ -147,7 +144,6 @@ def norm_backward(
     need_input_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
-    example_scales: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Return (dx, dw, db, statistics), statistics as :func:`per_example_statistics` gives them.
@@ -159,7 +155,7 @@ def norm_backward(
     num_segments = None
     if segment_ids is not None:
         check_segment_layout(segment_ids, x)
-        num_segments = check_segment_values(segment_ids, None if example_scales is None else example_scales.numel())
+        num_segments = check_segment_values(segment_ids)
     num_examples = x.shape[0]
     x3 = x.reshape(num_examples, -1, x.shape[-1])
     dy3 = dy.reshape(x3.shape).float()
@@ -190,5 +186,5 @@ def norm_backward(
         if need_bias_grad:
             bias_per_example = segment_sums(dy3.reshape(-1, d), segment_ids, num_segments)
         num_examples = num_segments
-    statistics = per_example_statistics(weight_per_example, bias_per_example, num_examples, example_scales, x.device)
+    statistics = per_example_statistics(weight_per_example, bias_per_example, num_examples, x.device)
     return dx, dw, db, statistics
