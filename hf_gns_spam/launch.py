@@ -66,6 +66,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from hf_gns_spam.errors import LaunchOptionError
 from hf_gns_spam.gns.arguments import GNSConfig
 
 if TYPE_CHECKING:
@@ -99,10 +100,6 @@ EPILOG = """examples:
   hf-gns-spam launch --no-gns -m trl.scripts.sft --optim stable_spam_8bit ...
   torchrun --nproc_per_node 4 -m hf_gns_spam.cli launch --gns-schedule linear run_clm.py ...
   accelerate launch -m hf_gns_spam.cli launch run_clm.py ..."""
-
-
-class LaunchOptionError(ValueError):
-    """The launcher's options are invalid, contradict each other, or do not fit the script's TrainingArguments."""
 
 
 @dataclasses.dataclass(frozen=True)
