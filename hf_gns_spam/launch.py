@@ -36,7 +36,7 @@ script imports this module and the package, which import neither; torch, transfo
 where they are used): a malformed command line (an unknown option, a value that is not a number), a missing script
 or module, contradicting options, a value out of its range (``--gns-ema-decay 1.5``, ``--max-batch-size`` below
 ``--min-batch-size``): those are :class:`~hf_gns_spam.GNSCallback`'s own checks, which
-:func:`hf_gns_spam.gns.arguments.check_callback_arguments` makes for both without importing torch.
+:class:`hf_gns_spam.gns.arguments.GNSConfig` makes for both without importing torch.
 
 Whether the schedule's batch bounds fit the script's ``TrainingArguments`` is checked twice by one function,
 :func:`_checked_callback`: before the script runs, against the values its command line gives
@@ -66,7 +66,8 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from hf_gns_spam.gns.arguments import CALLBACK_DEFAULTS
+from hf_gns_spam.errors import LaunchOptionError
+from hf_gns_spam.gns.arguments import GNSConfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -101,10 +102,6 @@ EPILOG = """examples:
   accelerate launch -m hf_gns_spam.cli launch run_clm.py ..."""
 
 
-class LaunchOptionError(ValueError):
-    """The launcher's options are invalid, contradict each other, or do not fit the script's TrainingArguments."""
-
-
 @dataclasses.dataclass(frozen=True)
 class GNSOption:
     """One launcher option that sets the :class:`~hf_gns_spam.GNSCallback` parameter of the same meaning."""
@@ -117,36 +114,13 @@ class GNSOption:
     help: str
 
 
-_ANY_SCHEDULE = (None, "linear", "gns")
-_SCHEDULED = ("linear", "gns")
-# Declared once: the argument parser, the checks that options fit the schedule, and the translation of
-# GNSCallback's messages into option names all read this table. The defaults are GNSCallback's (CALLBACK_DEFAULTS),
-# which examples/pretrain_clm.py uses too.
-GNS_OPTIONS = (
-    GNSOption("--min-batch-size", "min_batch_size", int, None, _SCHEDULED,
-              "global batch (examples per optimizer step, all processes) to start from; default: the script's "
-              "per_device_train_batch_size x processes x gradient_accumulation_steps"),
-    GNSOption("--max-batch-size", "max_batch_size", int, None, _SCHEDULED,
-              "global batch the schedule may grow to; default: 8 x --min-batch-size"),
-    GNSOption("--gns-warmup-steps", "warmup_steps", float, CALLBACK_DEFAULTS["warmup_steps"], ("gns",),
-              "no batch-size decision before this many optimizer steps (>= 1) or this fraction of the data (< 1)"),
-    GNSOption("--gns-update-interval", "update_interval", int, CALLBACK_DEFAULTS["update_interval"], ("gns",),
-              "optimizer steps between batch-size decisions"),
-    GNSOption("--gns-multiplier", "gns_multiplier", float, CALLBACK_DEFAULTS["gns_multiplier"], ("gns",),
-              "the batch follows this x the GNS"),
-    GNSOption("--gns-max-growth", "max_growth", float, CALLBACK_DEFAULTS["max_growth"], ("gns",),
-              "the most one decision multiplies the batch by"),
-    GNSOption("--gns-lr-batch-power", "lr_batch_power", float, CALLBACK_DEFAULTS["lr_batch_power"], _SCHEDULED,
-              "learning rate x (batch / min batch)^p on top of its schedule (0.5: square-root scaling; 0: the "
-              "schedule in data of a fixed batch)"),
-    GNSOption("--gns-ema-decay", "ema_decay", float, CALLBACK_DEFAULTS["ema_decay"], _ANY_SCHEDULE,
-              "decay of the EMAs of |G|^2 and tr(Sigma), per optimizer step"),
-    GNSOption("--gns-verify-interval", "verify_interval", int, CALLBACK_DEFAULTS["verify_interval"], _ANY_SCHEDULE,
-              "optimizer steps between two checks of how the loss weights its examples"),
-    GNSOption("--gns-validate-every", "validate_every", int, None, _ANY_SCHEDULE,
-              "also log the whole model's GNS (gns_total) every N optimizer steps (costly; off by default)"),
-    GNSOption("--gns-signal", "gns_signal", str, CALLBACK_DEFAULTS["gns_signal"], ("gns",),
-              "the GNS the batch follows: all (every patched norm, the logged gns), block, final or other"),
+# Made from GNSConfig's fields (their flag, parser, schedules, default and help): the argument parser, the checks that
+# options fit the schedule, and the translation of GNSCallback's messages into option names all read this table.
+GNS_OPTIONS = tuple(
+    GNSOption(field.metadata["flag"], field.name, field.metadata["parse"], field.default, field.metadata["schedules"],
+              field.metadata["help"])
+    for field in dataclasses.fields(GNSConfig)
+    if field.name != "schedule"  # --gns-schedule, with its choices, below
 )  # fmt: skip
 _SCHEDULE_FLAG = "--gns-schedule"
 # checked without a schedule; the others are checked by GNSCallback's batch schedule, which needs both bounds
@@ -272,13 +246,11 @@ def _options_from(namespace: argparse.Namespace) -> LaunchOptions:
         gns_values=given,
     )
     if given:  # their ranges, now, as far as they do not depend on the script's TrainingArguments (the defaults fit)
-        from hf_gns_spam.gns.arguments import check_callback_arguments  # GNSCallback's checks, without torch
-
         kwargs = options.callback_kwargs()
         if schedule and kwargs["min_batch_size"] is None:  # the schedule is checked against the TrainingArguments
             kwargs = {k: v for k, v in kwargs.items() if k in _CHECKED_WITHOUT_SCHEDULE}
         with _in_launcher_terms():
-            check_callback_arguments(**kwargs)
+            GNSConfig(**kwargs)  # GNSCallback's checks, without torch
     return options
 
 

@@ -173,3 +173,15 @@ def test_the_optim_names_are_registered_with_a_transformers_imported_before():
         "['stable_spam', 'stable_spam_4bit', 'stable_spam_8bit']",
         "hf_gns_spam.gns.callback hf_gns_spam.optim.stable_spam hf_gns_spam.patching",
     ]
+
+
+def test_the_readme_options_table_is_made_from_gns_config():
+    """README.md's table of GNSCallback's options is what scripts/options_table.py makes from GNSConfig now (run
+    it with --write after changing an option)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "options_table.py"
+    spec = importlib.util.spec_from_file_location("options_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.options_table() in module.README.read_text()

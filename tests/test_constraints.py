@@ -67,3 +67,13 @@ def test_the_pins_cover_and_satisfy_every_requirement_of_pyproject():
         assert requirement.specifier.contains(pinned[name], prereleases=True), (
             f"constraints.txt pins {name} {pinned[name]}, outside pyproject.toml's {requirement}"
         )
+
+
+def test_the_supported_transformers_are_stated_once():
+    """pyproject.toml's transformers requirement is hf_gns_spam.errors.TRANSFORMERS_REQUIREMENT, which every message
+    about an unsupported transformers quotes."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
+    from hf_gns_spam.errors import TRANSFORMERS_REQUIREMENT
+
+    requirements = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert TRANSFORMERS_REQUIREMENT in requirements

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_gns_spam import GNSCallback, StableSPAM, patch_model, per_example_grad_stats
-from hf_gns_spam.gns.arguments import check_callback_arguments
+from hf_gns_spam.gns.arguments import GNSConfig
 from hf_gns_spam.gns.callback import METRIC_NAMES, TOTAL_METRIC_NAMES
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.whole_model import StoredMicroBatch, embedding_parameters, weighted_squared_norms
@@ -92,10 +91,14 @@ def test_impossible_schedules_are_clear_errors(tmp_path):
 
 
 def test_the_torch_free_checks_take_the_callbacks_arguments():
-    """check_callback_arguments (which the launcher calls without torch) has GNSCallback's parameters and defaults,
-    and its checks are the callback's: the same message from both."""
-    callback = list(inspect.signature(GNSCallback.__init__).parameters.values())[1:]  # without self
-    assert callback == list(inspect.signature(check_callback_arguments).parameters.values())
+    """GNSConfig (which the launcher builds without torch) is what GNSCallback builds from its options, keyword or
+    positional, with the same checks: the same message from both; the callback saves it whole."""
+    callback = GNSCallback("gns", 8, 64, gns_multiplier=1.5)
+    assert callback.config == GNSConfig(schedule="gns", min_batch_size=8, max_batch_size=64, gns_multiplier=1.5)
+    assert callback.state()["args"] == callback.config.as_dict()
+    assert {name: getattr(callback, name) for name in callback.config.as_dict()} == callback.config.as_dict()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'gns_multiplyer'"):
+        GNSCallback(gns_multiplyer=2.0)
     for kwargs, message in [
         ({"ema_decay": 1.5, "validate_every": 2}, r"ema_decay must be in \[0, 1\), got 1.5$"),  # not 1.5² = 2.25
         ({"lr_batch_power": -0.5}, r"lr_batch_power must be in \[0, 1\]"),
@@ -107,7 +110,7 @@ def test_the_torch_free_checks_take_the_callbacks_arguments():
         ({"schedule": "gns", "min_batch_size": 4, "max_batch_size": 8, "max_growth": 1.0}, r"max_growth must be in"),
     ]:
         with pytest.raises(ValueError, match=message):
-            check_callback_arguments(**kwargs)
+            GNSConfig(**kwargs)
         with pytest.raises(ValueError, match=message):
             GNSCallback(**kwargs)
 

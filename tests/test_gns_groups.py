@@ -13,7 +13,7 @@ import torch
 
 from hf_gns_spam import GNSCallback, patch_model, per_example_grad_stats
 from hf_gns_spam.cli import main as cli_main
-from hf_gns_spam.gns.arguments import CALLBACK_DEFAULTS, NORM_GROUPS, check_callback_arguments
+from hf_gns_spam.gns.arguments import CALLBACK_DEFAULTS, NORM_GROUPS, GNSConfig
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.groups import norm_groups
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
@@ -154,7 +154,7 @@ def test_the_schedule_follows_the_chosen_signal(signal, expected):
 
 
 def test_gns_signal_is_checked_by_the_torch_free_checks_and_against_the_model(tmp_path):
-    for make in (check_callback_arguments, GNSCallback):
+    for make in (GNSConfig, GNSCallback):
         with pytest.raises(ValueError, match="gns_signal must be one of 'all', 'block', 'final', 'other', got 'x'"):
             make(gns_signal="x")
     model = model_zoo.build("llama")

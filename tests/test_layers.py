@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_gns_spam"
 LAYERS = {
     "kernels": 0,
     "lazy_import": 0,
+    "errors": 0,
     "ops": 1,
     "fake_quant": 1,
     "optim": 1,

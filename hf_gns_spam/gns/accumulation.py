@@ -50,11 +50,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hf_gns_spam.errors import AccumulationError
+
 __all__ = ["AccumulationController", "AccumulationError", "EpochLoop"]
-
-
-class AccumulationError(RuntimeError):
-    """The Trainer's loop did, or would do, something that is not one exact optimizer step per fetched group."""
 
 
 @dataclass(frozen=True)

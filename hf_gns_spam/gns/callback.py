@@ -91,7 +91,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_gns_spam.gns.accumulation import AccumulationController, AccumulationError, EpochLoop
-from hf_gns_spam.gns.arguments import NORM_GROUPS, GNSSignal, NormGroup, check_callback_arguments
+from hf_gns_spam.gns.arguments import NORM_GROUPS, GNSConfig, GNSSignal, NormGroup
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.example_weights import (
     ExampleWeightError,
@@ -171,84 +171,27 @@ class StepWeights:
 class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
     """Estimate the gradient noise scale every optimizer step, log it, and optionally grow the batch.
 
-    Args:
-        schedule: ``None`` measures only; ``"linear"`` ramps the batch in samples from ``min_batch_size`` to
-            ``max_batch_size``; ``"gns"`` follows ``gns_multiplier`` × the smoothed GNS (never decreasing, at most
-            ``max_growth`` × per decision).
-        min_batch_size, max_batch_size: bounds of the global batch (examples per optimizer step, all processes);
-            multiples of ``per_device_train_batch_size`` × processes. Required with a schedule; training starts
-            at ``min_batch_size`` (``gradient_accumulation_steps`` is set from it).
-        update_interval: ``"gns"``: optimizer steps between two decisions.
-        warmup_steps: ``"gns"``: no decision before this many optimizer steps (a value >= 1) or before this
-            fraction of the run's data (a value in (0, 1), as ``TrainingArguments.warmup_steps``): 0.1 (default) lets
-            the GNS's transient after initialisation pass (:mod:`hf_gns_spam.gns.schedule`).
-        gns_multiplier: ``"gns"``: the batch target is this × the GNS in examples (0.75: calibrated against the
-            critical batch size measured by branching, :mod:`hf_gns_spam.gns.arguments`).
-        max_growth: ``"gns"``: the most one decision may multiply the batch by.
-        lr_batch_power: with a schedule, the learning rate is the LR schedule at the data consumed times
-            (B / min_batch_size)^lr_batch_power for the step's batch B: 0.5 (default, square-root scaling) lets a
-            larger batch take larger steps (benchmarks/batch_schedule.py: without it a growing batch saved no
-            optimizer steps there); 0 keeps the schedule in data of a fixed batch.
-        ema_decay: decay of the EMAs of |G|² and tr Σ, per optimizer step (0.99: a horizon of about 100 steps;
-            benchmarks/critical_batch.py: the smoother estimate follows the critical batch more closely than 0.95).
-        verify_interval: optimizer steps between two checks that the loss still weights its examples as
-            identified (each check recomputes one micro-batch's per-example losses and observes the gradient that
-            reaches its logits, :mod:`hf_gns_spam.gns.logit_gradients`). Every micro-batch is checked until one
-            whose examples have unequal label-token counts confirms the weighting (at most
-            ``UNINFORMATIVE_CHECKS`` micro-batches of equal counts, which cannot tell the weightings apart).
-        validate_every: ``None`` (default) or N ≥ 1: every N-th optimizer step, also estimate the GNS of all
-            trainable parameters from their per-example gradients and log it as ``gns_total`` (with
-            ``gns_total_grad_sq`` and ``gns_total_trace_sigma``) beside ``gns``, to check the norms' estimate; the
-            same without the embeddings (token and position embeddings, the LM head) as
-            ``gns_total_no_embeddings`` (``_grad_sq``, ``_trace_sigma``), from the same gradients.
-            Cost: one extra forward and backward per example of the validated step, at batch size 1 (about the
-            step's own compute again, at a batch-1 speed), and its micro-batch inputs kept until its optimizer
-            step; training itself is unchanged (bit for bit). Not with FSDP or reentrant gradient checkpointing.
-        gns_signal: ``"gns"``: the estimate the batch follows: ``"block"`` (default) the GNS of the norms inside the
-            repeated blocks, logged as ``gns/block``; ``"final"`` or ``"other"`` that group's
-            (:mod:`hf_gns_spam.gns.groups`); ``"all"`` every patched norm's, logged as ``gns``. With a ``"gns"``
-            schedule the model must have the group. ``gns`` stays the all-norm estimate. Why "block": the final
-            norm carries most of the norms' |G|², and its GNS stays flat while the critical batch grows
-            (benchmarks/critical_batch.py, BENCHMARKS.md).
+    ``GNSCallback(**options)``: the options, their defaults and their checks are :class:`GNSConfig`'s (keyword or
+    positional, in its field order: ``schedule``, ``min_batch_size``, ``max_batch_size``, ``update_interval``,
+    ``warmup_steps``, ``gns_multiplier``, ``max_growth``, ``lr_batch_power``, ``ema_decay``, ``verify_interval``,
+    ``validate_every``, ``gns_signal``); each is also an attribute of the callback, and ``config`` holds them all.
 
     Call ``patch_model(model)`` before training; the callback measures the patched norms only. It can be passed
     in ``Trainer(callbacks=[...])``, added with ``trainer.add_callback``, or restored from a checkpoint.
     """
 
-    def __init__(
-        self,
-        schedule: str | None = None,
-        min_batch_size: int | None = None,
-        max_batch_size: int | None = None,
-        update_interval: int = 10,
-        warmup_steps: float = 0.1,
-        gns_multiplier: float = 0.75,
-        max_growth: float = 2.0,
-        lr_batch_power: float = 0.5,
-        ema_decay: float = 0.99,
-        verify_interval: int = 100,
-        validate_every: int | None = None,
-        gns_signal: GNSSignal = "block",
-    ) -> None:
-        check_callback_arguments(  # every check of the arguments, shared with the launcher (no torch there)
-            schedule=schedule, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
-            update_interval=update_interval, warmup_steps=warmup_steps, gns_multiplier=gns_multiplier,
-            max_growth=max_growth, lr_batch_power=lr_batch_power, ema_decay=ema_decay,
-            verify_interval=verify_interval, validate_every=validate_every, gns_signal=gns_signal,
-        )  # fmt: skip
+    def __init__(self, *args: Any, **options: Any) -> None:
+        self.config = GNSConfig(*args, **options)  # every check of the options, shared with the launcher
         install_trainer_hooks()
-        self.schedule = schedule
-        self.min_batch_size = min_batch_size
-        self.max_batch_size = max_batch_size
-        self.update_interval = update_interval
-        self.warmup_steps = warmup_steps
-        self.gns_multiplier = gns_multiplier
-        self.max_growth = max_growth
-        self.lr_batch_power = lr_batch_power
-        self.ema_decay = ema_decay
-        self.verify_interval = verify_interval
-        self.validate_every = validate_every
-        self.gns_signal = gns_signal
+        self.schedule: str | None
+        self.min_batch_size: int | None
+        self.max_batch_size: int | None
+        self.ema_decay: float
+        self.validate_every: int | None
+        self.gns_signal: GNSSignal
+        for name, value in self.config.as_dict().items():  # update_interval, ..., as attributes
+            setattr(self, name, value)
+        ema_decay, validate_every = self.ema_decay, self.validate_every
         # each norm group's estimate, from the same step's sums as the all-norm estimator's
         self.group_estimators = {group: GradientNoiseScale(ema_decay=ema_decay) for group in NORM_GROUPS}
         self.groups_present: tuple[NormGroup, ...] = ()  # the groups of the patched norms, in NORM_GROUPS order
@@ -1004,20 +947,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
 
     def state(self) -> dict:
         return {
-            "args": {
-                "schedule": self.schedule,
-                "min_batch_size": self.min_batch_size,
-                "max_batch_size": self.max_batch_size,
-                "update_interval": self.update_interval,
-                "warmup_steps": self.warmup_steps,
-                "gns_multiplier": self.gns_multiplier,
-                "max_growth": self.max_growth,
-                "lr_batch_power": self.lr_batch_power,
-                "ema_decay": self.ema_decay,
-                "verify_interval": self.verify_interval,
-                "validate_every": self.validate_every,
-                "gns_signal": self.gns_signal,
-            },
+            "args": self.config.as_dict(),
             "attributes": {
                 "estimator_state": self.estimator.state_dict(),
                 "controller_state": self.controller.state_dict() if self.controller else None,

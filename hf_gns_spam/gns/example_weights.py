@@ -39,6 +39,8 @@ from typing import Any, Literal
 
 import torch
 
+from hf_gns_spam.errors import ExampleWeightError
+
 __all__ = [
     "ExampleWeightError",
     "LossWeighting",
@@ -53,10 +55,6 @@ __all__ = [
 IGNORE_INDEX = -100
 WeightingName = Literal["tokens_over_batch", "tokens_over_micro", "examples_over_micro"]
 WEIGHTINGS: tuple[WeightingName, ...] = ("tokens_over_batch", "tokens_over_micro", "examples_over_micro")
-
-
-class ExampleWeightError(ValueError):
-    """The loss is not a weighted mean of per-example losses that GNSCallback can identify."""
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from hf_gns_spam.errors import WholeModelError
 from hf_gns_spam.gns.example_weights import IGNORE_INDEX, example_index
 
 __all__ = [
@@ -66,10 +67,6 @@ __all__ = [
 
 LABEL_KEYS = ("labels", "shift_labels")
 PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-class WholeModelError(ValueError):
-    """The whole-model validation cannot run on this model or batch."""
 
 
 @dataclass

@@ -27,16 +27,14 @@ import sys
 
 from torch import nn
 
+from hf_gns_spam.errors import CPURepackingError
+
 __all__ = ["REPACKING_SWITCH", "CPURepackingError", "disable_cpu_weight_repacking", "restore_cpu_weight_repacking"]
 
 # The per-module switch bitsandbytes reads in Linear4bit.forward before repacking the weight.
 REPACKING_SWITCH = "support_avx512bf16_for_cpu"
 # Where this module keeps the switch's value from before disable_cpu_weight_repacking, for unpatch_model.
 _SAVED_SWITCH = "_gns_saved_support_avx512bf16_for_cpu"
-
-
-class CPURepackingError(RuntimeError):
-    """A bitsandbytes 4-bit layer is, or would be, repacked for CPU inference, which training cannot survive."""
 
 
 def _linear4bit_class() -> type[nn.Module] | None:

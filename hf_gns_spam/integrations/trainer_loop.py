@@ -1,8 +1,8 @@
 """Every place where hf_gns_spam reaches into ``transformers.Trainer`` beyond the public callback events.
 
-Checked against transformers 5.23 and 5.24 (``trainer.py``). A :class:`TrainerLoopObserver` (``GNSCallback``)
-gets these hooks; each says why no public event suffices, and each checks that what it wraps is what it expects,
-raising :class:`~hf_gns_spam.integrations.trainer_optimizer.TrainerIntegrationError` otherwise.
+Written for :data:`~hf_gns_spam.errors.TRANSFORMERS_REQUIREMENT` (``trainer.py``). A :class:`TrainerLoopObserver`
+(``GNSCallback``) gets these hooks; each says why no public event suffices, and each checks that what it wraps is
+what it expects, raising :class:`~hf_gns_spam.errors.TrainerIntegrationError` otherwise.
 
 Installed on the ``Trainer`` class once (:func:`install_trainer_hooks`, called when the first observer is created),
 a pass-through for Trainers that have no observer among their callbacks:
@@ -48,7 +48,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import has_length
 
-from hf_gns_spam.integrations.trainer_optimizer import TrainerIntegrationError
+from hf_gns_spam.errors import TRANSFORMERS_CHECKED, TRANSFORMERS_REQUIREMENT, TrainerIntegrationError
 
 # the start of the FutureWarning TRL's SFTTrainer (1.16) gives for compute_loss(return_outputs=True)
 TRL_RETURN_OUTPUTS_NOTICE = r"`return_outputs=True`, and the logits it passes to `compute_metrics`"
@@ -142,7 +142,8 @@ def _unsupported(what: str) -> TrainerIntegrationError:
 
     return TrainerIntegrationError(
         f"GNSCallback cannot follow the training loop of transformers {transformers.__version__}: {what}. It "
-        "supports transformers 5.x (checked with 5.23 and 5.24): pip install 'transformers>=5,<6'."
+        f"supports {TRANSFORMERS_REQUIREMENT} (checked with {TRANSFORMERS_CHECKED}): pip install "
+        f"'{TRANSFORMERS_REQUIREMENT}'."
     )
 
 

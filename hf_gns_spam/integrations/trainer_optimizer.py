@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from hf_gns_spam.errors import TRANSFORMERS_CHECKED, TRANSFORMERS_REQUIREMENT, TrainerIntegrationError
+
 if TYPE_CHECKING:
     from hf_gns_spam.optim.stable_spam import StableSPAM
 
@@ -55,17 +57,13 @@ TRAINER_OPTIMIZER_NAMES: dict[str, dict[str, Any]] = {
 }
 
 
-class TrainerIntegrationError(RuntimeError):
-    """The installed transformers does not have the internals the ``optim="stable_spam"`` registration needs."""
-
-
 def _unsupported(what: str) -> TrainerIntegrationError:
     import transformers
 
     return TrainerIntegrationError(
         f"hf_gns_spam cannot register optim='stable_spam' with transformers {transformers.__version__}: {what}. "
-        "This release supports transformers 5.x (tested with 5.23). Install a supported version "
-        "(pip install 'transformers>=5,<6'), or bypass the name registry: "
+        f"This release supports {TRANSFORMERS_REQUIREMENT} (checked with {TRANSFORMERS_CHECKED}). Install a "
+        f"supported version (pip install '{TRANSFORMERS_REQUIREMENT}'), or bypass the name registry: "
         "Trainer(..., optimizer_cls_and_kwargs=(hf_gns_spam.StableSPAM, {'lr': ...}))."
     )
 
