@@ -1,13 +1,14 @@
 """``GNSCallback``: the gradient noise scale of a patched model, every optimizer step, inside ``Trainer.train()``.
 
-A thin layer over four parts, each with its own module and tests:
+A thin layer over these parts, each with its own module and tests:
 
 * :mod:`hf_gns_spam.integrations.trainer_loop`: the Trainer's private surface (the loop bounds, the loss of each
   micro-batch, the backward, the gradient before clipping, the log record), and attaching the callback however it
   was added (``callbacks=[...]``, ``add_callback``, restored from a checkpoint);
-* :mod:`hf_gns_spam.gns.example_weights`: each example's weight a_b in the loss, identified from the loss value the
-  Trainer computed and the outputs and labels it was computed on (label smoothing, ``compute_loss_func``,
-  TRL's ``SFTTrainer`` and classification included), refused with a clear error when it cannot be identified;
+* :mod:`hf_gns_spam.gns.weight_observer`: each example's weight a_b in the loss of every micro-batch, matched
+  from the loss value and observed in the gradient that reaches the logits (label smoothing, ``compute_loss``
+  overrides, TRL's ``SFTTrainer``, DPO and reward pairs, classification included), refused with a clear error when
+  it cannot be;
 * :mod:`hf_gns_spam.gns.estimator`: the unbiased estimates for weighted examples and their smoothing;
 * :mod:`hf_gns_spam.gns.accumulation`: the gradient-accumulation steps of each fetched group (the batch schedule),
   so that every optimizer step is one whole group the Trainer fetched.
@@ -93,16 +94,10 @@ from transformers.trainer_callback import ExportableState
 from hf_gns_spam.gns.accumulation import AccumulationController, AccumulationError, EpochLoop
 from hf_gns_spam.gns.arguments import NORM_GROUPS, GNSConfig, GNSSignal, NormGroup
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
-from hf_gns_spam.gns.example_weights import (
-    ExampleWeightError,
-    LossWeighting,
-    example_weights,
-    identify_loss_weighting,
-    token_counts,
-)
+from hf_gns_spam.gns.example_weights import LossWeighting
 from hf_gns_spam.gns.groups import norm_groups
-from hf_gns_spam.gns.logit_gradients import LogitGradientProbe
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
+from hf_gns_spam.gns.weight_observer import ExampleWeightObserver
 from hf_gns_spam.gns.whole_model import (
     StoredMicroBatch,
     embedding_parameters,
@@ -111,23 +106,16 @@ from hf_gns_spam.gns.whole_model import (
 )
 from hf_gns_spam.integrations.trainer_loop import (
     TrainerLoopObserver,
-    backward_factor,
     install_trainer_hooks,
     show_total_steps,
 )
 from hf_gns_spam.integrations.trl_pairs import check_paired_trainer, is_paired_trainer
 from hf_gns_spam.patching import is_patched, set_paired_rows
-from hf_gns_spam.sequences import sequence_ids
 from hf_gns_spam.stats import NormGradient, norm_gradients, per_example_grad_stats, reset_per_example_grad_stats
 
 __all__ = ["GNSCallback"]
 
 logger = logging.getLogger(__name__)
-# the weighting of TRL's DPO and reward losses: a mean over the micro-batch's examples, which are pairs of rows
-PAIR_MEAN = LossWeighting("examples_over_micro", 1.0, shifted=False)
-# micro-batches of equal label-token counts checked before the weighting is taken as confirmed without one that
-# tells a token mean from a mean of per-example means (fixed-length blocks never have one)
-UNINFORMATIVE_CHECKS = 8
 
 HISTORY_LENGTH = 10_000
 METRIC_NAMES = (
@@ -212,21 +200,14 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.tokens_per_example = math.nan
         self.last_batch_size = 0  # examples in the latest optimizer step, all processes
         self.last_accumulation = 0  # micro-batches in the latest optimizer step, each process
-        self.weighting: LossWeighting | None = None
+        self.weights = ExampleWeightObserver(self.verify_interval)  # each example's weight in the loss
         # the latest optimizer steps' inputs to the estimator (bounded: long runs)
         self.history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_LENGTH)
         self._trainer: Trainer | None = None
         self._min_accumulation = 1
         self._arguments_accumulation: int | None = None  # the TrainingArguments' value when training started
         self._resumed_mid_epoch = False
-        self._steps_since_verified = 0
-        # the weighting is confirmed once the gradient at the logits agreed with it on a micro-batch that tells the
-        # weightings apart (unequal label-token counts): until then every micro-batch is checked
-        self._weighting_confirmed = False
         self._paired = False  # the Trainer's examples are pairs of rows (TRL's DPO and reward trainers)
-        self._uninformative_checks = 0
-        self._outputs_hook: torch.utils.hooks.RemovableHandle | None = None  # while compute_loss runs
-        self._captured: Any = None  # the outputs of its forward with gradients (_capture_outputs)
         # the expected accumulation of each optimizer step left, planned after step _plan_start (with a schedule)
         self._plan: list[int] = []
         self._plan_start = 0
@@ -239,10 +220,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self._label_tokens = 0
         self._weight_sum: torch.Tensor | float = 0.0
         self._weight_sq_sum: torch.Tensor | float = 0.0
-        self._pending: tuple[dict[LossWeighting, torch.Tensor], torch.Tensor] | None = None
-        self._probe: LogitGradientProbe | None = None  # watches this micro-batch's logits in its backward
-        # ... with the candidate weightings' weights and accelerate's factor, to check once its backward has run
-        self._probed: tuple[LogitGradientProbe, dict[LossWeighting, torch.Tensor], float] | None = None
+        self.weights.reset_step()
         self._big: torch.Tensor | None = None  # ‖G‖² of replicated gradients (None: not measured)
         self._big_shards = torch.zeros(())  # this process's part of ‖G‖² of sharded gradients
         self._group_big = torch.zeros(len(NORM_GROUPS))  # the same two, per norm group (NORM_GROUPS order)
@@ -275,7 +253,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
 
     def attach(self, trainer: Trainer) -> None:
         self._trainer = trainer
-        self._paired = is_paired_trainer(trainer)
+        self._paired = self.weights.paired = is_paired_trainer(trainer)
         if self._paired:  # TRL's DPO and reward trainers: an example is a pair of rows (integrations/trl_pairs.py)
             check_paired_trainer(trainer)
             if self.validate_every is not None:
@@ -385,7 +363,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.controller.finish_epoch(self._micro_batches)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._stop_capturing()  # a compute_loss that raised may have left it
+        self.weights.stop_capturing()  # a compute_loss that raised may have left its hook
         if self._paired:  # the model's later forwards (outside this Trainer) take rows as examples again
             set_paired_rows(self._trainer.model, False)
         # the TrainingArguments come out as they went in: the model's saved training_args.bin, and a second
@@ -503,166 +481,45 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         )
 
     # ------------------------------------------------------------------------------------------ measurement
-    def _weighting_due(self, micro_batch: int) -> bool:
-        """Whether the examples' weighting is identified (or verified) on this step's ``micro_batch``-th
-        micro-batch (from 1): until it is confirmed, then on a step's first every ``verify_interval`` steps."""
-        if self.weighting is None or not self._weighting_confirmed:
-            return True
-        return micro_batch == 1 and self._steps_since_verified >= self.verify_interval
-
     def wants_outputs(self, trainer: Trainer) -> bool:
-        self._check_observed_weights()  # the previous micro-batch's backward has run: it may confirm the weighting
-        self._stop_capturing()
-        if self._paired:  # the pairs' weights are the mean's (integrations/trl_pairs.py): nothing to observe
-            return False
-        due = self._weighting_due(self._micro_batches + 1)
-        if due:  # a hook only for the coming compute_loss: a copied or pickled model never carries it
-            self._outputs_hook = trainer.model.register_forward_hook(self._capture_outputs)
-        return due
-
-    def _stop_capturing(self) -> Any:
-        """Remove the outputs hook and hand over what it captured."""
-        if self._outputs_hook is not None:
-            self._outputs_hook.remove()
-            self._outputs_hook = None
-        captured, self._captured = self._captured, None
-        return captured
-
-    def _capture_outputs(self, module: nn.Module, args: tuple, outputs: Any) -> None:
-        """Keep the outputs of the micro-batch's forward with gradients, whose logits (or label log-probabilities)
-        the backward passes through: compute_loss may return others (TRL's SFTTrainer returns those of a second
-        forward without gradients, its training forward having a fused LM head)."""
-        if torch.is_grad_enabled():
-            self._captured = outputs
+        self._add_weights(self.weights.settle())  # the previous micro-batch's backward has run
+        return self.weights.wants_outputs(trainer.model, self._micro_batches + 1)
 
     def observe_loss(
         self, trainer: Trainer, inputs: dict, num_items_in_batch: Any, loss: torch.Tensor, outputs: Any
     ) -> None:
-        self._check_observed_weights()
-        trained_outputs = self._stop_capturing()
+        self._add_weights(self.weights.settle())
         self._micro_batches += 1
-        if self._paired:
-            self._observe_pairs(inputs, loss)
-            return
-        sequences = sequence_ids(inputs)  # packed / padding-free batches: an example is a sequence
-        labels_are_shifted = isinstance(inputs.get("shift_labels"), torch.Tensor)
-        labels = inputs["shift_labels"] if labels_are_shifted else inputs.get("labels")
-        if not isinstance(labels, torch.Tensor):
-            raise ExampleWeightError(
-                "GNSCallback needs the labels of every training micro-batch (the examples' weights in the loss "
-                f"come from them); this one has none (inputs: {sorted(inputs)})"
-            )
-        self._rows += labels.shape[0] if sequences is None else int(sequences.max()) + 1
+        observed = self.weights.observe_loss(trainer, inputs, num_items_in_batch, loss, outputs, self._micro_batches)
+        self._rows += observed.examples
+        self._unusable_step |= observed.unusable
         if self._micro_batches == 1:
             self._validating = self.validate_every is not None and (
                 (trainer.state.global_step + 1) % self.validate_every == 0
             )
-        due = self._weighting_due(self._micro_batches)
-        if due and not torch.isfinite(loss.detach()).all():  # nothing to identify on (fp16 overflow, a dead run)
-            self._unusable_step = True
-            if self.weighting is None:
-                return
-            due = False
-        weighting, candidates = self.weighting, None
-        if due:
-            smoothing = getattr(trainer.label_smoother, "epsilon", 0.0) if trainer.label_smoother else 0.0
-            matching = identify_loss_weighting(
-                loss, outputs, labels, labels_are_shifted, num_items_in_batch, trainer.accelerator.num_processes,
-                smoothing, sequences,
-            )  # fmt: skip
-            if self.weighting is not None and self.weighting not in matching:
-                raise ExampleWeightError(
-                    f"the loss weighted its examples as {self.weighting} and now as one of "
-                    f"{[str(m) for m in matching]}: GNSCallback cannot follow a loss whose weighting changes during "
-                    "training"
-                )
-            weighting = matching[0] if self.weighting is None else self.weighting
-            candidates = [weighting] if self.weighting is not None else matching
-            self._probe = LogitGradientProbe.attach(
-                trained_outputs if trained_outputs is not None else outputs, labels, weighting.shifted, smoothing,
-                sequences,
-            )  # fmt: skip
-            if self._probe is None:
-                raise ExampleWeightError(
-                    "GNSCallback matched the loss's value to its examples' cross-entropy, but the model's outputs "
-                    "carry no logits (or label log-probabilities) that the backward passes through, so the weights "
-                    "cannot be observed in the backward: the loss is not computed from these outputs"
-                )
-        tokens = token_counts(labels, weighting.shifted, sequences)  # the candidates share the shift
-        self._label_tokens += int(tokens.sum())
-        weights = {
-            w: example_weights(tokens, w, num_items_in_batch).to(loss.device) for w in (candidates or [weighting])
-        }
-        self._pending = (weights, loss.detach())
+        if observed.tokens is None:
+            return
+        self._label_tokens += int(observed.tokens.sum())
         if self._validating:
-            self._stored.append(
-                StoredMicroBatch(
-                    {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
-                    labels.detach(),
-                    sequences,
-                    tokens,
-                )
-            )
-
-    def _observe_pairs(self, inputs: dict, loss: torch.Tensor) -> None:
-        """A micro-batch of TRL's DPO or reward trainer: 2P rows, P pair examples, each weighing 1/P in its loss."""
-        rows = inputs.get("input_ids")
-        if not isinstance(rows, torch.Tensor) or rows.shape[0] % 2:
-            raise ExampleWeightError(
-                "GNSCallback expected a micro-batch of chosen and rejected rows (an even number of input_ids rows), "
-                f"got {None if not isinstance(rows, torch.Tensor) else tuple(rows.shape)}"
-            )
-        pairs = rows.shape[0] // 2
-        self._rows += pairs
-        if not torch.isfinite(loss.detach()).all():
-            self._unusable_step = True
-        self.weighting = PAIR_MEAN
-        self._pending = ({PAIR_MEAN: torch.full((pairs,), 1.0 / pairs, device=loss.device)}, loss.detach())
+            inputs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            self._stored.append(StoredMicroBatch(inputs, observed.labels.detach(), observed.sequences, observed.tokens))
 
     def observe_backward(self, trainer: Trainer, loss: torch.Tensor, loss_scale: float) -> None:
-        if self._pending is None:
-            if self._unusable_step:
-                return
-            raise AccumulationError("a backward pass without a training loss before it: GNSCallback lost track")
-        candidates, computed = self._pending
-        self._pending = None
-        computed = computed.float()
-        factor = torch.where(computed != 0, loss.detach().float() / computed, 1.0) * loss_scale
-        candidates = {weighting: weights * factor for weighting, weights in candidates.items()}
-        if self._probe is not None:  # the weights count once its backward has confirmed them (_check_observed_weights)
-            self._probed = (self._probe, candidates, backward_factor(trainer.accelerator))
-            self._probe = None
-            return
-        self._add_weights(next(iter(candidates.values())))
+        self._add_weights(self.weights.observe_backward(trainer, loss, loss_scale, self._unusable_step))
 
-    def _add_weights(self, weights: torch.Tensor) -> None:
-        """Count a micro-batch's examples' weights a_b (in units of the loss passed to the backward)."""
+    def _add_weights(self, weights: torch.Tensor | None) -> None:
+        """Count a micro-batch's examples' weights a_b (in units of the loss passed to the backward), if given."""
+        if weights is None:
+            return
         if self._validating and self._stored and self._stored[-1].weights is None:
             self._stored[-1].weights = weights
         self._weight_sum = self._weight_sum + weights.sum()
         self._weight_sq_sum = self._weight_sq_sum + weights.square().sum()
 
-    def _check_observed_weights(self) -> None:
-        """After the backward of a micro-batch whose weighting was identified or verified: the token weights that
-        reached its logits must be those of the identified weighting (:mod:`hf_gns_spam.gns.logit_gradients`)."""
-        if self._probed is not None:
-            probe, candidates, backward = self._probed
-            self._probed = None
-            weighting = probe.select({w: weights * backward for w, weights in candidates.items()})
-            self._add_weights(candidates[weighting])
-            self.weighting, self._steps_since_verified = weighting, 0
-            if self._weighting_confirmed:
-                return
-            self._uninformative_checks += not probe.informative
-            if probe.informative or self._uninformative_checks >= UNINFORMATIVE_CHECKS:
-                self._weighting_confirmed = True
-            if not probe.informative and self._weighting_confirmed:
-                logger.info(
-                    "GNSCallback: the loss's weighting (%s) was checked on %d micro-batches whose examples all had the "
-                    "same number of label tokens, which cannot tell a token mean from a mean of per-example means; "
-                    "it is re-checked every verify_interval=%d steps.",
-                    self.weighting, self._uninformative_checks, self.verify_interval,
-                )  # fmt: skip
+    @property
+    def weighting(self) -> LossWeighting | None:
+        """How the loss weights its examples, once identified (:mod:`hf_gns_spam.gns.weight_observer`)."""
+        return self.weights.weighting
 
     def _groups_of(self, names) -> dict[str, NormGroup]:
         """The group of each statistics key (a patched norm's parameter name), classified once per module."""
@@ -677,7 +534,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         shards (DTensor) are summed locally here and over the processes with the step's other statistics. Frozen
         norms' gradients (sinks, local to each process) are averaged over the processes first, as DDP averages the
         trained ones. On a validation step, also ‖G‖² of all trainable parameters, and of all but the embeddings."""
-        self._check_observed_weights()
+        self._add_weights(self.weights.settle())
         if self._validating and self._total_big is None:
             self._total_big = squared_gradient_norm(trainer.model)
             self._total_big_no_embeddings = squared_gradient_norm(trainer.model, embedding_parameters(trainer.model))
@@ -728,7 +585,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer
-        self._check_observed_weights()
+        self._add_weights(self.weights.settle())
         if self._big is None:  # no clipping (max_grad_norm=0, DeepSpeed): the gradient is as it was
             self.before_clipping(trainer)
         model = trainer.model
@@ -796,7 +653,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         validating = self._validating
         self.last_accumulation, self.last_batch_size = self._micro_batches, round(rows)
         self.samples += self.last_batch_size
-        self._steps_since_verified += 1
+        self.weights.steps_since_verified += 1
         self._reset_step()
         reset_per_example_grad_stats(model)
         if label_tokens > 0:
@@ -956,7 +813,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "tokens_per_example": self.tokens_per_example,
                 "last_batch_size": self.last_batch_size,
                 "last_accumulation": self.last_accumulation,
-                "steps_since_verified": self._steps_since_verified,
+                "steps_since_verified": self.weights.steps_since_verified,
                 "total_estimator_state": self.total_estimator.state_dict(),
                 "total_no_embeddings_estimator_state": self.total_no_embeddings_estimator.state_dict(),
                 "group_estimator_states": {g: e.state_dict() for g, e in self.group_estimators.items()},
@@ -968,7 +825,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.estimator = GradientNoiseScale(ema_decay=self.ema_decay, **attributes["estimator_state"])
         for name in ("samples", "tokens_per_example", "last_batch_size", "last_accumulation"):
             setattr(self, name, attributes[name])
-        self._steps_since_verified = attributes["steps_since_verified"]
+        self.weights.steps_since_verified = attributes["steps_since_verified"]
         self.samples_from_start = attributes.get("samples_from_start", True)  # checkpoints from before it lack it
         # checkpoints from before validate_every lack both, from before the embeddings' variant the second
         for name in ("total_estimator", "total_no_embeddings_estimator"):
