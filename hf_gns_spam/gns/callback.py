@@ -80,21 +80,20 @@ not at the very start). A model without embeddings gives equal values.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_gns_spam.gns.accumulation import AccumulationController, AccumulationError, EpochLoop
 from hf_gns_spam.gns.arguments import NORM_GROUPS, GNSConfig, GNSSignal, NormGroup
-from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
+from hf_gns_spam.gns.estimator import GradientNoiseScale, StepWeights, unbiased_estimates
 from hf_gns_spam.gns.example_weights import LossWeighting
+from hf_gns_spam.gns.group_gradients import group_squared_norms
 from hf_gns_spam.gns.groups import norm_groups
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
 from hf_gns_spam.gns.weight_observer import ExampleWeightObserver
@@ -111,7 +110,7 @@ from hf_gns_spam.integrations.trainer_loop import (
 )
 from hf_gns_spam.integrations.trl_pairs import check_paired_trainer, is_paired_trainer
 from hf_gns_spam.patching import is_patched, set_paired_rows
-from hf_gns_spam.stats import NormGradient, norm_gradients, per_example_grad_stats, reset_per_example_grad_stats
+from hf_gns_spam.stats import per_example_grad_stats, reset_per_example_grad_stats
 
 __all__ = ["GNSCallback"]
 
@@ -130,30 +129,6 @@ TOTAL_METRIC_NAMES = (
 GROUP_METRIC_NAMES = tuple(
     f"gns/{group}{suffix}" for group in NORM_GROUPS for suffix in ("", "_grad_sq", "_trace_sigma")
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class StepWeights:
-    """The example weights of one optimizer step, summed over the processes: A = Σ_b a_b and Σ_b a_b², and the
-    number of processes P. They turn the step's sums over any set of parameters into the estimator's inputs
-    (:mod:`hf_gns_spam.gns.estimator`):
-
-        small = Σ_b a_b²‖g_b‖² / Σ_b a_b²      big = ‖G‖² · P² / A²      B_eff = A² / Σ_b a_b²
-
-    (‖G‖² of the gradient each process holds, which DDP averaged over the P processes: P× it is the sum)."""
-
-    weight_sum: float
-    weight_sq_sum: float
-    processes: int
-
-    @property
-    def effective_batch(self) -> float:
-        """B_eff, 0 when no example had a weight."""
-        return self.weight_sum**2 / self.weight_sq_sum if self.weight_sq_sum > 0 else 0.0
-
-    def small_big(self, sum_sq: float, big: float) -> tuple[float, float]:
-        """(small, big) from Σ_b a_b²‖g_b‖² and ‖G‖² of the same parameters."""
-        return sum_sq / self.weight_sq_sum, big * self.processes**2 / self.weight_sum**2
 
 
 class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
@@ -538,50 +513,13 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         if self._validating and self._total_big is None:
             self._total_big = squared_gradient_norm(trainer.model)
             self._total_big_no_embeddings = squared_gradient_norm(trainer.model, embedding_parameters(trainer.model))
-        gradients = norm_gradients(trainer.model)
-        groups = self._groups_of(gradients)
-        measured = [(groups[n], g.gradient) for n, g in gradients.items() if not g.frozen and g.gradient is not None]
-        frozen = {name: gradient for name, gradient in gradients.items() if gradient.frozen}
-        if frozen:
-            measured += self._frozen_gradients(trainer, frozen, groups)
-        if not measured:
+        squared = group_squared_norms(trainer.model, self._groups_of, trainer.accelerator)
+        if squared is None:
             self._big = None
             return
-        zero = torch.zeros((), device=measured[0][1].device)
-        replicated, shards = [zero] * len(NORM_GROUPS), [zero] * len(NORM_GROUPS)
-        self._group_measured = [False] * len(NORM_GROUPS)
-        for group, grad in measured:
-            index = NORM_GROUPS.index(group)
-            self._group_measured[index] = True
-            if isinstance(grad, DTensor):
-                shards[index] = shards[index] + grad.to_local().float().square().sum()
-            else:
-                replicated[index] = replicated[index] + grad.float().square().sum()
-        self._group_big, self._group_big_shards = torch.stack(replicated), torch.stack(shards)
+        self._group_measured = list(squared.measured)
+        self._group_big, self._group_big_shards = squared.replicated, squared.shards
         self._big, self._big_shards = self._group_big.sum(), self._group_big_shards.sum()
-
-    @staticmethod
-    def _frozen_gradients(
-        trainer: Trainer, frozen: dict[str, NormGradient], groups: dict[str, NormGroup]
-    ) -> list[tuple[NormGroup, torch.Tensor]]:
-        """The frozen norms' batch gradients (their sinks), averaged over the processes as DDP averages the trained
-        ones: one all-reduce of every sink, zeros for those the backward did not reach here (all processes take
-        part with the same names in the same order, whatever their backward reached; nothing is read on the host)."""
-        processes = trainer.accelerator.num_processes
-        reached = [name for name, g in frozen.items() if g.gradient is not None]
-        if not reached and processes == 1:
-            return []
-        device = frozen[reached[0]].gradient.device if reached else trainer.accelerator.device
-        flat = torch.cat(
-            [
-                torch.zeros(g.size, device=device) if g.gradient is None else g.gradient.reshape(-1)
-                for g in frozen.values()
-            ]
-        )
-        if processes > 1:
-            flat = trainer.accelerator.reduce(flat, reduction="mean")
-        pieces = dict(zip(frozen, flat.split([g.size for g in frozen.values()]), strict=True))
-        return [(groups[name], pieces[name]) for name in reached]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer

@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-__all__ = ["GradientNoiseScale", "effective_batch_size", "unbiased_estimates"]
+__all__ = ["GradientNoiseScale", "StepWeights", "effective_batch_size", "unbiased_estimates"]
 
 # constructor arguments that are settings, not state (left out of state_dict())
 HYPERPARAMETERS = ("ema_decay", "outlier_threshold", "outlier_warmup")
@@ -177,3 +177,27 @@ class GradientNoiseScale:
         if not self.updates:
             return math.nan
         return self.trace_sigma_ema / self.grad_sq_ema if self.grad_sq_ema > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class StepWeights:
+    """The example weights of one optimizer step, summed over the processes: A = Σ_b a_b and Σ_b a_b², and the
+    number of processes P. They turn the step's sums over any set of parameters into the estimator's inputs
+    (:mod:`hf_gns_spam.gns.estimator`):
+
+        small = Σ_b a_b²‖g_b‖² / Σ_b a_b²      big = ‖G‖² · P² / A²      B_eff = A² / Σ_b a_b²
+
+    (‖G‖² of the gradient each process holds, which DDP averaged over the P processes: P× it is the sum)."""
+
+    weight_sum: float
+    weight_sq_sum: float
+    processes: int
+
+    @property
+    def effective_batch(self) -> float:
+        """B_eff, 0 when no example had a weight."""
+        return self.weight_sum**2 / self.weight_sq_sum if self.weight_sq_sum > 0 else 0.0
+
+    def small_big(self, sum_sq: float, big: float) -> tuple[float, float]:
+        """(small, big) from Σ_b a_b²‖g_b‖² and ‖G‖² of the same parameters."""
+        return sum_sq / self.weight_sq_sum, big * self.processes**2 / self.weight_sum**2
