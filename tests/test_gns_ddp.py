@@ -16,6 +16,7 @@ from tests import model_zoo
 from tests.ports import free_port
 from tests.test_gns_callback import per_example_gradients, per_example_norm_gradients, weighted_small_big
 from tests.test_gns_groups import group_parameters
+from tests.test_launch import failure_report
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_gns_train.py"
 
@@ -27,7 +28,7 @@ def torchrun(tmp_path, *arguments: str) -> list[dict]:
          str(SCRIPT), str(tmp_path), *arguments],
         capture_output=True, text=True, env=environment, check=False,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure_report(result.stderr)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 

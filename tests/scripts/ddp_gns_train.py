@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from hf_gns_spam import GNSCallback, patch_model
+from hf_gns_spam import GNSCallback, patch_model, unpatch_model
 from tests import model_zoo
 from tests.test_gns_callback import padded_dataset
 from tests.test_per_example_stats import token_losses
@@ -45,7 +45,8 @@ class DistributedStepAuditor(TrainerCallback):
         parameters = {n: p.detach().clone() for n, p in module.named_parameters()}  # before the optimizer step
         self.steps.append({"micro_batches": micro_batches, "parameters": parameters})
         reference = copy.deepcopy(module)
-        reference._forward_pre_hooks.clear()
+        reference._forward_pre_hooks.clear()  # not recorded (the copied hooks)
+        unpatch_model(reference)  # the original norms: an independent computation (and no statistics)
         reference.zero_grad(set_to_none=True)
         tokens = sum((m["labels"][:, 1:] != -100).sum() for m in micro_batches)
         dist.all_reduce(tokens)
