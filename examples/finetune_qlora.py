@@ -4,11 +4,12 @@
 
 Loads a causal LM (any Hub id or local path; the main job's output works offline) with NF4 4-bit base weights
 (bitsandbytes, CPU or GPU), prepares it for k-bit training, adds LoRA adapters to every linear layer, patches its
-normalization layers (frozen here: they cost nothing and give no GNS — the callback still logs the batch size),
-and trains with ``optim="stable_spam"`` through the Trainer. Data arguments and every ``TrainingArguments`` flag
-are those of ``examples/pretrain_clm.py``. It writes the adapter, ``metrics.json`` (with the held-out next-token
-accuracy, ``eval_accuracy``, from :func:`hf_gns_spam.metrics.causal_lm_accuracy` through ``evaluate``) and
-``gns_plot.png``.
+normalization layers (frozen here, but measured wherever the backward passes through them: every norm except the
+first block's input norm, which reads the frozen embeddings' output; the callback logs ``gns``, ``gns/block`` and
+``gns/final``), and trains with ``optim="stable_spam"`` through the Trainer. Data arguments and every
+``TrainingArguments`` flag are those of ``examples/pretrain_clm.py``. It writes the adapter, ``metrics.json`` (with
+the held-out next-token accuracy, ``eval_accuracy``, from :func:`hf_gns_spam.metrics.causal_lm_accuracy` through
+``evaluate``) and ``gns_plot.png``.
 """
 
 from __future__ import annotations
