@@ -95,3 +95,26 @@ def test_the_kernels_import_nothing_above_them():
     for module, path in kernels:
         above = [name for name in imports_of(path) if (imported_module(name) or "kernels").split(".")[0] != "kernels"]
         assert not above, f"hf_gns_spam.{module} imports {above}"
+
+
+# the Trainer's, its callbacks' and its LR scheduler's internals the package reads or sets: only integrations/ may
+TRAINER_INTERNALS = {
+    "_last_lr", "base_lrs", "lr_lambdas", "last_epoch",  # torch LambdaLR
+    "current_gradient_accumulation_steps", "stateful_callbacks", "label_smoother", "training_bar",  # transformers
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("module", "path"), MODULES, ids=[module or "__init__" for module, _ in MODULES])
+def test_trainer_internals_are_reached_only_from_integrations(module, path):
+    """Outside ``hf_gns_spam/integrations/``, no attribute of TRAINER_INTERNALS is used, and no private attribute of
+    a ``trainer`` (the package's own ``_gns_*`` marks excepted): each reach has one home, with its why and check."""
+    if module.startswith("integrations"):
+        return
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Attribute):
+            continue
+        assert node.attr not in TRAINER_INTERNALS, f"hf_gns_spam/{path.name}:{node.lineno} uses {node.attr}"
+        owner = node.value
+        name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+        if name in ("trainer", "_trainer") and node.attr.startswith("_") and not node.attr.startswith("_gns_"):
+            raise AssertionError(f"hf_gns_spam/{path.name}:{node.lineno} uses trainer.{node.attr}")

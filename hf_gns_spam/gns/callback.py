@@ -105,7 +105,11 @@ from hf_gns_spam.gns.whole_model import (
 )
 from hf_gns_spam.integrations.trainer_loop import (
     TrainerLoopObserver,
+    fetched_accumulation,
     install_trainer_hooks,
+    label_smoothing,
+    saved_callback_state,
+    set_schedule_position,
     show_total_steps,
 )
 from hf_gns_spam.integrations.trl_pairs import check_paired_trainer, is_paired_trainer
@@ -286,10 +290,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         """Where to restart: the saved (epoch, micro-batch), which the Trainer cannot compute once the accumulation
         has changed; the Trainer's own values for a checkpoint without this callback's state."""
         controller = self.controller
-        saved = trainer.state.stateful_callbacks.get(type(self).__name__) if resuming else None
-        if isinstance(saved, list):
-            saved = saved[0] if saved else None
-        position = saved.get("attributes", {}).get("controller_state") if isinstance(saved, dict) else None
+        saved = saved_callback_state(trainer, type(self).__name__) if resuming else None
+        position = saved.get("attributes", {}).get("controller_state") if saved is not None else None
         if position is None:
             self.samples_from_start = not resuming  # the checkpoint's examples are unknown: counted from here on
             if skip:
@@ -353,7 +355,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         ``global_step >= state.max_steps``: so state.max_steps becomes the step the Trainer counts next when the
         budget is used, and is the planned total otherwise (beyond this step: the plan is this run's steps as long
         as the batch follows it, and is made again whenever it does not)."""
-        self.controller.finish_group(self.last_accumulation, self._trainer.current_gradient_accumulation_steps)
+        self.controller.finish_group(self.last_accumulation, fetched_accumulation(self._trainer))
         if self.batch_schedule is None:
             return
         step = state.global_step + 1  # the Trainer counts this step after on_optimizer_step
@@ -400,16 +402,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
     def _set_learning_rate(self, lr_scheduler) -> None:
         """The next step's learning rate: the LR schedule at the progress in reference steps (in data, the schedule
         of a fixed batch), times (B / B_min)^lr_batch_power for the next step's batch B."""
-        if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
-            return
         position = min(self.controller.progress, self.controller.loop.budget)
         batch_factor = (self.controller.accumulation / self._min_accumulation) ** self.lr_batch_power
-        lr_scheduler.last_epoch = position
-        for group, base_lr, factor in zip(
-            lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
-        ):
-            group["lr"] = base_lr * factor(position) * batch_factor
-        lr_scheduler._last_lr = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
+        set_schedule_position(lr_scheduler, position, batch_factor)
 
     # ------------------------------------------------------------------------------------------ the expected steps
     def _plan_steps(self, state, epoch_starts: bool) -> None:
@@ -535,7 +530,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         total_sq = no_embeddings_sq = norms_sq = zero
         no_embeddings = True  # some trainable parameter is not an embedding
         if validated:  # the whole model's Σ α_e²‖g_e‖², without the embeddings, and the norms' share (recomputed)
-            smoothing = getattr(trainer.label_smoother, "epsilon", 0.0) if trainer.label_smoother else 0.0
+            smoothing = label_smoothing(trainer)
             embeddings = {id(p) for p in embedding_parameters(model)}
             no_embedding_names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in embeddings]
             no_embeddings = bool(no_embedding_names)

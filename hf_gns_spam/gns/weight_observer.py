@@ -34,7 +34,7 @@ from transformers import Trainer
 from hf_gns_spam.errors import AccumulationError, ExampleWeightError
 from hf_gns_spam.gns.example_weights import LossWeighting, example_weights, identify_loss_weighting, token_counts
 from hf_gns_spam.gns.logit_gradients import LogitGradientProbe
-from hf_gns_spam.integrations.trainer_loop import backward_factor
+from hf_gns_spam.integrations.trainer_loop import backward_factor, label_smoothing
 from hf_gns_spam.sequences import sequence_ids
 
 __all__ = ["PAIR_MEAN", "UNINFORMATIVE_CHECKS", "ExampleWeightObserver", "ObservedMicroBatch"]
@@ -144,7 +144,7 @@ class ExampleWeightObserver:
             due = False
         weighting, candidates = self.weighting, None
         if due:
-            smoothing = getattr(trainer.label_smoother, "epsilon", 0.0) if trainer.label_smoother else 0.0
+            smoothing = label_smoothing(trainer)
             matching = identify_loss_weighting(
                 loss, outputs, labels, labels_are_shifted, num_items_in_batch, trainer.accelerator.num_processes,
                 smoothing, sequences,

@@ -30,10 +30,19 @@ Installed on the Trainer instance being trained (:func:`_attach`):
 * ``trainer.log``: extra metrics merged into the Trainer's own log record (reporting integrations run before user
   callbacks, so ``on_log`` is too late for them).
 
-Set from a callback event (:func:`show_total_steps`):
+Read or set from a callback event:
 
-* ``ProgressCallback.training_bar.total``: the progress bar takes its total from ``state.max_steps`` once, at
-  ``on_train_begin``, and no event tells it that the number of optimizer steps changed (a growing batch).
+* ``ProgressCallback.training_bar.total`` (:func:`show_total_steps`): the progress bar takes its total from
+  ``state.max_steps`` once, at ``on_train_begin``, and no event tells it that the number of optimizer steps changed
+  (a growing batch).
+* ``LambdaLR.last_epoch`` and ``_last_lr`` (:func:`set_schedule_position`): the Trainer's learning-rate schedules
+  count optimizer steps; a growing batch needs the schedule at the data consumed instead, and the Trainer logs
+  ``get_last_lr()``, which reads ``_last_lr``.
+* ``trainer.current_gradient_accumulation_steps`` (:func:`fetched_accumulation`): the micro-batches the Trainer
+  fetched for the step that just ended (its last group of an epoch may be shorter), which no event passes.
+* ``state.stateful_callbacks`` (:func:`saved_callback_state`): a callback's saved state in the checkpoint being
+  resumed, which ``restore_callback_states_from_checkpoint=False`` (the default) leaves unread.
+* ``trainer.label_smoother`` (:func:`label_smoothing`): the ε the Trainer's loss smooths labels with.
 """
 
 from __future__ import annotations
@@ -127,6 +136,46 @@ def show_total_steps(trainer: Trainer, total: int) -> None:
             raise _unsupported(f"ProgressCallback.training_bar is a {type(bar).__name__}, not a tqdm bar")
         bar.total = total
         bar.refresh()
+
+
+def set_schedule_position(lr_scheduler: Any, position: int, batch_factor: float) -> bool:
+    """Set a ``LambdaLR`` (every schedule of ``TrainingArguments.lr_scheduler_type`` is one) to ``position`` (in
+    optimizer steps of the reference batch) with every group's rate × ``batch_factor``; False for any other
+    scheduler (a user's), which is left alone."""
+    if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return False
+    if not hasattr(lr_scheduler, "_last_lr"):
+        raise _unsupported("LambdaLR has no _last_lr, which get_last_lr() returned")
+    lr_scheduler.last_epoch = position
+    for group, base_lr, factor in zip(
+        lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base_lr * factor(position) * batch_factor
+    lr_scheduler._last_lr = [group["lr"] for group in lr_scheduler.optimizer.param_groups]
+    return True
+
+
+def fetched_accumulation(trainer: Trainer) -> int:
+    """The micro-batches the Trainer fetched for the optimizer step that just ended."""
+    steps = getattr(trainer, "current_gradient_accumulation_steps", None)
+    if not isinstance(steps, int):
+        raise _unsupported(f"trainer.current_gradient_accumulation_steps is {steps!r}, not the step's micro-batches")
+    return steps
+
+
+def saved_callback_state(trainer: Trainer, name: str) -> dict | None:
+    """The state callback class ``name`` saved in the checkpoint being resumed (``state.stateful_callbacks``, one
+    dict or a list of them, the first taken), or None when it saved none."""
+    saved = trainer.state.stateful_callbacks.get(name)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    return saved if isinstance(saved, dict) else None
+
+
+def label_smoothing(trainer: Trainer) -> float:
+    """The label-smoothing ε of the Trainer's loss (0 without its label smoother)."""
+    smoother = getattr(trainer, "label_smoother", None)
+    return float(getattr(smoother, "epsilon", 0.0)) if smoother is not None else 0.0
 
 
 def _check_trainer_instance(trainer: Trainer) -> None:
