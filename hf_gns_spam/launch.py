@@ -54,9 +54,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
-import functools
 import importlib.util
-import inspect
 import os
 import re
 import runpy
@@ -363,9 +361,9 @@ def _check_script_arguments(options: LaunchOptions, script_args: list[str]) -> N
 class TrainerLauncher:
     """While :meth:`installed`: patch every Trainer's model and add a GNSCallback to every Trainer (module docstring).
 
-    Wraps ``Trainer.__init__`` (patch the model it is given, then add the callback), ``Trainer.call_model_init``
-    (patch each model ``model_init`` makes, at construction and again at ``train()``) and ``Trainer.add_callback``
-    (a GNSCallback the script adds replaces the launcher's; a Trainer can have one) on the class itself.
+    Through :func:`~hf_gns_spam.integrations.trainer_loop.trainer_construction_hooks`: patch the model a Trainer is
+    given (and each model ``model_init`` makes), then add the callback; a GNSCallback the script adds replaces the
+    launcher's.
     """
 
     def __init__(self, options: LaunchOptions) -> None:
@@ -373,20 +371,14 @@ class TrainerLauncher:
         self._patched_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._callbacks: weakref.WeakSet[GNSCallback] = weakref.WeakSet()
         self._announced: set[str] = set()
+        self._unannounced: list[str | None] = []  # from a Trainer's __init__ before it can tell the main process
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[TrainerLauncher]:
-        from transformers import Trainer
+        from hf_gns_spam.integrations.trainer_loop import trainer_construction_hooks  # imports torch: not before
 
-        originals = {name: Trainer.__dict__[name] for name in ("__init__", "call_model_init", "add_callback")}
-        Trainer.__init__ = self._wrap_init(originals["__init__"])
-        Trainer.call_model_init = self._wrap_call_model_init(originals["call_model_init"])
-        Trainer.add_callback = self._wrap_add_callback(originals["add_callback"])
-        try:
+        with trainer_construction_hooks(self._on_model, self._after_init, self._on_add_callback):
             yield self
-        finally:
-            for name, original in originals.items():
-                setattr(Trainer, name, original)
 
     # ------------------------------------------------------------------------------------------ the model
     def _prepare_model(self, model: Any) -> str | None:
@@ -434,49 +426,30 @@ class TrainerLauncher:
         trainer.add_callback(callback)
         return f"GNSCallback({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) added to the Trainer"
 
-    # ------------------------------------------------------------------------------------------ the wrappers
-    def _wrap_init(self, original: Callable) -> Callable:
-        signature = inspect.signature(original)
+    # ------------------------------------------------------------------------------------------ the hooks
+    def _on_model(self, trainer: Any, model: Any) -> None:
+        """A model the Trainer is given or ``model_init`` made: patched before the Trainer builds anything from it
+        (announced once the Trainer knows whether it is the main process)."""
+        message = self._prepare_model(model)
+        if hasattr(trainer, "args"):
+            self._announce(trainer, message)
+        else:
+            self._unannounced.append(message)
 
-        @functools.wraps(original)
-        def __init__(trainer, *args, **kwargs):
-            if getattr(trainer, "_gns_launched", False):  # Trainer.__init__ run again on one instance
-                return original(trainer, *args, **kwargs)
-            trainer._gns_launched = True
-            try:
-                model = signature.bind(trainer, *args, **kwargs).arguments.get("model")
-            except TypeError:  # the Trainer's own error says what is wrong
-                model = None
-            messages = [self._prepare_model(model)]  # before the Trainer builds anything from it
-            original(trainer, *args, **kwargs)
-            messages += [self._prepare_model(trainer.model), self._add_gns_callback(trainer)]
-            for message in messages:
-                self._announce(trainer, message)
+    def _after_init(self, trainer: Any) -> None:
+        messages, self._unannounced = self._unannounced, []
+        for message in (*messages, self._prepare_model(trainer.model), self._add_gns_callback(trainer)):
+            self._announce(trainer, message)
 
-        return __init__
-
-    def _wrap_call_model_init(self, original: Callable) -> Callable:
-        @functools.wraps(original)
-        def call_model_init(trainer, *args, **kwargs):
-            model = original(trainer, *args, **kwargs)
-            self._announce(trainer, self._prepare_model(model))
-            return model
-
-        return call_model_init
-
-    def _wrap_add_callback(self, original: Callable) -> Callable:
+    def _on_add_callback(self, trainer: Any, callback: Any) -> None:
+        """A GNSCallback the script adds replaces the launcher's (a Trainer can have one)."""
         from hf_gns_spam.gns import GNSCallback
 
-        @functools.wraps(original)
-        def add_callback(trainer, callback):
-            kind = callback if isinstance(callback, type) else type(callback)
-            if issubclass(kind, GNSCallback) and callback not in self._callbacks:
-                for ours in [c for c in trainer.callback_handler.callbacks if c in self._callbacks]:
-                    trainer.callback_handler.remove_callback(ours)
-                    self._announce(trainer, "the script adds its own GNSCallback: it replaces the launcher's")
-            return original(trainer, callback)
-
-        return add_callback
+        kind = callback if isinstance(callback, type) else type(callback)
+        if issubclass(kind, GNSCallback) and callback not in self._callbacks:
+            for ours in [c for c in trainer.callback_handler.callbacks if c in self._callbacks]:
+                trainer.callback_handler.remove_callback(ours)
+                self._announce(trainer, "the script adds its own GNSCallback: it replaces the launcher's")
 
 
 def _misplaced_options(parser: argparse.ArgumentParser, script_args: list[str]) -> list[str]:

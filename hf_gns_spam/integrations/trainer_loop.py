@@ -30,6 +30,13 @@ Installed on the Trainer instance being trained (:func:`_attach`):
 * ``trainer.log``: extra metrics merged into the Trainer's own log record (reporting integrations run before user
   callbacks, so ``on_log`` is too late for them).
 
+Wrapped on the ``Trainer`` class only while ``hf-gns-spam launch`` runs a script (:func:`trainer_construction_hooks`):
+
+* ``Trainer.__init__``, ``Trainer.call_model_init`` and ``Trainer.add_callback``: an unmodified script builds its
+  Trainer (TRL's trainers load the model inside it); the launcher must patch the model before the Trainer builds
+  anything from it (optimizer groups, peft, FSDP wrapping), then add its callback, and give way to a GNSCallback
+  the script adds itself. No event runs before ``__init__`` ends.
+
 Read or set from a callback event:
 
 * ``ProgressCallback.training_bar.total`` (:func:`show_total_steps`): the progress bar takes its total from
@@ -47,9 +54,11 @@ Read or set from a callback event:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -136,6 +145,55 @@ def show_total_steps(trainer: Trainer, total: int) -> None:
             raise _unsupported(f"ProgressCallback.training_bar is a {type(bar).__name__}, not a tqdm bar")
         bar.total = total
         bar.refresh()
+
+
+@contextlib.contextmanager
+def trainer_construction_hooks(
+    on_model: Callable[[Any, Any], None],
+    after_init: Callable[[Any], None],
+    on_add_callback: Callable[[Any, Any], None],
+) -> Iterator[None]:
+    """While the block runs, every ``Trainer`` (subclasses included) calls ``on_model(trainer, model)`` with the
+    model it is given, before ``__init__`` builds anything from it, and with each model ``model_init`` makes;
+    ``after_init(trainer)`` once ``__init__`` has run (once per instance: a subclass's ``__init__`` calling the
+    base's is seen once); ``on_add_callback(trainer, callback)`` before each ``add_callback``. The class is restored
+    afterwards."""
+    missing = [n for n in ("__init__", "call_model_init", "add_callback") if n not in Trainer.__dict__]
+    if missing:
+        raise _unsupported(f"Trainer defines no {', '.join(missing)}")
+    originals = {name: Trainer.__dict__[name] for name in ("__init__", "call_model_init", "add_callback")}
+    signature = inspect.signature(originals["__init__"])
+
+    @functools.wraps(originals["__init__"])
+    def __init__(trainer, *args, **kwargs):
+        if getattr(trainer, "_gns_launched", False):  # Trainer.__init__ run again on one instance
+            return originals["__init__"](trainer, *args, **kwargs)
+        trainer._gns_launched = True
+        try:
+            model = signature.bind(trainer, *args, **kwargs).arguments.get("model")
+        except TypeError:  # the Trainer's own error says what is wrong
+            model = None
+        on_model(trainer, model)
+        originals["__init__"](trainer, *args, **kwargs)
+        after_init(trainer)
+
+    @functools.wraps(originals["call_model_init"])
+    def call_model_init(trainer, *args, **kwargs):
+        model = originals["call_model_init"](trainer, *args, **kwargs)
+        on_model(trainer, model)
+        return model
+
+    @functools.wraps(originals["add_callback"])
+    def add_callback(trainer, callback):
+        on_add_callback(trainer, callback)
+        return originals["add_callback"](trainer, callback)
+
+    Trainer.__init__, Trainer.call_model_init, Trainer.add_callback = __init__, call_model_init, add_callback
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(Trainer, name, original)
 
 
 def set_schedule_position(lr_scheduler: Any, position: int, batch_factor: float) -> bool:
