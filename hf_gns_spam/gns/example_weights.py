@@ -43,11 +43,13 @@ from hf_gns_spam.errors import ExampleWeightError
 
 __all__ = [
     "ExampleWeightError",
+    "LabelPositions",
     "LossWeighting",
     "OwnLosses",
     "example_index",
     "example_weights",
     "identify_loss_weighting",
+    "label_positions",
     "own_losses",
     "token_counts",
 ]
@@ -89,12 +91,34 @@ def example_index(labels: torch.Tensor, sequences: torch.Tensor | None) -> tuple
     return rows.view(-1, *([1] * (labels.dim() - 1))).expand(labels.shape), labels.shape[0]
 
 
+@dataclass(frozen=True)
+class LabelPositions:
+    """Every label position (label ≠ −100) of a [B, T] batch, in row-major order: its ``rows`` and ``positions``
+    (in ``labels[:, 1:]`` when shifted: position t's label is predicted at t), its ``targets`` (the label) and
+    ``owners`` (its example), and the number of ``examples`` E."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    owners: torch.Tensor
+    examples: int
+
+
+def label_positions(labels: torch.Tensor, shifted: bool, sequences: torch.Tensor | None = None) -> LabelPositions:
+    """The label positions of ``labels`` (``labels[:, 1:]`` when shifted), their examples from
+    :func:`example_index`; [B] labels (classification) are [B, 1], one position per example."""
+    if labels.dim() == 1:
+        labels, sequences = labels.unsqueeze(1), None
+    index, examples = example_index(labels, sequences)
+    targets, owners = (labels[:, 1:], index[:, 1:]) if shifted else (labels, index)
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return LabelPositions(rows, positions, targets[rows, positions], owners[rows, positions], examples)
+
+
 def token_counts(labels: torch.Tensor, shifted: bool, sequences: torch.Tensor | None = None) -> torch.Tensor:
     """n_e: label tokens of each example (float32, [E]), counting ``labels[:, 1:]`` when shifted."""
-    index, examples = example_index(labels, sequences)
-    counted, owner = (labels[:, 1:], index[:, 1:]) if shifted else (labels, index)
-    valid = counted != IGNORE_INDEX
-    return torch.bincount(owner[valid], minlength=examples).float()
+    found = label_positions(labels, shifted, sequences)
+    return torch.bincount(found.owners, minlength=found.examples).float()
 
 
 def example_weights(tokens: torch.Tensor, weighting: LossWeighting, num_items_in_batch: Any) -> torch.Tensor:
@@ -122,21 +146,19 @@ def _grouped_token_losses(
 ) -> OwnLosses:
     """s_e and n_e from logits [B, T, V] and labels [B, T], the logits at t predicting labels[:, t + 1] when
     ``shifted``; per-token losses in float32, TOKEN_CHUNK positions at a time, summed per example."""
-    index, examples = example_index(labels, sequences)
-    targets, owner = (labels[:, 1:], index[:, 1:]) if shifted else (labels, index)
-    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    found = label_positions(labels, shifted, sequences)
     flat = logits.reshape(-1, logits.shape[-1])  # [B·T, V]
-    predicting = rows * logits.shape[1] + positions  # the logits row of each label position
-    sums = torch.zeros(examples, dtype=torch.float32, device=logits.device)
+    predicting = found.rows * logits.shape[1] + found.positions  # the logits row of each label position
+    sums = torch.zeros(found.examples, dtype=torch.float32, device=logits.device)
     with torch.no_grad():
-        for chunk in torch.arange(rows.numel(), device=rows.device).split(TOKEN_CHUNK):
+        for chunk in torch.arange(found.rows.numel(), device=found.rows.device).split(TOKEN_CHUNK):
             neg_log_probs = -torch.log_softmax(flat[predicting[chunk]].float(), dim=-1)
-            wanted = targets[rows[chunk], positions[chunk]].to(logits.device)
+            wanted = found.targets[chunk].to(logits.device)
             per_token = neg_log_probs.gather(-1, wanted.unsqueeze(-1)).squeeze(-1)
             if smoothing:
                 per_token = (1.0 - smoothing) * per_token + smoothing * neg_log_probs.mean(-1)
-            sums.index_add_(0, owner[rows[chunk], positions[chunk]].to(logits.device), per_token)
-    tokens = torch.bincount(owner[rows, positions], minlength=examples).float().to(logits.device)
+            sums.index_add_(0, found.owners[chunk].to(logits.device), per_token)
+    tokens = torch.bincount(found.owners, minlength=found.examples).float().to(logits.device)
     return OwnLosses(sums, tokens)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from hf_gns_spam.gns.example_weights import IGNORE_INDEX, TOKEN_CHUNK, ExampleWeightError, example_index
+from hf_gns_spam.gns.example_weights import TOKEN_CHUNK, ExampleWeightError, label_positions
 
 __all__ = ["LogitGradientProbe"]
 
@@ -42,23 +42,24 @@ class LogitGradientProbe:
     """Observes, in the backward of one micro-batch, the weight c_t of each label position in the loss.
 
     Made from the micro-batch's model outputs and labels before the backward (:meth:`attach` returns None when the
-    outputs carry neither logits nor label log-probabilities); :meth:`check` after it compares c_t with the weights
-    the identified weighting gives.
+    outputs carry neither logits nor label log-probabilities); :meth:`select` after it keeps the candidate
+    weighting whose weights the observed c_t are.
     """
 
     def __init__(
         self, tensor: torch.Tensor, kind: str, labels: torch.Tensor, shifted: bool, smoothing: float, sequences
     ) -> None:
-        self.kind, self.labels, self.shifted, self.smoothing, self.sequences = (
-            kind,
-            labels,
-            shifted,
-            smoothing,
-            sequences,
-        )
+        self.kind, self.labels, self.smoothing = kind, labels, smoothing
         self._values: torch.Tensor | None = tensor.detach()  # released once the backward has been observed
-        self._device, self._length = tensor.device, tensor.shape[1] if tensor.dim() > 1 else 1
-        self.token_weights: torch.Tensor | None = None  # c_t at the label positions, in the order of _positions()
+        labels = labels.to(tensor.device)
+        if labels.dim() == 1:  # classification: one label per example, logits [B, C] seen as [B, 1, C]
+            shifted = False
+        elif kind == "log_probs":  # aligned with labels[:, 1:] when one position shorter
+            shifted = tensor.dim() > 1 and tensor.shape[1] == labels.shape[1] - 1
+        # the label positions, as indices into the observed tensor (logits [B, T, V] or [B, 1, C]; label
+        # log-probabilities [B, T] or [B, T − 1])
+        self.positions = label_positions(labels, shifted, sequences)
+        self.token_weights: torch.Tensor | None = None  # c_t at self.positions
         self.residual: float | None = None
         self._handle = tensor.register_hook(self._observe)
 
@@ -69,28 +70,10 @@ class LogitGradientProbe:
         get = outputs.get if isinstance(outputs, Mapping) else (lambda key: getattr(outputs, key, None))
         logits, log_probs = get("logits"), get("log_probs")
         if isinstance(logits, torch.Tensor) and logits.requires_grad:
-            if logits.dim() == 2 and labels.dim() == 1:  # classification: one "token" per example
-                return cls(logits, "logits", labels, False, smoothing, None)
             return cls(logits, "logits", labels, shifted, smoothing, sequences)
         if isinstance(log_probs, torch.Tensor) and log_probs.requires_grad and not smoothing:
             return cls(log_probs, "log_probs", labels, shifted, smoothing, sequences)
         return None
-
-    def _label_positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row, position, label, example) of every label position; row and position index the observed tensor
-        (logits [B, T, V] or [B, 1, C], label log-probabilities [B, T] or [B, T − 1])."""
-        labels = self.labels.to(self._device)
-        sequences = self.sequences
-        if labels.dim() == 1:  # classification
-            labels, sequences = labels.unsqueeze(1), None
-        index, _ = example_index(labels, sequences)
-        if self.kind == "log_probs":
-            aligned = self._length == labels.shape[1] - 1  # already aligned with labels[:, 1:]
-        else:
-            aligned = self.shifted
-        targets, owner = (labels[:, 1:], index[:, 1:]) if aligned else (labels, index)
-        rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-        return rows, positions, targets[rows, positions], owner[rows, positions]
 
     @property
     def informative(self) -> bool:
@@ -99,7 +82,7 @@ class LogitGradientProbe:
         numbers of label tokens (a token mean and a mean of per-example means differ only then)."""
         if self.labels.dim() == 1:
             return True
-        counts = torch.bincount(self._label_positions()[3])
+        counts = torch.bincount(self.positions.owners)
         counts = counts[counts > 0]
         return counts.numel() <= 1 or bool((counts != counts[0]).any())
 
@@ -109,9 +92,8 @@ class LogitGradientProbe:
             values, self._values = self._values, None  # the logits are not kept past their backward
             if values.dim() == 2 and self.kind == "logits":
                 values, grad = values.unsqueeze(1), grad.unsqueeze(1)
-            rows, positions, targets, _ = self._label_positions()
+            rows, positions, targets = self.positions.rows, self.positions.positions, self.positions.targets
             total = grad.double().square().sum()
-            at_labels = grad[rows, positions].double().square().sum() if self.kind == "logits" else None
             if self.kind == "log_probs":  # the loss is Σ_t c_t·(−log p_t) by construction; ignored positions hold
                 weights = -grad[rows, positions].double()  # constants (zeros), whatever gradient they receive
                 unexplained = total.new_zeros(())
@@ -119,7 +101,8 @@ class LogitGradientProbe:
                 width = values.shape[-1]
                 flat_values, flat_grad = values.reshape(-1, width), grad.reshape(-1, width)
                 index = rows * values.shape[1] + positions
-                pieces, unexplained = [], total - at_labels  # what reached positions without a label
+                # what reached positions without a label, then what at the label positions is not along d_t
+                pieces, unexplained = [], total - grad[rows, positions].double().square().sum()
                 for chunk in torch.arange(index.numel(), device=index.device).split(TOKEN_CHUNK):
                     direction = torch.softmax(flat_values[index[chunk]].float(), dim=-1) - self.smoothing / width
                     direction[torch.arange(chunk.numel(), device=grad.device), targets[chunk]] -= 1.0 - self.smoothing
@@ -160,7 +143,7 @@ class LogitGradientProbe:
                 "contributions; GNSCallback supports losses that are weighted sums of the examples' token "
                 "cross-entropies"
             )
-        owner = self._label_positions()[3]
+        owner = self.positions.owners
         tokens = torch.bincount(owner).double()
         observed_examples = torch.zeros_like(tokens).index_add_(0, owner, self.token_weights)
         reports = []
