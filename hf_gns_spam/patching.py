@@ -168,7 +168,7 @@ class _GNSNormMixin:
     _gns_original_class: type[nn.Module]
     _gns_spec: NormSpec
     _gns_statistics: torch.Tensor
-    _gns_sinks: tuple[torch.Tensor, torch.Tensor | None]  # gradients of a frozen weight and bias (_new_sinks)
+    _gns_sinks: tuple[torch.Tensor, torch.Tensor | None]  # gradients of a frozen weight and bias (_new_leaves)
     _gns_context: BatchContext
 
     def __reduce_ex__(self, protocol: int):
@@ -188,8 +188,7 @@ class _GNSNormMixin:
             and _backward_passes(self, hidden_states)
         ):
             if self._gns_statistics.device != weight.device:  # the model moved after patching
-                self._gns_statistics = _new_statistics(weight.device)
-                self._gns_sinks = _new_sinks(self)
+                _new_leaves(self)
             statistics = self._gns_statistics
             self._note_call(context.forward_index)
             if getattr(self, "_gns_shared", False):
@@ -217,20 +216,19 @@ class _GNSNormMixin:
         segments = context.sequence_ids if statistics is not None else None
         if segments is not None and segments.shape != hidden_states.shape[:2]:
             segments = None  # a module off the token path (a vision tower in a multimodal model)
+        inverse = None
         if statistics is not None and context.paired_rows:
             if segments is not None:
                 raise ValueError("examples made of paired rows cannot also be packed sequences (padding_free)")
             # reorder the rows so that each pair's two rows are neighbours, and take each pair as one segment
             order, inverse, pairs = (t.to(hidden_states.device) for t in _pair_order(hidden_states.shape[0], self))
-            pair_of_token = pairs if hidden_states.dim() == 2 else pairs[:, None].expand(hidden_states.shape[:2])
-            output = gns_norm(
-                hidden_states[order], weight, bias, self._gns_spec, statistics, segment_ids=pair_of_token,
-                frozen_grads=sinks,
-            )[inverse]  # fmt: skip
-            return output.reshape(shape)
+            hidden_states = hidden_states[order]
+            segments = pairs if hidden_states.dim() == 2 else pairs[:, None].expand(hidden_states.shape[:2])
         output = gns_norm(
             hidden_states, weight, bias, self._gns_spec, statistics, segment_ids=segments, frozen_grads=sinks
         )
+        if inverse is not None:
+            output = output[inverse]
         return output.reshape(shape)
 
     def _note_call(self, forward_index: int) -> None:
@@ -241,8 +239,7 @@ class _GNSNormMixin:
             return  # traced by torch.compile (checked in eager runs), or gradient checkpointing re-running it
         if getattr(self, "_gns_last_forward", None) == forward_index and forward_index > 0:
             self._gns_shared = True
-            self._gns_statistics = _new_statistics(self._gns_statistics.device)
-            self._gns_sinks = _new_sinks(self)
+            _new_leaves(self)
             warnings.warn(
                 f"{type(self).__name__} {getattr(self, '_gns_name', '')!r} was called more than once in one forward "
                 "(a shared normalization layer): hf_gns_spam leaves it out of the per-example statistics",
@@ -272,19 +269,16 @@ def _patched_class(original: type[nn.Module]) -> type[nn.Module]:
     return _PATCHED_CLASSES[original]
 
 
-def _new_statistics(device: torch.device) -> torch.Tensor:
-    """The autograd leaf whose ``.grad`` accumulates the statistics (:mod:`hf_gns_spam.ops.gns_norm`)."""
-    return torch.zeros(STATISTICS_SIZE, dtype=torch.float32, device=device, requires_grad=True)
-
-
-def _new_sinks(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The float32 autograd leaves that receive the gradients of a frozen weight and bias (see
-    :mod:`hf_gns_spam.ops.gns_norm`): the statistics then cover frozen norms, and their batch gradient is read from
-    the sinks' ``.grad``."""
-    bias = getattr(module, "bias", None)
-    return tuple(  # type: ignore[return-value]
-        None if p is None else torch.zeros(p.shape, dtype=torch.float32, device=p.device, requires_grad=True)
-        for p in (module.weight, bias)
+def _new_leaves(module: nn.Module) -> None:
+    """Fresh autograd leaves on the weight's device, whose ``.grad`` the backward fills
+    (:mod:`hf_gns_spam.ops.gns_norm`): ``_gns_statistics``, the per-example statistics, and ``_gns_sinks``, the
+    float32 gradients of a frozen weight and bias (so that frozen norms are measured too; their batch gradient is
+    read from the sinks)."""
+    device = module.weight.device
+    module._gns_statistics = torch.zeros(STATISTICS_SIZE, dtype=torch.float32, device=device, requires_grad=True)
+    module._gns_sinks = tuple(
+        None if p is None else torch.zeros(p.shape, dtype=torch.float32, device=device, requires_grad=True)
+        for p in (module.weight, getattr(module, "bias", None))
     )
 
 
@@ -453,7 +447,7 @@ def patch_model(
     for name, module in model.named_modules():
         if is_patched(module):
             if not hasattr(module, "_gns_sinks"):  # patched by a version without sinks, then pickled
-                module._gns_sinks = _new_sinks(module)
+                _new_leaves(module)
             report.patched.append(
                 PatchedModule(name, module._gns_original_class.__name__, module._gns_description, module._gns_spec)
             )
@@ -475,8 +469,7 @@ def patch_model(
         module.__class__ = _patched_class(original)
         module._gns_spec, module._gns_description, module._gns_context = spec, description, context
         module._gns_name = name  # its name in the model patch_model was given, for messages
-        module._gns_statistics = _new_statistics(module.weight.device)
-        module._gns_sinks = _new_sinks(module)
+        _new_leaves(module)
         report.patched.append(PatchedModule(name, original.__name__, description, spec))
     if report.patched and getattr(model, "_gns_batch_context_hook", None) is None:
         model._gns_batch_context = context

@@ -12,6 +12,7 @@ b's own loss is G_p[b] / a_b.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,13 @@ class PerExampleStats:
     count: torch.Tensor
 
 
+def _measured_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(prefix of its parameters' names, module) of every patched module that takes statistics (not shared)."""
+    for module_name, module in model.named_modules():
+        if is_patched(module) and not getattr(module, "_gns_shared", False):
+            yield (f"{module_name}." if module_name else ""), module
+
+
 def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
     """Statistics of every parameter of every patched module, keyed by its name in ``model.named_parameters()``.
 
@@ -45,13 +53,10 @@ def per_example_grad_stats(model: nn.Module) -> dict[str, PerExampleStats]:
     (shared) is left out.
     """
     stats: dict[str, PerExampleStats] = {}
-    for module_name, module in model.named_modules():
-        if not is_patched(module) or getattr(module, "_gns_shared", False):
-            continue
+    for prefix, module in _measured_modules(model):
         accumulated = module._gns_statistics.grad
         if accumulated is None:
             accumulated = torch.zeros_like(module._gns_statistics)
-        prefix = f"{module_name}." if module_name else ""
         examples = accumulated[EXAMPLES]
         stats[prefix + "weight"] = PerExampleStats(accumulated[WEIGHT_SUM_SQ], examples)
         if getattr(module, "bias", None) is not None:
@@ -73,10 +78,7 @@ class NormGradient:
 def norm_gradients(model: nn.Module) -> dict[str, NormGradient]:
     """The batch gradient of every parameter :func:`per_example_grad_stats` reports, with the same keys."""
     gradients: dict[str, NormGradient] = {}
-    for module_name, module in model.named_modules():
-        if not is_patched(module) or getattr(module, "_gns_shared", False):
-            continue
-        prefix = f"{module_name}." if module_name else ""
+    for prefix, module in _measured_modules(model):
         for name, sink in zip(("weight", "bias"), module._gns_sinks, strict=True):
             parameter = getattr(module, name, None)
             if parameter is None:
