@@ -229,7 +229,7 @@ class OracleCallback(GNSCallback):
 
     def __init__(self, fractions: list[float], cbs: list[float], **kwargs):
         super().__init__(**kwargs)
-        self.measured = MeasuredCriticalBatch(fractions, cbs, self.gns_multiplier, lambda: self.controller)
+        self.measured = MeasuredCriticalBatch(fractions, cbs, self.gns_multiplier, lambda: self.driver.controller)
 
     @property
     def signal_estimator(self):

@@ -20,12 +20,19 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import has_length
 
 from hf_gns_spam.gns.accumulation import AccumulationController, AccumulationError, EpochLoop
+from hf_gns_spam.gns.driver import ScheduleDriver
+from hf_gns_spam.integrations.trainer_loop import (
+    TrainerLoopObserver,
+    fetched_accumulation,
+    install_trainer_hooks,
+    saved_callback_state,
+)
 from tests.trainer_loop_simulation import (
     Checkpoint,
     DataLoader,
+    FunctionRule,
     Record,
     Schedule,
     SimulatedTrainer,
@@ -45,7 +52,6 @@ class Case:
     max_steps: int
     num_train_epochs: float
     schedule_kind: str
-    horizon: bool
     seed: int
     data_ends_with_epoch: bool = True  # as GNSCallback tells the controller for map-style data
 
@@ -74,9 +80,9 @@ class Case:
             self.micro_batches,
             self.min_accumulation,
             self.schedule(),
+            foreseeable=self.schedule_kind != "random",
             max_steps=self.max_steps,
             num_train_epochs=self.num_train_epochs,
-            horizon=self.horizon,
             data_ends_with_epoch=self.data_ends_with_epoch,
             **kwargs,
         )
@@ -92,14 +98,14 @@ def _random_case(rng: random.Random) -> Case:
     a_min = rng.randint(1, 6)
     top = rng.randint(a_min, 4 * a_min + 8)
     kind = rng.choice(("random", "linear", "constant"))
-    horizon, seed = rng.random() < 0.5, rng.randrange(2**32)
+    seed = rng.randrange(2**32)
     if rng.random() < 0.2:  # iterable: the Trainer needs max_steps
-        return Case(None, a_min, top, rng.randint(1, 40), 3.0, kind, horizon, seed)
+        return Case(None, a_min, top, rng.randint(1, 40), 3.0, kind, seed)
     micro_batches = rng.randint(1, 60)
     fetches = math.ceil(micro_batches / a_min)
     if rng.random() < 0.4:
-        return Case(micro_batches, a_min, top, rng.randint(1, 3 * fetches), 3.0, kind, horizon, seed)
-    return Case(micro_batches, a_min, top, -1, rng.choice(EPOCH_CHOICES), kind, horizon, seed)
+        return Case(micro_batches, a_min, top, rng.randint(1, 3 * fetches), 3.0, kind, seed)
+    return Case(micro_batches, a_min, top, -1, rng.choice(EPOCH_CHOICES), kind, seed)
 
 
 def budget_point(record: Record, min_accumulation: int) -> tuple[int, int]:
@@ -110,8 +116,9 @@ def budget_point(record: Record, min_accumulation: int) -> tuple[int, int]:
     return epoch, min(steps_left * min_accumulation, loop.steps_in_epoch)
 
 
-def check_run(record: Record, min_accumulation: int, *, foreign: bool = False) -> None:
-    """Properties (a)-(e) of one train() call that ran to its end (``foreign``: someone else also set GA)."""
+def check_run(record: Record, min_accumulation: int, *, foreign: bool = False, foreseeable: bool = False) -> None:
+    """Properties (a)-(f) of one train() call that ran to its end (``foreign``: someone else also set GA;
+    ``foreseeable``: the targets are a function of the progress alone)."""
     loop, steps = record.loop, record.steps
     size = loop.steps_in_epoch
     # (a) every optimizer step is exactly one fetched group: sync at the group's last micro-batch, no step spanning
@@ -143,6 +150,13 @@ def check_run(record: Record, min_accumulation: int, *, foreign: bool = False) -
         if cut or not epoch_end:
             assert cut or len(step.ids) >= previous, (steps, step)
             previous = len(step.ids)
+    # (f) the learning rate follows the data: its positions never go back and end at the budget; the steps
+    # expected at train start are the steps taken when the targets could be foreseen
+    if not foreign:
+        positions = record.lr_positions
+        assert positions == sorted(positions) and positions[-1] == loop.max_steps, positions
+    if foreseeable:
+        assert record.expected_at_start == len(steps)
 
 
 def test_random_runs_are_exact_and_stop_at_the_budget():
@@ -150,7 +164,7 @@ def test_random_runs_are_exact_and_stop_at_the_budget():
     kinds: Counter[tuple[bool, bool, str]] = Counter()
     for _ in range(4000):
         case = random_case(rng)
-        check_run(case.run(), case.min_accumulation)
+        check_run(case.run(), case.min_accumulation, foreseeable=case.schedule_kind != "random")
         kinds[case.micro_batches is None, case.max_steps > 0, case.schedule_kind] += 1
     assert len(kinds) == 9 and min(kinds.values()) > 100  # iterable (max_steps) or map-style with either, 3 schedules
 
@@ -391,67 +405,59 @@ class Probe(nn.Module):
         return {"loss": self.linear(x).square().mean()}
 
 
-class RealDriver(TrainerCallback, ExportableState):
-    """ControllerCallback in a real Trainer (same calls, same override of _init_training_state), recording what the
-    simulation records: the fetched groups, the optimizer steps' micro-batches, where on_step_begin fired."""
+class RealDriver(TrainerCallback, ExportableState, TrainerLoopObserver):
+    """The shipped :class:`ScheduleDriver` in a real Trainer, through the shipped Trainer hooks
+    (:mod:`hf_gns_spam.integrations.trainer_loop`), called as ``GNSCallback`` and the simulation's
+    ``DriverCallback`` call it; records what the simulation records: the fetched groups, the optimizer steps'
+    micro-batches, where on_step_begin fired."""
 
-    def __init__(self, min_accumulation: int = 1, schedule: Schedule | None = None) -> None:
-        self.min_accumulation, self.schedule = min_accumulation, schedule
-        self.controller: AccumulationController | None = None
-        self.resumed_mid_epoch, self.since_step, self.step_begins_next = False, 0, False
+    def __init__(self, min_accumulation: int, rule: FunctionRule) -> None:
+        install_trainer_hooks()
+        self.min_accumulation = min_accumulation
+        self.driver = ScheduleDriver(min_accumulation, rule)
+        self.trainer: Trainer | None = None
+        self.since_step, self.step_begins_next = 0, False
         self.groups, self.steps, self.step_begins, self.pending = [], [], [], []
 
     def state(self) -> dict:
-        return {
-            "args": {},
-            "attributes": {"saved": json.dumps(self.controller.state_dict() if self.controller else {})},
-        }
+        return {"args": {}, "attributes": {"saved": json.dumps(self.driver.state_dict())}}
 
     def attach(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        init_training_state, get_batch_samples = trainer._init_training_state, trainer.get_batch_samples
-
-        def init(max_steps, fetches, num_train_epochs, resume_from_checkpoint, trial):
-            result = init_training_state(max_steps, fetches, num_train_epochs, resume_from_checkpoint, trial)
-            dataloader = trainer.get_train_dataloader()
-            size = len(dataloader) if has_length(dataloader) else max_steps * self.min_accumulation
-            loop = EpochLoop(micro_batches=size, fetches=fetches, budget=max_steps)
-            if resume_from_checkpoint is None:
-                self.controller = AccumulationController(self.min_accumulation, loop)
-                return result
-            saved = json.loads(trainer.state.stateful_callbacks[type(self).__name__]["attributes"]["saved"])
-            self.controller = AccumulationController(self.min_accumulation, loop, **saved)
-            trainer.args.gradient_accumulation_steps = saved["accumulation"]
-            if saved["position"] >= size:
-                return saved["epoch"] + 1, 0
-            self.controller.resume(saved["epoch"], saved["position"], saved["accumulation"])
-            self.resumed_mid_epoch = True
-            return saved["epoch"], saved["position"]
+        if self.trainer is trainer:  # attached at every train() hook: record the fetches once
+            return
+        self.trainer, get_batch_samples = trainer, trainer.get_batch_samples
 
         def fetch(epoch_iterator, num_batches, device):
             batch_samples, num_items = get_batch_samples(epoch_iterator, num_batches, device)
-            self.groups.append(tuple((self.controller.epoch, int(batch["index"][0])) for batch in batch_samples))
+            epoch = self.driver.controller.epoch
+            self.groups.append(tuple((epoch, int(batch["index"][0])) for batch in batch_samples))
             return batch_samples, num_items
 
-        trainer._init_training_state, trainer.get_batch_samples = init, fetch
+        trainer.get_batch_samples = fetch
+
+    def before_loop_bounds(self, trainer: Trainer) -> None:
+        trainer.args.gradient_accumulation_steps = self.min_accumulation
+
+    def loop_bounds(self, trainer, steps_in_epoch, fetches_per_epoch, max_steps, has_length) -> None:
+        self.driver.start(EpochLoop(steps_in_epoch, fetches_per_epoch, max_steps, data_ends_with_epoch=has_length))
+
+    def resume_position(self, trainer, epochs_trained, skip, resuming) -> tuple[int, int]:
+        saved = saved_callback_state(trainer, type(self).__name__) if resuming else None
+        position = json.loads(saved["attributes"]["saved"]) if saved is not None else None
+        return self.driver.resume(trainer.args, position, epochs_trained, skip)
 
     def trained(self, index: int) -> None:
-        micro_batch = (self.controller.epoch, index)
+        micro_batch = (self.driver.controller.epoch, index)
         if self.step_begins_next:
             self.step_begins.append(micro_batch)
             self.step_begins_next = False
         self.pending.append(micro_batch)
 
-    def target(self, state) -> int:
-        return self.schedule(state.global_step, self.controller.progress)
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.driver.on_train_begin(state)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        if self.resumed_mid_epoch:
-            self.resumed_mid_epoch = False
-            args.gradient_accumulation_steps = self.controller.accumulation
-        else:
-            args.gradient_accumulation_steps = self.controller.start_epoch(self.target(state))
-        self.since_step = 0
+        self.driver.on_epoch_begin(args, state)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.step_begins_next = True
@@ -459,21 +465,17 @@ class RealDriver(TrainerCallback, ExportableState):
     def on_substep_end(self, args, state, control, **kwargs):
         self.since_step += 1
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.driver.on_epoch_end(self.since_step)
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         consumed, self.since_step = self.since_step + 1, 0
         self.steps.append(tuple(self.pending))
         self.pending = []
-        self.controller.finish_group(consumed, fetched=self.trainer.current_gradient_accumulation_steps)
-        if self.controller.budget_used:
-            state.max_steps = state.global_step + 1
-        else:
-            state.max_steps = max(state.max_steps, state.global_step + 2)
+        self.driver.on_optimizer_step(state, consumed, fetched_accumulation(self.trainer))
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.controller.budget_used:
-            control.should_training_stop = True
-            return
-        args.gradient_accumulation_steps = self.controller.next_accumulation(self.target(state))
+        self.driver.on_step_end(args, state, control)
 
 
 class SequentialTrainer(Trainer):
@@ -482,7 +484,7 @@ class SequentialTrainer(Trainer):
 
 
 def real_run(case: Case, output_dir: str, resume_from: str | None = None, save: bool = False) -> RealDriver:
-    driver = RealDriver(case.min_accumulation, case.schedule())
+    driver = RealDriver(case.min_accumulation, FunctionRule(case.schedule(), case.schedule_kind != "random"))
     args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=1,
@@ -499,7 +501,6 @@ def real_run(case: Case, output_dir: str, resume_from: str | None = None, save: 
     )
     dataset = Rows(case.micro_batches) if case.micro_batches else EndlessRows()
     trainer = SequentialTrainer(model=Probe(driver), args=args, train_dataset=dataset, callbacks=[driver])
-    driver.attach(trainer)
     trainer.train(resume_from_checkpoint=resume_from)
     return driver
 
@@ -513,11 +514,11 @@ def assert_same(real: RealDriver, simulated: Record) -> None:
 @pytest.mark.parametrize(
     "case",
     [
-        Case(11, 1, 6, -1, 2.5, "random", True, 3),
-        Case(23, 2, 9, 17, 3.0, "linear", True, 4),
-        Case(13, 3, 12, -1, 1.5, "random", True, 5),
-        Case(None, 1, 5, 9, 3.0, "random", True, 6),
-        Case(None, 2, 9, 7, 3.0, "linear", True, 7),
+        Case(11, 1, 6, -1, 2.5, "random", 3),
+        Case(23, 2, 9, 17, 3.0, "linear", 4),
+        Case(13, 3, 12, -1, 1.5, "random", 5),
+        Case(None, 1, 5, 9, 3.0, "random", 6),
+        Case(None, 2, 9, 7, 3.0, "linear", 7),
     ],
 )
 def test_the_simulation_is_the_installed_trainer(case: Case, tmp_path):

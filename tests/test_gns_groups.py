@@ -135,21 +135,33 @@ def estimator_with_gns(gns: float) -> GradientNoiseScale:
 
 
 @pytest.mark.parametrize(("signal", "expected"), [("all", 3), ("block", 8), ("final", 2)])
-def test_the_schedule_follows_the_chosen_signal(signal, expected):
+def test_the_schedule_follows_the_chosen_signal(signal, expected, tmp_path):
     """A "gns" decision (micro-batch 1, one process: accumulation = batch) with GNS 3 over all norms, 10 for the
     blocks and 1.5 for the final norm, gns_multiplier 1, current batch 2, at most ×4 per decision: 3, 8 (the cap)
     and 2 (never decreasing)."""
     callback = GNSCallback(
-        schedule="gns", min_batch_size=2, max_batch_size=64, update_interval=1, max_growth=4, gns_signal=signal
+        schedule="gns",
+        min_batch_size=2,
+        max_batch_size=64,
+        update_interval=1,
+        warmup_steps=0,
+        gns_multiplier=1.0,
+        max_growth=4,
+        gns_signal=signal,
     )
-    callback.batch_schedule = BatchSizeSchedule("gns", 2, 64, 1, 1, 0, 1.0, 4.0)
-    callback.controller = SimpleNamespace(accumulation=2, progress=10, loop=SimpleNamespace(budget=1000))
+    model = model_zoo.build("llama")
+    patch_model(model)
+    callback.attach(
+        make_trainer(tmp_path, model, callback, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    )
+    callback.driver.controller = SimpleNamespace(accumulation=2, progress=10, loop=SimpleNamespace(budget=1000))
     callback.estimator = estimator_with_gns(3.0)
     callback.group_estimators["block"] = estimator_with_gns(10.0)
     callback.group_estimators["final"] = estimator_with_gns(1.5)
-    target = callback._target(SimpleNamespace(global_step=5))
+    target = callback.driver._target(SimpleNamespace(global_step=5))
+    assert callback.driver.rule == BatchSizeSchedule("gns", 2, 64, 1, 1, 0, 1.0, 4.0)
     assert callback.signal_estimator is (callback.estimator if signal == "all" else callback.group_estimators[signal])
-    assert target == callback.batch_schedule.target_accumulation(2, 5, 10, 1000, callback.signal_estimator.gns, True)
+    assert target == callback.driver.rule.target_accumulation(2, 5, 10, 1000, callback.signal_estimator.gns, True)
     assert target == expected
 
 

@@ -10,12 +10,13 @@ test, ``on_step_begin`` / ``on_substep_end`` / ``on_optimizer_step`` / ``on_step
 record keeps every fetched group, every optimizer step's micro-batches, where ``on_step_begin`` fired, and a
 checkpoint after every optimizer step.
 
-:class:`ControllerCallback` drives :class:`~hf_gns_spam.gns.accumulation.AccumulationController` the way
-``GNSCallback`` does. Not modelled: several processes (each process's dataloader is assumed to yield the same S
-micro-batches), ``ignore_data_skip``, ``sync_each_batch`` / DeepSpeed (sync every micro-batch), ``should_epoch_stop``
-set by a callback, ``auto_find_batch_size``, sequence parallelism (``len_dataloader * sp_size``), an iterable dataset
-that runs out before the Trainer's "epoch" of ``max_steps × GA`` micro-batches (the data is endless here), and what
-happens inside a step (losses, ``num_items_in_batch``, the optimizer, the LR scheduler).
+:class:`DriverCallback` calls the shipped :class:`~hf_gns_spam.gns.driver.ScheduleDriver` from these events as
+``GNSCallback`` does, so the property tests exercise the code that ships. Not modelled: several processes (each
+process's dataloader is assumed to yield the same S micro-batches), ``ignore_data_skip``, ``sync_each_batch`` /
+DeepSpeed (sync every micro-batch), ``should_epoch_stop`` set by a callback, ``auto_find_batch_size``, sequence
+parallelism (``len_dataloader * sp_size``), an iterable dataset that runs out before the Trainer's "epoch" of
+``max_steps × GA`` micro-batches (the data is endless here), and what happens inside a step (losses,
+``num_items_in_batch``, the optimizer; the LR scheduler only as the positions the driver sets).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from hf_gns_spam.gns.accumulation import AccumulationController, EpochLoop
+from hf_gns_spam.gns.driver import ScheduleDriver
 
 MicroBatch = tuple[int, int]  # (epoch, position in that epoch's order)
 Schedule = Callable[[int, float], int]  # (global_step, progress in reference steps) -> target accumulation
@@ -124,6 +126,8 @@ class Record:
     stopped_by: list[str] = field(default_factory=list)  # who set should_training_stop
     epochs_run: list[int] = field(default_factory=list)
     controller: AccumulationController | None = None
+    expected_at_start: int = 0  # state.max_steps after on_train_begin: the steps the driver expects
+    lr_positions: list[float] = field(default_factory=list)  # where the driver set the LR schedule, in order
 
 
 def set_initial_training_values(args: TrainingArgs, dataloader: DataLoader) -> LoopValues:
@@ -163,44 +167,72 @@ def get_batch_samples(epoch_iterator: Iterator[MicroBatch], num_batches: int) ->
     return batch_samples
 
 
-class ControllerCallback:
-    """The model of ``GNSCallback``'s use of the controller: GA = a_min before ``train()``; on (re)start, build the
-    controller from the Trainer's loop bounds or the checkpoint; ``start_epoch`` at ``on_epoch_begin``; at
-    ``on_optimizer_step`` ``finish_group`` with the micro-batches since the previous step (and the size of the group
-    the Trainer fetched last, ``trainer.current_gradient_accumulation_steps``); at ``on_step_end`` stop when the
-    budget is used, else ``next_accumulation``. With ``horizon``, ``state.max_steps`` is, as ``GNSCallback`` sets it,
-    the step being counted once the budget is used (``DefaultFlowCallback`` stops there) and above it until then;
-    without, ``state.max_steps`` stays the Trainer's."""
+@dataclass(frozen=True)
+class FunctionRule:
+    """A :class:`~hf_gns_spam.gns.driver.ScheduleRule` whose targets are a test's function of (global step,
+    progress in reference steps). ``foreseeable``: the function depends on the progress alone, so the driver may
+    plan with it (as with ``"linear"``); otherwise the driver expects the batch to stay as it is (as with
+    ``"gns"``)."""
+
+    targets: Schedule
+    foreseeable: bool = False
+    kind: str = "test"
+    min_batch_size: int = 0
+    max_batch_size: int = 0
+
+    def target_accumulation(
+        self, current: int, step: int, samples: float, budget: float, gns: float, estimate_is_current: bool
+    ) -> int:
+        return self.targets(step, samples)
+
+    def foreseeable_target(self, current: int, samples: float, budget: float) -> int:
+        return self.targets(0, samples) if self.foreseeable else current
+
+
+class DriverCallback:
+    """``GNSCallback``'s calls of the shipped :class:`~hf_gns_spam.gns.driver.ScheduleDriver`, from the simulated
+    loop's events: GA = a_min before ``train()``; the loop bounds and the restart point at ``_init_training_state``;
+    the ``on_*`` events; the micro-batches each optimizer step consumed (counted with ``on_substep_end``) and the
+    size of the group the Trainer fetched last (``trainer.current_gradient_accumulation_steps``) at
+    ``on_optimizer_step``. Records the learning-rate positions the driver sets and the expected total at train
+    start."""
 
     def __init__(
         self,
         min_accumulation: int,
-        schedule: Schedule,
+        rule: FunctionRule,
         *,
-        horizon: bool = True,
         report_fetched: bool = True,
         data_ends_with_epoch: bool = True,
     ) -> None:
         self.min_accumulation = min_accumulation
         self.data_ends_with_epoch = data_ends_with_epoch
-        self.schedule = schedule
-        self.horizon = horizon
         self.report_fetched = report_fetched
-        self.controller: AccumulationController | None = None
-        self.resumed_mid_epoch = False
+        self.lr_positions: list[float] = []
+        self.driver = ScheduleDriver(
+            min_accumulation,
+            rule,
+            set_learning_rate=lambda lr_scheduler, position, factor: self.lr_positions.append(position),
+        )
         self.micro_batches_since_step = 0
 
-    def target(self, trainer: SimulatedTrainer) -> int:
-        return self.schedule(trainer.state.global_step, self.controller.progress)
+    @property
+    def controller(self) -> AccumulationController | None:
+        return self.driver.controller
 
     def on_init_end(self, trainer: SimulatedTrainer) -> None:
         trainer.args.gradient_accumulation_steps = self.min_accumulation
 
     def init_training_state(
-        self, trainer: SimulatedTrainer, max_steps: int, num_update_steps_per_epoch: int, saved: str | None
-    ) -> tuple[int, int] | None:
-        """The override of ``_init_training_state``: the resume point (epoch, micro-batches to skip), or None to
-        keep the Trainer's (a fresh run)."""
+        self,
+        trainer: SimulatedTrainer,
+        max_steps: int,
+        num_update_steps_per_epoch: int,
+        saved: str | None,
+        epochs_trained: int,
+        skip: int,
+    ) -> tuple[int, int]:
+        """The override of ``_init_training_state``: the resume point (epoch, micro-batches to skip)."""
         dataloader = trainer.dataloader
         micro_batches = len(dataloader) if dataloader.has_length else max_steps * self.min_accumulation
         loop = EpochLoop(
@@ -209,57 +241,35 @@ class ControllerCallback:
             budget=max_steps,
             data_ends_with_epoch=dataloader.has_length and self.data_ends_with_epoch,
         )
-        if saved is None:
-            self.controller = AccumulationController(min_accumulation=self.min_accumulation, loop=loop)
-            return None
-        state = json.loads(saved)
-        self.controller = AccumulationController(self.min_accumulation, loop, **state)
-        epoch, position, accumulation = state["epoch"], state["position"], state["accumulation"]
-        trainer.args.gradient_accumulation_steps = accumulation
-        if position >= micro_batches:  # saved at the epoch's end: the next epoch, from its start
-            return epoch + 1, 0
-        self.controller.resume(epoch, position, accumulation)
-        self.resumed_mid_epoch = True
-        return epoch, position
+        self.driver.start(loop)
+        position = json.loads(saved) if saved is not None else None
+        return self.driver.resume(trainer.args, position, epochs_trained, skip)
+
+    def on_train_begin(self, trainer: SimulatedTrainer) -> None:
+        self.driver.on_train_begin(trainer.state)
+        trainer.record.expected_at_start = trainer.state.max_steps
 
     def on_epoch_begin(self, trainer: SimulatedTrainer) -> None:
-        if self.resumed_mid_epoch:
-            self.resumed_mid_epoch = False
-            trainer.args.gradient_accumulation_steps = self.controller.accumulation
-        else:
-            trainer.args.gradient_accumulation_steps = self.controller.start_epoch(self.target(trainer))
+        self.driver.on_epoch_begin(trainer.args, trainer.state)
 
     def on_substep_end(self, trainer: SimulatedTrainer) -> None:
         self.micro_batches_since_step += 1
 
     def on_epoch_end(self, trainer: SimulatedTrainer) -> None:
-        self.controller.finish_epoch(self.micro_batches_since_step)
+        self.driver.on_epoch_end(self.micro_batches_since_step)
 
     def on_optimizer_step(self, trainer: SimulatedTrainer) -> None:
         consumed, self.micro_batches_since_step = self.micro_batches_since_step + 1, 0
-        if self.report_fetched:
-            self.controller.finish_group(consumed, fetched=trainer.current_gradient_accumulation_steps)
-        else:
-            self.controller.finish_group(consumed)
-        if self.horizon and self.controller.budget_used:  # the step the Trainer counts next is the last
-            trainer.state.max_steps = trainer.state.global_step + 1
-        else:
-            self._raise_horizon(trainer)
+        fetched = trainer.current_gradient_accumulation_steps if self.report_fetched else None
+        self.driver.on_optimizer_step(trainer.state, consumed, fetched)
 
     def on_step_end(self, trainer: SimulatedTrainer) -> None:
+        self.driver.on_step_end(trainer.args, trainer.state, trainer.control)
         if self.controller.budget_used:
-            trainer.control.should_training_stop = True
             trainer.record.stopped_by.append("callback")
-            return
-        trainer.args.gradient_accumulation_steps = self.controller.next_accumulation(self.target(trainer))
-
-    def _raise_horizon(self, trainer: SimulatedTrainer) -> None:
-        """Before ``on_step_end``: ``state.max_steps`` above the step the Trainer counts next."""
-        if self.horizon:
-            trainer.state.max_steps = max(trainer.state.max_steps, trainer.state.global_step + 2)
 
     def state(self) -> str:
-        return json.dumps(self.controller.state_dict())
+        return json.dumps(self.driver.state_dict())
 
 
 class SimulatedTrainer:
@@ -267,7 +277,7 @@ class SimulatedTrainer:
     last, ``hook`` (called with the event's name after the others, at every event)."""
 
     def __init__(
-        self, args: TrainingArgs, dataloader: DataLoader, callback: ControllerCallback, hook: Hook | None = None
+        self, args: TrainingArgs, dataloader: DataLoader, callback: DriverCallback, hook: Hook | None = None
     ) -> None:
         self.args = args
         self.dataloader = dataloader
@@ -304,6 +314,7 @@ class SimulatedTrainer:
                 break
         self.record.unsynced = list(self.pending)
         self.record.controller = self.callback.controller
+        self.record.lr_positions = list(self.callback.lr_positions)
         return self.record
 
     def _init_training_state(self, loop: LoopValues, resume_from: Checkpoint | None) -> tuple[int, int]:
@@ -316,14 +327,14 @@ class SimulatedTrainer:
             steps_trained_in_current_epoch = self.state.global_step % loop.num_update_steps_per_epoch  # :1708
             steps_trained_in_current_epoch *= self.args.gradient_accumulation_steps  # trainer.py:1709
         self.state.max_steps = loop.max_steps  # init_training_references (trainer.py:1711, trainer_callback.py:183)
-        override = self.callback.init_training_state(
+        epochs_trained, steps_trained_in_current_epoch = self.callback.init_training_state(
             self,
             loop.max_steps,
             loop.num_update_steps_per_epoch,
             resume_from.callback_state if resume_from is not None else None,
+            epochs_trained,
+            steps_trained_in_current_epoch,
         )
-        if override is not None:
-            epochs_trained, steps_trained_in_current_epoch = override
         return epochs_trained, steps_trained_in_current_epoch
 
     def _run_epoch(
@@ -392,20 +403,20 @@ def simulate(
     min_accumulation: int,
     schedule: Schedule,
     *,
+    foreseeable: bool = False,
     max_steps: int = -1,
     num_train_epochs: float = 3.0,
     resume_from: Checkpoint | None = None,
-    horizon: bool = True,
     report_fetched: bool = True,
     hook: Hook | None = None,
     data_ends_with_epoch: bool = True,
 ) -> Record:
-    """One ``train()`` call of a fresh Trainer (resuming from ``resume_from`` if given)."""
+    """One ``train()`` call of a fresh Trainer (resuming from ``resume_from`` if given), with the targets of
+    ``schedule`` (``foreseeable``: a function of the progress alone, see :class:`FunctionRule`)."""
     args = TrainingArgs(max_steps=max_steps, num_train_epochs=num_train_epochs)
-    callback = ControllerCallback(
+    callback = DriverCallback(
         min_accumulation,
-        schedule,
-        horizon=horizon,
+        FunctionRule(schedule, foreseeable),
         report_fetched=report_fetched,
         data_ends_with_epoch=data_ends_with_epoch,
     )

@@ -80,6 +80,7 @@ not at the very start). A model without embeddings gives equal values.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 from typing import Any
@@ -89,8 +90,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from hf_gns_spam.gns.accumulation import AccumulationController, AccumulationError, EpochLoop
+from hf_gns_spam.gns.accumulation import AccumulationError, EpochLoop
 from hf_gns_spam.gns.arguments import NORM_GROUPS, GNSConfig, GNSSignal, NormGroup
+from hf_gns_spam.gns.driver import ScheduleDriver
 from hf_gns_spam.gns.estimator import GradientNoiseScale, StepWeights, unbiased_estimates
 from hf_gns_spam.gns.example_weights import LossWeighting
 from hf_gns_spam.gns.group_gradients import group_squared_norms
@@ -170,8 +172,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         self.total_history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_LENGTH)
         self._total_unlogged = False  # a validation step ran since the latest log record
         self._no_norm_gradient_reported = False  # the warning (or error) of a step without any norm gradient
-        self.batch_schedule: BatchSizeSchedule | None = None
-        self.controller: AccumulationController | None = None
+        self.driver: ScheduleDriver | None = None  # the batch schedule through the Trainer's loop, made at attach
         self.estimator = GradientNoiseScale(ema_decay=ema_decay)
         self.samples = 0  # examples consumed, all processes
         # samples counts the run's examples from its start (not after resuming from a checkpoint without our state)
@@ -183,13 +184,8 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         # the latest optimizer steps' inputs to the estimator (bounded: long runs)
         self.history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_LENGTH)
         self._trainer: Trainer | None = None
-        self._min_accumulation = 1
         self._arguments_accumulation: int | None = None  # the TrainingArguments' value when training started
-        self._resumed_mid_epoch = False
         self._paired = False  # the Trainer's examples are pairs of rows (TRL's DPO and reward trainers)
-        # the expected accumulation of each optimizer step left, planned after step _plan_start (with a schedule)
-        self._plan: list[int] = []
-        self._plan_start = 0
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -253,12 +249,15 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 "GNSCallback(validate_every=...) does not work with FSDP: the per-example gradients of all "
                 "parameters need the whole parameters on every process"
             )
-        args = trainer.args
-        if self.schedule is None:
-            self._min_accumulation = args.gradient_accumulation_steps
-            return
-        self.batch_schedule = self._batch_schedule(args)
-        self._min_accumulation = self.batch_schedule.min_accumulation
+        rule = self._batch_schedule(trainer.args)
+        self.driver = ScheduleDriver(
+            trainer.args.gradient_accumulation_steps if rule is None else rule.min_accumulation,
+            rule,
+            lr_batch_power=self.lr_batch_power,
+            signal=lambda: (self.signal_estimator.gns, self.signal_estimator.is_current),
+            show_total=functools.partial(show_total_steps, trainer),
+            set_learning_rate=set_schedule_position,
+        )
 
     def _batch_schedule(self, args) -> BatchSizeSchedule | None:
         """The schedule in whole micro-batches of this run (validated against the TrainingArguments)."""
@@ -278,66 +277,39 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
 
     def before_loop_bounds(self, trainer: Trainer) -> None:
         self._arguments_accumulation = trainer.args.gradient_accumulation_steps  # given back at the end
-        trainer.args.gradient_accumulation_steps = self._min_accumulation
+        trainer.args.gradient_accumulation_steps = self.driver.min_accumulation
 
     def loop_bounds(
         self, trainer: Trainer, steps_in_epoch: int, fetches_per_epoch: int, max_steps: int, has_length: bool
     ) -> None:
-        loop = EpochLoop(steps_in_epoch, fetches_per_epoch, max_steps, data_ends_with_epoch=has_length)
-        self.controller = AccumulationController(self._min_accumulation, loop)
+        self.driver.start(EpochLoop(steps_in_epoch, fetches_per_epoch, max_steps, data_ends_with_epoch=has_length))
 
     def resume_position(self, trainer: Trainer, epochs_trained: int, skip: int, resuming: bool) -> tuple[int, int]:
         """Where to restart: the saved (epoch, micro-batch), which the Trainer cannot compute once the accumulation
         has changed; the Trainer's own values for a checkpoint without this callback's state."""
-        controller = self.controller
         saved = saved_callback_state(trainer, type(self).__name__) if resuming else None
-        position = saved.get("attributes", {}).get("controller_state") if saved is not None else None
+        attributes = saved.get("attributes", {}) if saved is not None else {}
+        position = attributes.get("controller_state")
         if position is None:
             self.samples_from_start = not resuming  # the checkpoint's examples are unknown: counted from here on
-            if skip:
-                controller.resume(epochs_trained, skip, trainer.args.gradient_accumulation_steps)
-                self._resumed_mid_epoch = True
-            else:
-                controller.epoch = epochs_trained - 1  # on_epoch_begin starts epochs_trained
-            return epochs_trained, skip
-        self._restore(saved["attributes"])
-        epoch, micro, accumulation = position["epoch"], position["position"], position["accumulation"]
-        controller.accumulation = accumulation
-        if micro >= controller.loop.micro_batches:  # saved at the end of an epoch: the next one starts
-            # at the end of that epoch, as the uninterrupted run is when it starts the next: the same progress
-            # (the linear schedule's target and the learning rate of the next epoch's first step)
-            controller.epoch, controller.position = epoch, micro
-            return epoch + 1, 0
-        if micro == 0 or trainer.args.ignore_data_skip:  # the Trainer restarts the epoch from its beginning
-            controller.epoch = epoch - 1
-            return epoch, 0
-        controller.resume(epoch, micro, accumulation)
-        trainer.args.gradient_accumulation_steps = accumulation
-        self._resumed_mid_epoch = True
-        return epoch, micro
+        else:
+            self._restore(attributes)
+        return self.driver.resume(trainer.args, position, epochs_trained, skip, trainer.args.ignore_data_skip)
 
     # ------------------------------------------------------------------------------------------ the schedule
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
             self.samples, self.samples_from_start = 0, True
         self._reset_step()
-        if self.batch_schedule is not None:
-            self._plan_steps(state, epoch_starts=not self._resumed_mid_epoch)
-            if state.is_world_process_zero:
-                logger.warning(self._explanation(state))
+        self.driver.on_train_begin(state)
+        if self.driver.rule is not None and state.is_world_process_zero:
+            logger.warning(self.driver.explanation())
 
     def on_epoch_begin(self, args, state, control, lr_scheduler=None, **kwargs):
-        if self._resumed_mid_epoch:  # the restored position and accumulation stand
-            self._resumed_mid_epoch = False
-            return
-        args.gradient_accumulation_steps = self.controller.start_epoch(self._target(state))
-        if self.batch_schedule is not None:
-            self._follow_plan(state)
-            if self.lr_batch_power:  # the epoch's first batch may differ
-                self._set_learning_rate(lr_scheduler)
+        self.driver.on_epoch_begin(args, state, lr_scheduler)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.controller.finish_epoch(self._micro_batches)
+        self.driver.on_epoch_end(self._micro_batches)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.weights.stop_capturing()  # a compute_loss that raised may have left its hook
@@ -349,106 +321,15 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             args.gradient_accumulation_steps = self._arguments_accumulation
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        """The step's group is complete. With a schedule, whether it is the run's last step is known here, before
-        ``on_step_end``, where ``DefaultFlowCallback`` applies the Trainer's own end-of-training rules (stop; the
-        final save with ``save_strategy="steps"``, the final evaluation with ``eval_strategy="steps"``) when
-        ``global_step >= state.max_steps``: so state.max_steps becomes the step the Trainer counts next when the
-        budget is used, and is the planned total otherwise (beyond this step: the plan is this run's steps as long
-        as the batch follows it, and is made again whenever it does not)."""
-        self.controller.finish_group(self.last_accumulation, fetched_accumulation(self._trainer))
-        if self.batch_schedule is None:
-            return
-        step = state.global_step + 1  # the Trainer counts this step after on_optimizer_step
-        self._show_total(state, step if self.controller.budget_used else self._plan_start + len(self._plan))
+        self.driver.on_optimizer_step(state, self.last_accumulation, fetched_accumulation(self._trainer))
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
-        if self.batch_schedule is None:
-            return
-        if (state.global_step >= state.max_steps) != self.controller.budget_used:
-            where = "here" if self.controller.budget_used else "later"
-            raise AccumulationError(
-                f"at optimizer step {state.global_step}, state.max_steps is {state.max_steps} where the batch "
-                f"schedule's budget ends {where}: the Trainer would stop at the wrong step (did something else set "
-                "state.max_steps?)"
-            )
-        if self.controller.budget_used:
-            self._set_learning_rate(lr_scheduler)
-            control.should_training_stop = True  # DefaultFlowCallback's doing; also without it, the budget ends here
-            return
-        args.gradient_accumulation_steps = self.controller.next_accumulation(self._target(state))
-        self._set_learning_rate(lr_scheduler)
-        if not self.controller.epoch_ended:  # else the next epoch's first decision is at on_epoch_begin
-            self._follow_plan(state)
-
-    def _target(self, state) -> int:
-        """The accumulation the schedule asks for now (the one in force without a schedule)."""
-        if self.batch_schedule is None:
-            return self._min_accumulation
-        controller = self.controller
-        return self.batch_schedule.target_accumulation(
-            controller.accumulation,
-            state.global_step,
-            controller.progress,
-            controller.loop.budget,
-            self.signal_estimator.gns,
-            self.signal_estimator.is_current,
-        )
+        self.driver.on_step_end(args, state, control, lr_scheduler)
 
     @property
     def signal_estimator(self) -> GradientNoiseScale:
         """The estimate the ``"gns"`` schedule follows (``gns_signal``)."""
         return self.estimator if self.gns_signal == "all" else self.group_estimators[self.gns_signal]
-
-    def _set_learning_rate(self, lr_scheduler) -> None:
-        """The next step's learning rate: the LR schedule at the progress in reference steps (in data, the schedule
-        of a fixed batch), times (B / B_min)^lr_batch_power for the next step's batch B."""
-        position = min(self.controller.progress, self.controller.loop.budget)
-        batch_factor = (self.controller.accumulation / self._min_accumulation) ** self.lr_batch_power
-        set_schedule_position(lr_scheduler, position, batch_factor)
-
-    # ------------------------------------------------------------------------------------------ the expected steps
-    def _plan_steps(self, state, epoch_starts: bool) -> None:
-        """Expect the accumulations of the rest of the run: the controller's decisions replayed for the schedule's
-        foreseeable targets (``"linear"``: all of them, so the count is exact and computed once; ``"gns"``: the
-        batch as it is now). state.max_steps and the progress bar show the expected total."""
-        schedule = self.batch_schedule
-        self._plan = self.controller.plan(
-            lambda c: schedule.foreseeable_target(c.accumulation, c.progress, c.loop.budget), epoch_starts
-        )
-        self._plan_start = state.global_step
-        self._show_total(state, state.global_step + len(self._plan))
-
-    def _follow_plan(self, state) -> None:
-        """After a decision: the next step's accumulation is the planned one (the rest of the plan stands, and the
-        total shown does not move), or the schedule asked for more than foreseen ("gns" grew the batch): plan
-        again from here."""
-        index = state.global_step - self._plan_start
-        if index >= len(self._plan) or self._plan[index] != self.controller.accumulation:
-            self._plan_steps(state, epoch_starts=False)
-
-    def _show_total(self, state, total: int) -> None:
-        """state.max_steps (where DefaultFlowCallback stops the Trainer, and what integrations report as the total)
-        and the progress bar's total."""
-        state.max_steps = total
-        show_total_steps(self._trainer, total)
-
-    def _explanation(self, state) -> str:
-        """Why the step count the Trainer printed at train start is not the number of steps the run takes (logged
-        once a ``train()``, on the main process, beside the Trainer's own lines)."""
-        expected = state.global_step + len(self._plan)
-        foreseen = (
-            "exact: the linear schedule is known in advance"
-            if self.schedule == "linear"
-            else "if the batch stays as it is; updated when it grows"
-        )
-        return (
-            f"GNSCallback(schedule={self.schedule!r}): with a batch schedule the run's length is a budget in data. "
-            f"The Trainer's 'Total optimization steps = {self.controller.loop.budget:,}' counts steps of "
-            f"min_batch_size={self.min_batch_size} examples; the run trains on the same examples as that fixed-batch "
-            "run and stops when they are used, in fewer optimizer steps as the batch grows (up to "
-            f"max_batch_size={self.max_batch_size}). Expected: {expected:,} optimizer steps ({foreseen}), the total "
-            "of state.max_steps and the progress bar."
-        )
 
     # ------------------------------------------------------------------------------------------ measurement
     def wants_outputs(self, trainer: Trainer) -> bool:
@@ -740,7 +621,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             "args": self.config.as_dict(),
             "attributes": {
                 "estimator_state": self.estimator.state_dict(),
-                "controller_state": self.controller.state_dict() if self.controller else None,
+                "controller_state": self.driver.state_dict() if self.driver else None,
                 "samples": self.samples,
                 "samples_from_start": self.samples_from_start,
                 "tokens_per_example": self.tokens_per_example,
