@@ -104,7 +104,7 @@ def test_linear_schedule_epochs_every_step_exact_no_data_lost(tmp_path):
     assert auditor.max_relative_error < 1e-5
     sizes = [len(step) for step in auditor.steps]
     # 1 -> 4 in samples; a change waits until the epoch position is a multiple of it: 4 never comes in time
-    assert sizes == [1] * 8 + [2] * 8 + [3] * 8 and callback.controller.accumulation == 3
+    assert sizes == [1] * 8 + [2] * 8 + [3] * 8 and callback.driver.controller.accumulation == 3
     assert trainer.args.gradient_accumulation_steps == 1  # the arguments come out as they went in
     # every example exactly once per epoch
     dataset_rows = sorted(tuple(r) for r in padded_dataset(size=24)["input_ids"])
