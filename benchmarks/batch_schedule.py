@@ -430,7 +430,7 @@ def train_one(name: str, spec: dict, seed: int, args, model_args, tokenizer, lm_
         "eval": evals,
         "train": train,
         "steps": clock.steps,
-        "estimator_inputs": list(callback.history),
+        "estimator_inputs": list(callback.estimates.history),
         "optimizer_steps": trainer.state.global_step,
         "tokens": trainer.state.num_input_tokens_seen,
         "wall_s": elapsed,

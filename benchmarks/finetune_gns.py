@@ -186,7 +186,7 @@ class StepRecorder(TrainerCallback):
         self._seen = 0
 
     def on_step_end(self, args, state, control, **kwargs):
-        history = self.callback.history
+        history = self.callback.estimates.history
         if len(history) > self._seen:  # the step gave an estimate (not skipped)
             self.steps.append({"step": state.global_step, **history[-1]})
         self._seen = len(history)
@@ -311,7 +311,7 @@ def train_run(
     trainer.train()
     seconds = time.perf_counter() - start
     evaluation = trainer.evaluate()
-    totals = {h["step"]: h for h in callback.total_history}
+    totals = {h["step"]: h for h in callback.estimates.total_history}
     series = [
         {
             "step": step,
@@ -331,14 +331,14 @@ def train_run(
         "norm_weights": len(norms),
         "frozen_norm_weights": frozen_norms,
         "patched_norms": len(report.patched),
-        "groups": list(callback.groups_present),
+        "groups": list(callback.estimates.groups_present),
         "steps": trainer.state.global_step,
         "burn_in_steps": args.burn_in * trainer.state.global_step,
         "seconds": seconds,
         "first_loss": losses[0] if losses else math.nan,
         "final_loss": losses[-1] if losses else math.nan,
         "eval_loss": evaluation["eval_loss"],
-        "validations": len(callback.total_history),
+        "validations": len(callback.estimates.total_history),
         "norm_steps": steps.steps,
         "reference": reference.values,
         "series": series,

@@ -192,7 +192,7 @@ class ValidationRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
-            metrics = {**self.callback.metrics(), **self.callback.total_metrics()}
+            metrics = {**self.callback.metrics(), **self.callback.estimates.total_metrics()}
             self.values[state.global_step] = {k: float(v) for k, v in metrics.items() if k.startswith("gns")}
 
 
@@ -233,7 +233,7 @@ def train_run(family: str, seed: int, args: argparse.Namespace, tokenizer, lm_da
             **recorder.values.get(h["step"], {}),
             "total_step": {k: h[k] for k in unsmoothed},  # the whole model's per-step inputs and estimates
         }
-        for h in callback.total_history
+        for h in callback.estimates.total_history
     ]
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     steps = trainer.state.global_step
@@ -243,7 +243,7 @@ def train_run(family: str, seed: int, args: argparse.Namespace, tokenizer, lm_da
         "norm": "RMSNorm" if family == "llama" else "LayerNorm",
         "parameters": sum(p.numel() for p in model.parameters()),
         "patched_norms": len(report.patched),
-        "groups": list(callback.groups_present),
+        "groups": list(callback.estimates.groups_present),
         "steps": steps,
         "burn_in_steps": args.burn_in * steps,
         "tokens_per_step": tokens_per_step,

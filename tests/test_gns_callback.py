@@ -11,7 +11,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_gns_spam import GNSCallback, StableSPAM, patch_model, per_example_grad_stats
 from hf_gns_spam.gns.arguments import GNSConfig
-from hf_gns_spam.gns.callback import METRIC_NAMES, TOTAL_METRIC_NAMES
+from hf_gns_spam.gns.callback import METRIC_NAMES
+from hf_gns_spam.gns.estimates import TOTAL_METRIC_NAMES
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.whole_model import StoredMicroBatch, embedding_parameters, weighted_squared_norms
 from tests import model_zoo
@@ -68,8 +69,8 @@ def test_metrics_are_merged_into_the_trainers_log_records(tmp_path):
         assert {"loss", "grad_norm", "learning_rate", *METRIC_NAMES} <= set(record)
         assert record["batch_size"] == 4 and record["grad_accum_steps"] == 2
         assert math.isfinite(record["gns_trace_sigma"]) and record["gns_trace_sigma"] > 0
-    assert callback.estimator.updates == 8 and callback.estimator.skipped == 0
-    assert records[-1]["gns_tokens"] == pytest.approx(records[-1]["gns"] * callback.tokens_per_example)
+    assert callback.estimates.estimator.updates == 8 and callback.estimates.estimator.skipped == 0
+    assert records[-1]["gns_tokens"] == pytest.approx(records[-1]["gns"] * callback.estimates.tokens_per_example)
 
 
 def test_without_patched_norms_is_a_clear_error(tmp_path):
@@ -167,7 +168,7 @@ def first_trainer_step(tmp_path, architecture: str) -> tuple:
     hook = model.register_forward_pre_hook(record, with_kwargs=True)
     trainer.train()
     hook.remove()
-    assert len(micro_batches) == 2 and len(callback.history) == 1
+    assert len(micro_batches) == 2 and len(callback.estimates.history) == 1
     batch = {k: torch.cat([m[k] for m in micro_batches]) for k in micro_batches[0]}
     weights = (batch["labels"][:, 1:] != -100).sum(1).double() / micro_batches_num_items[0]
     return initial, callback, trainer, batch, weights
@@ -179,7 +180,7 @@ def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
     initial, callback, _, batch, weights = first_trainer_step(tmp_path, architecture)
     per_example = per_example_norm_gradients(initial, batch)
     small, big, effective_batch = weighted_small_big(per_example, weights)
-    measured = callback.history[0]
+    measured = callback.estimates.history[0]
     assert measured["batch_size"] == 4
     assert measured["small"] == pytest.approx(small, rel=1e-4)
     assert measured["big"] == pytest.approx(big, rel=1e-4)
@@ -212,7 +213,7 @@ def test_qlora_trains_with_stable_spam_and_the_callback(tmp_path, has_avx512bf16
     records = [r for r in trainer.state.log_history if "loss" in r]
     assert len(records) == 3 and all(math.isfinite(r["loss"]) and r["batch_size"] == 4 for r in records)
     assert sum("eval_loss" in r for r in trainer.state.log_history) == 3
-    assert not any(math.isnan(r["gns"]) for r in records) and callback.estimator.skipped == 0  # measured
+    assert not any(math.isnan(r["gns"]) for r in records) and callback.estimates.estimator.skipped == 0  # measured
     assert isinstance(trainer.optimizer.optimizer, StableSPAM)
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
 
@@ -314,7 +315,7 @@ def test_whole_model_estimate_on_a_validation_step_equals_torch_func(tmp_path, v
     trainer.add_callback(snapshot)
     micro_batches, num_items = record_training_micro_batches(model)
     trainer.train()
-    assert len(micro_batches) == 4 and len(callback.total_history) == 1
+    assert len(micro_batches) == 4 and len(callback.estimates.total_history) == 1
 
     reference = build_variant(variant)  # unpatched, at the parameters step 2 started from
     reference.load_state_dict(snapshot.state_dict)
@@ -329,7 +330,7 @@ def test_whole_model_estimate_on_a_validation_step_equals_torch_func(tmp_path, v
     assert not set(TOTAL_METRIC_NAMES) & set(records[0])  # step 1 was not validated
     logged = records[1]
     assert {*METRIC_NAMES, *TOTAL_METRIC_NAMES} <= set(logged)
-    measured = callback.total_history[0]
+    measured = callback.estimates.total_history[0]
     assert measured["step"] == 2
     for prefix, suffix, parameters in (
         ("gns_total", "", names),
@@ -357,19 +358,19 @@ def test_checkpoints_keep_the_no_embeddings_estimate_and_old_ones_start_it_fresh
     patch_model(model)
     callback = GNSCallback(validate_every=1, ema_decay=0.5)
     make_trainer(tmp_path, model, callback, max_steps=2).train()
-    assert callback.total_no_embeddings_estimator.updates == 2
+    assert callback.estimates.total_no_embeddings_estimator.updates == 2
     state = callback.state()
     restored = GNSCallback.from_state(state)
     restored._restore(state["attributes"])
-    assert restored.total_no_embeddings_estimator == callback.total_no_embeddings_estimator
-    assert restored.total_metrics() == callback.total_metrics()
+    assert restored.estimates.total_no_embeddings_estimator == callback.estimates.total_no_embeddings_estimator
+    assert restored.estimates.total_metrics() == callback.estimates.total_metrics()
 
     old = copy.deepcopy(state)  # a checkpoint from before the estimate without embeddings
     del old["attributes"]["total_no_embeddings_estimator_state"]
     restored = GNSCallback.from_state(old)
     restored._restore(old["attributes"])
-    assert restored.total_estimator == callback.total_estimator
-    assert restored.total_no_embeddings_estimator == GradientNoiseScale(ema_decay=0.5)
+    assert restored.estimates.total_estimator == callback.estimates.total_estimator
+    assert restored.estimates.total_no_embeddings_estimator == GradientNoiseScale(ema_decay=0.5)
 
 
 def test_validation_leaves_training_bit_identical(tmp_path):
@@ -390,13 +391,13 @@ def test_validation_leaves_training_bit_identical(tmp_path):
     model, validated, records = run(2)
     for (name, p), q in zip(model.named_parameters(), plain_model.parameters(), strict=True):
         assert torch.equal(p, q), name
-    assert list(validated.history) == list(plain.history) and len(plain.history) == 4
-    assert validated.estimator.state_dict() == plain.estimator.state_dict()
+    assert list(validated.estimates.history) == list(plain.estimates.history) and len(plain.estimates.history) == 4
+    assert validated.estimates.estimator.state_dict() == plain.estimates.estimator.state_dict()
     assert [r["step"] for r in records if "gns_total" in r] == [2, 4]
     assert not any(set(TOTAL_METRIC_NAMES) & set(r) for r in plain_records)
     for with_total, without in zip(records, plain_records, strict=True):
         assert {k: v for k, v in with_total.items() if k not in TOTAL_METRIC_NAMES} == without
-    assert validated.total_estimator.updates == 2 and math.isfinite(records[-1]["gns_total_trace_sigma"])
+    assert validated.estimates.total_estimator.updates == 2 and math.isfinite(records[-1]["gns_total_trace_sigma"])
 
 
 def test_recomputation_leaves_grads_statistics_mode_and_rng_alone():
@@ -460,7 +461,7 @@ def test_recomputed_gradients_reproduce_the_norms_statistics(tmp_path, case):
     trainer = make_trainer(tmp_path, model, callback, max_steps=2, **overrides)
     trainer.train_dataset = data
     trainer.train()
-    assert len(callback.total_history) == 2
-    for measured in callback.total_history:
+    assert len(callback.estimates.total_history) == 2
+    for measured in callback.estimates.total_history:
         assert measured["norms_small_recomputed"] == pytest.approx(measured["norms_small"], rel=1e-4)
         assert measured["small"] > measured["norms_small"] and math.isfinite(measured["trace_sigma"])

@@ -89,10 +89,10 @@ def first_step(tmp_path, model, accumulation: int) -> tuple[dict, dict, torch.Te
     hook = model.register_forward_pre_hook(record, with_kwargs=True)
     trainer.train()
     hook.remove()
-    assert len(micro_batches) == accumulation and len(callback.history) == 1
+    assert len(micro_batches) == accumulation and len(callback.estimates.history) == 1
     batch = {k: torch.cat([m[k] for m in micro_batches]) for k in micro_batches[0]}
     weights = (batch["labels"][:, 1:] != -100).sum(1).double() / num_items[0]
-    return callback.history[0], batch, weights, trainer
+    return callback.estimates.history[0], batch, weights, trainer
 
 
 def assert_first_step_equals_reference(tmp_path, build, dtype) -> None:

@@ -97,8 +97,8 @@ def test_first_step_group_estimates_equal_torch_func(tmp_path, architecture):
     gns/<group>_grad_sq and gns/<group>_trace_sigma equal the estimates from per-example gradients of that group's
     parameters computed with torch.func; the default signal is the block group's."""
     initial, callback, trainer, batch, weights = first_trainer_step(tmp_path, architecture)
-    assert callback.groups_present == ("block", "final")
-    measured = callback.history[0]
+    assert callback.estimates.groups_present == ("block", "final")
+    measured = callback.estimates.history[0]
     logged = next(r for r in trainer.state.log_history if "loss" in r)
     assert {f"gns/{g}{s}" for g in ("block", "final") for s in ("", "_grad_sq", "_trace_sigma")} <= set(logged)
     assert not any(key.startswith("gns/other") for key in logged)
@@ -109,7 +109,7 @@ def test_first_step_group_estimates_equal_torch_func(tmp_path, architecture):
         grad_sq, trace_sigma = unbiased_estimates(small, big, effective_batch)
         assert measured[f"small/{group}"] == pytest.approx(small, rel=1e-4)
         assert measured[f"big/{group}"] == pytest.approx(big, rel=1e-4)
-        estimator = callback.group_estimators[group]  # one update, bias-corrected: the step's own estimates
+        estimator = callback.estimates.group_estimators[group]  # one update, bias-corrected: the step's own estimates
         assert estimator.grad_sq == pytest.approx(grad_sq, rel=1e-4, abs=1e-9)
         assert estimator.trace_sigma == pytest.approx(trace_sigma, rel=1e-4)
         assert logged[f"gns/{group}"] == pytest.approx(trace_sigma / grad_sq if grad_sq > 0 else math.inf, rel=1e-3)
@@ -119,7 +119,7 @@ def test_first_step_group_estimates_equal_torch_func(tmp_path, architecture):
         bigs.append(measured[f"big/{group}"])
     # the default signal (what a "gns" schedule follows unless told otherwise) is the block group's estimate,
     # checked against torch.func above
-    assert callback.gns_signal == "block" and callback.signal_estimator is callback.group_estimators["block"]
+    assert callback.gns_signal == "block" and callback.signal_estimator is callback.estimates.group_estimators["block"]
     # the groups split the all-norm sums (every patched norm of these models is in block or final)
     assert sum(smalls) == pytest.approx(measured["small"], rel=1e-6)
     assert sum(bigs) == pytest.approx(measured["big"], rel=1e-6)
@@ -155,12 +155,13 @@ def test_the_schedule_follows_the_chosen_signal(signal, expected, tmp_path):
         make_trainer(tmp_path, model, callback, per_device_train_batch_size=1, gradient_accumulation_steps=2)
     )
     callback.driver.controller = SimpleNamespace(accumulation=2, progress=10, loop=SimpleNamespace(budget=1000))
-    callback.estimator = estimator_with_gns(3.0)
-    callback.group_estimators["block"] = estimator_with_gns(10.0)
-    callback.group_estimators["final"] = estimator_with_gns(1.5)
+    callback.estimates.estimator = estimator_with_gns(3.0)
+    callback.estimates.group_estimators["block"] = estimator_with_gns(10.0)
+    callback.estimates.group_estimators["final"] = estimator_with_gns(1.5)
     target = callback.driver._target(SimpleNamespace(global_step=5))
     assert callback.driver.rule == BatchSizeSchedule("gns", 2, 64, 1, 1, 0, 1.0, 4.0)
-    assert callback.signal_estimator is (callback.estimator if signal == "all" else callback.group_estimators[signal])
+    estimates = callback.estimates
+    assert callback.signal_estimator is (estimates.estimator if signal == "all" else estimates.group_estimators[signal])
     assert target == callback.driver.rule.target_accumulation(2, 5, 10, 1000, callback.signal_estimator.gns, True)
     assert target == expected
 
@@ -191,25 +192,27 @@ def test_checkpoint_state_round_trips_the_group_estimates_and_old_checkpoints_lo
     callback = GNSCallback(gns_signal="block", ema_decay=0.5)
     trainer = make_trainer(tmp_path, model, callback, max_steps=2)
     trainer.train()
-    assert callback.group_estimators["block"].updates == 2 and callback.group_estimators["other"].updates == 0
+    group_estimators = callback.estimates.group_estimators
+    assert group_estimators["block"].updates == 2 and group_estimators["other"].updates == 0
     logged = [r for r in trainer.state.log_history if "loss" in r][-1]  # the groups' EMAs after 2 updates
     for group in ("block", "final"):
-        assert logged[f"gns/{group}_grad_sq"] == callback.group_estimators[group].grad_sq
-        assert logged[f"gns/{group}_trace_sigma"] == callback.group_estimators[group].trace_sigma
+        assert logged[f"gns/{group}_grad_sq"] == callback.estimates.group_estimators[group].grad_sq
+        assert logged[f"gns/{group}_trace_sigma"] == callback.estimates.group_estimators[group].trace_sigma
     state = callback.state()
     restored = GNSCallback.from_state(state)
     restored._restore(state["attributes"])
-    assert restored.gns_signal == "block" and restored.groups_present == ("block", "final")
+    assert restored.gns_signal == "block" and restored.estimates.groups_present == ("block", "final")
     for group in NORM_GROUPS:
-        assert restored.group_estimators[group] == callback.group_estimators[group]
-    assert restored.group_metrics() == callback.group_metrics()
+        assert restored.estimates.group_estimators[group] == callback.estimates.group_estimators[group]
+    assert restored.estimates.group_metrics() == callback.estimates.group_metrics()
 
     old = copy.deepcopy(state)  # a checkpoint from before the norm groups
     del old["args"]["gns_signal"], old["attributes"]["group_estimator_states"], old["attributes"]["groups_present"]
     restored = GNSCallback.from_state(old)  # as transformers restores it: the saved args, the defaults for the rest
     restored._restore(old["attributes"])
-    assert restored.gns_signal == CALLBACK_DEFAULTS["gns_signal"] and restored.estimator == callback.estimator
-    assert all(restored.group_estimators[g] == GradientNoiseScale(ema_decay=0.5) for g in NORM_GROUPS)
+    assert restored.gns_signal == CALLBACK_DEFAULTS["gns_signal"]
+    assert restored.estimates.estimator == callback.estimates.estimator
+    assert all(restored.estimates.group_estimators[g] == GradientNoiseScale(ema_decay=0.5) for g in NORM_GROUPS)
     # a scheduled run resumed from such a checkpoint is told that the signal it follows changes there
     old["args"].update(schedule="gns", min_batch_size=4, max_batch_size=16)
     for signal, warned in (("block", True), ("all", False)):

@@ -62,8 +62,8 @@ def run_first_step(trainer, model) -> tuple[dict, list[dict]]:
     trainer.train()
     hook.remove()
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GNSCallback))
-    assert len(callback.history) == 1 and callback.last_batch_size == 8
-    return callback.history[0], forwards
+    assert len(callback.estimates.history) == 1 and callback.last_batch_size == 8
+    return callback.estimates.history[0], forwards
 
 
 def norm_names(model) -> list[str]:

@@ -156,7 +156,7 @@ def test_gns_schedule_grows_with_the_measured_gns(tmp_path):
     assert sizes[:3] == [2, 2, 2] and max(sizes) == 8
     assert trainer.args.gradient_accumulation_steps == 1  # the user's value, not the schedule's minimum (2)
     assert callback.samples == 48
-    assert not math.isnan(callback.estimator.gns)  # inf is legitimate: the smoothed |G|² can be negative
+    assert not math.isnan(callback.estimates.estimator.gns)  # inf is legitimate: the smoothed |G|² can be negative
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def test_callback_restored_from_a_checkpoint_resumes_bit_identically(tmp_path):
         assert torch.equal(a, b), name
     restored = next(c for c in resumed.callback_handler.callbacks if isinstance(c, GNSCallback))
     original = next(c for c in straight.callback_handler.callbacks if isinstance(c, GNSCallback))
-    assert restored.samples == 48 and restored.estimator == original.estimator
+    assert restored.samples == 48 and restored.estimates.estimator == original.estimates.estimator
     assert auditor.max_relative_error < 1e-5
     examples = [r["examples_seen"] for r in resumed.state.log_history if "loss" in r]
     assert examples == [r["examples_seen"] for r in straight.state.log_history if "loss" in r] and examples[-1] == 48
@@ -149,8 +149,8 @@ def first_step(
         model=model, args=args_class(**settings), train_dataset=dataset, callbacks=[callback], **(trainer_kwargs or {})
     )
     trainer.train()
-    assert len(callback.history) == 1 and callback.last_batch_size == 8
-    return callback.history[0]
+    assert len(callback.estimates.history) == 1 and callback.last_batch_size == 8
+    return callback.estimates.history[0]
 
 
 def assert_split_invariant(measured: list[dict[str, float]], rel: float = 1e-4) -> None:
@@ -319,7 +319,8 @@ def test_trl_outputs_are_asked_for_only_when_the_weighting_is_identified(tmp_pat
     assert forwards["grad"] == steps * accumulation
     assert forwards["no_grad"] == 1 + (steps - 1) // verify_interval  # identified at step 1, verified at 3 and 5
     assert not [w for w in caught if "return_outputs" in str(w.message)]
-    assert len(callback.history) == steps and all(math.isfinite(h["small"]) for h in callback.history)
+    history = callback.estimates.history
+    assert len(history) == steps and all(math.isfinite(h["small"]) for h in history)
 
 
 @pytest.mark.slow
@@ -348,4 +349,4 @@ def test_a_dead_run_is_reported_not_fed(tmp_path):
     dead = [i for i, r in enumerate(records) if sum(r["batch_size"] for r in records[: i + 1]) > 8]
     assert all(math.isnan(records[i]["gns"]) for i in dead)
     assert len({sizes[i] for i in dead}) == 1  # no more growth once the run is dead
-    assert callback.estimator.skipped == len(dead)
+    assert callback.estimates.estimator.skipped == len(dead)

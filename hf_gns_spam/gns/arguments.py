@@ -166,11 +166,7 @@ class GNSConfig:
         if schedule is not None:
             if min_batch is None or max_batch is None:
                 raise ValueError(f"schedule={schedule!r} needs min_batch_size and max_batch_size (global examples)")
-            # check everything but the unit now (it needs the TrainingArguments): unit 1 accepts any bounds
-            BatchSizeSchedule(
-                schedule, min_batch, max_batch, 1, self.update_interval, self.warmup_steps, self.gns_multiplier,
-                self.max_growth,
-            )  # fmt: skip
+            self.batch_schedule(1)  # everything but the unit (it needs the TrainingArguments): 1 accepts any bounds
         if not 0.0 <= self.lr_batch_power <= 1.0:
             raise ValueError(f"lr_batch_power must be in [0, 1] (0.5: square-root scaling), got {self.lr_batch_power}")
         if not is_step_count(self.verify_interval):
@@ -184,6 +180,16 @@ class GNSConfig:
         if self.gns_signal not in GNS_SIGNALS:
             raise ValueError(f"gns_signal must be one of {', '.join(map(repr, GNS_SIGNALS))}, got {self.gns_signal!r}")
         GradientNoiseScale(ema_decay=self.ema_decay)  # its own check of the range
+
+    def batch_schedule(self, unit: int) -> BatchSizeSchedule | None:
+        """The schedule (None without one) in whole micro-batches of ``unit`` examples (the per-device batch × the
+        processes), checked against it."""
+        if self.schedule is None:
+            return None
+        return BatchSizeSchedule(
+            self.schedule, self.min_batch_size, self.max_batch_size, unit, self.update_interval, self.warmup_steps,
+            self.gns_multiplier, self.max_growth,
+        )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         """The options by name (the callback's saved state, ``GNSCallback(**config.as_dict())``)."""

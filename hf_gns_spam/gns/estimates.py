@@ -33,9 +33,14 @@ from hf_gns_spam.gns.arguments import NORM_GROUPS, NormGroup
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.step_sums import StepTotals
 
-__all__ = ["HISTORY_LENGTH", "NoiseScaleEstimates"]
+__all__ = ["HISTORY_LENGTH", "TOTAL_METRIC_NAMES", "NoiseScaleEstimates"]
 
 HISTORY_LENGTH = 10_000
+# logged with validate_every, in the first record at or after each validation step
+TOTAL_METRIC_NAMES = (
+    "gns_total", "gns_total_grad_sq", "gns_total_trace_sigma",
+    "gns_total_no_embeddings", "gns_total_no_embeddings_grad_sq", "gns_total_no_embeddings_trace_sigma",
+)  # fmt: skip
 
 
 class NoiseScaleEstimates:

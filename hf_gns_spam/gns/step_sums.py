@@ -188,6 +188,7 @@ class StepSums:
                 f"{processes} processes together: the processes are out of step"
             )
         validated_everywhere = round(validated_processes) == processes
+        big_no_embeddings = float(self.total_big_no_embeddings) if validated and no_embeddings else math.nan
         return StepTotals(
             weights=StepWeights(weight_sum, weight_sq_sum, processes),
             sum_sq=sum_sq,
@@ -203,6 +204,6 @@ class StepSums:
             validated=validated_everywhere,
             total=(total_sq, float(self.total_big) if validated else math.nan),
             # nan (the estimator skips the step) when every trainable parameter is an embedding
-            no_embeddings=(no_embeddings_sq, float(self.total_big_no_embeddings) if validated and no_embeddings else math.nan),
+            no_embeddings=(no_embeddings_sq, big_no_embeddings),
             norms_sq=norms_sq,
         )

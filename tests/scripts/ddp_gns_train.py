@@ -116,7 +116,7 @@ def main() -> None:
             "ema_decay": callback.ema_decay,
             "steps": auditor.steps,
             "samples": callback.samples,
-            "history": callback.history,
+            "history": callback.estimates.history,
             "first_step_inputs": first_step_inputs,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "world_size": trainer.accelerator.num_processes,

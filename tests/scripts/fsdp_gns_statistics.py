@@ -50,17 +50,17 @@ def main() -> None:
     accelerator = SimpleNamespace(num_processes=world, device=torch.device("cpu"), reduce=mean_over_processes)
     callback._trainer = SimpleNamespace(model=model, accelerator=accelerator)
     callback.before_clipping(callback._trainer)
-    shards = callback._big_shards.clone()
+    shards = callback.step.big_shards.clone()
     dist.all_reduce(shards)
-    group_shards = callback._group_big_shards.clone()  # per norm group, in NORM_GROUPS order
+    group_shards = callback.step.group_big_shards.clone()  # per norm group, in NORM_GROUPS order
     dist.all_reduce(group_shards)
-    group_big = dict(zip(NORM_GROUPS, (callback._group_big + group_shards).tolist(), strict=True))
+    group_big = dict(zip(NORM_GROUPS, (callback.step.group_big + group_shards).tolist(), strict=True))
     stats = {n: (float(s.sum_sq), float(s.count)) for n, s in per_example_grad_stats(model).items()}
     torch.save(
         {
             "stats": stats,
-            "big": float(callback._big) + float(shards),
-            "replicated": float(callback._big),
+            "big": float(callback.step.big) + float(shards),
+            "replicated": float(callback.step.big),
             "group_big": group_big,
             "groups": dict(callback._groups_of(stats)),  # statistics key -> its norm group
         },
