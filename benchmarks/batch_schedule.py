@@ -280,7 +280,7 @@ class SampleClock(TrainerCallback):
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         samples = state.num_input_tokens_seen // self.block_size
-        estimator = self.gns_callback.estimator
+        estimator = self.gns_callback.estimates.estimator
         self.steps.append(
             {
                 "step": state.global_step,

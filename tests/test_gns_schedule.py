@@ -189,7 +189,7 @@ def test_resume_is_bit_identical(tmp_path, saving, step, position):
         assert torch.equal(a, b), name
     assert resumed_callback.samples == 48 and resumed.state.global_step == straight.state.global_step
     straight_callback = next(c for c in straight.callback_handler.callbacks if isinstance(c, GNSCallback))
-    assert resumed_callback.estimator == straight_callback.estimator
+    assert resumed_callback.estimates.estimator == straight_callback.estimates.estimator
     assert auditor.max_relative_error < 1e-5
     # the examples seen, logged every step, go on counting from the checkpoint's: the uninterrupted run's counts
     straight_records = [r for r in straight.state.log_history if "loss" in r]
