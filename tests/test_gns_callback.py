@@ -83,7 +83,7 @@ def test_impossible_schedules_are_clear_errors(tmp_path):
         GNSCallback(schedule="gns")
     with pytest.raises(ValueError, match="max_batch_size=4 < min_batch_size=8"):
         GNSCallback(schedule="linear", min_batch_size=8, max_batch_size=4)
-    with pytest.raises(ValueError, match="schedule must be None, 'linear' or 'gns'"):
+    with pytest.raises(ValueError, match="schedule must be None or one of 'linear', 'gns'"):
         GNSCallback(schedule="cosine", min_batch_size=8, max_batch_size=16)
     model = model_zoo.build("llama")
     patch_model(model)

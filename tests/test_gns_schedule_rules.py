@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from fractions import Fraction
 
 import pytest
 
-from hf_gns_spam.gns.schedule import BatchSizeSchedule
+from hf_gns_spam.gns.arguments import GNSConfig
+from hf_gns_spam.gns.schedule import RULES, BatchSizeSchedule
+from tests.test_accumulation_controller import check_run
+from tests.trainer_loop_simulation import simulate
 
 
 def gns_schedule(**overrides) -> BatchSizeSchedule:
@@ -150,5 +154,53 @@ def test_validation_errors_say_the_valid_range():
         gns_schedule(min_batch_size=6)
     with pytest.raises(ValueError, match="max_batch_size=4 < min_batch_size=8"):
         gns_schedule(max_batch_size=4)
-    with pytest.raises(ValueError, match="schedule must be None, 'linear' or 'gns'"):
+    with pytest.raises(ValueError, match="schedule must be None or one of 'linear', 'gns'"):
         gns_schedule(kind="cosine")
+
+
+# ------------------------------------------------------------------------------------------ the rules table's users
+def test_every_schedule_field_is_the_option_of_the_same_name():
+    """A new knob of a rule is one GNSConfig field of the BatchSizeSchedule field's name: GNSConfig.batch_schedule
+    passes every field but the kind and the unit on by name (this test names every field, so a new one must be
+    added here too)."""
+    fields = {f.name for f in dataclasses.fields(BatchSizeSchedule)} - {"kind", "unit"}
+    values = {
+        "min_batch_size": 4,
+        "max_batch_size": 64,
+        "update_interval": 3,
+        "warmup_steps": 7,
+        "gns_multiplier": 1.25,
+        "max_growth": 3.0,
+    }
+    assert set(values) == fields
+    made = GNSConfig(schedule="gns", **values).batch_schedule(2)
+    assert {name: getattr(made, name) for name in fields} == values and (made.kind, made.unit) == ("gns", 2)
+    assert GNSConfig().batch_schedule(2) is None
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_every_rule_drives_the_shipped_driver_as_its_row_says(name):
+    """For every row of RULES: GNSConfig accepts the name; a rule that follows the GNS refuses min_batch_size 1,
+    moves the batch with the signal and not without one; a rule that does not is deaf to it; a foreseeable rule's
+    expected steps at train start are the run's (the shipped driver in the simulated Trainer loop, with
+    BatchSizeSchedule's own targets: 23 micro-batches of one example, 2 epochs, batch 2 -> 16)."""
+    row = RULES[name]
+    rule = GNSConfig(
+        schedule=name, min_batch_size=2, max_batch_size=16, update_interval=1, warmup_steps=0
+    ).batch_schedule(1)
+    assert rule.foreseeable == row.foreseeable
+
+    def run(gns: float):
+        record = simulate(
+            23, rule.min_accumulation, rule, signal=lambda: (gns, not math.isnan(gns)), num_train_epochs=2
+        )
+        check_run(record, rule.min_accumulation, foreseeable=rule.foreseeable)
+        return [len(step.ids) for step in record.steps]
+
+    with_signal, without = run(12.0), run(math.nan)
+    if row.follows_gns:
+        with pytest.raises(ValueError, match="min_batch_size >= 2"):
+            GNSConfig(schedule=name, min_batch_size=1, max_batch_size=16)
+        assert set(without) <= {rule.min_accumulation, 1} and max(with_signal) > rule.min_accumulation
+    else:
+        assert with_signal == without and max(without) > rule.min_accumulation

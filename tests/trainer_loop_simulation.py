@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from hf_gns_spam.gns.accumulation import AccumulationController, EpochLoop
-from hf_gns_spam.gns.driver import ScheduleDriver
+from hf_gns_spam.gns.driver import ScheduleDriver, ScheduleRule
 
 MicroBatch = tuple[int, int]  # (epoch, position in that epoch's order)
 Schedule = Callable[[int, float], int]  # (global_step, progress in reference steps) -> target accumulation
@@ -200,8 +200,9 @@ class DriverCallback:
     def __init__(
         self,
         min_accumulation: int,
-        rule: FunctionRule,
+        rule: ScheduleRule,
         *,
+        signal: Callable[[], tuple[float, bool]] = lambda: (math.nan, False),
         report_fetched: bool = True,
         data_ends_with_epoch: bool = True,
     ) -> None:
@@ -212,6 +213,7 @@ class DriverCallback:
         self.driver = ScheduleDriver(
             min_accumulation,
             rule,
+            signal=signal,
             set_learning_rate=lambda lr_scheduler, position, factor: self.lr_positions.append(position),
         )
         self.micro_batches_since_step = 0
@@ -401,9 +403,10 @@ class SimulatedTrainer:
 def simulate(
     micro_batches: int | None,
     min_accumulation: int,
-    schedule: Schedule,
+    schedule: Schedule | ScheduleRule,
     *,
     foreseeable: bool = False,
+    signal: Callable[[], tuple[float, bool]] = lambda: (math.nan, False),
     max_steps: int = -1,
     num_train_epochs: float = 3.0,
     resume_from: Checkpoint | None = None,
@@ -412,11 +415,13 @@ def simulate(
     data_ends_with_epoch: bool = True,
 ) -> Record:
     """One ``train()`` call of a fresh Trainer (resuming from ``resume_from`` if given), with the targets of
-    ``schedule`` (``foreseeable``: a function of the progress alone, see :class:`FunctionRule`)."""
+    ``schedule``: a function (``foreseeable``: of the progress alone, see :class:`FunctionRule`) or a rule such as
+    :class:`~hf_gns_spam.gns.schedule.BatchSizeSchedule`, which follows ``signal()``."""
     args = TrainingArgs(max_steps=max_steps, num_train_epochs=num_train_epochs)
     callback = DriverCallback(
         min_accumulation,
-        FunctionRule(schedule, foreseeable),
+        FunctionRule(schedule, foreseeable) if callable(schedule) else schedule,
+        signal=signal,
         report_fetched=report_fetched,
         data_ends_with_epoch=data_ends_with_epoch,
     )

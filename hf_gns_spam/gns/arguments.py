@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 from hf_gns_spam.gns.estimator import GradientNoiseScale
-from hf_gns_spam.gns.schedule import BatchSizeSchedule, is_step_count
+from hf_gns_spam.gns.schedule import SCHEDULES, BatchSizeSchedule, is_step_count
 
 __all__ = ["CALLBACK_DEFAULTS", "GNS_SIGNALS", "NORM_GROUPS", "GNSConfig", "GNSSignal", "NormGroup"]
 
@@ -48,8 +48,9 @@ GNSSignal = Literal["all", "block", "final", "other"]
 GNS_SIGNALS: tuple[GNSSignal, ...] = get_args(GNSSignal)
 
 
-_ANY_SCHEDULE = (None, "linear", "gns")
-_SCHEDULED = ("linear", "gns")
+_ANY_SCHEDULE = (None, *SCHEDULES)
+_SCHEDULED = SCHEDULES
+_MADE = ("kind", "unit")  # the BatchSizeSchedule fields that are not options: the schedule's name, the batch unit
 
 
 def _option(flag: str, parse: Callable[[str], Any], schedules: tuple[str | None, ...], help_text: str) -> dict:
@@ -102,7 +103,8 @@ class GNSConfig:
     """
 
     schedule: str | None = dataclasses.field(
-        default=None, metadata=_option("--gns-schedule", str, _ANY_SCHEDULE, "batch-size schedule: none, linear or gns")
+        default=None,
+        metadata=_option("--gns-schedule", str, _ANY_SCHEDULE, f"batch-size schedule: none, {', '.join(SCHEDULES)}"),
     )
     min_batch_size: int | None = dataclasses.field(
         default=None,
@@ -186,10 +188,9 @@ class GNSConfig:
         processes), checked against it."""
         if self.schedule is None:
             return None
-        return BatchSizeSchedule(
-            self.schedule, self.min_batch_size, self.max_batch_size, unit, self.update_interval, self.warmup_steps,
-            self.gns_multiplier, self.max_growth,
-        )  # fmt: skip
+        # every field of the schedule but its kind and unit is the option of the same name
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(BatchSizeSchedule) if f.name not in _MADE}
+        return BatchSizeSchedule(kind=self.schedule, unit=unit, **options)
 
     def as_dict(self) -> dict[str, Any]:
         """The options by name (the callback's saved state, ``GNSCallback(**config.as_dict())``)."""

@@ -52,6 +52,7 @@ from hf_gns_spam.gns.estimates import NoiseScaleEstimates
 from hf_gns_spam.gns.estimator import GradientNoiseScale
 from hf_gns_spam.gns.example_weights import LossWeighting
 from hf_gns_spam.gns.groups import norm_groups
+from hf_gns_spam.gns.schedule import follows_gns
 from hf_gns_spam.gns.step_sums import StepSums
 from hf_gns_spam.gns.weight_observer import ExampleWeightObserver
 from hf_gns_spam.integrations.trainer_loop import (
@@ -123,10 +124,10 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         if not any(is_patched(m) for m in model.modules()):
             raise ValueError("GNSCallback found no patched normalization layer: call patch_model(model) first")
         groups = set(norm_groups(model).values())
-        if self.schedule == "gns" and self.gns_signal != "all" and self.gns_signal not in groups:
+        if follows_gns(self.schedule) and self.gns_signal != "all" and self.gns_signal not in groups:
             raise ValueError(
-                f"GNSCallback(schedule='gns') follows gns_signal={self.gns_signal!r}, but the model has no patched "
-                f"norm in that group (it has {', '.join(g for g in NORM_GROUPS if g in groups)}; "
+                f"GNSCallback(schedule={self.schedule!r}) follows gns_signal={self.gns_signal!r}, but the model has "
+                f"no patched norm in that group (it has {', '.join(g for g in NORM_GROUPS if g in groups)}; "
                 "hf_gns_spam.gns.groups gives the rule): pass gns_signal='all' to follow every patched norm, or "
                 "one of the groups it has"
             )
@@ -298,7 +299,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             "it anyway), so there is no GNS: gns and gns/<group> stay nan. Train something below a norm (LoRA on the "
             "attention or MLP projections) or make a norm's weight trainable (weight.requires_grad_(True))"
         )
-        if self.schedule == "gns":
+        if follows_gns(self.schedule):
             raise ValueError(f"{message}, or use schedule='linear' or None: a 'gns' schedule would never move.")
         if state.is_world_process_zero:
             logger.warning("%s.", message)
@@ -337,7 +338,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             setattr(self, name, attributes[name])
         self.weights.steps_since_verified = attributes["steps_since_verified"]
         self.samples_from_start = attributes.get("samples_from_start", True)  # checkpoints from before it lack it
-        if "group_estimator_states" not in attributes and self.schedule == "gns" and self.gns_signal != "all":
+        if "group_estimator_states" not in attributes and follows_gns(self.schedule) and self.gns_signal != "all":
             logger.warning(
                 "GNSCallback: the checkpoint was saved before the norm groups existed; its batch followed the GNS of "
                 "every patched norm (gns_signal='all'). From here on it follows gns_signal=%r, whose estimate starts "

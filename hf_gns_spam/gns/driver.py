@@ -41,6 +41,7 @@ class ScheduleRule(Protocol):
     kind: str
     min_batch_size: int
     max_batch_size: int
+    foreseeable: bool  # every target is known in advance (the plan is then exact)
 
     def target_accumulation(
         self, current: int, step: int, samples: float, budget: float, gns: float, estimate_is_current: bool
@@ -229,8 +230,8 @@ class ScheduleDriver:
         """Why the step count the Trainer printed at train start is not the number of steps the run takes."""
         rule = self.rule
         foreseen = (
-            "exact: the linear schedule is known in advance"
-            if rule.kind == "linear"
+            f"exact: the {rule.kind} schedule is known in advance"
+            if rule.foreseeable
             else "if the batch stays as it is; updated when it grows"
         )
         return (

@@ -33,9 +33,29 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["BatchSizeSchedule", "is_step_count"]
+__all__ = ["RULES", "SCHEDULES", "BatchSizeSchedule", "Rule", "follows_gns", "is_step_count"]
 
-SCHEDULES = ("linear", "gns")
+
+@dataclass(frozen=True)
+class Rule:
+    """What the rest of the package knows of a schedule rule; its targets are
+    :meth:`BatchSizeSchedule.target_accumulation`'s branch for it. A new rule is a row here, that branch, and its
+    options in :class:`~hf_gns_spam.gns.arguments.GNSConfig` (fields whose metadata names the rule)."""
+
+    follows_gns: bool  # its decisions follow the measured GNS: it needs one (a norm with a gradient, B_min >= 2)
+    foreseeable: bool  # its targets are a function of the data consumed, known for the whole run in advance
+
+
+RULES: dict[str, Rule] = {
+    "linear": Rule(follows_gns=False, foreseeable=True),
+    "gns": Rule(follows_gns=True, foreseeable=False),
+}
+SCHEDULES = tuple(RULES)
+
+
+def follows_gns(schedule: str | None) -> bool:
+    """Whether the schedule named ``schedule`` (None: none) decides from the measured GNS."""
+    return schedule is not None and RULES[schedule].follows_gns
 
 
 def is_step_count(value: object) -> bool:
@@ -56,7 +76,7 @@ class BatchSizeSchedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise ValueError(f"schedule must be None, 'linear' or 'gns', got {self.kind!r}")
+            raise ValueError(f"schedule must be None or one of {', '.join(map(repr, SCHEDULES))}, got {self.kind!r}")
         if self.unit < 1:
             raise ValueError(f"the batch unit (micro-batch x processes) must be positive, got {self.unit}")
         for name in ("min_batch_size", "max_batch_size"):
@@ -68,8 +88,10 @@ class BatchSizeSchedule:
                 )
         if self.max_batch_size < self.min_batch_size:
             raise ValueError(f"max_batch_size={self.max_batch_size} < min_batch_size={self.min_batch_size}")
-        if self.kind == "gns" and self.min_batch_size < 2:
-            raise ValueError("schedule='gns' needs min_batch_size >= 2: the noise scale is measured across examples")
+        if self.rule.follows_gns and self.min_batch_size < 2:
+            raise ValueError(
+                f"schedule={self.kind!r} needs min_batch_size >= 2: the noise scale is measured across examples"
+            )
         if not is_step_count(self.update_interval):
             raise ValueError(f"update_interval must be an int >= 1 (optimizer steps), got {self.update_interval!r}")
         if not 0 < self.gns_multiplier < math.inf:
@@ -87,6 +109,15 @@ class BatchSizeSchedule:
                 f"schedule='gns' needs max_growth >= {least_growth:g} (min_batch_size={self.min_batch_size} + one "
                 f"micro-batch x processes), got {self.max_growth}"
             )
+
+    @property
+    def rule(self) -> Rule:
+        return RULES[self.kind]
+
+    @property
+    def foreseeable(self) -> bool:
+        """Whether every target is known in advance (the driver's expected step count is then exact)."""
+        return self.rule.foreseeable
 
     @property
     def min_accumulation(self) -> int:
@@ -131,6 +162,6 @@ class BatchSizeSchedule:
         """The target of a future decision as far as it is known now: ``"linear"``'s own (a function of the data
         consumed, ``samples``); for ``"gns"``, ``current``: its decisions follow measurements still to come, and
         until one asks for more, the batch stays as it is."""
-        if self.kind == "gns":
+        if not self.foreseeable:
             return current
         return self.target_accumulation(current, 0, samples, budget, math.nan, False)
