@@ -128,9 +128,9 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------------------------
 
 _NORM_SPECS = {
-    "rms_llama": NormSpec("rms_norm", 1e-6, rounding="llama"),
-    "rms_gemma": NormSpec("rms_norm", 1e-6, offset=1.0, rounding="fp32"),
-    "layer_norm": NormSpec("layer_norm", 1e-5, rounding="layer_norm"),
+    "rms_llama": NormSpec("rms_norm", 1e-6, rounding="input_dtype_first"),
+    "rms_gemma": NormSpec("rms_norm", 1e-6, offset=1.0, rounding="float32_product"),
+    "layer_norm": NormSpec("layer_norm", 1e-5),
 }
 
 
@@ -141,7 +141,7 @@ def _norm_case(spec_name: str, dtype: str, d: int, tokens: int, segmented: bool,
         spec = _NORM_SPECS[spec_name]
         x = torch.randn(4, tokens // 4, d, dtype=_DTYPES[dtype])
         weight = torch.randn(d, dtype=_DTYPES[dtype])
-        bias = torch.randn(d, dtype=_DTYPES[dtype]) if spec.kind == "layer_norm" else None
+        bias = torch.randn(d, dtype=_DTYPES[dtype]) if spec.variant.bias else None
         _, mean, rstd = gns_norm.gns_norm_forward(spec, x, weight, bias)
         segment_ids = None
         if segmented:  # three sequences per row, as a packed batch

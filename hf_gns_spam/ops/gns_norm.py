@@ -232,8 +232,8 @@ def gns_norm(
     """
     if x.dim() < 2:
         raise ValueError(f"gns_norm needs an input of shape [batch, ..., features], got shape {tuple(x.shape)}")
-    if bias is not None and spec.rounding not in ("layer_norm", "fp32"):
-        raise ValueError(f"a bias is supported with the 'layer_norm' and 'fp32' roundings, not {spec.rounding!r}")
+    if bias is not None and not spec.variant.bias:
+        raise ValueError(f"the variant {spec.variant.label!r} has no bias (hf_gns_spam.kernels.norm_variants)")
     if segment_ids is not None:
         norm_reference.check_segment_layout(segment_ids, x)
     weight_sink, bias_sink = frozen_grads
