@@ -52,15 +52,19 @@ class NormSpec:
 
     (``kind``, ``offset``, ``rounding``) must be a row of :data:`~hf_gns_spam.kernels.norm_variants.VARIANTS`
     (:attr:`variant`); ``eps`` is the module's own. :meth:`encode` and :meth:`decode` carry a spec, every field,
-    through the ``torch.library`` operator as one string."""
+    through the ``torch.library`` operator as one string, made once here (``torch.compile`` cannot trace the JSON
+    encoder, and reads the stored string as a constant)."""
 
     kind: str
     eps: float
     offset: float = 0.0  # the weight enters as (offset + w): 1.0 for Gemma-style zero-centred weights
     rounding: str = "float32_product"
+    _encoded: str = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         find_variant(self.kind, self.offset, self.rounding)
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.init}
+        object.__setattr__(self, "_encoded", json.dumps(fields, sort_keys=True))
 
     @staticmethod
     def of(variant: NormVariant, eps: float) -> NormSpec:
@@ -75,7 +79,7 @@ class NormSpec:
 
     def encode(self) -> str:
         """Every field as one string (JSON; floats round-trip exactly), what the operator takes (:meth:`decode`)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return self._encoded
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
