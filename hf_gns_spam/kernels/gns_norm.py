@@ -341,6 +341,18 @@ def _segment_block(
 
 
 @triton.jit
+def _tile_rows(pid, n_tiles, rows_per_example, rows_per_tile):
+    """Rows ``[row_start, row_end)`` of program ``pid = b·n_tiles + t``: tile t of example b, of at most
+    ``rows_per_tile`` rows, within the example's ``rows_per_example``."""
+    example = pid // n_tiles
+    tile = pid - example * n_tiles
+    example_start = example * rows_per_example
+    row_start = example_start + tile * rows_per_tile
+    row_end = tl.minimum(row_start + rows_per_tile, example_start + rows_per_example)
+    return row_start, row_end
+
+
+@triton.jit
 def _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, CENTRE: tl.constexpr):
     """(x̂, r) of a [BLOCK_ROWS, BLOCK_D] tile of x at ``ptr`` (rows ``rows``), float32; x̂ is 0 where masked.
     Without CENTRE (rms_norm, one block) x̂ = x·r: masked x is 0 already and μ is 0."""
@@ -355,8 +367,80 @@ def _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, CENTRE: tl.conste
 
 
 @triton.jit
-def _store_dx(DX, ptr, mask, g, x_hat, rstd, mean_gx, mean_g, CENTRED: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """Store dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)) (the mean(ĝ) term only for layer_norm) of a tile of rows."""
+def _row_means_pass(
+    DY,
+    X,
+    W,
+    Mean,
+    Rstd,
+    RowMeans,
+    row_start,
+    row_end,
+    D,
+    d_float,
+    offset,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+):
+    """Rows wider than a block, pass 1, row by row: ``RowMeans[row] = (mean(ĝ), mean(ĝ ⊙ x̂))`` (float32,
+    ``[n_rows, 2]``) over the row's chunks, with ĝ = dy ⊙ (offset + w), for the rows of the tile."""
+    cols = tl.arange(0, BLOCK_D)
+    for first in range(row_start, row_end, BLOCK_ROWS):
+        rows = first + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < row_end
+        row_off = rows.to(tl.int64) * D
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        acc_g = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        acc_gx = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        for chunk in range(NUM_CHUNKS):
+            c = chunk * BLOCK_D + cols
+            col_mask = c < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            ptr = row_off[:, None] + c[None, :]
+            dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            g = dy
+            if HAS_WEIGHT:
+                g = dy * (offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :])
+            acc_g += g
+            acc_gx += g * x_hat
+        means_off = rows.to(tl.int64) * 2
+        tl.store(RowMeans + means_off, tl.div_rn(tl.sum(acc_g, axis=1), d_float), mask=row_mask)
+        tl.store(RowMeans + means_off + 1, tl.div_rn(tl.sum(acc_gx, axis=1), d_float), mask=row_mask)
+
+
+@triton.jit
+def _store_dx(
+    DX,
+    RowMeans,
+    ptr,
+    rows,
+    row_mask,
+    mask,
+    g,
+    x_hat,
+    rstd,
+    d_float,
+    CENTRED: tl.constexpr,
+    WHOLE_ROWS: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
+):
+    """Store dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)) (the mean(ĝ) term only for centred kinds) of a block of rows,
+    ĝ = ``g``. The means are reduced over the block when it holds WHOLE_ROWS, else read from :func:`_row_means_pass`'s
+    ``RowMeans``."""
+    mean_g = 0.0
+    if WHOLE_ROWS:
+        mean_gx = tl.div_rn(tl.sum(g * x_hat, axis=1), d_float)
+        if CENTRED:
+            mean_g = tl.div_rn(tl.sum(g, axis=1), d_float)
+    else:
+        mean_gx = tl.load(RowMeans + rows.to(tl.int64) * 2 + 1, mask=row_mask, other=0.0)
+        if CENTRED:
+            mean_g = tl.load(RowMeans + rows.to(tl.int64) * 2, mask=row_mask, other=0.0)
     correction = mean_gx[:, None] * x_hat
     if CENTRED:
         correction = correction + mean_g[:, None]
@@ -374,8 +458,7 @@ def _gns_norm_bwd_kernel(
     DX,
     PartialW,
     PartialB,
-    ScratchG,
-    ScratchGX,
+    RowMeans,
     Seg,
     SegW,
     SegB,
@@ -402,19 +485,20 @@ def _gns_norm_bwd_kernel(
     """dx for the rows of tile t of example b, and that tile's partial sums of dy ⊙ x̂' and dy ([D] each).
 
     Program ``pid = b·n_tiles + t`` owns rows ``[b·R + t·rows_per_tile, min(b·R + (t + 1)·rows_per_tile, (b + 1)·R))``
-    and writes row ``pid`` of the ``[B·n_tiles, D]`` partial buffers.
+    (:func:`_tile_rows`) and writes row ``pid`` of the ``[B·n_tiles, D]`` partial buffers. One tile loop, per chunk
+    of BLOCK_D features (one chunk when a block holds whole rows; wider rows first get their means from
+    :func:`_row_means_pass`): each block of rows gives dy, x̂ and dy ⊙ x̂', which are added to the tile's sums, then
+    dx (:func:`_store_dx`).
 
-    SEGMENTED (segment ids ``Seg``, one per ``rows_per_token`` consecutive rows): the same rows are also summed per
-    segment. The tile's first segment goes to ``Seg{W,B}[pid, 0]``, its last (if another) to ``Seg{W,B}[pid, 1]``
-    (these two may extend into neighbouring tiles); the segments in between lie wholly in the tile and leave only
+    The regimes differ only in where a block's products are added and where the tile's sums go. Plain: to one
+    [BLOCK_ROWS, BLOCK_D] accumulator per parameter, stored at the end. SEGMENTED (segment ids ``Seg``, one per
+    ``rows_per_token`` consecutive rows): to the open segment's accumulator (:func:`_segment_block`); the tile's
+    first segment goes to ``Seg{W,B}[pid, 0]``, its last (if another) to ``Seg{W,B}[pid, 1]`` (these two may extend
+    into neighbouring tiles); the segments in between lie wholly in the tile and leave only
     ``SegStats[pid] = (Σ‖G_w‖², Σ‖G_b‖²)`` over them.
     """
     pid = tl.program_id(0)
-    example = pid // n_tiles
-    tile = pid - example * n_tiles
-    example_start = example * rows_per_example
-    row_start = example_start + tile * rows_per_tile
-    row_end = tl.minimum(row_start + rows_per_tile, example_start + rows_per_example)
+    row_start, row_end = _tile_rows(pid, n_tiles, rows_per_example, rows_per_tile)
     partial_off = pid.to(tl.int64) * D
     cols = tl.arange(0, BLOCK_D)
     if SEGMENTED:
@@ -422,11 +506,19 @@ def _gns_norm_bwd_kernel(
         seg_off = pid.to(tl.int64) * 2 * D
         sq_w = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
         sq_b = sq_w
-    if NUM_CHUNKS == 1:
-        col_mask = cols < D
+    if NEED_DX and NUM_CHUNKS > 1:
+        _row_means_pass(
+            DY, X, W, Mean, Rstd, RowMeans, row_start, row_end, D, d_float, offset,
+            HAS_WEIGHT, BLOCK_ROWS, BLOCK_D, NUM_CHUNKS,
+        )  # fmt: skip
+        # make the means written by some threads visible to all threads of the program
+        tl.debug_barrier()
+    for chunk in range(NUM_CHUNKS):
+        c = chunk * BLOCK_D + cols
+        col_mask = c < D
         w = 1.0
         if NEED_DX and HAS_WEIGHT:
-            w = offset + tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            w = offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         acc_w = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
         if SEGMENTED:  # acc_* hold the open segment, closed_* the segments closed before it in the tile
@@ -437,133 +529,43 @@ def _gns_norm_bwd_kernel(
             rows = first + tl.arange(0, BLOCK_ROWS)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
-            ptr = rows.to(tl.int64)[:, None] * D + cols[None, :]
+            ptr = rows.to(tl.int64)[:, None] * D + c[None, :]
             dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+            prod_w = 0.0
             if NEED_DX or NEED_DW:
-                x_hat, rstd = _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, CENTRED)
-                # the accumulations first: dy is then dead across the reductions below (fewer live registers)
-                if SEGMENTED:
-                    prod_w = 0.0
-                    if NEED_DW:
-                        prod_w = dy * _round_normalized(x_hat, ROUND_DTYPE, MANUAL_BF16)
-                    segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
-                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
-                        segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
-                        SegW, SegB, seg_off, cols, col_mask, NEED_DW, NEED_DB,
-                    )  # fmt: skip
-                else:
-                    if NEED_DW:
-                        acc_w += dy * _round_normalized(x_hat, ROUND_DTYPE, MANUAL_BF16)
-                    if NEED_DB:
-                        acc_b += dy
-                if NEED_DX:
-                    g = dy * w
-                    mean_gx = tl.div_rn(tl.sum(g * x_hat, axis=1), d_float)
-                    mean_g = 0.0
-                    if CENTRED:
-                        mean_g = tl.div_rn(tl.sum(g, axis=1), d_float)
-                    _store_dx(DX, ptr, mask, g, x_hat, rstd, mean_gx, mean_g, CENTRED, MANUAL_BF16)
-            elif NEED_DB:
-                if SEGMENTED:
-                    segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
-                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
-                        segs, 0.0, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
-                        SegW, SegB, seg_off, cols, col_mask, NEED_DW, NEED_DB,
-                    )  # fmt: skip
-                else:
-                    acc_b += dy
-        if SEGMENTED:
-            if NEED_DW:
-                _segment_end(acc_w, closed_w, cur, s_first, SegW, seg_off, PartialW, partial_off, cols, col_mask, D)
-            if NEED_DB:
-                _segment_end(acc_b, closed_b, cur, s_first, SegB, seg_off, PartialB, partial_off, cols, col_mask, D)
-        else:
-            if NEED_DW:
-                tl.store(PartialW + partial_off + cols, tl.sum(acc_w, axis=0), mask=col_mask)
-            if NEED_DB:
-                tl.store(PartialB + partial_off + cols, tl.sum(acc_b, axis=0), mask=col_mask)
-    else:
-        # the means of pass 1 stay separate from the one-block path's: they accumulate over the chunks of a row into
-        # a scratch buffer, where that path reduces the rows it holds
-        if NEED_DX:
-            # pass 1, row by row: mean(ĝ) and mean(ĝ ⊙ x̂), kept in the float32 scratch buffers
-            for first in range(row_start, row_end, BLOCK_ROWS):
-                rows = first + tl.arange(0, BLOCK_ROWS)
-                row_mask = rows < row_end
-                row_off = rows.to(tl.int64) * D
-                rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-                mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-                acc_g = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-                acc_gx = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-                for chunk in range(NUM_CHUNKS):
-                    c = chunk * BLOCK_D + cols
-                    col_mask = c < D
-                    mask = row_mask[:, None] & col_mask[None, :]
-                    ptr = row_off[:, None] + c[None, :]
-                    dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
-                    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
-                    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                    g = dy
-                    if HAS_WEIGHT:
-                        g = dy * (offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :])
-                    acc_g += g
-                    acc_gx += g * x_hat
-                tl.store(ScratchG + rows, tl.div_rn(tl.sum(acc_g, axis=1), d_float), mask=row_mask)
-                tl.store(ScratchGX + rows, tl.div_rn(tl.sum(acc_gx, axis=1), d_float), mask=row_mask)
-            # make the scratch values written by some threads visible to all threads of the program
-            tl.debug_barrier()
-        # pass 2, chunk by chunk: dx and the partial sums of this chunk of features
-        for chunk in range(NUM_CHUNKS):
-            c = chunk * BLOCK_D + cols
-            col_mask = c < D
-            w = 1.0
-            if NEED_DX and HAS_WEIGHT:
-                w = offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            acc_w = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-            acc_b = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-            if SEGMENTED:
-                cur = s_first
-                closed_w = tl.zeros([BLOCK_D], dtype=tl.float32)
-                closed_b = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for first in range(row_start, row_end, BLOCK_ROWS):
-                rows = first + tl.arange(0, BLOCK_ROWS)
-                row_mask = rows < row_end
-                mask = row_mask[:, None] & col_mask[None, :]
-                ptr = rows.to(tl.int64)[:, None] * D + c[None, :]
-                dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
-                prod_w = 0.0
-                if NEED_DX or NEED_DW:
-                    # always centred (μ is 0 for rms_norm): the chunk's masked columns need the where
-                    x_hat, rstd = _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, True)
-                    if NEED_DX:
-                        g = dy * w
-                        mean_gx = tl.load(ScratchGX + rows, mask=row_mask, other=0.0)
-                        mean_g = 0.0
-                        if CENTRED:
-                            mean_g = tl.load(ScratchG + rows, mask=row_mask, other=0.0)
-                        _store_dx(DX, ptr, mask, g, x_hat, rstd, mean_gx, mean_g, CENTRED, MANUAL_BF16)
-                    if NEED_DW:
-                        prod_w = dy * _round_normalized(x_hat, ROUND_DTYPE, MANUAL_BF16)
-                        if not SEGMENTED:
-                            acc_w += prod_w
-                if SEGMENTED:
-                    segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
-                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
-                        segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
-                        SegW, SegB, seg_off, c, col_mask, NEED_DW, NEED_DB,
-                    )  # fmt: skip
-                elif NEED_DB:
-                    acc_b += dy
-            if SEGMENTED:
+                # centred whenever the block is a chunk (μ is 0 for rms_norm): its masked columns need the where
+                x_hat, rstd = _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, CENTRED or NUM_CHUNKS > 1)
                 if NEED_DW:
-                    _segment_end(acc_w, closed_w, cur, s_first, SegW, seg_off, PartialW, partial_off, c, col_mask, D)
-                if NEED_DB:
-                    _segment_end(acc_b, closed_b, cur, s_first, SegB, seg_off, PartialB, partial_off, c, col_mask, D)
+                    prod_w = dy * _round_normalized(x_hat, ROUND_DTYPE, MANUAL_BF16)
+            if NEED_DX and NUM_CHUNKS > 1:  # means read from RowMeans: dx first, then x̂ is dead (fewer registers)
+                _store_dx(
+                    DX, RowMeans, ptr, rows, row_mask, mask, dy * w, x_hat, rstd, d_float, CENTRED, False, MANUAL_BF16
+                )  # fmt: skip
+            if SEGMENTED:
+                segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
+                cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
+                    segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
+                    SegW, SegB, seg_off, c, col_mask, NEED_DW, NEED_DB,
+                )  # fmt: skip
             else:
                 if NEED_DW:
-                    tl.store(PartialW + partial_off + c, tl.sum(acc_w, axis=0), mask=col_mask)
+                    acc_w += prod_w
                 if NEED_DB:
-                    tl.store(PartialB + partial_off + c, tl.sum(acc_b, axis=0), mask=col_mask)
+                    acc_b += dy
+            if NEED_DX and NUM_CHUNKS == 1:  # the sums first: dy is then dead across dx's reductions
+                _store_dx(
+                    DX, RowMeans, ptr, rows, row_mask, mask, dy * w, x_hat, rstd, d_float, CENTRED, True, MANUAL_BF16
+                )  # fmt: skip
+        if SEGMENTED:
+            if NEED_DW:
+                _segment_end(acc_w, closed_w, cur, s_first, SegW, seg_off, PartialW, partial_off, c, col_mask, D)
+            if NEED_DB:
+                _segment_end(acc_b, closed_b, cur, s_first, SegB, seg_off, PartialB, partial_off, c, col_mask, D)
+        else:
+            if NEED_DW:
+                tl.store(PartialW + partial_off + c, tl.sum(acc_w, axis=0), mask=col_mask)
+            if NEED_DB:
+                tl.store(PartialB + partial_off + c, tl.sum(acc_b, axis=0), mask=col_mask)
     if SEGMENTED:
         stats_off = pid.to(tl.int64) * 2
         tl.store(SegStats + stats_off, sq_w)
@@ -872,10 +874,9 @@ def gns_norm_backward(
     dx2 = torch.empty((n_rows, d), dtype=x.dtype, device=device) if need_input_grad else None
     partial_w = torch.empty((n_programs, d), dtype=torch.float32, device=device) if need_weight_grad else None
     partial_b = torch.empty((n_programs, d), dtype=torch.float32, device=device) if need_bias_grad else None
-    scratch_g = scratch_gx = None
+    row_means = None  # (mean(ĝ), mean(ĝ ⊙ x̂)) per row, for dx of rows wider than a block
     if need_input_grad and num_chunks > 1:
-        scratch_g = torch.empty(n_rows, dtype=torch.float32, device=device)
-        scratch_gx = torch.empty(n_rows, dtype=torch.float32, device=device)
+        row_means = torch.empty((n_rows, 2), dtype=torch.float32, device=device)
     seg_w = seg_b = seg_stats = None
     rows_per_token = 1
     if segmented:
@@ -897,8 +898,7 @@ def gns_norm_backward(
             arg(dx2),
             arg(partial_w),
             arg(partial_b),
-            arg(scratch_g),
-            arg(scratch_gx),
+            arg(row_means),
             _kernel_segment_ids(seg) if segmented else rstd1,
             arg(seg_w),
             arg(seg_b),
