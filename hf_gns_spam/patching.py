@@ -74,25 +74,16 @@ class SkippedModule:
 
 @dataclass
 class PatchReport:
-    """What :func:`patch_model` did: every patched module and every norm-like module it left alone, with why.
-
-    ``cpu_repacking_disabled`` names the bitsandbytes 4-bit layers whose CPU inference repacking was turned off
-    (:mod:`hf_gns_spam.integrations.bitsandbytes_cpu`: a repacked layer cannot be trained after an evaluation).
-    """
+    """What :func:`patch_model` did to the normalization modules: every patched module and every norm-like module
+    it left alone, with why."""
 
     patched: list[PatchedModule] = field(default_factory=list)
     skipped: list[SkippedModule] = field(default_factory=list)
-    cpu_repacking_disabled: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"patched {len(self.patched)} normalization module(s), skipped {len(self.skipped)}"]
         lines += [f"  patched  {p.name}: {p.original_class} -> {p.kind}" for p in self.patched]
         lines += [f"  skipped  {s.name}: {s.class_name} ({s.reason})" for s in self.skipped]
-        if self.cpu_repacking_disabled:
-            lines.append(
-                f"bitsandbytes CPU inference repacking turned off on {len(self.cpu_repacking_disabled)} 4-bit "
-                "layer(s) (a repacked layer has no backward)"
-            )
         return "\n".join(lines)
 
 
@@ -443,15 +434,19 @@ def patch_model(
         exclude: glob pattern(s) of module names to leave alone.
 
     Returns:
-        A :class:`PatchReport`. Patching twice is harmless: already patched modules are listed as patched again.
+        A :class:`PatchReport` of the normalization modules. Patching twice is harmless: already patched modules
+        are listed as patched again.
 
-    bitsandbytes 4-bit layers (QLoRA) get their CPU inference repacking turned off, so that the model still trains
-    after an evaluation on a CPU with AVX512-BF16 (:mod:`hf_gns_spam.integrations.bitsandbytes_cpu`); a layer
-    that was already repacked raises :class:`~hf_gns_spam.integrations.bitsandbytes_cpu.CPURepackingError`.
+    Before the norms, and apart from them, ``patch_model`` runs one step that is not about normalization:
+    :func:`~hf_gns_spam.integrations.bitsandbytes_cpu.disable_cpu_weight_repacking`, so that bitsandbytes 4-bit
+    layers (QLoRA) still train after an evaluation on a CPU with AVX512-BF16; a layer that was already repacked
+    raises :class:`~hf_gns_spam.integrations.bitsandbytes_cpu.CPURepackingError`. Its result is not part of the
+    report: call that function (idempotent) for the list of layers, or on a model you do not patch.
     """
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
-    report = PatchReport(cpu_repacking_disabled=disable_cpu_weight_repacking(model))
+    disable_cpu_weight_repacking(model)  # the bitsandbytes step (docstring), before any norm is touched
+    report = PatchReport()
     context = getattr(model, "_gns_batch_context", None) or BatchContext()
     shared = _shared_modules(model)
     for name, module in model.named_modules():
@@ -509,8 +504,8 @@ def _shared_modules(model: nn.Module) -> dict[nn.Module, str]:
 
 
 def unpatch_model(model: nn.Module) -> int:
-    """Restore the original class of every patched module (and bitsandbytes' CPU repacking switches); returns how
-    many norm modules were restored."""
+    """Restore the original class of every patched module; returns how many norm modules were restored. Also undoes
+    :func:`patch_model`'s bitsandbytes step (``restore_cpu_weight_repacking``)."""
     restore_cpu_weight_repacking(model)
     restored = 0
     for module in model.modules():
