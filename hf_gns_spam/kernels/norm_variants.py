@@ -36,9 +36,12 @@ grouped by formula, in this order; the operator's bias check, the report's descr
 the compile count of ``tests/test_kernel_compile.py`` and ``tests/test_norm_variants.py`` (which fails when a row
 and one of its users drift apart) read it too.
 
-Adding a variant touches at most two source files: this one (its row, and its :class:`Kind` or :class:`Rounding`
-if new) and, only when its product is neither AFFINE form above, :mod:`hf_gns_spam.kernels.gns_norm` (the new
-AFFINE branch of ``_affine``). Its tests come for free from ``tests/test_norm_variants.py``, which runs every row.
+Adding a variant touches at most two source files: this one (its row; a new :class:`Rounding` or :class:`Kind`
+here too) and :mod:`hf_gns_spam.kernels.gns_norm`, only when the kernels lack its maths: a product that is neither
+AFFINE form above (a branch of ``_affine``) or a rounding through a dtype ``_TRITON_DTYPES`` does not map. A row
+of an existing kind, offset form and rounding touches this file alone. ``tests/test_norm_variants.py`` then runs
+the row through everything above; it asks for one module of the new family (``MODULES``), which the probe must
+recognise.
 This module imports nothing but torch, so that the contracts load without triton.
 """
 

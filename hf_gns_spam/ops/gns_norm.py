@@ -15,7 +15,7 @@ the maths.
 The spec crosses the operators whole, as one string (:meth:`NormSpec.encode`, decoded in :meth:`NormSpec.decode`
 and nowhere else): ``torch.library`` operators take no dataclass, and one string keeps every signature (the two
 operators, their fake implementations, the autograd context) the same when NormSpec gains a field. Under
-``torch.compile`` the string is a constant of the graph, as the four scalars it replaces were.
+``torch.compile`` the string is a constant of the graph (one compiled graph per spec, as for any constant).
 
 Checks of ``segment_ids``: dtype, shape and device in :func:`gns_norm` (no value read, so ``torch.compile`` traces
 it); the values (≥ 0, non-decreasing) in the forward when the ids are on the CPU (a cheap check, ``ValueError``), and
