@@ -40,9 +40,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    sys.exit("kernel_resources.py compiles kernels: run it with TRITON_INTERPRET unset")
-
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -51,6 +48,7 @@ from triton.runtime import driver as triton_driver
 from hf_gns_spam import StableSPAM
 from hf_gns_spam.kernels import gns_norm, stable_spam_step
 from hf_gns_spam.kernels.norm_contract import NormSpec
+from hf_gns_spam.kernels.norm_variants import VARIANTS, NormVariant
 from hf_gns_spam.kernels.step_contract import StepHyperparameters
 
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -127,21 +125,22 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 # configurations: each drives a launcher once on CPU tensors
 # --------------------------------------------------------------------------------------------------------------------
 
-_NORM_SPECS = {
-    "rms_llama": NormSpec("rms_norm", 1e-6, rounding="llama"),
-    "rms_gemma": NormSpec("rms_norm", 1e-6, offset=1.0, rounding="fp32"),
-    "layer_norm": NormSpec("layer_norm", 1e-5, rounding="layer_norm"),
-}
+#: What each variant of the norm table (kernels/norm_variants.py) is compiled for: one (dtype, width) per regime
+#: in ``--quick``, every dtype and width for the plain and segmented regimes otherwise.
+NORM_REGIMES = ("plain", "segmented", "frozen")
+#: The kernels one norm configuration launches: a forward and a backward.
+NORM_KERNELS = ("_gns_norm_fwd_kernel", "_gns_norm_bwd_kernel")
 
 
-def _norm_case(spec_name: str, dtype: str, d: int, tokens: int, segmented: bool, frozen: bool) -> Callable[[], None]:
+def _norm_case(variant: NormVariant, dtype: str, d: int, tokens: int, regime: str) -> Callable[[], None]:
     """Forward and backward of one norm configuration: ``tokens`` rows of ``d`` features in 4 examples."""
+    segmented, frozen = regime == "segmented", regime == "frozen"
 
     def run() -> None:
-        spec = _NORM_SPECS[spec_name]
+        spec = NormSpec.of(variant, 1e-6)
         x = torch.randn(4, tokens // 4, d, dtype=_DTYPES[dtype])
         weight = torch.randn(d, dtype=_DTYPES[dtype])
-        bias = torch.randn(d, dtype=_DTYPES[dtype]) if spec.kind == "layer_norm" else None
+        bias = torch.randn(d, dtype=_DTYPES[dtype]) if spec.variant.bias else None
         _, mean, rstd = gns_norm.gns_norm_forward(spec, x, weight, bias)
         segment_ids = None
         if segmented:  # three sequences per row, as a packed batch
@@ -175,13 +174,12 @@ def configurations(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     """(name, run) for every configuration: the shapes and dtypes the GPU tests and benchmarks launch."""
     widths = (4096,) if quick else (128, 1024, 2048, 4096, 8192, 16384)
     dtypes = ("bf16",) if quick else ("bf16", "fp32", "fp16")
-    for spec_name in _NORM_SPECS:
-        for dtype in dtypes:
-            for d in widths:
-                for segmented in (False, True):
-                    name = f"norm {spec_name} {dtype} D={d}{' segmented' if segmented else ''}"
-                    yield name, _norm_case(spec_name, dtype, d, 64, segmented, frozen=False)
-        yield f"norm {spec_name} bf16 D=4096 frozen", _norm_case(spec_name, "bf16", 4096, 64, False, frozen=True)
+    for variant in VARIANTS:
+        for regime in NORM_REGIMES:
+            shapes = [("bf16", 4096)] if regime == "frozen" else [(dtype, d) for dtype in dtypes for d in widths]
+            for dtype, d in shapes:
+                name = f"norm {variant.formula} {variant.rounding.name} {dtype} D={d} {regime}"
+                yield name, _norm_case(variant, dtype, d, 64, regime)
     for param_dtype in ("fp32", "bf16") if quick else ("fp32", "bf16", "fp16"):
         for state_bits in (32, 16, 8, 4):
             for mode in ("clean", "faithful"):
@@ -200,7 +198,7 @@ def _stand_ins(arch: int, replacements: dict[tuple[Any, str], Any]) -> Iterator[
     value}) are in place; everything is put back after it."""
     triton_driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
     sink: list[tuple[str, Any, int]] = []
-    kernels = [(gns_norm, "_gns_norm_fwd_kernel"), (gns_norm, "_gns_norm_bwd_kernel")]
+    kernels = [(gns_norm, name) for name in NORM_KERNELS]
     kernels += [(stable_spam_step, name) for name in _STEP_KERNELS]
     patches = {key: _CompileOnLaunch(getattr(*key), sink) for key in kernels} | replacements
     originals = {key: getattr(*key) for key in patches}
@@ -294,6 +292,8 @@ def main() -> None:
     parser.add_argument("--sms", type=int, default=132, help="SMs the backward's tile plan assumes")
     parser.add_argument("--step-host-time", type=int, metavar="TENSORS", help="time the optimizer step's host side")
     args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("kernel_resources.py compiles kernels: run it with TRITON_INTERPRET unset")
     if not os.path.exists(_CUOBJDUMP):
         sys.exit(f"Triton {triton.__version__} has no NVIDIA backend tools here ({_CUOBJDUMP})")
     try:
@@ -315,7 +315,7 @@ def main() -> None:
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}, {args.sms} SMs")
     compiled, failures = compile_all(args.quick, args.arch, args.sms)
     header = (
-        f"{'configuration':<44} {'kernel':<26} {'warps':>5} {'regs':>5} {'stack':>6} {'local':>6} {'shared':>7} "
+        f"{'configuration':<60} {'kernel':<26} {'warps':>5} {'regs':>5} {'stack':>6} {'local':>6} {'shared':>7} "
         f"{'load B':>6}"
     )
     print(header)
@@ -323,7 +323,7 @@ def main() -> None:
     for item in compiled:
         r = item.resources
         print(
-            f"{item.config:<44} {item.kernel.lstrip('_'):<26} {item.num_warps:>5} {r['REG']:>5} {r['STACK']:>6} "
+            f"{item.config:<60} {item.kernel.lstrip('_'):<26} {item.num_warps:>5} {r['REG']:>5} {r['STACK']:>6} "
             f"{r['LOCAL']:>6} {r['SHARED']:>7} {item.widest_load:>6}"
         )
     spilled = [item for item in compiled if item.resources["LOCAL"] or item.resources["STACK"]]

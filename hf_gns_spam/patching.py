@@ -11,8 +11,9 @@ work too:
 
 * ``type(m) is nn.LayerNorm`` (or a subclass that does not override ``forward``) over the last dimension;
 * otherwise a leaf module with a 1-D ``weight`` (and optionally a ``bias``), an epsilon attribute and a one-input
-  ``forward``, whose output on random inputs matches one supported formula (RMSNorm with ``w`` or ``1 + w``, or a
-  LayerNorm written by hand), in float32 and, to find how it rounds, in bfloat16.
+  ``forward``, whose output on random inputs matches one row of the variant table
+  (:mod:`hf_gns_spam.kernels.norm_variants`: RMSNorm with ``w`` or ``1 + w``, or a LayerNorm written by hand), in
+  float32 for the formula and, to find how it rounds, in bfloat16.
 
 Everything else that looks like a normalization layer is reported as skipped, with the reason.
 """
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from hf_gns_spam.integrations.bitsandbytes_cpu import disable_cpu_weight_repacking, restore_cpu_weight_repacking
+from hf_gns_spam.kernels.norm_variants import VARIANTS, NormVariant, find_variant
 from hf_gns_spam.ops.gns_norm import gns_norm
 from hf_gns_spam.ops.norm_reference import STATISTICS_SIZE, NormSpec, norm_forward, output_dtype
 from hf_gns_spam.sequences import sequence_ids
@@ -51,8 +53,9 @@ EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon", "layer_norm_eps")
 @dataclass(frozen=True)
 class PatchedModule:
     """A normalization module ``patch_model`` took over: its name in ``model.named_modules()``, its original class
-    name, how it was recognised (``kind``, e.g. ``"rms_norm(1+w), rounding fp32"``; the same on a re-patch) and the
-    :class:`NormSpec` its statistics are computed with."""
+    name, how it was recognised (``kind``: its variant's :attr:`~hf_gns_spam.kernels.norm_variants.NormVariant.label`,
+    e.g. ``"rms_norm(1+w), rounding float32_product"``; the same on a re-patch) and the :class:`NormSpec` its
+    statistics are computed with."""
 
     name: str
     original_class: str
@@ -71,25 +74,16 @@ class SkippedModule:
 
 @dataclass
 class PatchReport:
-    """What :func:`patch_model` did: every patched module and every norm-like module it left alone, with why.
-
-    ``cpu_repacking_disabled`` names the bitsandbytes 4-bit layers whose CPU inference repacking was turned off
-    (:mod:`hf_gns_spam.integrations.bitsandbytes_cpu`: a repacked layer cannot be trained after an evaluation).
-    """
+    """What :func:`patch_model` did to the normalization modules: every patched module and every norm-like module
+    it left alone, with why."""
 
     patched: list[PatchedModule] = field(default_factory=list)
     skipped: list[SkippedModule] = field(default_factory=list)
-    cpu_repacking_disabled: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"patched {len(self.patched)} normalization module(s), skipped {len(self.skipped)}"]
         lines += [f"  patched  {p.name}: {p.original_class} -> {p.kind}" for p in self.patched]
         lines += [f"  skipped  {s.name}: {s.class_name} ({s.reason})" for s in self.skipped]
-        if self.cpu_repacking_disabled:
-            lines.append(
-                f"bitsandbytes CPU inference repacking turned off on {len(self.cpu_repacking_disabled)} 4-bit "
-                "layer(s) (a repacked layer has no backward)"
-            )
         return "\n".join(lines)
 
 
@@ -199,7 +193,7 @@ class _GNSNormMixin:
                     None if weight.requires_grad else weight_sink,
                     None if bias is None or bias.requires_grad else bias_sink,
                 )
-        if self._gns_spec.kind == "layer_norm" and torch.is_autocast_enabled(hidden_states.device.type):
+        if self._gns_spec.variant.kind.float32_under_autocast and torch.is_autocast_enabled(hidden_states.device.type):
             # F.layer_norm runs in float32 under autocast; do as it does
             hidden_states, weight = hidden_states.float(), weight.float()
             bias = None if bias is None else bias.float()
@@ -309,20 +303,28 @@ def _forward_inputs(module: nn.Module) -> int:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
 
 
-_RMS_CANDIDATES = {
-    "rms_norm(w)": {"kind": "rms_norm", "offset": 0.0},
-    "rms_norm(1+w)": {"kind": "rms_norm", "offset": 1.0},
-    "layer_norm": {"kind": "layer_norm", "offset": 0.0},
-}
-_PROBE_CACHE: dict[tuple[type[nn.Module], bool], tuple[str, NormSpec] | str] = {}
+_PROBE_CACHE: dict[tuple[type[nn.Module], bool], NormVariant | str] = {}
 
 
-def _probe(module: nn.Module, eps: float) -> tuple[str, NormSpec] | str:
-    """Find the formula and rounding of a leaf normalization module numerically; a string says why none fits.
+def _candidates(has_bias: bool) -> dict[str, list[NormVariant]]:
+    """The variant table's rows a module may compute, grouped by formula in table order (only rows that allow a
+    bias for a module with one)."""
+    candidates: dict[str, list[NormVariant]] = {}
+    for variant in VARIANTS:
+        if variant.bias or not has_bias:
+            candidates.setdefault(variant.formula, []).append(variant)
+    return candidates
+
+
+def _probe(module: nn.Module, eps: float) -> NormVariant | str:
+    """Find the variant (formula and rounding) of a leaf normalization module numerically; a string says why none
+    fits.
 
     The probe runs on a float copy of the module (the real one is never touched) with random weights, on inputs
-    small enough that eps matters. The rounding (where x̂ is cast before or after the multiplication by the weight)
-    is the candidate that reproduces the most bfloat16 outputs exactly, for bfloat16 and for float32 weights.
+    small enough that eps matters. The formula is the candidate group (:func:`_candidates`) whose float32 output
+    matches (every rounding of a formula computes the same in float32); the rounding (where x̂ is cast before or
+    after the multiplication by the weight) is the group's row that reproduces the most bfloat16 outputs exactly,
+    for bfloat16 and for float32 weights, the first row on a tie.
     """
     features = module.weight.shape[0]
     has_bias = getattr(module, "bias", None) is not None
@@ -338,6 +340,7 @@ def _probe(module: nn.Module, eps: float) -> tuple[str, NormSpec] | str:
         bias = module_copy.bias if has_bias else None
         return norm_forward(spec, inputs, module_copy.weight, bias)[0]
 
+    candidates = _candidates(has_bias)
     with torch.no_grad():
         try:
             y = probe(x)
@@ -346,20 +349,16 @@ def _probe(module: nn.Module, eps: float) -> tuple[str, NormSpec] | str:
         if not isinstance(y, torch.Tensor) or y.shape != x.shape:
             return "output is not a tensor of the input's shape"
         errors = {}
-        for label, fields in _RMS_CANDIDATES.items():
-            if has_bias and fields["kind"] != "layer_norm":
-                continue
-            spec = NormSpec(eps=eps, rounding="fp32", **fields)
-            errors[label] = ((y - reference(spec, x, probe)).abs().max() / y.abs().max()).item()
-        label = min(errors, key=errors.get)
-        if errors[label] > 1e-5:
+        for formula, variants in candidates.items():
+            spec = NormSpec.of(variants[0], eps)
+            errors[formula] = ((y - reference(spec, x, probe)).abs().max() / y.abs().max()).item()
+        formula = min(errors, key=errors.get)
+        if errors[formula] > 1e-5:
             return "output matches no supported normalization formula"
-        fields = _RMS_CANDIDATES[label]
 
-        best_rounding, best_agreement = None, -1.0
-        roundings = ("llama", "fp32", "t5") if fields["kind"] == "rms_norm" and not fields["offset"] else ("fp32",)
-        for rounding in roundings:
-            spec = NormSpec(eps=eps, rounding=rounding, **fields)
+        best_variant, best_agreement = None, -1.0
+        for variant in candidates[formula]:
+            spec = NormSpec.of(variant, eps)
             agreement = 1.0
             for weight_dtype in (torch.bfloat16, torch.float32):
                 module_copy = copy.deepcopy(probe).to(weight_dtype)
@@ -370,11 +369,14 @@ def _probe(module: nn.Module, eps: float) -> tuple[str, NormSpec] | str:
                     break
                 agreement = min(agreement, (y == expected).float().mean().item())
             if agreement > best_agreement:
-                best_rounding, best_agreement = rounding, agreement
+                best_variant, best_agreement = variant, agreement
         if best_agreement < 0.95:
             return "its bfloat16 rounding matches no supported variant"
-    spec = NormSpec(eps=eps, rounding=best_rounding, **fields)
-    return f"{label}, rounding {best_rounding}", spec
+    return best_variant
+
+
+#: The row nn.LayerNorm computes (recognised by type, not probed).
+_LAYER_NORM = find_variant("layer_norm", 0.0, "float32_product")
 
 
 def _classify(module: nn.Module) -> tuple[str, NormSpec] | str:
@@ -386,7 +388,7 @@ def _classify(module: nn.Module) -> tuple[str, NormSpec] | str:
             return "normalizes over more than the last dimension"
         if not module.elementwise_affine:
             return "weightless (no parameters to measure)"
-        return "layer_norm", NormSpec(kind="layer_norm", eps=module.eps, rounding="layer_norm")
+        return _LAYER_NORM.label, NormSpec.of(_LAYER_NORM, module.eps)
     if list(module.children()):
         return "has child modules"
     parameters = dict(module.named_parameters(recurse=False))
@@ -409,11 +411,10 @@ def _classify(module: nn.Module) -> tuple[str, NormSpec] | str:
     cache_key = (type(module), getattr(module, "bias", None) is not None)
     if cache_key not in _PROBE_CACHE:
         _PROBE_CACHE[cache_key] = _probe(module, eps)
-    result = _PROBE_CACHE[cache_key]
-    if isinstance(result, str):
-        return result
-    description, spec = result
-    return description, NormSpec(kind=spec.kind, eps=eps, offset=spec.offset, rounding=spec.rounding)
+    variant = _PROBE_CACHE[cache_key]
+    if isinstance(variant, str):
+        return variant
+    return variant.label, NormSpec.of(variant, eps)
 
 
 def _selected(name: str, include: Iterable[str] | None, exclude: Iterable[str] | None) -> bool:
@@ -433,15 +434,19 @@ def patch_model(
         exclude: glob pattern(s) of module names to leave alone.
 
     Returns:
-        A :class:`PatchReport`. Patching twice is harmless: already patched modules are listed as patched again.
+        A :class:`PatchReport` of the normalization modules. Patching twice is harmless: already patched modules
+        are listed as patched again.
 
-    bitsandbytes 4-bit layers (QLoRA) get their CPU inference repacking turned off, so that the model still trains
-    after an evaluation on a CPU with AVX512-BF16 (:mod:`hf_gns_spam.integrations.bitsandbytes_cpu`); a layer
-    that was already repacked raises :class:`~hf_gns_spam.integrations.bitsandbytes_cpu.CPURepackingError`.
+    Before the norms, and apart from them, ``patch_model`` runs one step that is not about normalization:
+    :func:`~hf_gns_spam.integrations.bitsandbytes_cpu.disable_cpu_weight_repacking`, so that bitsandbytes 4-bit
+    layers (QLoRA) still train after an evaluation on a CPU with AVX512-BF16; a layer that was already repacked
+    raises :class:`~hf_gns_spam.integrations.bitsandbytes_cpu.CPURepackingError`. Its result is not part of the
+    report: call that function (idempotent) for the list of layers, or on a model you do not patch.
     """
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
-    report = PatchReport(cpu_repacking_disabled=disable_cpu_weight_repacking(model))
+    disable_cpu_weight_repacking(model)  # the bitsandbytes step (docstring), before any norm is touched
+    report = PatchReport()
     context = getattr(model, "_gns_batch_context", None) or BatchContext()
     shared = _shared_modules(model)
     for name, module in model.named_modules():
@@ -499,8 +504,8 @@ def _shared_modules(model: nn.Module) -> dict[nn.Module, str]:
 
 
 def unpatch_model(model: nn.Module) -> int:
-    """Restore the original class of every patched module (and bitsandbytes' CPU repacking switches); returns how
-    many norm modules were restored."""
+    """Restore the original class of every patched module; returns how many norm modules were restored. Also undoes
+    :func:`patch_model`'s bitsandbytes step (``restore_cpu_weight_repacking``)."""
     restore_cpu_weight_repacking(model)
     restored = 0
     for module in model.modules():

@@ -12,10 +12,10 @@ from tests.conftest import GPU_ONLY
 pytestmark = GPU_ONLY
 
 SPECS = [
-    NormSpec("rms_norm", 1e-6, 0.0, "llama"),
-    NormSpec("rms_norm", 1e-6, 1.0, "fp32"),
-    NormSpec("rms_norm", 1e-6, 0.0, "t5"),
-    NormSpec("layer_norm", 1e-5, 0.0, "layer_norm"),
+    NormSpec("rms_norm", 1e-6, 0.0, "input_dtype_first"),
+    NormSpec("rms_norm", 1e-6, 1.0, "float32_product"),
+    NormSpec("rms_norm", 1e-6, 0.0, "weight_dtype_first"),
+    NormSpec("layer_norm", 1e-5, 0.0, "float32_product"),
 ]
 
 
@@ -37,9 +37,7 @@ def test_triton_matches_torch_on_gpu(spec, dtype, examples, tokens, hidden):
     generator = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(examples, tokens, hidden, device="cuda", generator=generator).to(dtype)
     weight = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=generator)).to(dtype)
-    bias = (
-        0.1 * torch.randn(hidden, device="cuda", generator=generator).to(dtype) if spec.kind == "layer_norm" else None
-    )
+    bias = 0.1 * torch.randn(hidden, device="cuda", generator=generator).to(dtype) if spec.variant.bias else None
     dy = torch.randn(x.shape, device="cuda", generator=generator).to(dtype)
     expected = run(spec, x, weight, bias, dy, "torch")
     actual = run(spec, x, weight, bias, dy, "triton")
@@ -90,9 +88,7 @@ def test_segments_triton_matches_torch_on_gpu(spec, dtype, rows, tokens, heads, 
     shape = (rows, tokens, *heads, hidden)
     x = torch.randn(shape, device="cuda", generator=generator).to(dtype)
     weight = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=generator)).to(dtype)
-    bias = (
-        0.1 * torch.randn(hidden, device="cuda", generator=generator).to(dtype) if spec.kind == "layer_norm" else None
-    )
+    bias = 0.1 * torch.randn(hidden, device="cuda", generator=generator).to(dtype) if spec.variant.bias else None
     dy = torch.randn(shape, device="cuda", generator=generator).to(dtype)
     ids = random_segments(rows, tokens, torch.Generator().manual_seed(1)).cuda()
     expected = run_segments(spec, x, weight, bias, dy, ids, "torch")
@@ -114,7 +110,7 @@ def test_segments_triton_matches_torch_on_gpu(spec, dtype, rows, tokens, heads, 
 
 def test_segments_backward_has_no_host_sync_on_gpu():
     """The Triton backward with segments reads nothing on the host (no tile table, no count, no id check)."""
-    spec = NormSpec("rms_norm", 1e-6, 0.0, "llama")
+    spec = NormSpec("rms_norm", 1e-6, 0.0, "input_dtype_first")
     generator = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1, 1024, 512, device="cuda", generator=generator, dtype=torch.bfloat16).requires_grad_()
     weight = torch.ones(512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -135,7 +131,7 @@ def test_segments_backward_has_no_host_sync_on_gpu():
 def test_segments_invalid_ids_on_gpu():
     """On the GPU the Triton path does not check ids on the host: invalid ones give NaN statistics; the torch path
     (which reads them anyway) raises."""
-    spec = NormSpec("layer_norm", 1e-5, 0.0, "layer_norm")
+    spec = NormSpec("layer_norm", 1e-5, 0.0, "float32_product")
     x = torch.randn(2, 64, 256, device="cuda")
     weight = torch.ones(256, device="cuda")
     bias = torch.zeros(256, device="cuda")

@@ -19,10 +19,10 @@ CASES = {
     "layer_norm": (NormSpec("layer_norm", 1e-5), True, True),
     "layer_norm_no_bias": (NormSpec("layer_norm", 1e-5), True, False),
     "layer_norm_no_affine": (NormSpec("layer_norm", 1e-5), False, False),
-    "rms_llama": (NormSpec("rms_norm", 1e-6, rounding="llama"), True, False),
-    "rms_fp32": (NormSpec("rms_norm", 1e-6, rounding="fp32"), True, False),
-    "rms_gemma": (NormSpec("rms_norm", 1e-6, offset=1.0, rounding="fp32"), True, False),
-    "rms_t5": (NormSpec("rms_norm", 1e-6, rounding="t5"), True, False),
+    "rms_llama": (NormSpec("rms_norm", 1e-6, rounding="input_dtype_first"), True, False),
+    "rms_fp32": (NormSpec("rms_norm", 1e-6, rounding="float32_product"), True, False),
+    "rms_gemma": (NormSpec("rms_norm", 1e-6, offset=1.0, rounding="float32_product"), True, False),
+    "rms_t5": (NormSpec("rms_norm", 1e-6, rounding="weight_dtype_first"), True, False),
 }
 # (x dtype, parameter dtype)
 DTYPES = {
@@ -185,7 +185,7 @@ def per_example_statistics(loss, params, x, dy):
 
 def test_statistics_match_torch_func_rms_norm():
     eps, offset = 1e-6, 1.0
-    spec = NormSpec("rms_norm", eps, offset=offset, rounding="fp32")
+    spec = NormSpec("rms_norm", eps, offset=offset, rounding="float32_product")
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 4, 40, generator=gen) + 0.3
     weight = 0.3 * torch.randn(40, generator=gen)
@@ -234,7 +234,7 @@ def test_statistics_match_torch_func_layer_norm():
 
 
 def test_rejects_bad_arguments():
-    spec = NormSpec("rms_norm", 1e-6, rounding="llama")
+    spec = NormSpec("rms_norm", 1e-6, rounding="input_dtype_first")
     x = torch.randn(2, 3, 8)
     with pytest.raises(ValueError):
         gns_norm_forward(spec, x[0, 0], None, None)

@@ -21,8 +21,8 @@ D = 24
 # name -> (spec, x dtype, has bias)
 CASES = {
     "layer_norm_bias": (NormSpec("layer_norm", 1e-5), torch.float32, True),
-    "rms_llama_bf16": (NormSpec("rms_norm", 1e-6, rounding="llama"), torch.bfloat16, False),
-    "rms_fp32_gemma": (NormSpec("rms_norm", 1e-6, offset=1.0, rounding="fp32"), torch.float32, False),
+    "rms_llama_bf16": (NormSpec("rms_norm", 1e-6, rounding="input_dtype_first"), torch.bfloat16, False),
+    "rms_fp32_gemma": (NormSpec("rms_norm", 1e-6, offset=1.0, rounding="float32_product"), torch.float32, False),
 }
 
 # name -> (x shape without D, sequence lengths of each row of dimension 0)

@@ -215,7 +215,7 @@ def test_unsupported_norms_are_skipped_with_a_reason():
         "plain_layernorm_no_affine": "weightless (no parameters to measure)",
     }
     assert sorted(p.name for p in report.patched) == ["plain_layernorm_no_bias", "scale", "torch_rmsnorm"]
-    assert model.scale._gns_spec.offset == 1.0 and model.scale._gns_spec.rounding == "fp32"
+    assert model.scale._gns_spec.offset == 1.0 and model.scale._gns_spec.rounding == "float32_product"
     x = torch.randn(2, 3, 8)
     reference = nn.RMSNorm(8, eps=1e-5)
     torch.testing.assert_close(model.torch_rmsnorm(x), reference(x))

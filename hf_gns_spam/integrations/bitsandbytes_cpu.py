@@ -14,8 +14,12 @@ module does this is decided once, at construction, by its instance attribute ``s
 * the repacked forward computes in bfloat16 whatever ``bnb_4bit_compute_dtype`` says.
 
 A model that is trained must therefore never be repacked. :func:`disable_cpu_weight_repacking` turns the switch off
-on every 4-bit layer (``patch_model`` calls it and lists the layers in its report); the layers then take
-bitsandbytes' ordinary dequantize-and-matmul path in evaluation as in training, on every CPU. Where the switch is
+on every 4-bit layer; the layers then take bitsandbytes' ordinary dequantize-and-matmul path in evaluation as in
+training, on every CPU. It is a step of its own, for whoever trains a 4-bit model and evaluates it on the CPU, before
+the first evaluation: ``patch_model`` runs it before patching the norms (apart from them: its result is not in the
+norm report), and it can be called on its own, on a model that is not patched or for the list of the layers it
+turned off (calling it again returns the same list). :func:`restore_cpu_weight_repacking` undoes it
+(``unpatch_model`` calls it). Where the switch is
 not what this module expects, or a weight was already repacked, it raises :class:`CPURepackingError` with the fix
 instead of letting training go wrong later. bitsandbytes is never imported here: a model with 4-bit layers has
 imported it already.

@@ -10,12 +10,14 @@ Forward (one program per ``BLOCK_ROWS`` rows), per row in float32 (``offset`` is
 
     layer_norm: μ = Σx / D,  r = 1/√(Σ(x − μ)² / D + eps),  x̂ = (x − μ)·r
     rms_norm:   μ = 0,       r = 1/√(Σx² / D + eps),        x̂ = x·r
-    rounding "layer_norm" / "fp32":  y = x̂ ⊙ (offset + w) + b          (float32, then cast to the output dtype)
-    rounding "llama" / "t5":         y = w ⊙ x̂'                         (x̂' = x̂ rounded, see below)
-    no affine:                       y = x̂
+    AFFINE SCALE_SHIFT ("float32_product"):                     y = x̂ ⊙ (offset + w) + b   (float32, then cast)
+    AFFINE MULTIPLY ("input_dtype_first", "weight_dtype_first"): y = w ⊙ x̂'   (x̂' = x̂ rounded, see below)
+    AFFINE NONE (no weight):                                     y = x̂
 
-μ and r are saved in float32. x̂' is x̂ rounded through a half-precision dtype and back: x's dtype for "llama",
-w's dtype for "t5" when w is half precision, no rounding otherwise. The product of two such values is exact in
+μ and r are saved in float32. x̂' is x̂ rounded through the dtype the variant's rounding names (ROUND_DTYPE: x's
+dtype for "input_dtype_first", w's for "weight_dtype_first" when w is half precision, float32, no rounding,
+otherwise) and back; the AFFINE and ROUND_DTYPE constexprs come from the variant table
+(:mod:`hf_gns_spam.kernels.norm_variants`). The product of two half-precision values is exact in
 float32, so computing it in float32 and casting once reproduces the module's half-precision multiply.
 
 Backward over a grid of (example b, tile of rows of that example), with ĝ = dy ⊙ (offset + w) (ĝ = dy without
@@ -59,7 +61,7 @@ makes one pass per row for mean(ĝ) and mean(ĝ ⊙ x̂) (kept in a float32 scra
 for dx and the per-example partial sums. Results are deterministic: the launch configuration depends only on the
 shapes and on the device's number of SMs.
 
-As in the reference, the "llama" and "t5" roundings multiply by w alone (no offset, no bias) in the forward, while
+As in the reference, the MULTIPLY roundings multiply by w alone (no offset, no bias) in the forward, while
 the backward's ĝ uses (offset + w) for every rounding. Under the Triton interpreter (CPU tests), float32 → bfloat16
 conversions are rounded to nearest even on the bits, because the interpreter's own conversion truncates.
 """
@@ -75,13 +77,17 @@ import triton.language as tl
 from torch import Tensor
 
 from hf_gns_spam.kernels.norm_contract import (
-    HALF_DTYPES,
     STATISTICS_SIZE,
     NormSpec,
     check_segment_layout,
     check_segment_values,
     output_dtype,
     per_example_statistics,
+)
+from hf_gns_spam.kernels.norm_variants import (
+    KERNEL_AFFINE_MULTIPLY,
+    KERNEL_AFFINE_NONE,
+    KERNEL_AFFINE_SCALE_SHIFT,
 )
 from hf_gns_spam.kernels.rounding import cast, interpreting
 
@@ -99,14 +105,12 @@ _PROGRAMS_PER_SM = 2
 _MIN_ROWS_PER_TILE = 8
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# affine modes (constexpr, compared by name inside the kernels)
-_AFFINE_NONE = tl.constexpr(0)
-_AFFINE_SCALE_SHIFT = tl.constexpr(1)  # y = x̂ ⊙ (offset + w) + b in float32 ("layer_norm", "fp32")
-_AFFINE_MULTIPLY = tl.constexpr(2)  # y = w ⊙ x̂' ("llama", "t5")
-# rounding of x̂ before the multiplication by w (constexpr)
-_ROUND_NONE = tl.constexpr(0)
-_ROUND_X_DTYPE = tl.constexpr(1)
-_ROUND_W_DTYPE = tl.constexpr(2)
+# the AFFINE constexpr (how y is formed), one value per product of the variant table (norm_variants)
+_AFFINE_NONE = tl.constexpr(KERNEL_AFFINE_NONE)  # y = x̂
+_AFFINE_SCALE_SHIFT = tl.constexpr(KERNEL_AFFINE_SCALE_SHIFT)  # y = x̂' ⊙ (offset + w) + b in float32
+_AFFINE_MULTIPLY = tl.constexpr(KERNEL_AFFINE_MULTIPLY)  # y = w ⊙ x̂' in float32, cast once
+#: The ROUND_DTYPE constexpr for the dtype a variant rounds x̂ through (float32: no rounding).
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -115,13 +119,9 @@ _ROUND_W_DTYPE = tl.constexpr(2)
 
 
 @triton.jit
-def _round_normalized(x_hat, X, W, ROUND: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """x̂' in float32: x̂ rounded through x's or w's dtype and back (or not), as ROUND says."""
-    if ROUND == _ROUND_X_DTYPE:
-        x_hat = cast(x_hat, X.dtype.element_ty, MANUAL_BF16).to(tl.float32)
-    elif ROUND == _ROUND_W_DTYPE:
-        x_hat = cast(x_hat, W.dtype.element_ty, MANUAL_BF16).to(tl.float32)
-    return x_hat
+def _round_normalized(x_hat, ROUND_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """x̂' in float32: x̂ rounded through ROUND_DTYPE and back (for float32 both conversions are no-ops)."""
+    return cast(x_hat, ROUND_DTYPE, MANUAL_BF16).to(tl.float32)
 
 
 @triton.jit
@@ -130,11 +130,9 @@ def _affine(
     w,
     bias,
     offset,
-    X,
-    W,
     AFFINE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ROUND: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr,
     MANUAL_BF16: tl.constexpr,
 ):
     """y in float32 from x̂ (float32) and the loaded weight and bias rows (broadcastable to x̂)."""
@@ -145,7 +143,7 @@ def _affine(
         if HAS_BIAS:
             y = y + bias.to(tl.float32)
     else:
-        y = w.to(tl.float32) * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
+        y = w.to(tl.float32) * _round_normalized(x_hat, ROUND_DTYPE, MANUAL_BF16)
     return y
 
 
@@ -162,7 +160,6 @@ def _store_affine(
     ptr,
     mask,
     x_hat,
-    X,
     W,
     Bias,
     c,
@@ -170,7 +167,7 @@ def _store_affine(
     offset,
     AFFINE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ROUND: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr,
     MANUAL_BF16: tl.constexpr,
 ):
     """Store y for a [BLOCK_ROWS, BLOCK_D] tile of x̂ at ``ptr``, loading the weight and bias at columns ``c``."""
@@ -180,7 +177,7 @@ def _store_affine(
         w = tl.load(W + c, mask=col_mask, other=0.0)[None, :]
         if HAS_BIAS:
             bias = tl.load(Bias + c, mask=col_mask, other=0.0)[None, :]
-    y = _affine(x_hat, w, bias, offset, X, W, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
+    y = _affine(x_hat, w, bias, offset, AFFINE, HAS_BIAS, ROUND_DTYPE, MANUAL_BF16)
     tl.store(Y + ptr, cast(y, Y.dtype.element_ty, MANUAL_BF16), mask=mask)
 
 
@@ -197,10 +194,10 @@ def _gns_norm_fwd_kernel(
     d_float,
     eps,
     offset,
-    IS_LAYER_NORM: tl.constexpr,
+    CENTRED: tl.constexpr,
     AFFINE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ROUND: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
@@ -217,7 +214,7 @@ def _gns_norm_fwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         ptr = row_off[:, None] + cols[None, :]
         x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
-        if IS_LAYER_NORM:
+        if CENTRED:
             mean = tl.div_rn(tl.sum(x, axis=1), d_float)
             centred = tl.where(mask, x - mean[:, None], 0.0)
         else:
@@ -225,13 +222,13 @@ def _gns_norm_fwd_kernel(
             centred = x
         rstd = _inv_std(tl.sum(centred * centred, axis=1), d_float, eps)
         x_hat = centred * rstd[:, None]
-        _store_affine(Y, ptr, mask, x_hat, X, W, Bias, cols, col_mask, offset, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
+        _store_affine(Y, ptr, mask, x_hat, W, Bias, cols, col_mask, offset, AFFINE, HAS_BIAS, ROUND_DTYPE, MANUAL_BF16)
     else:
         # the statistics stay separate from the one-block path: they accumulate chunk by chunk in a tile (one more
         # pass over x for layer_norm) where that path reduces the row it holds
         # pass 1 (and 2 for layer_norm): row statistics, accumulated chunk-wise in a [BLOCK_ROWS, BLOCK_D] tile
         acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-        if IS_LAYER_NORM:
+        if CENTRED:
             for chunk in range(NUM_CHUNKS):
                 c = chunk * BLOCK_D + cols
                 mask = row_mask[:, None] & (c < D)[None, :]
@@ -255,7 +252,7 @@ def _gns_norm_fwd_kernel(
             ptr = row_off[:, None] + c[None, :]
             x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
             x_hat = (x - mean[:, None]) * rstd[:, None]
-            _store_affine(Y, ptr, mask, x_hat, X, W, Bias, c, col_mask, offset, AFFINE, HAS_BIAS, ROUND, MANUAL_BF16)
+            _store_affine(Y, ptr, mask, x_hat, W, Bias, c, col_mask, offset, AFFINE, HAS_BIAS, ROUND_DTYPE, MANUAL_BF16)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
@@ -344,6 +341,18 @@ def _segment_block(
 
 
 @triton.jit
+def _tile_rows(pid, n_tiles, rows_per_example, rows_per_tile):
+    """Rows ``[row_start, row_end)`` of program ``pid = b·n_tiles + t``: tile t of example b, of at most
+    ``rows_per_tile`` rows, within the example's ``rows_per_example``."""
+    example = pid // n_tiles
+    tile = pid - example * n_tiles
+    example_start = example * rows_per_example
+    row_start = example_start + tile * rows_per_tile
+    row_end = tl.minimum(row_start + rows_per_tile, example_start + rows_per_example)
+    return row_start, row_end
+
+
+@triton.jit
 def _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, CENTRE: tl.constexpr):
     """(x̂, r) of a [BLOCK_ROWS, BLOCK_D] tile of x at ``ptr`` (rows ``rows``), float32; x̂ is 0 where masked.
     Without CENTRE (rms_norm, one block) x̂ = x·r: masked x is 0 already and μ is 0."""
@@ -358,10 +367,82 @@ def _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, CENTRE: tl.conste
 
 
 @triton.jit
-def _store_dx(DX, ptr, mask, g, x_hat, rstd, mean_gx, mean_g, IS_LAYER_NORM: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """Store dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)) (the mean(ĝ) term only for layer_norm) of a tile of rows."""
+def _row_means_pass(
+    DY,
+    X,
+    W,
+    Mean,
+    Rstd,
+    RowMeans,
+    row_start,
+    row_end,
+    D,
+    d_float,
+    offset,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+):
+    """Rows wider than a block, pass 1, row by row: ``RowMeans[row] = (mean(ĝ), mean(ĝ ⊙ x̂))`` (float32,
+    ``[n_rows, 2]``) over the row's chunks, with ĝ = dy ⊙ (offset + w), for the rows of the tile."""
+    cols = tl.arange(0, BLOCK_D)
+    for first in range(row_start, row_end, BLOCK_ROWS):
+        rows = first + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < row_end
+        row_off = rows.to(tl.int64) * D
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        acc_g = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        acc_gx = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        for chunk in range(NUM_CHUNKS):
+            c = chunk * BLOCK_D + cols
+            col_mask = c < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            ptr = row_off[:, None] + c[None, :]
+            dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            g = dy
+            if HAS_WEIGHT:
+                g = dy * (offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :])
+            acc_g += g
+            acc_gx += g * x_hat
+        means_off = rows.to(tl.int64) * 2
+        tl.store(RowMeans + means_off, tl.div_rn(tl.sum(acc_g, axis=1), d_float), mask=row_mask)
+        tl.store(RowMeans + means_off + 1, tl.div_rn(tl.sum(acc_gx, axis=1), d_float), mask=row_mask)
+
+
+@triton.jit
+def _store_dx(
+    DX,
+    RowMeans,
+    ptr,
+    rows,
+    row_mask,
+    mask,
+    g,
+    x_hat,
+    rstd,
+    d_float,
+    CENTRED: tl.constexpr,
+    WHOLE_ROWS: tl.constexpr,
+    MANUAL_BF16: tl.constexpr,
+):
+    """Store dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)) (the mean(ĝ) term only for centred kinds) of a block of rows,
+    ĝ = ``g``. The means are reduced over the block when it holds WHOLE_ROWS, else read from :func:`_row_means_pass`'s
+    ``RowMeans``."""
+    mean_g = 0.0
+    if WHOLE_ROWS:
+        mean_gx = tl.div_rn(tl.sum(g * x_hat, axis=1), d_float)
+        if CENTRED:
+            mean_g = tl.div_rn(tl.sum(g, axis=1), d_float)
+    else:
+        mean_gx = tl.load(RowMeans + rows.to(tl.int64) * 2 + 1, mask=row_mask, other=0.0)
+        if CENTRED:
+            mean_g = tl.load(RowMeans + rows.to(tl.int64) * 2, mask=row_mask, other=0.0)
     correction = mean_gx[:, None] * x_hat
-    if IS_LAYER_NORM:
+    if CENTRED:
         correction = correction + mean_g[:, None]
     dx = (g - correction) * rstd[:, None]
     tl.store(DX + ptr, cast(dx, DX.dtype.element_ty, MANUAL_BF16), mask=mask)
@@ -377,8 +458,7 @@ def _gns_norm_bwd_kernel(
     DX,
     PartialW,
     PartialB,
-    ScratchG,
-    ScratchGX,
+    RowMeans,
     Seg,
     SegW,
     SegB,
@@ -390,9 +470,9 @@ def _gns_norm_bwd_kernel(
     rows_per_tile,
     offset,
     rows_per_token,
-    IS_LAYER_NORM: tl.constexpr,
+    CENTRED: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
-    ROUND: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr,
     NEED_DX: tl.constexpr,
     NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr,
@@ -405,19 +485,20 @@ def _gns_norm_bwd_kernel(
     """dx for the rows of tile t of example b, and that tile's partial sums of dy ⊙ x̂' and dy ([D] each).
 
     Program ``pid = b·n_tiles + t`` owns rows ``[b·R + t·rows_per_tile, min(b·R + (t + 1)·rows_per_tile, (b + 1)·R))``
-    and writes row ``pid`` of the ``[B·n_tiles, D]`` partial buffers.
+    (:func:`_tile_rows`) and writes row ``pid`` of the ``[B·n_tiles, D]`` partial buffers. One tile loop, per chunk
+    of BLOCK_D features (one chunk when a block holds whole rows; wider rows first get their means from
+    :func:`_row_means_pass`): each block of rows gives dy, x̂ and dy ⊙ x̂', which are added to the tile's sums, then
+    dx (:func:`_store_dx`).
 
-    SEGMENTED (segment ids ``Seg``, one per ``rows_per_token`` consecutive rows): the same rows are also summed per
-    segment. The tile's first segment goes to ``Seg{W,B}[pid, 0]``, its last (if another) to ``Seg{W,B}[pid, 1]``
-    (these two may extend into neighbouring tiles); the segments in between lie wholly in the tile and leave only
+    The regimes differ only in where a block's products are added and where the tile's sums go. Plain: to one
+    [BLOCK_ROWS, BLOCK_D] accumulator per parameter, stored at the end. SEGMENTED (segment ids ``Seg``, one per
+    ``rows_per_token`` consecutive rows): to the open segment's accumulator (:func:`_segment_block`); the tile's
+    first segment goes to ``Seg{W,B}[pid, 0]``, its last (if another) to ``Seg{W,B}[pid, 1]`` (these two may extend
+    into neighbouring tiles); the segments in between lie wholly in the tile and leave only
     ``SegStats[pid] = (Σ‖G_w‖², Σ‖G_b‖²)`` over them.
     """
     pid = tl.program_id(0)
-    example = pid // n_tiles
-    tile = pid - example * n_tiles
-    example_start = example * rows_per_example
-    row_start = example_start + tile * rows_per_tile
-    row_end = tl.minimum(row_start + rows_per_tile, example_start + rows_per_example)
+    row_start, row_end = _tile_rows(pid, n_tiles, rows_per_example, rows_per_tile)
     partial_off = pid.to(tl.int64) * D
     cols = tl.arange(0, BLOCK_D)
     if SEGMENTED:
@@ -425,11 +506,19 @@ def _gns_norm_bwd_kernel(
         seg_off = pid.to(tl.int64) * 2 * D
         sq_w = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
         sq_b = sq_w
-    if NUM_CHUNKS == 1:
-        col_mask = cols < D
+    if NEED_DX and NUM_CHUNKS > 1:
+        _row_means_pass(
+            DY, X, W, Mean, Rstd, RowMeans, row_start, row_end, D, d_float, offset,
+            HAS_WEIGHT, BLOCK_ROWS, BLOCK_D, NUM_CHUNKS,
+        )  # fmt: skip
+        # make the means written by some threads visible to all threads of the program
+        tl.debug_barrier()
+    for chunk in range(NUM_CHUNKS):
+        c = chunk * BLOCK_D + cols
+        col_mask = c < D
         w = 1.0
         if NEED_DX and HAS_WEIGHT:
-            w = offset + tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            w = offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         acc_w = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
         if SEGMENTED:  # acc_* hold the open segment, closed_* the segments closed before it in the tile
@@ -440,133 +529,43 @@ def _gns_norm_bwd_kernel(
             rows = first + tl.arange(0, BLOCK_ROWS)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
-            ptr = rows.to(tl.int64)[:, None] * D + cols[None, :]
+            ptr = rows.to(tl.int64)[:, None] * D + c[None, :]
             dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
+            prod_w = 0.0
             if NEED_DX or NEED_DW:
-                x_hat, rstd = _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, IS_LAYER_NORM)
-                # the accumulations first: dy is then dead across the reductions below (fewer live registers)
-                if SEGMENTED:
-                    prod_w = 0.0
-                    if NEED_DW:
-                        prod_w = dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
-                    segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
-                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
-                        segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
-                        SegW, SegB, seg_off, cols, col_mask, NEED_DW, NEED_DB,
-                    )  # fmt: skip
-                else:
-                    if NEED_DW:
-                        acc_w += dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
-                    if NEED_DB:
-                        acc_b += dy
-                if NEED_DX:
-                    g = dy * w
-                    mean_gx = tl.div_rn(tl.sum(g * x_hat, axis=1), d_float)
-                    mean_g = 0.0
-                    if IS_LAYER_NORM:
-                        mean_g = tl.div_rn(tl.sum(g, axis=1), d_float)
-                    _store_dx(DX, ptr, mask, g, x_hat, rstd, mean_gx, mean_g, IS_LAYER_NORM, MANUAL_BF16)
-            elif NEED_DB:
-                if SEGMENTED:
-                    segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
-                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
-                        segs, 0.0, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
-                        SegW, SegB, seg_off, cols, col_mask, NEED_DW, NEED_DB,
-                    )  # fmt: skip
-                else:
-                    acc_b += dy
-        if SEGMENTED:
-            if NEED_DW:
-                _segment_end(acc_w, closed_w, cur, s_first, SegW, seg_off, PartialW, partial_off, cols, col_mask, D)
-            if NEED_DB:
-                _segment_end(acc_b, closed_b, cur, s_first, SegB, seg_off, PartialB, partial_off, cols, col_mask, D)
-        else:
-            if NEED_DW:
-                tl.store(PartialW + partial_off + cols, tl.sum(acc_w, axis=0), mask=col_mask)
-            if NEED_DB:
-                tl.store(PartialB + partial_off + cols, tl.sum(acc_b, axis=0), mask=col_mask)
-    else:
-        # the means of pass 1 stay separate from the one-block path's: they accumulate over the chunks of a row into
-        # a scratch buffer, where that path reduces the rows it holds
-        if NEED_DX:
-            # pass 1, row by row: mean(ĝ) and mean(ĝ ⊙ x̂), kept in the float32 scratch buffers
-            for first in range(row_start, row_end, BLOCK_ROWS):
-                rows = first + tl.arange(0, BLOCK_ROWS)
-                row_mask = rows < row_end
-                row_off = rows.to(tl.int64) * D
-                rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-                mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-                acc_g = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-                acc_gx = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-                for chunk in range(NUM_CHUNKS):
-                    c = chunk * BLOCK_D + cols
-                    col_mask = c < D
-                    mask = row_mask[:, None] & col_mask[None, :]
-                    ptr = row_off[:, None] + c[None, :]
-                    dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
-                    x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
-                    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                    g = dy
-                    if HAS_WEIGHT:
-                        g = dy * (offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :])
-                    acc_g += g
-                    acc_gx += g * x_hat
-                tl.store(ScratchG + rows, tl.div_rn(tl.sum(acc_g, axis=1), d_float), mask=row_mask)
-                tl.store(ScratchGX + rows, tl.div_rn(tl.sum(acc_gx, axis=1), d_float), mask=row_mask)
-            # make the scratch values written by some threads visible to all threads of the program
-            tl.debug_barrier()
-        # pass 2, chunk by chunk: dx and the partial sums of this chunk of features
-        for chunk in range(NUM_CHUNKS):
-            c = chunk * BLOCK_D + cols
-            col_mask = c < D
-            w = 1.0
-            if NEED_DX and HAS_WEIGHT:
-                w = offset + tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            acc_w = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-            acc_b = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-            if SEGMENTED:
-                cur = s_first
-                closed_w = tl.zeros([BLOCK_D], dtype=tl.float32)
-                closed_b = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for first in range(row_start, row_end, BLOCK_ROWS):
-                rows = first + tl.arange(0, BLOCK_ROWS)
-                row_mask = rows < row_end
-                mask = row_mask[:, None] & col_mask[None, :]
-                ptr = rows.to(tl.int64)[:, None] * D + c[None, :]
-                dy = tl.load(DY + ptr, mask=mask, other=0.0).to(tl.float32)
-                prod_w = 0.0
-                if NEED_DX or NEED_DW:
-                    # always centred (μ is 0 for rms_norm): the chunk's masked columns need the where
-                    x_hat, rstd = _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, True)
-                    if NEED_DX:
-                        g = dy * w
-                        mean_gx = tl.load(ScratchGX + rows, mask=row_mask, other=0.0)
-                        mean_g = 0.0
-                        if IS_LAYER_NORM:
-                            mean_g = tl.load(ScratchG + rows, mask=row_mask, other=0.0)
-                        _store_dx(DX, ptr, mask, g, x_hat, rstd, mean_gx, mean_g, IS_LAYER_NORM, MANUAL_BF16)
-                    if NEED_DW:
-                        prod_w = dy * _round_normalized(x_hat, X, W, ROUND, MANUAL_BF16)
-                        if not SEGMENTED:
-                            acc_w += prod_w
-                if SEGMENTED:
-                    segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
-                    cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
-                        segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
-                        SegW, SegB, seg_off, c, col_mask, NEED_DW, NEED_DB,
-                    )  # fmt: skip
-                elif NEED_DB:
-                    acc_b += dy
-            if SEGMENTED:
+                # centred whenever the block is a chunk (μ is 0 for rms_norm): its masked columns need the where
+                x_hat, rstd = _load_normalized(X, Mean, Rstd, ptr, rows, row_mask, mask, CENTRED or NUM_CHUNKS > 1)
                 if NEED_DW:
-                    _segment_end(acc_w, closed_w, cur, s_first, SegW, seg_off, PartialW, partial_off, c, col_mask, D)
-                if NEED_DB:
-                    _segment_end(acc_b, closed_b, cur, s_first, SegB, seg_off, PartialB, partial_off, c, col_mask, D)
+                    prod_w = dy * _round_normalized(x_hat, ROUND_DTYPE, MANUAL_BF16)
+            if NEED_DX and NUM_CHUNKS > 1:  # means read from RowMeans: dx first, then x̂ is dead (fewer registers)
+                _store_dx(
+                    DX, RowMeans, ptr, rows, row_mask, mask, dy * w, x_hat, rstd, d_float, CENTRED, False, MANUAL_BF16
+                )  # fmt: skip
+            if SEGMENTED:
+                segs = _load_segments(Seg, rows, first, row_mask, rows_per_token)
+                cur, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b = _segment_block(
+                    segs, prod_w, dy, cur, s_first, acc_w, acc_b, closed_w, closed_b, sq_w, sq_b,
+                    SegW, SegB, seg_off, c, col_mask, NEED_DW, NEED_DB,
+                )  # fmt: skip
             else:
                 if NEED_DW:
-                    tl.store(PartialW + partial_off + c, tl.sum(acc_w, axis=0), mask=col_mask)
+                    acc_w += prod_w
                 if NEED_DB:
-                    tl.store(PartialB + partial_off + c, tl.sum(acc_b, axis=0), mask=col_mask)
+                    acc_b += dy
+            if NEED_DX and NUM_CHUNKS == 1:  # the sums first: dy is then dead across dx's reductions
+                _store_dx(
+                    DX, RowMeans, ptr, rows, row_mask, mask, dy * w, x_hat, rstd, d_float, CENTRED, True, MANUAL_BF16
+                )  # fmt: skip
+        if SEGMENTED:
+            if NEED_DW:
+                _segment_end(acc_w, closed_w, cur, s_first, SegW, seg_off, PartialW, partial_off, c, col_mask, D)
+            if NEED_DB:
+                _segment_end(acc_b, closed_b, cur, s_first, SegB, seg_off, PartialB, partial_off, c, col_mask, D)
+        else:
+            if NEED_DW:
+                tl.store(PartialW + partial_off + c, tl.sum(acc_w, axis=0), mask=col_mask)
+            if NEED_DB:
+                tl.store(PartialB + partial_off + c, tl.sum(acc_b, axis=0), mask=col_mask)
     if SEGMENTED:
         stats_off = pid.to(tl.int64) * 2
         tl.store(SegStats + stats_off, sq_w)
@@ -630,13 +629,12 @@ def _sm_count(device: torch.device) -> int:
     return 4  # CPU (Triton interpreter): any small number
 
 
-def _rounding_mode(spec: NormSpec, x_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> int:
-    """The ROUND constexpr: how x̂ is rounded before the multiplication by w (see ``rounded_normalized``)."""
-    if spec.rounding == "llama" and x_dtype != torch.float32:
-        return _ROUND_X_DTYPE
-    if spec.rounding == "t5" and weight_dtype in HALF_DTYPES:
-        return _ROUND_W_DTYPE
-    return _ROUND_NONE
+def _round_dtype(spec: NormSpec, x_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> tl.dtype:
+    """The ROUND_DTYPE constexpr: the dtype x̂ is rounded through before the multiplication by w, as the variant's
+    rounding says (``Rounding.rounded_dtype``; float32, no rounding, without a weight)."""
+    if weight_dtype is None:
+        return tl.float32
+    return _TRITON_DTYPES[spec.variant.rounding.rounded_dtype(x_dtype, weight_dtype)]
 
 
 def _check(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
@@ -694,13 +692,8 @@ def gns_norm_forward(
         block_rows = 1
         if num_chunks == 1:
             block_rows = max(1, min(_FORWARD_TILE_ELEMENTS // block_d, triton.next_power_of_2(n_rows)))
-        if weight is None:
-            affine = _AFFINE_NONE
-        elif spec.rounding in ("layer_norm", "fp32"):
-            affine = _AFFINE_SCALE_SHIFT
-        else:
-            affine = _AFFINE_MULTIPLY
-        has_bias = bias is not None and affine == _AFFINE_SCALE_SHIFT
+        affine = _AFFINE_NONE if weight is None else spec.variant.rounding.kernel_affine
+        has_bias = bias is not None and affine == KERNEL_AFFINE_SCALE_SHIFT
         w = x2 if weight is None else weight.contiguous()
         b = w if bias is None else bias.contiguous()
         grid = (triton.cdiv(n_rows, block_rows),)
@@ -717,10 +710,10 @@ def gns_norm_forward(
                 float(d),
                 float(spec.eps),
                 float(spec.offset),
-                IS_LAYER_NORM=spec.kind == "layer_norm",
+                CENTRED=spec.variant.kind.centred,
                 AFFINE=affine,
                 HAS_BIAS=has_bias,
-                ROUND=_rounding_mode(spec, x.dtype, weight_dtype),
+                ROUND_DTYPE=_round_dtype(spec, x.dtype, weight_dtype),
                 BLOCK_ROWS=block_rows,
                 BLOCK_D=block_d,
                 NUM_CHUNKS=num_chunks,
@@ -881,10 +874,9 @@ def gns_norm_backward(
     dx2 = torch.empty((n_rows, d), dtype=x.dtype, device=device) if need_input_grad else None
     partial_w = torch.empty((n_programs, d), dtype=torch.float32, device=device) if need_weight_grad else None
     partial_b = torch.empty((n_programs, d), dtype=torch.float32, device=device) if need_bias_grad else None
-    scratch_g = scratch_gx = None
+    row_means = None  # (mean(ĝ), mean(ĝ ⊙ x̂)) per row, for dx of rows wider than a block
     if need_input_grad and num_chunks > 1:
-        scratch_g = torch.empty(n_rows, dtype=torch.float32, device=device)
-        scratch_gx = torch.empty(n_rows, dtype=torch.float32, device=device)
+        row_means = torch.empty((n_rows, 2), dtype=torch.float32, device=device)
     seg_w = seg_b = seg_stats = None
     rows_per_token = 1
     if segmented:
@@ -906,8 +898,7 @@ def gns_norm_backward(
             arg(dx2),
             arg(partial_w),
             arg(partial_b),
-            arg(scratch_g),
-            arg(scratch_gx),
+            arg(row_means),
             _kernel_segment_ids(seg) if segmented else rstd1,
             arg(seg_w),
             arg(seg_b),
@@ -919,9 +910,9 @@ def gns_norm_backward(
             rows_per_tile,
             float(spec.offset),
             rows_per_token,
-            IS_LAYER_NORM=spec.kind == "layer_norm",
+            CENTRED=spec.variant.kind.centred,
             HAS_WEIGHT=weight is not None,
-            ROUND=_rounding_mode(spec, x.dtype, None if weight is None else weight.dtype),
+            ROUND_DTYPE=_round_dtype(spec, x.dtype, None if weight is None else weight.dtype),
             NEED_DX=need_input_grad,
             NEED_DW=need_weight_grad,
             NEED_DB=need_bias_grad,

@@ -1,34 +1,37 @@
 """The contract the GNS-aware normalization kernels implement, shared with the pure-torch reference.
 
-What a normalization computes (:class:`NormSpec`), which dtype it returns, how sequences of a packed batch are laid
-out (``segment_ids``), and the layout of the per-example statistics vector every backward returns::
+What a normalization computes (:class:`NormSpec`, one row of :mod:`hf_gns_spam.kernels.norm_variants` and an eps),
+which dtype it returns, how sequences of a packed batch are laid out (``segment_ids``), and the layout of the
+per-example statistics vector every backward returns::
 
     statistics = [Σ_e ‖G_w[e]‖², Σ_e ‖G_b[e]‖², E]
 
 (slots :data:`WEIGHT_SUM_SQ`, :data:`BIAS_SUM_SQ`, :data:`EXAMPLES`), with G_w[e], G_b[e] example e's contributions
-to the weight and bias gradients and E the number of examples. This module imports nothing but torch, so it sits at
-the bottom of the package's layers: the Triton kernels (:mod:`hf_gns_spam.kernels.gns_norm`), the reference
-(:mod:`hf_gns_spam.ops.norm_reference`) and everything above read it from here.
+to the weight and bias gradients and E the number of examples. This module imports nothing but torch (and the
+variant table), so it sits at the bottom of the package's layers: the Triton kernels
+(:mod:`hf_gns_spam.kernels.gns_norm`), the reference (:mod:`hf_gns_spam.ops.norm_reference`) and everything above
+read it from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
+
+from hf_gns_spam.kernels.norm_variants import HALF_DTYPES, NormVariant, find_variant
 
 __all__ = [
     "BIAS_SUM_SQ",
     "EXAMPLES",
     "HALF_DTYPES",
-    "ROUNDINGS",
     "SEGMENT_ID_DTYPES",
     "STATISTICS_SIZE",
     "WEIGHT_SUM_SQ",
-    "NormKind",
     "NormSpec",
-    "Rounding",
     "check_segment_layout",
     "check_segment_values",
     "output_dtype",
@@ -36,44 +39,58 @@ __all__ = [
     "segment_shape",
 ]
 
-NormKind = Literal["layer_norm", "rms_norm"]
-Rounding = Literal["layer_norm", "llama", "fp32", "t5"]
-
 # the statistics vector's slots
 WEIGHT_SUM_SQ, BIAS_SUM_SQ, EXAMPLES = range(3)
 
-ROUNDINGS = ("layer_norm", "llama", "fp32", "t5")
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 STATISTICS_SIZE = 3
 SEGMENT_ID_DTYPES = (torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)
 class NormSpec:
-    """What a normalization module computes: enough to reproduce its output, dtype and gradients."""
+    """What a normalization module computes: enough to reproduce its output, dtype and gradients.
 
-    kind: NormKind
+    (``kind``, ``offset``, ``rounding``) must be a row of :data:`~hf_gns_spam.kernels.norm_variants.VARIANTS`
+    (:attr:`variant`); ``eps`` is the module's own. :meth:`encode` and :meth:`decode` carry a spec, every field,
+    through the ``torch.library`` operator as one string, made once here (``torch.compile`` cannot trace the JSON
+    encoder, and reads the stored string as a constant)."""
+
+    kind: str
     eps: float
     offset: float = 0.0  # the weight enters as (offset + w): 1.0 for Gemma-style zero-centred weights
-    rounding: Rounding = "layer_norm"
+    rounding: str = "float32_product"
+    _encoded: str = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("layer_norm", "rms_norm"):
-            raise ValueError(f"NormSpec.kind must be 'layer_norm' or 'rms_norm', got {self.kind!r}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"NormSpec.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.offset != 0.0 and self.rounding != "fp32":
-            raise ValueError("NormSpec.offset (the (offset + w) form) is supported with rounding 'fp32' only")
+        find_variant(self.kind, self.offset, self.rounding)
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.init}
+        object.__setattr__(self, "_encoded", json.dumps(fields, sort_keys=True))
+
+    @staticmethod
+    def of(variant: NormVariant, eps: float) -> NormSpec:
+        """The spec of a row of the variant table with this eps."""
+        kind, offset, rounding = variant.key
+        return NormSpec(kind=kind, eps=eps, offset=offset, rounding=rounding)
+
+    @property
+    def variant(self) -> NormVariant:
+        """The row of the variant table this spec computes."""
+        return find_variant(self.kind, self.offset, self.rounding)
+
+    def encode(self) -> str:
+        """Every field as one string (JSON; floats round-trip exactly), what the operator takes (:meth:`decode`)."""
+        return self._encoded
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def decode(encoded: str) -> NormSpec:
+        """The spec :meth:`encode` gave ``encoded`` (validated again)."""
+        return NormSpec(**json.loads(encoded))
 
 
 def output_dtype(spec: NormSpec, x_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype the original module returns for this input and weight dtype."""
-    if weight_dtype is None or spec.rounding in ("layer_norm", "fp32"):
-        return x_dtype
-    if spec.rounding == "llama":
-        return torch.promote_types(weight_dtype, x_dtype)
-    # t5: x̂ is float32, cast to the weight's dtype only when that is half precision
-    return weight_dtype if weight_dtype in HALF_DTYPES else torch.promote_types(weight_dtype, torch.float32)
+    """The dtype the original module returns for this input and weight dtype (x's dtype without a weight)."""
+    return x_dtype if weight_dtype is None else spec.variant.rounding.output_dtype(x_dtype, weight_dtype)
 
 
 def segment_shape(x_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:

@@ -12,6 +12,11 @@ sequence: ``segment_ids`` (int32 or int64, shape ``x.shape[:2]``, ``[N]`` for a 
 in [0, E), non-decreasing in row-major order; B is then E = max + 1. See :mod:`hf_gns_spam.ops.norm_reference` for
 the maths.
 
+The spec crosses the operators whole, as one string (:meth:`NormSpec.encode`, decoded in :meth:`NormSpec.decode`
+and nowhere else): ``torch.library`` operators take no dataclass, and one string keeps every signature (the two
+operators, their fake implementations, the autograd context) the same when NormSpec gains a field. Under
+``torch.compile`` the string is a constant of the graph (one compiled graph per spec, as for any constant).
+
 Checks of ``segment_ids``: dtype, shape and device in :func:`gns_norm` (no value read, so ``torch.compile`` traces
 it); the values (≥ 0, non-decreasing) in the forward when the ids are on the CPU (a cheap check, ``ValueError``), and
 again in the pure-torch backward (a host read on an accelerator). The Triton backward on a GPU reads nothing on the
@@ -82,10 +87,6 @@ def _implementation(backend: str) -> tuple[Callable[..., Any], Callable[..., Any
     return norm_reference.norm_forward, norm_reference.norm_backward
 
 
-def _spec(kind: str, eps: float, offset: float, rounding: str) -> NormSpec:
-    return NormSpec(kind=kind, eps=eps, offset=offset, rounding=rounding)
-
-
 @torch.library.custom_op("hf_gns_spam::gns_norm_forward", mutates_args=())
 def _gns_norm_forward(
     x: torch.Tensor,
@@ -95,22 +96,20 @@ def _gns_norm_forward(
     segment_ids: torch.Tensor | None,
     weight_sink: torch.Tensor | None,
     bias_sink: torch.Tensor | None,
-    kind: str,
-    eps: float,
-    offset: float,
-    rounding: str,
+    spec: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd); ``statistics`` and the sinks are only autograd handles for what the backward computes,
-    ``segment_ids`` is saved for it (ids on the CPU are checked here, before any work)."""
+    ``segment_ids`` is saved for it (ids on the CPU are checked here, before any work); ``spec`` is
+    :meth:`NormSpec.encode`'s string."""
     if segment_ids is not None and segment_ids.device.type == "cpu":
         norm_reference.check_segment_values(segment_ids)
     forward, _ = _implementation(_resolved_backend(x))
-    return forward(_spec(kind, eps, offset, rounding), x, weight, bias)
+    return forward(NormSpec.decode(spec), x, weight, bias)
 
 
 @_gns_norm_forward.register_fake
-def _(x, weight, bias, statistics, segment_ids, weight_sink, bias_sink, kind, eps, offset, rounding):
-    out_dtype = output_dtype(_spec(kind, eps, offset, rounding), x.dtype, None if weight is None else weight.dtype)
+def _(x, weight, bias, statistics, segment_ids, weight_sink, bias_sink, spec):
+    out_dtype = output_dtype(NormSpec.decode(spec), x.dtype, None if weight is None else weight.dtype)
     row_shape = x.shape[:-1]
     return (
         x.new_empty(x.shape, dtype=out_dtype),
@@ -128,10 +127,7 @@ def _gns_norm_backward(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     segment_ids: torch.Tensor | None,
-    kind: str,
-    eps: float,
-    offset: float,
-    rounding: str,
+    spec: str,
     need_input_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
@@ -140,7 +136,7 @@ def _gns_norm_backward(
     a custom operator may not alias each other)."""
     _, backward = _implementation(_resolved_backend(x))
     dx, dw, db, statistics = backward(
-        _spec(kind, eps, offset, rounding),
+        NormSpec.decode(spec),
         dy,
         x,
         weight,
@@ -161,7 +157,7 @@ def _gns_norm_backward(
 
 
 @_gns_norm_backward.register_fake
-def _(dy, x, weight, bias, mean, rstd, segments, kind, eps, offset, rounding, need_input, need_weight, need_bias):
+def _(dy, x, weight, bias, mean, rstd, segment_ids, spec, need_input, need_weight, need_bias):
     return (
         x.new_empty(x.shape) if need_input else x.new_empty(0),
         weight.new_empty(weight.shape) if need_weight else x.new_empty(0),
@@ -171,11 +167,11 @@ def _(dy, x, weight, bias, mean, rstd, segments, kind, eps, offset, rounding, ne
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, statistics, segment_ids, _sink, _bias_sink, kind, eps, offset, rounding = inputs
+    x, weight, bias, statistics, segment_ids, _sink, _bias_sink, spec = inputs
     _, mean, rstd = output
     # without statistics the segments change nothing (dx, dw, db do not depend on them): no per-segment work
     ctx.save_for_backward(x, weight, bias, mean, rstd, segment_ids if statistics is not None else None)
-    ctx.spec_args = (kind, eps, offset, rounding)
+    ctx.spec = spec
     ctx.has_statistics = statistics is not None
 
 
@@ -191,7 +187,7 @@ def _backward(ctx, dy, _dmean, _drstd):
         mean,
         rstd,
         segment_ids,
-        *ctx.spec_args,
+        ctx.spec,
         need_input,
         need_weight or sink_weight,
         need_bias or sink_bias,
@@ -204,9 +200,6 @@ def _backward(ctx, dy, _dmean, _drstd):
         None,
         dw.float() if sink_weight else None,
         db.float() if sink_bias else None,
-        None,
-        None,
-        None,
         None,
     )
 
@@ -232,8 +225,8 @@ def gns_norm(
     """
     if x.dim() < 2:
         raise ValueError(f"gns_norm needs an input of shape [batch, ..., features], got shape {tuple(x.shape)}")
-    if bias is not None and spec.rounding not in ("layer_norm", "fp32"):
-        raise ValueError(f"a bias is supported with the 'layer_norm' and 'fp32' roundings, not {spec.rounding!r}")
+    if bias is not None and not spec.variant.bias:
+        raise ValueError(f"the variant {spec.variant.label!r} has no bias (hf_gns_spam.kernels.norm_variants)")
     if segment_ids is not None:
         norm_reference.check_segment_layout(segment_ids, x)
     weight_sink, bias_sink = frozen_grads
@@ -247,7 +240,6 @@ def gns_norm(
                 f"{None if parameter is None else (tuple(parameter.shape), parameter.requires_grad)} (shape, trainable)"
             )
     y, _, _ = torch.ops.hf_gns_spam.gns_norm_forward(
-        x, weight, bias, statistics, segment_ids, weight_sink, bias_sink,
-        spec.kind, spec.eps, spec.offset, spec.rounding,
-    )  # fmt: skip
+        x, weight, bias, statistics, segment_ids, weight_sink, bias_sink, spec.encode()
+    )
     return y

@@ -13,18 +13,18 @@ are contiguous, sequences in order; an unused id is an example with a zero gradi
 (heads of ``[B, T, H, D]``) belong to the example of their (b, t). Every per-example quantity below is then per
 segment: b runs over the E segments and "rows of b" are the rows of segment b.
 
-Forward, per row, in float32 (``offset`` is 1 for Gemma's ``(1 + w)``, else 0)::
+Forward, per row, in float32 (the variant table :mod:`hf_gns_spam.kernels.norm_variants` gives each variant's
+kind, offset, rounding and bias; ``offset`` is 1 for Gemma's ``(1 + w)``, else 0)::
 
     layer_norm: μ = mean(x),  r = 1/√(mean((x − μ)²) + eps),  x̂ = (x − μ)·r
     rms_norm:   μ = 0,        r = 1/√(mean(x²) + eps),         x̂ = x·r
     y = x̂' ⊙ (offset + w) + b
 
-where x̂' is x̂ rounded as the original module rounds it (``rounding``):
+where x̂' is x̂ rounded as the original module rounds it (``rounding``, the table's :class:`Rounding`)::
 
-    "layer_norm"  nn.LayerNorm / F.layer_norm: everything in float32, y cast to x.dtype
-    "llama"       x̂ cast to x.dtype, then multiplied by w in the promoted dtype of (w, x)  (LlamaRMSNorm)
-    "fp32"        x̂ multiplied by (offset + w) in float32, then cast to x.dtype           (Gemma, Olmo2)
-    "t5"          x̂ cast to w.dtype if w is half precision, then multiplied by w           (T5LayerNorm)
+    "float32_product"     x̂ multiplied by (offset + w) in float32, then cast to x.dtype    (nn.LayerNorm, Gemma, Olmo2)
+    "input_dtype_first"   x̂ cast to x.dtype, then multiplied by w in the promoted dtype of (w, x)         (LlamaRMSNorm)
+    "weight_dtype_first"  x̂ cast to w.dtype if w is half precision, then multiplied by w                 (T5LayerNorm)
 
 Backward, with dy the upstream gradient and ĝ = dy ⊙ (offset + w) (float32)::
 
@@ -50,7 +50,6 @@ import torch
 
 from hf_gns_spam.kernels.norm_contract import (
     HALF_DTYPES,
-    ROUNDINGS,
     SEGMENT_ID_DTYPES,
     STATISTICS_SIZE,
     NormSpec,
@@ -63,7 +62,6 @@ from hf_gns_spam.kernels.norm_contract import (
 
 __all__ = [
     "HALF_DTYPES",
-    "ROUNDINGS",
     "SEGMENT_ID_DTYPES",
     "STATISTICS_SIZE",
     "NormSpec",
@@ -78,19 +76,16 @@ __all__ = [
 ]
 
 
-def rounded_normalized(spec: NormSpec, x_hat: torch.Tensor, x_dtype: torch.dtype, weight_dtype: torch.dtype | None):
-    """x̂' in float32: x̂ after the rounding the original module applies before the multiplication by w."""
-    if spec.rounding == "llama":
-        return x_hat.to(x_dtype).float()
-    if spec.rounding == "t5" and weight_dtype in HALF_DTYPES:
-        return x_hat.to(weight_dtype).float()
-    return x_hat
+def rounded_normalized(spec: NormSpec, x_hat: torch.Tensor, x_dtype: torch.dtype, weight_dtype: torch.dtype):
+    """x̂' in its rounded dtype: x̂ after the rounding the original module applies before the multiplication by w."""
+    return x_hat.to(spec.variant.rounding.rounded_dtype(x_dtype, weight_dtype))
 
 
 def normalize(spec: NormSpec, x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (x̂, mean, rstd) in float32 for ``x3`` of shape [..., D]; mean is zeros for rms_norm."""
+    """Return (x̂, mean, rstd) in float32 for ``x3`` of shape [..., D]; mean is zeros for kinds that are not
+    centred (rms_norm)."""
     xf = x3.float()
-    if spec.kind == "layer_norm":
+    if spec.variant.kind.centred:
         mean = xf.mean(-1)
         centred = xf - mean.unsqueeze(-1)
     else:
@@ -106,20 +101,12 @@ def norm_forward(
     """Return (y, mean, rstd); mean and rstd are float32 with x's leading shape (saved for the backward)."""
     x_hat, mean, rstd = normalize(spec, x)
     weight_dtype = None if weight is None else weight.dtype
-    out_dtype = output_dtype(spec, x.dtype, weight_dtype)
     if weight is None:
         y = x_hat
-    elif spec.rounding == "llama":
-        y = weight * x_hat.to(x.dtype)
-        return y.to(out_dtype), mean, rstd
-    elif spec.rounding == "t5":
-        y = weight * (x_hat.to(weight.dtype) if weight.dtype in HALF_DTYPES else x_hat)
-        return y.to(out_dtype), mean, rstd
     else:
-        y = x_hat * (spec.offset + weight.float())
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype), mean, rstd
+        x_hat_rounded = rounded_normalized(spec, x_hat, x.dtype, weight.dtype)
+        y = spec.variant.rounding.product(x_hat_rounded, weight, bias, spec.offset)
+    return y.to(output_dtype(spec, x.dtype, weight_dtype)), mean, rstd
 
 
 def segment_sums(rows: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -167,12 +154,12 @@ def norm_backward(
     if need_input_grad:
         scaled_dy = dy3 if weight is None else dy3 * (spec.offset + weight.float())
         correction = (scaled_dy * x_hat).mean(-1, keepdim=True) * x_hat
-        if spec.kind == "layer_norm":
+        if spec.variant.kind.centred:
             correction = correction + scaled_dy.mean(-1, keepdim=True)
         dx = ((scaled_dy - correction) * rstd3).to(x.dtype).reshape(x.shape)
     weight_per_example = bias_per_example = None
     if need_weight_grad:
-        weight_products = dy3 * rounded_normalized(spec, x_hat, x.dtype, weight.dtype)
+        weight_products = dy3 * rounded_normalized(spec, x_hat, x.dtype, weight.dtype).float()
         weight_per_example = weight_products.sum(1)  # [B, D]
         dw = weight_per_example.sum(0).to(weight.dtype)
     if need_bias_grad:
