@@ -141,7 +141,7 @@ _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 #: The packings of quantized indices the update kernel reads and writes (``_dequantize``, ``_store_quantized``).
 _INDICES_PER_BYTE = (1, 2)
-#: s = 2^(E − clamp(E, −_SCALE_RANGE, _SCALE_RANGE)); also in :mod:`hf_gns_spam.optim.stable_spam`.
+#: s = 2^(E − clamp(E, −_SCALE_RANGE, _SCALE_RANGE)); also in :mod:`hf_gns_spam.optim.torch_step`.
 _SCALE_RANGE = tl.constexpr(40)
 
 # Workspace layout (float64): snapshot of the statistics, the AdaClip scalars, then the three partial buffers of
@@ -777,7 +777,7 @@ def triton_update_supported(param: Tensor, state: dict[str, Any], grad: Tensor |
 
 
 def _bias_correction(decay: float, steps: int) -> float:
-    """1 − decay^steps (as in :mod:`hf_gns_spam.optim.stable_spam`)."""
+    """1 − decay^steps (as in :mod:`hf_gns_spam.optim.torch_step`)."""
     return 1.0 - decay**steps
 
 

@@ -26,7 +26,6 @@ from hf_gns_spam.kernels.step_contract import (
 )
 
 __all__ = [
-    "SCALE_RANGE",
     "Clip",
     "adaclip",
     "adagn",
@@ -38,8 +37,8 @@ __all__ = [
     "stat_dtype",
 ]
 
-#: ‖g̃‖ is computed as s·‖g̃/s‖, s = 2^(E − clamp(E, −SCALE_RANGE, SCALE_RANGE)) (see stable_spam's docstring).
-SCALE_RANGE = 40
+#: ‖g̃‖ is computed as s·‖g̃/s‖, s = 2^(E − clamp(E, −_SCALE_RANGE, _SCALE_RANGE)) (see stable_spam's docstring).
+_SCALE_RANGE = 40
 
 
 def bias_correction(decay: float, steps: int) -> float:
@@ -75,7 +74,7 @@ def _power_of_two_scale(clipped_max: torch.Tensor) -> tuple[torch.Tensor, torch.
     """(1/s, s), float32 powers of two, s = 2^(E − clamp(E, −40, 40)) with E the binary exponent of the finite
     float32 ``clipped_max`` >= 0 (0 and subnormals count as E = −127); as the Triton kernel computes it."""
     exponent = (clipped_max.view(torch.int32) >> 23) - 127
-    shift = exponent - exponent.clamp(-SCALE_RANGE, SCALE_RANGE)
+    shift = exponent - exponent.clamp(-_SCALE_RANGE, _SCALE_RANGE)
     return ((127 - shift) << 23).view(torch.float32), ((127 + shift) << 23).view(torch.float32)
 
 
