@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_gns_spam import StableSPAM
-from hf_gns_spam.optim.quantized_state import dequantize, moment_format, quantize, unpack_nibbles
+from hf_gns_spam.optim.quantized_state import dequantize, moment_format, quantize, unpack_indices
 
 BIG = (96, 64)  # 6144 elements: quantized
 SMALL = (64,)  # under 4096 elements: float32, as bitsandbytes does
@@ -26,7 +26,7 @@ def test_bitsandbytes_reads_the_stored_moments(bits, second_moment):
     ours = dequantize(indices, absmax, fmt, x.numel())
     if bits == 4:
         assert indices.numel() == 2500  # two per byte
-        indices = unpack_nibbles(indices, x.numel())
+    indices = unpack_indices(indices, fmt, x.numel())
     theirs = bnb_functional.dequantize_blockwise(indices, absmax=absmax, code=fmt.code("cpu"), blocksize=fmt.blocksize)
     torch.testing.assert_close(ours, theirs[: x.numel()], rtol=0, atol=0)
     # nearest rounding: no value is further from its original than the worst case of the map, block by block

@@ -8,6 +8,7 @@ stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import warnings
@@ -18,7 +19,8 @@ from transformers import Trainer
 
 import hf_gns_spam.optim.stable_spam as stable_spam_module
 from hf_gns_spam import StableSPAM
-from hf_gns_spam.optim.quantized_state import unpack_nibbles
+from hf_gns_spam.kernels.step_contract import STATE_FORMATS
+from hf_gns_spam.optim.quantized_state import moment_format, unpack_indices
 from tests.conftest import counting_dataset, tiny_llama
 from tests.test_trainer_optimizer import training_args
 
@@ -32,7 +34,9 @@ FAULT_STEP = 4  # the gradient of step 4 gets one bad entry in the first weight 
 @pytest.fixture
 def small_quantized(monkeypatch):
     """Quantize tensors from 64 elements on (the library keeps tensors under 4096 elements in float32)."""
-    monkeypatch.setattr(stable_spam_module, "MIN_QUANTIZED_NUMEL", 64)
+    for bits, fmt in STATE_FORMATS.items():
+        if fmt.is_quantized:
+            monkeypatch.setitem(STATE_FORMATS, bits, dataclasses.replace(fmt, min_quantized_numel=64))
 
 
 def regression_problem():
@@ -203,8 +207,8 @@ def test_one_bad_entry_is_contained_triton_path(bits, mode, fault_name, small_qu
             for key in ("exp_avg", "exp_avg_sq"):
                 if key + "_q" in torch_state:  # 8/4-bit: indices one code apart at most, absmax to rounding
                     a, b = triton_state[key + "_q"], torch_state[key + "_q"]
-                    if bits == 4:
-                        a, b = unpack_nibbles(a, torch_param.numel()), unpack_nibbles(b, torch_param.numel())
+                    fmt, numel = moment_format(bits, key == "exp_avg_sq"), torch_param.numel()
+                    a, b = unpack_indices(a, fmt, numel), unpack_indices(b, fmt, numel)
                     assert neighbour_changes(a, b) <= NEIGHBOUR_LIMIT, f"{where}, {key} codes"
                     a, b = triton_state[key + "_absmax"], torch_state[key + "_absmax"]
                     assert ((a - b).abs() <= 1e-5 * b.abs()).all(), f"{where}, {key}_absmax"

@@ -22,8 +22,8 @@ from hf_gns_spam.kernels.stable_spam_step import (
     triton_update_tensor,
     workspace_numel,
 )
-from hf_gns_spam.kernels.step_contract import StepHyperparameters
-from hf_gns_spam.optim.quantized_state import dequantize, moment_format, quantize, unpack_nibbles
+from hf_gns_spam.kernels.step_contract import STATE_FORMATS, StepHyperparameters
+from hf_gns_spam.optim.quantized_state import dequantize, moment_format, quantize, unpack_indices
 from hf_gns_spam.optim.stable_spam import _update_tensor
 from tests.host_sync import forbid_host_sync
 
@@ -494,8 +494,8 @@ def run_quantized(use_triton: bool, state_bits: int, param_dtype: torch.dtype, *
 def index_mismatches(actual: torch.Tensor, expected: torch.Tensor, bits: int, numel: int) -> int:
     """Elements whose stored code index differs (4-bit indices unpacked first)."""
     assert actual.dtype == expected.dtype == torch.uint8 and actual.shape == expected.shape
-    if bits == 4:
-        actual, expected = unpack_nibbles(actual, numel), unpack_nibbles(expected, numel)
+    fmt = moment_format(bits, False)  # both moments have the same index width
+    actual, expected = unpack_indices(actual, fmt, numel), unpack_indices(expected, fmt, numel)
     return int((actual != expected).sum())
 
 
@@ -618,7 +618,10 @@ def test_quantized_kernel_is_dequantize_float_kernel_quantize_bitwise(bits, fait
 
 
 @triton.jit
-def _quantize_rows_kernel(X, Q, ABSMAX, MIDPOINTS, n, BITS: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr):
+def _quantize_rows_kernel(
+    X, Q, ABSMAX, MIDPOINTS, n, BITS: tl.constexpr, INDICES_PER_BYTE: tl.constexpr, QBLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+):  # fmt: skip
     """The update kernel's requantization of the first ROWS·QBLOCK elements of X (one program)."""
     half: tl.constexpr = QBLOCK // 2
     rows = tl.arange(0, ROWS)
@@ -627,7 +630,7 @@ def _quantize_rows_kernel(X, Q, ABSMAX, MIDPOINTS, n, BITS: tl.constexpr, QBLOCK
     pairs = rows[:, None] * half + pair_offsets[None, :]
     mask = idx < n
     index, absmax = _quantize(tl.load(X + idx, mask=mask, other=0.0), MIDPOINTS, BITS)
-    _store_quantized(Q, ABSMAX, index, absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
+    _store_quantized(Q, ABSMAX, index, absmax, rows, idx, mask, pairs, n, INDICES_PER_BYTE, QBLOCK)
 
 
 @pytest.mark.parametrize("second_moment", [False, True], ids=["m", "v"])
@@ -664,9 +667,12 @@ def test_requantization_matches_bucketize_on_ties(bits, second_moment):
     expected_q, expected_absmax = quantize(x, fmt)
     q = torch.full_like(expected_q, 0xAB)
     absmax = torch.full_like(expected_absmax, -1.0)
-    tables = _quantization_tables(bits, x.device)
+    tables = _quantization_tables(STATE_FORMATS[bits], x.device)
     midpoint_table = tables[(2 + int(second_moment)) * 2**bits :]
     assert torch.equal(midpoint_table[: 2**bits - 1], midpoints)
-    _quantize_rows_kernel[(1,)](x, q, absmax, midpoint_table, n, BITS=bits, QBLOCK=fmt.blocksize, ROWS=rows)
+    _quantize_rows_kernel[(1,)](
+        x, q, absmax, midpoint_table, n, BITS=bits, INDICES_PER_BYTE=fmt.indices_per_byte, QBLOCK=fmt.blocksize,
+        ROWS=rows,
+    )  # fmt: skip
     assert torch.equal(q, expected_q)
     torch.testing.assert_close(absmax, expected_absmax, rtol=0, atol=0, equal_nan=True)

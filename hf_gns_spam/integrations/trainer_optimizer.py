@@ -38,6 +38,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from hf_gns_spam.errors import TRANSFORMERS_CHECKED, TRANSFORMERS_REQUIREMENT, TrainerIntegrationError
+from hf_gns_spam.kernels.step_contract import STATE_FORMATS
 
 if TYPE_CHECKING:
     from hf_gns_spam.optim.stable_spam import StableSPAM
@@ -49,11 +50,10 @@ __all__ = [
     "register_trainer_optimizers_on_import",
 ]
 
-# optim name -> keyword arguments it fixes
+# optim name -> keyword arguments it fixes: one per state format that has a Trainer name (the state-format table,
+# which imports no torch: this module is imported by ``import hf_gns_spam``)
 TRAINER_OPTIMIZER_NAMES: dict[str, dict[str, Any]] = {
-    "stable_spam": {},
-    "stable_spam_8bit": {"state_bits": 8},
-    "stable_spam_4bit": {"state_bits": 4},
+    fmt.trainer_name: fmt.trainer_fixed_kwargs for fmt in STATE_FORMATS.values() if fmt.trainer_name is not None
 }
 
 

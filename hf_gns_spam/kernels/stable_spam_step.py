@@ -76,7 +76,8 @@ of those dtypes (a non-contiguous gradient is copied); moments float32 or bfloat
 float64 tensors and the counter a 0-dim int64 one; everything on one CUDA device (or on the CPU under
 ``TRITON_INTERPRET=1``).
 
-Quantized moments (K3 with ``BITS`` 8 or 4): BLOCK must be a multiple of the quantization block
+Quantized moments (K3 with ``QUANTIZED``; the formats of ``STATE_FORMATS`` whose indices are packed one or two per
+byte, ``INDICES_PER_BYTE``, and whose moments share a block size): BLOCK must be a multiple of the quantization block
 (256 at 8 bits, 128 at 4), so a program holds whole quantization blocks, laid out as [BLOCK/QBLOCK, QBLOCK/2, 2]
 (element pairs: one byte of two 4-bit indices, the even element in the high nibble). Each moment is dequantized in
 registers (``code[index]·absmax``, the code map gathered from a small table), updated as above in float32, and
@@ -107,9 +108,12 @@ from hf_gns_spam.kernels.step_contract import (
     EXP_AVG_SQ,
     INDICES,
     MOMENTS,
+    NONFINITE_GRAD_STEPS,
     QUANTIZED_BITS,
+    STATE_FORMATS,
+    STATISTICS,
+    StateFormat,
     StepHyperparameters,
-    moment_format,
 )
 
 __all__ = [
@@ -133,10 +137,11 @@ _NUM_WARPS = 8
 DEFAULT_MAX_PROGRAMS = 1024
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The dtypes of unquantized moments the update kernel loads (M_DTYPE); moments of other dtypes take the torch path.
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
-_STAT_KEYS = ("clip_max_ema", "norm_ema", "norm_sq_ema")
-_NONFINITE_KEY = "nonfinite_grad_steps"
-#: s = 2^(E − clamp(E, −_SCALE_RANGE, _SCALE_RANGE)); also in :mod:`hf_gns_spam.optim.stable_spam`.
+#: The packings of quantized indices the update kernel reads and writes (``_dequantize``, ``_store_quantized``).
+_INDICES_PER_BYTE = (1, 2)
+#: s = 2^(E − clamp(E, −_SCALE_RANGE, _SCALE_RANGE)); also in :mod:`hf_gns_spam.optim.torch_step`.
 _SCALE_RANGE = tl.constexpr(40)
 
 # Workspace layout (float64): snapshot of the statistics, the AdaClip scalars, then the three partial buffers of
@@ -498,11 +503,11 @@ def _update_float_moments(
 
 
 @triton.jit
-def _dequantize(Q, ABSMAX, CODE, rows, idx, mask, pairs, n, BITS: tl.constexpr, QBLOCK: tl.constexpr):
+def _dequantize(Q, ABSMAX, CODE, rows, idx, mask, pairs, n, INDICES_PER_BYTE: tl.constexpr, QBLOCK: tl.constexpr):
     """float32 values ``code[index]·absmax`` of the elements ``idx`` ([ROWS, QBLOCK/2, 2], row r = quantization
     block ``rows[r]``; ``pairs`` [ROWS, QBLOCK/2] are the byte offsets of 4-bit index pairs); 0 where masked."""
     absmax = tl.load(ABSMAX + rows, mask=rows * QBLOCK < n, other=0.0)
-    if BITS == 8:
+    if INDICES_PER_BYTE == 1:
         index = tl.load(Q + idx, mask=mask, other=0).to(tl.int32)
     else:  # two indices per byte, the even element in the high nibble
         packed = tl.load(Q + pairs, mask=pairs * 2 < n, other=0).to(tl.int32)
@@ -534,10 +539,12 @@ def _quantize(x, MIDPOINTS, BITS: tl.constexpr):
 
 
 @triton.jit
-def _store_quantized(Q, ABSMAX, index, absmax, rows, idx, mask, pairs, n, BITS: tl.constexpr, QBLOCK: tl.constexpr):
-    """Store the indices (4 bits: packed in pairs, a missing odd last element as index 0) and the absmax."""
+def _store_quantized(
+    Q, ABSMAX, index, absmax, rows, idx, mask, pairs, n, INDICES_PER_BYTE: tl.constexpr, QBLOCK: tl.constexpr
+):
+    """Store the indices (two per byte: packed in pairs, a missing odd last element as index 0) and the absmax."""
     tl.store(ABSMAX + rows, absmax, mask=rows * QBLOCK < n)
-    if BITS == 8:
+    if INDICES_PER_BYTE == 1:
         tl.store(Q + idx, index.to(tl.uint8), mask=mask)
     else:
         high, low = tl.split(tl.where(mask, index, 0))
@@ -549,7 +556,7 @@ def _update_quantized_moments(
     W, G, TABLE, CODES_TABLE, pid, programs, n, decay, threshold, spike_factor, inv_scale, factor, m_weight, v_decay,
     beta2_weight, eps_term, step_size, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
     APPLY_DECAY: tl.constexpr, FAITHFUL: tl.constexpr, RESET: tl.constexpr, MANUAL_BF16: tl.constexpr,
-    BITS: tl.constexpr, QBLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    BITS: tl.constexpr, INDICES_PER_BYTE: tl.constexpr, QBLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """K3's elementwise pass with blockwise-quantized moments, dequantized from (index, absmax) in registers and
     requantized after the update. A program's block of BLOCK elements is BLOCK/QBLOCK whole quantization blocks, laid
@@ -577,8 +584,8 @@ def _update_quantized_moments(
             m = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
             v = tl.zeros([ROWS, HALF, 2], dtype=tl.float32)
         else:
-            m = _dequantize(M_Q, M_ABSMAX, CODES_TABLE, rows, idx, mask, pairs, n, BITS, QBLOCK)
-            v = _dequantize(V_Q, V_ABSMAX, CODES_TABLE + CODES, rows, idx, mask, pairs, n, BITS, QBLOCK)
+            m = _dequantize(M_Q, M_ABSMAX, CODES_TABLE, rows, idx, mask, pairs, n, INDICES_PER_BYTE, QBLOCK)
+            v = _dequantize(V_Q, V_ABSMAX, CODES_TABLE + CODES, rows, idx, mask, pairs, n, INDICES_PER_BYTE, QBLOCK)
         w, m, v = _adam_elementwise(
             w, g, m, v, threshold, spike_factor, inv_scale, factor, m_weight, v_decay, beta2_weight, eps_term,
             step_size,
@@ -591,15 +598,15 @@ def _update_quantized_moments(
             m = tl.where(mask, m, 0.0)
             v = tl.where(mask, v, 0.0)
         m_index, m_absmax = _quantize(m, CODES_TABLE + 2 * CODES, BITS)
-        _store_quantized(M_Q, M_ABSMAX, m_index, m_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
+        _store_quantized(M_Q, M_ABSMAX, m_index, m_absmax, rows, idx, mask, pairs, n, INDICES_PER_BYTE, QBLOCK)
         v_index, v_absmax = _quantize(v, CODES_TABLE + 3 * CODES, BITS)
-        _store_quantized(V_Q, V_ABSMAX, v_index, v_absmax, rows, idx, mask, pairs, n, BITS, QBLOCK)
+        _store_quantized(V_Q, V_ABSMAX, v_index, v_absmax, rows, idx, mask, pairs, n, INDICES_PER_BYTE, QBLOCK)
 
 
 @triton.jit
 def _update_kernel(
     TABLE,
-    CODES_TABLE,  # quantized moments' code maps and midpoints (BITS > 0); any pointer otherwise
+    CODES_TABLE,  # quantized moments' code maps and midpoints (QUANTIZED); any pointer otherwise
     max_programs,
     stride,
     decay,  # 1 − lr·weight_decay
@@ -615,14 +622,16 @@ def _update_kernel(
     step_size,  # −lr·√bc2 / bc1
     W_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
-    M_DTYPE: tl.constexpr,  # float moments' dtype (BITS = 0)
+    M_DTYPE: tl.constexpr,  # float moments' dtype (not QUANTIZED)
     ALIGNED: tl.constexpr,
     APPLY_DECAY: tl.constexpr,
     FAITHFUL: tl.constexpr,
     RESET: tl.constexpr,
     MANUAL_BF16: tl.constexpr,
-    BITS: tl.constexpr,  # 0: float32/bfloat16 moments; 8 or 4: blockwise-quantized moments
-    QBLOCK: tl.constexpr,
+    QUANTIZED: tl.constexpr,  # False: float32/bfloat16 moments; True: blockwise-quantized moments, with
+    BITS: tl.constexpr,  # bits per code index,
+    INDICES_PER_BYTE: tl.constexpr,  # 1 or 2 indices per byte,
+    QBLOCK: tl.constexpr,  # and elements per absmax
     BLOCK: tl.constexpr,
     PARTIALS_BLOCK: tl.constexpr,
 ):
@@ -650,7 +659,7 @@ def _update_kernel(
         )
         W = _tensor(TABLE, _T_PARAM, W_DTYPE, ALIGNED, MANUAL_BF16)
         G = _tensor(TABLE, _T_GRAD, G_DTYPE, ALIGNED, MANUAL_BF16)
-        if BITS == 0:
+        if not QUANTIZED:
             _update_float_moments(
                 W, G, TABLE, pid, programs, n, decay, threshold, spike_factor, inv_scale, factor, m_weight, v_decay,
                 beta2_weight, eps_term, step_size, W_DTYPE, G_DTYPE, M_DTYPE, ALIGNED, APPLY_DECAY, FAITHFUL, RESET,
@@ -660,7 +669,7 @@ def _update_kernel(
             _update_quantized_moments(
                 W, G, TABLE, CODES_TABLE, pid, programs, n, decay, threshold, spike_factor, inv_scale, factor,
                 m_weight, v_decay, beta2_weight, eps_term, step_size, W_DTYPE, G_DTYPE, ALIGNED, APPLY_DECAY,
-                FAITHFUL, RESET, MANUAL_BF16, BITS, QBLOCK, BLOCK,
+                FAITHFUL, RESET, MANUAL_BF16, BITS, INDICES_PER_BYTE, QBLOCK, BLOCK,
             )  # fmt: skip
 
 
@@ -700,45 +709,57 @@ def _unsupported_reason(param: Tensor, state: dict[str, Any], grad: Tensor | Non
         reason = _unsupported_moments_reason(param, state, device)
     if reason is not None:
         return reason
-    for key in _STAT_KEYS:
+    for key in STATISTICS:
         stat = state.get(key)
         if not isinstance(stat, Tensor):
             return f"state[{key!r}] missing"
         if stat.dtype != torch.float64 or stat.numel() != 1 or stat.device != device:
             return f"state[{key!r}] must be a float64 scalar on the parameter's device"
-    counter = state.get(_NONFINITE_KEY)
+    counter = state.get(NONFINITE_GRAD_STEPS)
     if not isinstance(counter, Tensor) or counter.dtype != torch.int64 or counter.numel() != 1:
-        return f"state[{_NONFINITE_KEY!r}] must be an int64 scalar"
+        return f"state[{NONFINITE_GRAD_STEPS!r}] must be an int64 scalar"
     if counter.device != device:
-        return f"state[{_NONFINITE_KEY!r}] must be on the parameter's device"
+        return f"state[{NONFINITE_GRAD_STEPS!r}] must be on the parameter's device"
+    return None
+
+
+def _quantized_layout_reason(bits: Any) -> str | None:
+    """Why the update kernel cannot hold the quantized format ``bits`` (None when it can): it is a quantized row of
+    ``STATE_FORMATS``, whose indices are packed one or two per byte and whose two moments share one block size (the
+    kernel's [rows, QBLOCK/2, 2] element layout)."""
+    fmt = STATE_FORMATS.get(bits) if isinstance(bits, int) else None
+    if fmt is None or fmt.moment_formats is None:
+        quantized = [b for b, f in STATE_FORMATS.items() if f.is_quantized]
+        return f"quantized_bits {bits!r} (one of {quantized})"
+    m_format, v_format = fmt.moment_formats
+    if (m_format.bits, m_format.blocksize) != (v_format.bits, v_format.blocksize):
+        return f"{bits}-bit moments with different index widths or block sizes"
+    if m_format.indices_per_byte not in _INDICES_PER_BYTE:
+        return f"{m_format.indices_per_byte} indices per byte (the kernel packs {_INDICES_PER_BYTE})"
     return None
 
 
 def _unsupported_quantized_reason(param: Tensor, state: dict[str, Any], device: torch.device) -> str | None:
-    """Checks of blockwise-quantized moments: the layout :func:`hf_gns_spam.optim.quantized_state.quantize` makes."""
+    """Checks of blockwise-quantized moments: the buffers (keys, dtypes, lengths) of the format's row of
+    ``STATE_FORMATS``, the layout :func:`hf_gns_spam.optim.quantized_state.quantize` makes."""
     bits = state[QUANTIZED_BITS]
-    if bits not in (8, 4):
-        return f"quantized_bits {bits!r} (8 or 4)"
-    numel = param.numel()
-    for key, second_moment in MOMENTS:
-        blocksize = moment_format(bits, second_moment).blocksize
-        for suffix, dtype, size in (
-            (INDICES, torch.uint8, numel if bits == 8 else (numel + 1) // 2),
-            (ABSMAX, torch.float32, -(-numel // blocksize)),
-        ):
-            tensor = state.get(key + suffix)
-            if not isinstance(tensor, Tensor):
-                return f"state[{key + suffix!r}] missing"
-            if tensor.dtype != dtype or tensor.numel() != size or tensor.device != device:
-                return f"state[{key + suffix!r}] must be {size} {dtype} values on the parameter's device"
-            if not tensor.is_contiguous():
-                return f"a non-contiguous state[{key + suffix!r}]"
+    reason = _quantized_layout_reason(bits)
+    if reason is not None:
+        return reason
+    for buffer in STATE_FORMATS[bits].moment_buffers(param.numel(), torch.float32):
+        tensor = state.get(buffer.key)
+        if not isinstance(tensor, Tensor):
+            return f"state[{buffer.key!r}] missing"
+        if tensor.dtype != buffer.dtype or tensor.numel() != buffer.numel or tensor.device != device:
+            return f"state[{buffer.key!r}] must be {buffer.numel} {buffer.dtype} values on the parameter's device"
+        if not tensor.is_contiguous():
+            return f"a non-contiguous state[{buffer.key!r}]"
     return None
 
 
 def _unsupported_moments_reason(param: Tensor, state: dict[str, Any], device: torch.device) -> str | None:
     """Checks of float32/bfloat16 moments."""
-    for key in (EXP_AVG, EXP_AVG_SQ):
+    for key, _ in MOMENTS:
         moment = state.get(key)
         if not isinstance(moment, Tensor):
             return f"state[{key!r}] missing"
@@ -756,20 +777,21 @@ def triton_update_supported(param: Tensor, state: dict[str, Any], grad: Tensor |
 
 
 def _bias_correction(decay: float, steps: int) -> float:
-    """1 − decay^steps (as in :mod:`hf_gns_spam.optim.stable_spam`)."""
+    """1 − decay^steps (as in :mod:`hf_gns_spam.optim.torch_step`)."""
     return 1.0 - decay**steps
 
 
 _TABLES: dict[tuple[int, torch.device], Tensor] = {}
 
 
-def _quantization_tables(bits: int, device: torch.device) -> Tensor:
+def _quantization_tables(fmt: StateFormat, device: torch.device) -> Tensor:
     """float32 [m's code, v's code, m's midpoints, v's midpoints], 2**bits entries each (a midpoint table's last
     entry is unused padding), on ``device``; built once per (bits, device). The midpoints are computed as
     :func:`hf_gns_spam.optim.quantized_state.quantize` computes them, ``(code[1:] + code[:-1]) / 2`` in float32."""
+    bits = fmt.bits
     key = (bits, device)
     if key not in _TABLES:
-        codes = [moment_format(bits, second_moment).code(torch.device("cpu")) for second_moment in (False, True)]
+        codes = [code_format.code(torch.device("cpu")) for code_format in fmt.moment_formats]
         for code in codes:
             if code.numel() != 2**bits:  # the binary search covers exactly 2**bits − 1 midpoints
                 raise RuntimeError(f"a {bits}-bit code map with {code.numel()} values")
@@ -790,11 +812,14 @@ def _check_launch(param: Tensor, state: dict[str, Any], grad: Tensor, block: int
         raise ValueError(f"block must be a power of two ≥ 16 and max_programs ≥ 1, got {block}, {max_programs}")
     bits = state.get(QUANTIZED_BITS)
     if bits is not None:
-        qblock = moment_format(bits, False).blocksize
-        if moment_format(bits, True).blocksize != qblock:  # one layout for both moments
-            raise ValueError(f"{bits}-bit moments with different block sizes")
+        qblock = _quantization_block(STATE_FORMATS[bits])
         if block % qblock:
             raise ValueError(f"block must be a multiple of the {bits}-bit quantization block ({qblock}), got {block}")
+
+
+def _quantization_block(fmt: StateFormat) -> int:
+    """The block size both moments of a quantized format share (checked by :func:`_quantized_layout_reason`)."""
+    return fmt.moment_formats[0].blocksize
 
 
 def _check_workspace(workspace: Tensor, param: Tensor, programs: int, stride: int) -> None:
@@ -808,7 +833,7 @@ def _check_workspace(workspace: Tensor, param: Tensor, programs: int, stride: in
 
 
 #: The quantized moments' state keys in table order (columns 3–6): both index arrays, then both absmax arrays.
-_QUANTIZED_TABLE_KEYS = tuple(key + suffix for suffix in (INDICES, ABSMAX) for key in (EXP_AVG, EXP_AVG_SQ))
+_QUANTIZED_TABLE_KEYS = tuple(key + suffix for suffix in (INDICES, ABSMAX) for key, _ in MOMENTS)
 
 
 def _moment_tensors(state: dict[str, Any]) -> tuple[Tensor, ...]:
@@ -841,7 +866,7 @@ def _table_row(param: Tensor, grad: Tensor, state: dict[str, Any]) -> list[int]:
     """The tensor's row of the table (see ``_T_NUMEL`` … ``_T_WORKSPACE``), its workspace address still 0."""
     moments = [tensor.data_ptr() for tensor in _moment_tensors(state)]
     moments += [0] * (4 - len(moments))
-    statistics = [state[key].data_ptr() for key in (*_STAT_KEYS, _NONFINITE_KEY)]
+    statistics = [state[key].data_ptr() for key in (*STATISTICS, NONFINITE_GRAD_STEPS)]
     return [param.numel(), grad.data_ptr(), param.data_ptr(), *moments, *statistics, 0]
 
 
@@ -905,10 +930,24 @@ class _Launch:
         sqrt_bc2 = math.sqrt(_bias_correction(hp.beta2, adam_step))
         moments = self.format.moments
         if isinstance(moments, int):
-            codes = _quantization_tables(moments, self.format.device)
-            constexprs = {"BITS": moments, "QBLOCK": moment_format(moments, False).blocksize, "M_DTYPE": tl.float32}
+            fmt = STATE_FORMATS[moments]
+            codes = _quantization_tables(fmt, self.format.device)
+            constexprs = {
+                "QUANTIZED": True,
+                "BITS": fmt.moment_formats[0].bits,
+                "INDICES_PER_BYTE": fmt.moment_formats[0].indices_per_byte,
+                "QBLOCK": _quantization_block(fmt),
+                "M_DTYPE": tl.float32,
+            }
         else:
-            codes, constexprs = self.table, {"BITS": 0, "QBLOCK": 1, "M_DTYPE": _TL_DTYPES[moments]}
+            codes = self.table
+            constexprs = {
+                "QUANTIZED": False,
+                "BITS": 1,
+                "INDICES_PER_BYTE": 1,
+                "QBLOCK": 1,
+                "M_DTYPE": _TL_DTYPES[moments],
+            }
         with _device_guard(self.format.device):
             _update_kernel[(self.programs, self.count)](
                 self.table,

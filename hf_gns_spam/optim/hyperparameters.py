@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hf_gns_spam.kernels.step_contract import STATE_FORMATS
+
 
 @dataclass(frozen=True)
 class Hyperparameter:
@@ -81,7 +83,12 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
         ),
         Hyperparameter("eta_min", "a float in [0, 1]", float, lambda v: _is_real(v) and 0.0 <= v <= 1.0),
         Hyperparameter("mode", "'clean' or 'faithful'", str, lambda v: v in ("clean", "faithful")),
-        Hyperparameter("state_bits", "one of 32, 16, 8, 4", int, lambda v: _is_int(v) and v in (32, 16, 8, 4)),
+        Hyperparameter(
+            "state_bits",
+            "one of " + ", ".join(map(str, STATE_FORMATS)),
+            int,
+            lambda v: _is_int(v) and v in STATE_FORMATS,
+        ),
     )
 }
 

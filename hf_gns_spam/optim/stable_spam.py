@@ -58,7 +58,8 @@ Loading a state dict (:meth:`StableSPAM.load_state_dict`): every hyperparameter 
 the table of :mod:`hf_gns_spam.optim.hyperparameters` (an invalid one is a ``ValueError`` and nothing is loaded); a
 checkpoint of another ``state_bits`` is refused with a ``ValueError`` saying how to build a matching optimizer (its
 moments are not converted: a conversion would silently change the run), as is a tensor state whose layout does not
-fit the parameter (another width, or another sharding); other hyperparameters that differ from this optimizer's
+fit the parameter (its moment buffers' keys, dtypes and lengths differ from the format's: another width, or another
+sharding); other hyperparameters that differ from this optimizer's
 (``lr`` excepted: the scheduler owns it) are taken from the checkpoint, as ``torch.optim`` does, with a
 ``UserWarning`` that names each key, both values and the one used. Checkpoints written before the statistics were
 float64 load as well (the statistics are converted, the counter starts at 0).
@@ -90,51 +91,48 @@ torch's foreach AdamW; see ``benchmarks/optimizer_step.py``). On CUDA, tensors g
 share a format (each launch reads a table of the tensors' addresses, as torch's fused optimizers do), so the host's
 cost does not grow with the number of tensors; 8/4-bit moments are dequantized, updated and requantized inside the
 update kernel; float64 and non-contiguous tensors stay on the torch path.
+
+Where things are: this module holds the optimizer (hyperparameters, state initialisation, the step's dispatch, the
+moments' load and store in the state's format, the non-finite warning); :mod:`hf_gns_spam.optim.torch_step` the
+torch path's maths; :mod:`hf_gns_spam.optim.sharded_step` the sharded step and the DTensor form of the state;
+:mod:`hf_gns_spam.optim.checkpoint` what ``load_state_dict`` checks; the state formats (``state_bits``) are the
+table :data:`hf_gns_spam.kernels.step_contract.STATE_FORMATS`.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
-import struct
 import types
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from hf_gns_spam.kernels.step_contract import (
     ABSMAX,
-    EXP_AVG,
-    EXP_AVG_SQ,
+    CLIP_MAX_EMA,
+    DEFAULT_STATE_BITS,
     INDICES,
     MOMENTS,
+    NONFINITE_GRAD_STEPS,
     QUANTIZED_BITS,
-    QUANTIZED_KEYS,
+    STATE_FORMATS,
+    STATISTICS,
+    StateBits,
     StepHyperparameters,
 )
+from hf_gns_spam.optim.checkpoint import check_loaded_groups, check_loaded_states, restored_state
 from hf_gns_spam.optim.hyperparameters import HYPERPARAMETERS, check_hyperparameter
-from hf_gns_spam.optim.quantized_state import MIN_QUANTIZED_NUMEL, dequantize, moment_format, quantize
+from hf_gns_spam.optim.quantized_state import dequantize, quantize
+from hf_gns_spam.optim.sharded_step import Shard, ShardedStep, is_dtensor, shard_group, state_as_dtensors
+from hf_gns_spam.optim.torch_step import adaclip, adagn, adam_update, clip_into, masked_abs_max, stat_dtype
 
 Mode = Literal["clean", "faithful"]
-StateBits = Literal[32, 16, 8, 4]
 
 __all__ = ["StableSPAM", "momentum_decay_factor"]
-
-# Per-tensor statistics kept as 0-dim tensors in each parameter's state.
-_CLIP_MAX_EMA = "clip_max_ema"  # T, AdaClip's EMA of max|g|
-_NORM_EMA = "norm_ema"  # μ, AdaGN's EMA of ‖g̃‖
-_NORM_SQ_EMA = "norm_sq_ema"  # ν, AdaGN's EMA of ‖g̃‖²
-_STAT_KEYS = (_CLIP_MAX_EMA, _NORM_EMA, _NORM_SQ_EMA)
-_NONFINITE = "nonfinite_grad_steps"  # int64: steps in which the gradient had a NaN or ±inf entry
-#: ‖g̃‖ is computed as s·‖g̃/s‖, s = 2^(E − clamp(E, −_SCALE_RANGE, _SCALE_RANGE)) (see the module docstring).
-_SCALE_RANGE = 40
-# optim names of the Trainer integration, for the messages of load_state_dict
-_TRAINER_NAMES = {32: "optim='stable_spam'", 8: "optim='stable_spam_8bit'", 4: "optim='stable_spam_4bit'"}
 
 
 def momentum_decay_factor(step: int, total_steps: int | None, eta_min: float, mode: Mode) -> float:
@@ -150,65 +148,6 @@ def momentum_decay_factor(step: int, total_steps: int | None, eta_min: float, mo
     else:
         phase = math.pi * step / (total_steps + 1)
     return eta_min + (1.0 - eta_min) * (1.0 + math.cos(phase)) / 2.0
-
-
-def _bias_correction(decay: float, steps: int) -> float:
-    """1 − decay^steps, the usual EMA bias correction."""
-    return 1.0 - decay**steps
-
-
-def _stat_dtype(device: torch.device) -> torch.dtype:
-    """dtype of the per-tensor statistics: float64 (any finite float32 gradient's n² fits), float32 on MPS."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _constant(value: float, compute_dtype: torch.dtype) -> float:
-    """A hyperparameter constant of the statistics' updates: rounded to float32 for float32-compute tensors (what the
-    Triton kernel receives), exact for float64 ones."""
-    if compute_dtype == torch.float64:
-        return value
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-@functools.cache
-def _dtensor_type() -> type | None:
-    """torch's DTensor class, or None when torch.distributed is unavailable."""
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def _is_dtensor(tensor: Any) -> bool:
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(tensor, dtensor)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The rank's local shard of a DTensor (a view that aliases it), or the tensor itself."""
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
-
-
-def _shard_group(param: torch.Tensor) -> Any:
-    """The process group over which a DTensor parameter's shards are spread (None when it is replicated), after
-    checking that the placements are ones whose per-tensor statistics this optimizer can reduce."""
-    placements = tuple(param.placements)
-    if any(not (p.is_shard() or p.is_replicate()) for p in placements):
-        raise RuntimeError(f"StableSPAM: DTensor parameter with placements {placements}; supported: Shard, Replicate.")
-    grad_placements = tuple(param.grad.placements) if _is_dtensor(param.grad) else None
-    if grad_placements != placements:
-        raise RuntimeError(
-            f"StableSPAM: the gradient of a DTensor parameter with placements {placements} has placements "
-            f"{grad_placements}; it must be sharded like the parameter (as FSDP2 leaves it after backward)."
-        )
-    shard_dims = [dim for dim, p in enumerate(placements) if p.is_shard()]
-    if len(shard_dims) > 1:
-        raise RuntimeError(
-            f"StableSPAM: DTensor parameter sharded over {len(shard_dims)} mesh dimensions {placements}; "
-            "at most one is supported (FSDP2, or HSDP with (Replicate, Shard))."
-        )
-    return param.device_mesh.get_group(shard_dims[0]) if shard_dims else None
 
 
 class StableSPAM(torch.optim.Optimizer):
@@ -227,9 +166,11 @@ class StableSPAM(torch.optim.Optimizer):
         total_steps: T for the cosine factor s(t) on β1 and γ1; None disables it.
         eta_min: the floor of s(t).
         mode: ``"clean"`` (paper formulas, pytorch-optimizer ≥ 4.0) or ``"faithful"`` (the official code).
-        state_bits: storage of Adam's moments: 32 (float32; float64 for float64 parameters), 16 (bfloat16), or 8
-            and 4 (blockwise-quantized in bitsandbytes' formats, :mod:`hf_gns_spam.optim.quantized_state`;
-            tensors under 4096 elements stay float32). The update itself always runs in float32.
+        state_bits: storage of Adam's moments, a row of the state-format table
+            :data:`~hf_gns_spam.kernels.step_contract.STATE_FORMATS`: 32 (float32; float64 for float64
+            parameters), 16 (bfloat16), or 8 and 4 (blockwise-quantized in bitsandbytes' formats,
+            :mod:`hf_gns_spam.optim.quantized_state`; tensors under 4096 elements stay float32). The update itself
+            always runs in float32.
 
     Paper settings: 4-bit runs ``gamma1=0.7, gamma2=0.9, gamma3=0.999, reset_interval=1000``; BF16 runs
     ``gamma1=0.85, gamma2=0.99999, gamma3=0.999, reset_interval=1000``.
@@ -259,7 +200,7 @@ class StableSPAM(torch.optim.Optimizer):
         total_steps: int | None = None,
         eta_min: float = 0.5,
         mode: Mode = "clean",
-        state_bits: StateBits = 32,
+        state_bits: StateBits = DEFAULT_STATE_BITS,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -302,7 +243,9 @@ class StableSPAM(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes held by the optimizer state's tensors (moments, quantization scales, per-tensor statistics and
-        counters); for sharded parameters, this rank's."""
+        counters); for sharded parameters, this rank's. Per tensor of n elements: the moment buffers of its format
+        (``STATE_FORMATS[state_bits].for_numel(n).moment_buffers``, about n·``bytes_per_parameter``), plus 3·8 bytes
+        of statistics and 8 of the non-finite counter."""
         return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -318,12 +261,13 @@ class StableSPAM(torch.optim.Optimizer):
         state_dict = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         for index, param in enumerate(params):
-            if _is_dtensor(param) and index in state_dict["state"]:
-                state_dict["state"][index] = _state_as_dtensors(param, state_dict["state"][index])
+            if is_dtensor(param) and index in state_dict["state"]:
+                state_dict["state"][index] = state_as_dtensors(param, state_dict["state"][index])
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping the saved dtype of every moment tensor (module docstring: what is checked).
+        """Load a state dict, keeping the saved dtype of every moment tensor (what is checked: module docstring and
+        :mod:`hf_gns_spam.optim.checkpoint`).
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the parameter's dtype, which would
         turn float32 moments of a bfloat16 parameter into bfloat16 (and lose the bit-identical resume).
@@ -339,8 +283,8 @@ class StableSPAM(torch.optim.Optimizer):
         )
         changes: list[str] = []
         if matching:  # otherwise torch's own check below raises its error
-            changes = self._check_loaded_groups(saved_groups)
-            self._check_loaded_states(state_dict)
+            changes = check_loaded_groups(saved_groups, self.param_groups)
+            check_loaded_states(state_dict, self.param_groups)
         constructed = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         super().load_state_dict(state_dict)
         for group, own in zip(self.param_groups, constructed, strict=True):
@@ -351,18 +295,8 @@ class StableSPAM(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, param in zip(saved_ids, params, strict=True):
             saved_state = state_dict["state"].get(saved_id)
-            if not saved_state:
-                continue
-            device = _local(param).device
-            state = self.state[param]
-            for key, value in saved_state.items():
-                if torch.is_tensor(value):
-                    state[key] = _loaded_local(key, value, param, saved_state).detach().to(device=device, copy=True)
-            for key in _STAT_KEYS:  # float32 statistics of earlier versions
-                if key in state:
-                    state[key] = state[key].to(_stat_dtype(device))
-            if _CLIP_MAX_EMA in state and _NONFINITE not in state:
-                state[_NONFINITE] = torch.zeros((), dtype=torch.int64, device=device)
+            if saved_state:
+                self.state[param].update(restored_state(saved_state, param))
         if changes:
             warnings.warn(
                 "StableSPAM.load_state_dict: the checkpoint's hyperparameters differ from this optimizer's; the "
@@ -374,65 +308,6 @@ class StableSPAM(torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=2,
             )
-
-    def _check_loaded_groups(self, saved_groups: list[dict[str, Any]]) -> list[str]:
-        """Validate the checkpoint's group hyperparameters (ValueError); return the differences to report."""
-        changes = []
-        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            for name in HYPERPARAMETERS:
-                if name not in saved:
-                    continue
-                try:
-                    check_hyperparameter(name, saved[name])
-                except ValueError as error:
-                    reason = str(error).removeprefix("StableSPAM: ")
-                    raise ValueError(
-                        f"StableSPAM.load_state_dict: parameter group {index} of the checkpoint has {reason} "
-                        "Nothing was loaded."
-                    ) from None
-            step = saved.get("step", 0)
-            if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
-                raise ValueError(
-                    f"StableSPAM.load_state_dict: parameter group {index} of the checkpoint has step={step!r}; "
-                    "it must be an integer >= 0. Nothing was loaded."
-                )
-            saved_bits, bits = saved.get("state_bits", group["state_bits"]), group["state_bits"]
-            if saved_bits != bits:
-                raise ValueError(
-                    f"StableSPAM.load_state_dict: the checkpoint's moments have state_bits={saved_bits} (parameter "
-                    f"group {index}) but this optimizer was built with state_bits={bits}; moments are not converted "
-                    f"between widths. To resume this checkpoint build the optimizer with state_bits={saved_bits} "
-                    f"(Trainer: {_trainer_spelling(saved_bits)}); to change the width, start a fresh optimizer "
-                    "state (load the model weights only)."
-                )
-            for name in HYPERPARAMETERS:
-                if name in ("lr", "state_bits"):
-                    continue
-                own = group[name]
-                if name not in saved:
-                    changes.append(f"group {index}: {name} is not in the checkpoint, {own!r} (this optimizer) is used")
-                    continue
-                theirs = check_hyperparameter(name, saved[name])
-                if theirs != own:
-                    changes.append(f"group {index}: {name}={theirs!r} (checkpoint, used) instead of {own!r}")
-        return changes
-
-    def _check_loaded_states(self, state_dict: dict[str, Any]) -> None:
-        """Refuse per-tensor states whose layout does not fit their parameter under the group's state_bits."""
-        for index, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups, strict=True)):
-            bits = group["state_bits"]
-            for saved_id, param in zip(saved["params"], group["params"], strict=True):
-                saved_state = state_dict["state"].get(saved_id)
-                if not saved_state:
-                    continue
-                problem = _state_layout_problem(saved_state, param, bits)
-                if problem is not None:
-                    raise ValueError(
-                        f"StableSPAM.load_state_dict: the state of parameter {saved_id} (group {index}, shape "
-                        f"{tuple(param.shape)}) does not fit this optimizer with state_bits={bits}: {problem}. "
-                        "Build the optimizer as the checkpoint's run did (same state_bits, same parameters, and for "
-                        "sharded parameters the same sharding and world size), or start a fresh optimizer state."
-                    )
 
     # ----------------------------------------------------------------------------------------------------------------
     # step
@@ -454,7 +329,7 @@ class StableSPAM(torch.optim.Optimizer):
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError("StableSPAM does not support sparse gradients.")
-                if _is_dtensor(param):
+                if is_dtensor(param):
                     sharded.append((group, param))
                 else:
                     by_device_and_dtype[(param.device, param.dtype)].append(param)
@@ -468,25 +343,25 @@ class StableSPAM(torch.optim.Optimizer):
     def _init_state(
         self, param: torch.Tensor, group: dict[str, Any], local: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """The parameter's state, created on its first step. ``local`` is the rank's shard of a DTensor parameter
-        (the moments take its shape; whether they are quantized follows the global size)."""
+        """The parameter's state, created on its first step in the format ``STATE_FORMATS[state_bits]`` gives a
+        tensor of its size. ``local`` is the rank's shard of a DTensor parameter (the moments take its shape; the
+        format follows the global size)."""
         state = self.state[param]
-        if _CLIP_MAX_EMA not in state:
+        if CLIP_MAX_EMA not in state:
             local = param if local is None else local
-            compute_dtype = torch.promote_types(local.dtype, torch.float32)
-            bits = group["state_bits"]
-            if bits in (8, 4) and param.numel() >= MIN_QUANTIZED_NUMEL:
+            fmt = STATE_FORMATS[group["state_bits"]].for_numel(param.numel())
+            if fmt.moment_formats is not None:  # zero moments, quantized as every later store quantizes them
                 zeros = torch.zeros(local.numel(), dtype=torch.float32, device=local.device)
-                state[QUANTIZED_BITS] = bits
-                for key, second_moment in MOMENTS:
-                    state[key + INDICES], state[key + ABSMAX] = quantize(zeros, moment_format(bits, second_moment))
-            else:  # bits 8/4 keep small tensors in 32 bits, as bitsandbytes does
-                moment_dtype = torch.bfloat16 if bits == 16 else compute_dtype
-                for key in (EXP_AVG, EXP_AVG_SQ):
+                state[QUANTIZED_BITS] = fmt.bits
+                for (key, _), code in zip(MOMENTS, fmt.moment_formats, strict=True):
+                    state[key + INDICES], state[key + ABSMAX] = quantize(zeros, code)
+            else:
+                moment_dtype = fmt.moment_dtype(torch.promote_types(local.dtype, torch.float32))
+                for key, _ in MOMENTS:
                     state[key] = torch.zeros_like(local, dtype=moment_dtype, memory_format=torch.preserve_format)
-            for key in _STAT_KEYS:
-                state[key] = torch.zeros((), dtype=_stat_dtype(local.device), device=local.device)
-            state[_NONFINITE] = torch.zeros((), dtype=torch.int64, device=local.device)
+            for key in STATISTICS:
+                state[key] = torch.zeros((), dtype=stat_dtype(local.device), device=local.device)
+            state[NONFINITE_GRAD_STEPS] = torch.zeros((), dtype=torch.int64, device=local.device)
             if group["mode"] == "faithful":
                 state["step"] = 0  # the official per-tensor counter k
         return state
@@ -570,7 +445,7 @@ class StableSPAM(torch.optim.Optimizer):
         step_hyper = {id(group): self._step_hyperparameters(group) for group, _ in entries}
         items = []
         for group, param in entries:
-            process_group = _shard_group(param)  # checks the placements of the parameter and its gradient first
+            process_group = shard_group(param)  # checks the placements of the parameter and its gradient first
             local, grad = param.to_local(), param.grad.to_local()
             grad = grad if grad.is_contiguous() else grad.contiguous()
             state = self._init_state(param, group, local)
@@ -578,8 +453,9 @@ class StableSPAM(torch.optim.Optimizer):
             stat_step, adam_step = self._tensor_steps(state, group, hyper, clean_adam_step)
             triton_step = _triton_step() if _use_triton(local) else None
             use_triton = triton_step is not None and triton_step.triton_update_supported(local, state, grad)
-            items.append(_Shard(local, grad, state, hyper, stat_step, adam_step, process_group, use_triton))
-        _ShardedStep(items).run()
+            items.append(Shard(local, grad, state, hyper, stat_step, adam_step, process_group, use_triton))
+        kernels = _triton_step() if any(item.use_triton for item in items) else None
+        ShardedStep(items, kernels, _adagn_adam).run()
 
     # ----------------------------------------------------------------------------------------------------------------
     # non-finite gradients: lazy warning
@@ -609,7 +485,7 @@ class StableSPAM(torch.optim.Optimizer):
         by_device: dict[torch.device, tuple[list[tuple[int, int]], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
         for group_index, group in enumerate(self.param_groups):
             for index, param in enumerate(group["params"]):
-                counter = self.state.get(param, {}).get(_NONFINITE)
+                counter = self.state.get(param, {}).get(NONFINITE_GRAD_STEPS)
                 if counter is not None:
                     positions, counters = by_device[counter.device]
                     positions.append((group_index, index))
@@ -638,112 +514,12 @@ class StableSPAM(torch.optim.Optimizer):
             f"StableSPAM: gradients with non-finite entries (NaN or ±inf) in {len(hit)} parameter tensor(s) (steps "
             f"with such entries per tensor: {listed}{more}). The entries were treated as zero: they did not enter "
             "AdaClip, AdaGN or the Adam moments, and training goes on. Counts are in "
-            f"optimizer.state[p][{_NONFINITE!r}]; this warning is given once per optimizer (counters are looked at "
-            f"every {self.nonfinite_check_interval} steps).",
+            f"optimizer.state[p][{NONFINITE_GRAD_STEPS!r}]; this warning is given once per optimizer (counters are "
+            f"looked at every {self.nonfinite_check_interval} steps).",
             RuntimeWarning,
             stacklevel=4,
         )
         self._nonfinite_warned = True
-        self._pending_checks = []
-
-
-def _trainer_spelling(bits: int) -> str:
-    if bits in _TRAINER_NAMES:
-        return _TRAINER_NAMES[bits] if bits != 32 else "optim='stable_spam' without state_bits in optim_args"
-    return f"optim='stable_spam', optim_args='state_bits={bits}'"
-
-
-def _state_layout_problem(saved_state: dict[str, Any], param: torch.Tensor, bits: int) -> str | None:
-    """Why a checkpoint's per-tensor state does not fit ``param`` under ``state_bits=bits`` (None if it does)."""
-    local = _local(param)
-    numel = local.numel()
-    quantized = bits in (8, 4) and param.numel() >= MIN_QUANTIZED_NUMEL
-    if QUANTIZED_BITS in saved_state:
-        saved_bits = saved_state[QUANTIZED_BITS]
-        if not quantized or saved_bits != bits:
-            return f"it holds {saved_bits}-bit quantized moments"
-        for key, second_moment in MOMENTS:
-            blocks = -(-numel // moment_format(bits, second_moment).blocksize)
-            for suffix, size in ((INDICES, numel if bits == 8 else (numel + 1) // 2), (ABSMAX, blocks)):
-                value = saved_state.get(key + suffix)
-                if torch.is_tensor(value):
-                    value = _loaded_local(key + suffix, value, param, saved_state)
-                if value is None or not torch.is_tensor(value) or value.numel() != size:
-                    return f"{key + suffix} is missing or has another size than this parameter's (shard's) {size}"
-        return None
-    if not any(key in saved_state for key in (EXP_AVG, EXP_AVG_SQ)):
-        return None  # no moments saved (nothing to check against)
-    if quantized:
-        return f"it holds unquantized moments, this optimizer keeps this tensor in {bits} bits"
-    for key in (EXP_AVG, EXP_AVG_SQ):
-        value = saved_state.get(key)
-        if not torch.is_tensor(value) or _local(value).shape != local.shape:
-            shape = None if not torch.is_tensor(value) else tuple(_local(value).shape)
-            return f"{key} has shape {shape}, the parameter (shard) {tuple(local.shape)}"
-        expected = "bfloat16" if bits == 16 else "float32/float64"
-        if (value.dtype == torch.bfloat16) != (bits == 16) or not value.is_floating_point():
-            return f"{key} is {value.dtype}, this optimizer stores {expected} moments"
-    return None
-
-
-def _quantized_length(key: str, bits: int, numel: int) -> int:
-    """Elements of the 8/4-bit buffer ``key`` (``exp_avg_q``, ``exp_avg_sq_absmax``, …) of ``numel`` elements."""
-    if key.endswith(INDICES):
-        return numel if bits == 8 else (numel + 1) // 2
-    return -(-numel // moment_format(bits, key.startswith(EXP_AVG_SQ)).blocksize)
-
-
-def _shard_dims(param: torch.Tensor) -> tuple[int, int] | None:
-    """(mesh dimension, tensor dimension) along which a DTensor is sharded, or None when it is replicated."""
-    for mesh_dim, placement in enumerate(param.placements):
-        if placement.is_shard():
-            return mesh_dim, placement.dim
-    return None
-
-
-def _state_as_dtensors(param: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a DTensor parameter's state dict entry with its sharded tensors as DTensors (see state_dict)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    dims = _shard_dims(param)
-    if dims is None or param.numel() == 0:
-        return state
-    mesh_dim, tensor_dim = dims
-    mesh = param.device_mesh
-    out = dict(state)
-    for key in (EXP_AVG, EXP_AVG_SQ):
-        if key in state:
-            out[key] = DTensor.from_local(
-                state[key], mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
-            )
-    if QUANTIZED_BITS in state:
-        shards = mesh.size(mesh_dim)
-        rows = param.shape[tensor_dim]
-        largest_shard = -(-rows // shards) * (param.numel() // rows)  # torch.chunk's first (largest) piece
-        placements = [Shard(0) if dim == mesh_dim else Replicate() for dim in range(mesh.ndim)]
-        for key in QUANTIZED_KEYS:
-            local = state[key]
-            length = _quantized_length(key, state[QUANTIZED_BITS], largest_shard)
-            row = local.new_zeros(1, length)
-            row[0, : local.numel()] = local
-            out[key] = DTensor.from_local(
-                row, mesh, placements, run_check=False, shape=torch.Size([shards, length]), stride=(length, 1)
-            )
-    return out
-
-
-def _loaded_local(key: str, value: torch.Tensor, param: torch.Tensor, saved_state: dict[str, Any]) -> Any:
-    """The rank's plain tensor of a loaded state value: a DTensor's local shard, for a row-per-shard 8/4-bit buffer
-    its row without the padding (None when the row cannot hold this shard's buffer)."""
-    if not _is_dtensor(value):
-        return value
-    local = value.to_local()
-    if key in QUANTIZED_KEYS and QUANTIZED_BITS in saved_state and value.dim() == 2:
-        length = _quantized_length(key, saved_state[QUANTIZED_BITS], _local(param).numel())
-        if local.shape[0] != 1 or local.shape[1] < length:
-            return None
-        return local[0, :length]
-    return local
 
 
 def _use_triton(param: torch.Tensor) -> bool:
@@ -752,7 +528,7 @@ def _use_triton(param: torch.Tensor) -> bool:
 
 
 def _triton_step() -> types.ModuleType | None:
-    """The fused Triton step for CUDA tensors (fp32/bf16/fp16 params; fp32, bf16, 8- or 4-bit moments), if Triton
+    """The fused Triton step for CUDA tensors (fp32/bf16/fp16 params; fp32, bf16 or quantized moments), if Triton
     is installed."""
     if importlib.util.find_spec("triton") is None:
         return None
@@ -761,74 +537,9 @@ def _triton_step() -> types.ModuleType | None:
     return stable_spam_step
 
 
-@dataclass(frozen=True)
-class _Clip:
-    """AdaClip's outcome for one tensor (0-dim tensors): the threshold T̂ (compute dtype) and the factors that turn
-    g into g̃/s, ``(T̂/max|g|)/s`` for clipped entries and ``1/s`` for the others; s in the statistics' dtype."""
-
-    threshold: torch.Tensor
-    spike_factor: torch.Tensor
-    inv_scale: torch.Tensor
-    scale: torch.Tensor
-
-
-def _power_of_two_scale(clipped_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1/s, s), float32 powers of two, s = 2^(E − clamp(E, −40, 40)) with E the binary exponent of the finite
-    float32 ``clipped_max`` >= 0 (0 and subnormals count as E = −127); as the Triton kernel computes it."""
-    exponent = (clipped_max.view(torch.int32) >> 23) - 127
-    shift = exponent - exponent.clamp(-_SCALE_RANGE, _SCALE_RANGE)
-    return ((127 - shift) << 23).view(torch.float32), ((127 + shift) << 23).view(torch.float32)
-
-
-def _finite_abs(grad: torch.Tensor, work: torch.Tensor) -> None:
-    """``work = |g|`` with the non-finite entries of g as 0."""
-    torch.abs(grad, out=work)
-    work.nan_to_num_(nan=0.0, posinf=0.0)
-
-
-def _masked_abs_max(grad: torch.Tensor, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``work = |g|`` with the non-finite entries as 0; returns (max |g| over all entries, NaN/inf when one is not
-    finite; max |g| over the finite ones), both 0-dim (0 for an empty tensor)."""
-    torch.abs(grad, out=work)
-    if work.numel() == 0:
-        zero = work.new_zeros(())
-        return zero, zero
-    raw_max = work.amax()
-    work.nan_to_num_(nan=0.0, posinf=0.0)
-    return raw_max, work.amax()
-
-
-def _adaclip(
-    state: dict[str, Any],
-    hp: StepHyperparameters,
-    stat_step: int,
-    grad_max: torch.Tensor,
-    nonfinite: torch.Tensor,
-    one: torch.Tensor,
-) -> _Clip:
-    """Count a non-finite gradient, update AdaClip's EMA T with max|g| (of the finite entries) and return the clip
-    factors (the scale s for float32 compute only; float64 tensors are not scaled)."""
-    state[_NONFINITE].add_(nonfinite)
-    compute_dtype = one.dtype
-    clip_max_ema = state[_CLIP_MAX_EMA]
-    clip_max_ema.lerp_(grad_max.to(clip_max_ema.dtype), _constant(1.0 - hp.gamma3, compute_dtype))
-    threshold = clip_max_ema / _constant(_bias_correction(hp.gamma3, stat_step), compute_dtype)
-    # threshold/max|g| is inf or nan only when max|g| = 0, and then no entry exceeds the threshold
-    ratio = (threshold / grad_max.to(threshold.dtype)).to(compute_dtype)
-    threshold = threshold.to(compute_dtype)
-    if compute_dtype != torch.float32:
-        return _Clip(threshold, ratio, one, one.to(clip_max_ema.dtype))
-    inv_scale, scale = _power_of_two_scale(torch.minimum(grad_max, threshold))
-    return _Clip(threshold, ratio * inv_scale, inv_scale, scale.to(clip_max_ema.dtype))
-
-
-def _clip_into(grad: torch.Tensor, work: torch.Tensor, spikes: torch.Tensor, clip: _Clip) -> None:
-    """``work = g̃/s`` from ``work = |g|`` (non-finite entries 0, as :func:`_finite_abs` leaves it): entries above
-    T̂ times (T̂/max|g|)/s, the others times 1/s, non-finite ones 0."""
-    torch.gt(work, clip.threshold, out=spikes)
-    torch.where(spikes, clip.spike_factor, clip.inv_scale, out=work)
-    work.mul_(grad)
-    work.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+# --------------------------------------------------------------------------------------------------------------------
+# the torch path: the maths of hf_gns_spam.optim.torch_step around the moments in the state's format
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def _update_tensor(
@@ -847,9 +558,9 @@ def _update_tensor(
     dtype. Every value-dependent choice is a ``torch.where`` on 0-dim tensors, so nothing is read back to the host.
     """
     grad = param.grad.to(work.dtype)  # a copy only when the dtype differs; never written
-    raw_max, grad_max = _masked_abs_max(grad, work)
-    clip = _adaclip(state, hp, stat_step, grad_max, ~torch.isfinite(raw_max), one)
-    _clip_into(grad, work, spikes, clip)
+    raw_max, grad_max = masked_abs_max(grad, work)
+    clip = adaclip(state, hp, stat_step, grad_max, ~torch.isfinite(raw_max), one)
+    clip_into(grad, work, spikes, clip)
     _adagn_adam(param, state, work, hp, stat_step, adam_step, one, torch.linalg.vector_norm(work), clip.scale)
 
 
@@ -864,250 +575,37 @@ def _adagn_adam(
     scaled_norm: torch.Tensor,
     scale: torch.Tensor,
 ) -> None:
-    """Weight decay, AdaGN, MoRet and Adam, from ``work = g̃/s`` and ``scaled_norm = ‖g̃‖/s`` (compute dtype)."""
-    if hp.weight_decay != 0:
-        param.mul_(1.0 - hp.lr * hp.weight_decay)
-    compute_dtype = work.dtype
-
-    # AdaGN: μ ← γ1·μ + (1−γ1)·n,  ν ← γ2·ν + (1−γ2)·n²,  ĝ = g̃/n · μ̂/(√ν̂ + ε) = (g̃/s) · c/(n/s).
-    norm_ema, norm_sq_ema = state[_NORM_EMA], state[_NORM_SQ_EMA]
-    scaled_norm_stat = scaled_norm.to(norm_ema.dtype)
-    norm = scaled_norm_stat * scale
-    has_norm = scaled_norm > 0
-    weight1 = _constant(1.0 - hp.gamma1, compute_dtype)
-    weight2 = _constant(1.0 - hp.gamma2, compute_dtype)
-    if hp.faithful:
-        norm_ema.lerp_(norm, weight1)
-        norm_sq_ema.lerp_(norm.square(), weight2)
-    else:  # clean: a zero-norm tensor is skipped, its statistics stay (an EMA weight of 0)
-        active = has_norm.to(norm_ema.dtype)
-        norm_ema.lerp_(norm, active * weight1)
-        norm_sq_ema.lerp_(norm.square(), active * weight2)
-    norm_sq_ema_hat_sqrt = (norm_sq_ema / _constant(_bias_correction(hp.gamma2, stat_step), compute_dtype)).sqrt_()
-    adagn_scale = (norm_ema / _constant(_bias_correction(hp.gamma1, stat_step), compute_dtype)).div_(
-        norm_sq_ema_hat_sqrt.add_(_constant(hp.eps, compute_dtype))
-    )
-    factor = torch.where(has_norm, adagn_scale.div_(torch.where(has_norm, scaled_norm_stat, 1.0)), 1.0)
-    work.mul_(factor.to(compute_dtype))  # ĝ
-
-    # MoRet + Adam:  m ← β1·m + (1−β1)·ĝ,  v ← β2·v + (1−β2)·ĝ²,  W ← W − lr/bc1 · m/(√v/√bc2 + ε)
-    # computed as W ← W − (lr·√bc2/bc1) · m/(√v + ε·√bc2).
-    m, v = _load_moments(state, param, compute_dtype)
-    if hp.is_reset_step and not hp.faithful:
-        m.zero_()
-        v.zero_()
-    sqrt_bc2 = math.sqrt(_bias_correction(hp.beta2, adam_step))
-    if hp.faithful:
-        m.lerp_(work, 1.0 - hp.beta1)
-        v.mul_(hp.beta2)
-        denominator_eps: float | torch.Tensor = hp.eps * sqrt_bc2
-    else:  # a skipped tensor keeps m and v (ĝ is 0: EMA weight 0, decay 1) and gets an infinite denominator
-        active = has_norm.to(compute_dtype)
-        m.lerp_(work, active * (1.0 - hp.beta1))
-        v.mul_(torch.where(has_norm, one * hp.beta2, one))
-        denominator_eps = torch.where(has_norm, one * (hp.eps * sqrt_bc2), math.inf)
-    v.addcmul_(work, work, value=1.0 - hp.beta2)
-    torch.sqrt(v, out=work)
-    work.add_(denominator_eps)
-    param.addcdiv_(m, work, value=-hp.lr * sqrt_bc2 / _bias_correction(hp.beta1, adam_step))
-
-    if hp.is_reset_step and hp.faithful:  # the official reset step used the old moments; zero them now
-        m.zero_()
-        v.zero_()
+    """Weight decay, AdaGN, MoRet and Adam, from ``work = g̃/s`` and ``scaled_norm = ‖g̃‖/s`` (compute dtype), with
+    the moments loaded from and stored back into the state's format."""
+    has_norm = adagn(state, work, hp, stat_step, scaled_norm, scale)  # work = ĝ
+    m, v = _load_moments(state, param, work.dtype)
+    adam_update(param, m, v, work, hp, adam_step, has_norm, one)
     _store_moments(state, m, v)
 
 
 def _load_moments(state: dict[str, Any], param: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam's moments in the compute dtype: the state tensors themselves when they are stored in it, else copies
-    (bf16 moments cast up; 8/4-bit moments dequantized)."""
-    if EXP_AVG in state:
-        return state[EXP_AVG].to(dtype), state[EXP_AVG_SQ].to(dtype)
-    bits = state[QUANTIZED_BITS]
-    moments = []
-    for key, second_moment in MOMENTS:
-        fmt = moment_format(bits, second_moment)
-        values = dequantize(state[key + INDICES], state[key + ABSMAX], fmt, param.numel())
-        moments.append(values.view(param.shape).to(dtype))
-    return moments[0], moments[1]
+    (bf16 moments cast up; quantized moments dequantized)."""
+    if QUANTIZED_BITS not in state:
+        m, v = (state[key].to(dtype) for key, _ in MOMENTS)
+        return m, v
+    codes = STATE_FORMATS[state[QUANTIZED_BITS]].moment_formats
+    m, v = (
+        dequantize(state[key + INDICES], state[key + ABSMAX], code, param.numel()).view(param.shape).to(dtype)
+        for (key, _), code in zip(MOMENTS, codes, strict=True)
+    )
+    return m, v
 
 
 def _store_moments(state: dict[str, Any], m: torch.Tensor, v: torch.Tensor) -> None:
     """Write back moments that :func:`_load_moments` returned as copies."""
-    if EXP_AVG in state:
-        if m is not state[EXP_AVG]:
-            state[EXP_AVG].copy_(m)
-            state[EXP_AVG_SQ].copy_(v)
+    if QUANTIZED_BITS not in state:
+        for (key, _), values in zip(MOMENTS, (m, v), strict=True):
+            if values is not state[key]:
+                state[key].copy_(values)
         return
-    bits = state[QUANTIZED_BITS]
-    for key, values, second_moment in ((EXP_AVG, m, False), (EXP_AVG_SQ, v, True)):
-        indices, absmax = quantize(values, moment_format(bits, second_moment))
+    codes = STATE_FORMATS[state[QUANTIZED_BITS]].moment_formats
+    for (key, _), values, code in zip(MOMENTS, (m, v), codes, strict=True):
+        indices, absmax = quantize(values, code)
         state[key + INDICES].copy_(indices)
         state[key + ABSMAX].copy_(absmax)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Sharded (DTensor) parameters
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Shard:
-    """One DTensor parameter in a sharded step: its local shard, gradient shard and state."""
-
-    param: torch.Tensor  # the local shard (aliases the DTensor's data)
-    grad: torch.Tensor
-    state: dict[str, Any]
-    hp: StepHyperparameters
-    stat_step: int
-    adam_step: int
-    process_group: Any  # None: replicated, no reduction
-    use_triton: bool
-
-
-class _ShardedStep:
-    """The three phases of a sharded step (module docstring), with one MAX and one SUM all-reduce per process group.
-
-    Torch-path shards work through one scratch buffer per (device, compute dtype) and recompute |g| and g̃/s in
-    each phase instead of keeping per-tensor temporaries; Triton-path shards keep their kernel partials in one
-    float64 workspace row each, and the cross-rank values are written back into those rows between the kernels.
-    """
-
-    def __init__(self, items: list[_Shard]) -> None:
-        self.items = items
-        self.torch_items = [i for i, item in enumerate(items) if not item.use_triton]
-        self.triton_items = [i for i, item in enumerate(items) if item.use_triton]
-        sizes: dict[tuple[torch.device, torch.dtype], int] = defaultdict(int)
-        for i in self.torch_items:
-            param = self.items[i].param
-            key = (param.device, torch.promote_types(param.dtype, torch.float32))
-            sizes[key] = max(sizes[key], param.numel())
-        self.scratch = {
-            (device, dtype): (
-                torch.empty(size, dtype=dtype, device=device),
-                torch.empty(size, dtype=torch.bool, device=device),
-                torch.ones((), dtype=dtype, device=device),
-            )
-            for (device, dtype), size in sizes.items()
-        }
-        self.kernels = _triton_step() if self.triton_items else None
-        self.workspaces: dict[torch.device, tuple[torch.Tensor, int, dict[int, int]]] = {}
-        rows: dict[torch.device, list[int]] = defaultdict(list)
-        for i in self.triton_items:
-            rows[self.items[i].param.device].append(i)
-        for device, indices in rows.items():
-            stride = max(self.kernels.num_programs(self.items[i].param.numel()) for i in indices)
-            workspace = torch.zeros(
-                len(indices), self.kernels.PARTIALS_OFFSET + 3 * stride, dtype=torch.float64, device=device
-            )
-            self.workspaces[device] = (workspace, stride, {i: row for row, i in enumerate(indices)})
-        # one set of launches per device over all its Triton shards (use_triton: their checks passed)
-        self.launches = [
-            self.kernels.StepLaunches([self._step_tensor(i) for i in indices], self.workspaces[device][1], check=False)
-            for device, indices in rows.items()
-        ]
-
-    def _step_tensor(self, i: int) -> Any:
-        """The Triton shard ``i`` as the kernels' :class:`StepTensor`, with its workspace row."""
-        item = self.items[i]
-        row, _ = self._row(i)
-        return self.kernels.StepTensor(item.param, item.grad, item.state, item.hp, item.stat_step, item.adam_step, row)
-
-    def _buffers(self, item: _Shard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gradient in the compute dtype, work, spikes, one) for a torch-path shard."""
-        scratch, spikes, one = self.scratch[(item.param.device, torch.promote_types(item.param.dtype, torch.float32))]
-        n, shape = item.param.numel(), item.param.shape
-        return item.grad.to(scratch.dtype), scratch[:n].view(shape), spikes[:n].view(shape), one
-
-    def _row(self, i: int) -> tuple[torch.Tensor, int]:
-        workspace, stride, rows = self.workspaces[self.items[i].param.device]
-        return workspace[rows[i]], stride
-
-    def _partials(self, device: torch.device, which: int) -> tuple[torch.Tensor, list[int]]:
-        """The partial buffer ``which`` (0 pmax, 1 pbad, 2 pss) of every Triton row on ``device``, and the rows'
-        item indices."""
-        workspace, stride, rows = self.workspaces[device]
-        start = self.kernels.PARTIALS_OFFSET + which * stride
-        return workspace[:, start : start + stride], sorted(rows, key=rows.get)
-
-    def _all_reduce(self, columns: list[dict[int, torch.Tensor]], op: Any) -> list[dict[int, torch.Tensor]]:
-        """All-reduce per-item 0-dim float64 values (one or more per item, one dict per kind), with one collective
-        per process group for all of them, items in parameter order (the same on every rank); the values of
-        replicated items stay as they are."""
-        by_group: dict[Any, list[int]] = defaultdict(list)
-        for i, item in enumerate(self.items):
-            if item.process_group is not None:
-                by_group[item.process_group].append(i)
-        result = [dict(column) for column in columns]
-        for process_group, indices in by_group.items():
-            vector = torch.stack([column[i] for column in columns for i in indices])
-            torch.distributed.all_reduce(vector, op=op, group=process_group)
-            for column, chunk in zip(result, vector.split(len(indices)), strict=True):
-                column.update(zip(indices, chunk.unbind(), strict=True))
-        return result
-
-    def run(self) -> None:
-        maxima, flags = self._all_reduce(list(self._local_maxima()), torch.distributed.ReduceOp.MAX)
-        clips, sums = self._clip(maxima, flags)
-        (totals,) = self._all_reduce([sums], torch.distributed.ReduceOp.SUM)
-        self._update(clips, totals)
-
-    def _local_maxima(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Phase 1: each shard's max |g| over its finite entries and whether it had a non-finite one (float64)."""
-        maxima, flags = {}, {}
-        for i in self.torch_items:
-            item = self.items[i]
-            grad, work, _, _ = self._buffers(item)
-            raw_max, grad_max = _masked_abs_max(grad, work)
-            maxima[i], flags[i] = grad_max.double(), (~torch.isfinite(raw_max)).double()
-        for launches in self.launches:
-            launches.max_abs()
-        for device in self.workspaces:
-            pmax, indices = self._partials(device, 0)
-            pbad, _ = self._partials(device, 1)
-            maxima.update(zip(indices, pmax.amax(1).unbind(), strict=True))
-            flags.update(zip(indices, (pbad.sum(1) > 0).double().unbind(), strict=True))
-        return maxima, flags
-
-    def _clip(
-        self, maxima: dict[int, torch.Tensor], flags: dict[int, torch.Tensor]
-    ) -> tuple[dict[int, _Clip], dict[int, torch.Tensor]]:
-        """Phase 2: AdaClip with the global max|g| and non-finite flag; each shard's Σ(g̃/s)² (float64)."""
-        clips, sums = {}, {}
-        for i in self.torch_items:
-            item = self.items[i]
-            grad, work, spikes, one = self._buffers(item)
-            grad_max = maxima[i].to(one.dtype)
-            clips[i] = _adaclip(item.state, item.hp, item.stat_step, grad_max, flags[i] > 0, one)
-            _finite_abs(grad, work)
-            _clip_into(grad, work, spikes, clips[i])
-            flat = work.view(-1)
-            sums[i] = torch.dot(flat, flat).double()
-        for device in self.workspaces:
-            pmax, indices = self._partials(device, 0)
-            pbad, _ = self._partials(device, 1)
-            pmax.copy_(torch.stack([maxima[i] for i in indices]).unsqueeze(1).expand_as(pmax))
-            pbad.zero_()
-            pbad[:, 0].copy_(torch.stack([flags[i] for i in indices]))
-        for launches in self.launches:
-            launches.clip()
-        for device in self.workspaces:
-            pss, indices = self._partials(device, 2)
-            sums.update(zip(indices, pss.sum(1).unbind(), strict=True))
-        return clips, sums
-
-    def _update(self, clips: dict[int, _Clip], totals: dict[int, torch.Tensor]) -> None:
-        """Phase 3: AdaGN with the global ‖g̃‖/s, MoRet, Adam and the update of each shard."""
-        for i in self.torch_items:
-            item = self.items[i]
-            grad, work, spikes, one = self._buffers(item)
-            _finite_abs(grad, work)
-            _clip_into(grad, work, spikes, clips[i])
-            scaled_norm = totals[i].sqrt().to(one.dtype)
-            _adagn_adam(item.param, item.state, work, item.hp, item.stat_step, item.adam_step, one, scaled_norm,
-                        clips[i].scale)  # fmt: skip
-        for device in self.workspaces:
-            pss, indices = self._partials(device, 2)
-            pss.zero_()
-            pss[:, 0].copy_(torch.stack([totals[i] for i in indices]))
-        for launches in self.launches:
-            launches.update()
