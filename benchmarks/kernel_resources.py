@@ -49,7 +49,7 @@ from hf_gns_spam import StableSPAM
 from hf_gns_spam.kernels import gns_norm, stable_spam_step
 from hf_gns_spam.kernels.norm_contract import NormSpec
 from hf_gns_spam.kernels.norm_variants import VARIANTS, NormVariant
-from hf_gns_spam.kernels.step_contract import StepHyperparameters
+from hf_gns_spam.kernels.step_contract import STATE_FORMATS, StepHyperparameters
 
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -181,7 +181,7 @@ def configurations(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                 name = f"norm {variant.formula} {variant.rounding.name} {dtype} D={d} {regime}"
                 yield name, _norm_case(variant, dtype, d, 64, regime)
     for param_dtype in ("fp32", "bf16") if quick else ("fp32", "bf16", "fp16"):
-        for state_bits in (32, 16, 8, 4):
+        for state_bits in STATE_FORMATS:
             for mode in ("clean", "faithful"):
                 name = f"step {param_dtype} moments={state_bits}bit {mode}"
                 yield name, _step_case(param_dtype, state_bits, mode, weight_decay=0.1, reset=mode == "faithful")

@@ -17,6 +17,7 @@ table gives the final training loss (mean of the last 20 steps) and its ratio to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sysconfig
 import time
@@ -26,6 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_gns_spam import StableSPAM
+from hf_gns_spam.kernels.step_contract import STATE_FORMATS
 
 
 def stdlib_bytes(limit: int) -> torch.Tensor:
@@ -71,7 +73,7 @@ def state_bytes_per_parameter(optimizer: torch.optim.Optimizer, params: list[tor
 def memory_table() -> None:
     params_shapes = [(1024, 1024)] * 4 + [(2752, 1024)] * 2 + [(1024, 2752)] + [(1024,)] * 2
     rows = []
-    builders = {f"stable_spam state_bits={b}": (lambda ps, b=b: StableSPAM(ps, state_bits=b)) for b in (32, 16, 8, 4)}
+    builders = {f"stable_spam state_bits={b}": (lambda ps, b=b: StableSPAM(ps, state_bits=b)) for b in STATE_FORMATS}
     try:
         import bitsandbytes
 
@@ -121,29 +123,29 @@ def train(
 
 
 def v_map_ablation(data: torch.Tensor, steps: int, batch: int, length: int) -> None:
-    """4-bit states with and without a zero point in the second moment's map (one seed)."""
-    from hf_gns_spam.optim import quantized_state, stable_spam
+    """4-bit states with and without a zero point in the second moment's map (one seed): the 4-bit row of the
+    state-format table swapped for one whose v map is linear from 0, for the duration of one run."""
+    from hf_gns_spam.kernels import step_contract
 
-    package_format, package_code = stable_spam.moment_format, quantized_state._code
+    package_row, package_code = step_contract.STATE_FORMATS[4], step_contract._code
 
     def code_with_zero_point(bits: int, map_name: str) -> torch.Tensor:
         if map_name == "linear_with_zero":
             return torch.arange(2**bits, dtype=torch.float32) / (2**bits - 1)
         return package_code(bits, map_name)
 
-    def format_with_zero_point(bits: int, second_moment: bool) -> quantized_state.QuantizedFormat:
-        if bits == 4 and second_moment:
-            return quantized_state.QuantizedFormat(4, 128, "linear_with_zero")
-        return package_format(bits, second_moment)
-
+    first_moment = package_row.moment_formats[0]
+    row_with_zero_point = dataclasses.replace(
+        package_row, moment_formats=(first_moment, step_contract.QuantizedFormat(4, 128, "linear_with_zero"))
+    )
     print(f"\n{'4-bit v map':>26} {'final loss':>11} {'max loss after step 50':>23}")
     for label, patched in (("without zero (package)", False), ("with a zero point", True)):
         if patched:
-            stable_spam.moment_format, quantized_state._code = format_with_zero_point, code_with_zero_point
+            step_contract.STATE_FORMATS[4], step_contract._code = row_with_zero_point, code_with_zero_point
         try:
             losses, _ = train(4, data, steps, batch, length, seed=0)
         finally:
-            stable_spam.moment_format, quantized_state._code = package_format, package_code
+            step_contract.STATE_FORMATS[4], step_contract._code = package_row, package_code
         print(f"{label:>26} {sum(losses[-20:]) / 20:>11.4f} {max(losses[50:]):>23.3f}")
 
 
@@ -163,7 +165,7 @@ def main() -> None:
           f"{args.batch} x {args.length} bytes\n")  # fmt: skip
     final = {}  # state_bits -> final loss per seed (mean of the last 20 steps)
     seconds = {}
-    for bits in (32, 16, 8, 4):
+    for bits in STATE_FORMATS:
         runs = [train(bits, data, args.steps, args.batch, args.length, seed) for seed in range(args.seeds)]
         final[bits] = [sum(losses[-20:]) / 20 for losses, _ in runs]
         seconds[bits] = sum(t for _, t in runs) / len(runs)

@@ -42,6 +42,7 @@ from torch.distributed.fsdp import fully_shard
 
 import hf_gns_spam.optim.stable_spam as stable_spam_module
 from hf_gns_spam import StableSPAM
+from hf_gns_spam.kernels.step_contract import STATE_FORMATS
 from hf_gns_spam.optim.quantized_state import MIN_QUANTIZED_NUMEL, dequantize, quantize
 
 STEPS = 5
@@ -193,7 +194,7 @@ def shard_block_quantization(model: torch.nn.Module, world_size: int):
         values, byte, block = [], 0, 0
         for start, stop in pieces(numel):
             n = stop - start
-            n_bytes, n_blocks = (n if fmt.bits == 8 else (n + 1) // 2), math.ceil(n / fmt.blocksize)
+            n_bytes, n_blocks = fmt.indices_numel(n), fmt.absmax_numel(n)
             values.append(dequantize(indices[byte : byte + n_bytes], absmax[block : block + n_blocks], fmt, n))
             byte, block = byte + n_bytes, block + n_blocks
         return torch.cat(values)
@@ -228,7 +229,7 @@ def run_setting(name: str, setting: dict, out_dir: str) -> dict:
     if rank == 0:  # the single-process references (torch path)
         result["initial"] = [p.detach().clone() for p in build_model().parameters()]
         references = {"single": (quantize, dequantize)}
-        if setting["state_bits"] in (8, 4):
+        if STATE_FORMATS[setting["state_bits"]].is_quantized:
             references["single_shard_blocks"] = shard_block_quantization(build_model(), world_size)
         for key, (quantize_fn, dequantize_fn) in references.items():
             stable_spam_module.quantize, stable_spam_module.dequantize = quantize_fn, dequantize_fn
