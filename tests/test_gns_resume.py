@@ -21,6 +21,7 @@ import pytest
 from hf_gns_spam import GNSCallback
 from hf_gns_spam.errors import CheckpointError
 from tests import model_zoo
+from tests.test_gns_ddp import torchrun
 from tests.test_gns_schedule import rows, run
 
 pytestmark = pytest.mark.slow
@@ -173,3 +174,16 @@ def test_another_run_shape_is_refused_naming_it(first_run, tmp_path, saved_run, 
     other = edited_copy(tmp_path, checkpoint, lambda s: s["stateful_callbacks"]["GNSCallback"].update(run=saved_run))
     with pytest.raises(CheckpointError, match=named):
         resume(tmp_path, other, schedule())
+
+
+def test_a_two_process_checkpoint_resumed_by_one_process_is_refused_naming_the_world_size(tmp_path):
+    """A real 2-process DDP run (torchrun, gloo) saves a checkpoint; one process resuming it, with the same options
+    and per-device batch, stops before any step, naming the processes."""
+    torchrun(tmp_path, "linear", "save")
+    checkpoint = tmp_path / "trainer" / "checkpoint-3"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["GNSCallback"]
+    assert saved["run"] == {"processes": 2, "per_device_train_batch_size": 2}
+    callback = GNSCallback(schedule="linear", min_batch_size=4, max_batch_size=12, warmup_steps=2, update_interval=2)
+    with pytest.raises(CheckpointError, match="processes=2, and this run has processes=1") as raised:
+        resume(tmp_path / "one", checkpoint, callback, per_device_train_batch_size=2, max_grad_norm=0.0)
+    assert "torchrun --nproc_per_node" in str(raised.value)
