@@ -74,10 +74,6 @@ __all__ = ["GNSCallback"]
 
 logger = logging.getLogger(__name__)
 
-METRIC_NAMES = (
-    "gns", "gns_tokens", "gns_grad_sq", "gns_trace_sigma", "batch_size", "grad_accum_steps", "examples_seen",
-)  # fmt: skip
-
 
 class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
     """Estimate the gradient noise scale every optimizer step, log it, and optionally grow the batch.
@@ -264,6 +260,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
                 self._groups.setdefault(name, modules[name.rpartition(".")[0]])
         return self._groups
 
+    def after_clipping(self, trainer: Trainer, gradient_norm: Any) -> None:
+        self.step.gradient_norm = gradient_norm
+
     def before_clipping(self, trainer: Trainer) -> None:
         """‖G‖² of the accumulated gradient, after the all-reduce and before clipping."""
         self.step.add_weights(self.weights.settle())
@@ -320,6 +319,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         }
 
     def log_metrics(self) -> dict[str, float]:
+        report = self.estimates.nonfinite_report(self._trainer.state.global_step)
+        if report is not None and self._trainer.state.is_world_process_zero:
+            logger.warning(report)
         metrics = self.metrics() if self.last_accumulation else {}
         metrics.update(self.estimates.unlogged_total_metrics())  # the first record at or after a validation step
         return metrics

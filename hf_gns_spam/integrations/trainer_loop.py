@@ -27,7 +27,8 @@ Installed on the Trainer instance being trained (:func:`_attach`):
   computes its loss through a fused LM head without logits and runs a second forward pass to return them.
 * ``trainer.accelerator.backward``: the loss actually back-propagated (after the Trainer's division by the
   accumulation for losses not normalised by ``num_items_in_batch``) and the fp16 loss scale.
-* ``trainer.accelerator.clip_grad_norm_``: the accumulated gradient after the all-reduce and before clipping;
+* ``trainer.accelerator.clip_grad_norm_``: the accumulated gradient after the all-reduce and before clipping, and
+  the norm of the whole gradient it returns (which the Trainer logs only at logging steps);
   ``on_pre_optimizer_step`` comes after clipping.
 * ``trainer.log``: extra metrics merged into the Trainer's own log record (reporting integrations run before user
   callbacks, so ``on_log`` is too late for them).
@@ -130,6 +131,9 @@ class TrainerLoopObserver:
 
     def before_clipping(self, trainer: Trainer) -> None:
         """The step's gradient is accumulated and all-reduced; clipping comes next."""
+
+    def after_clipping(self, trainer: Trainer, gradient_norm: Any) -> None:
+        """The norm of the step's whole gradient before clipping, as ``clip_grad_norm_`` returned it (a tensor)."""
 
     def log_metrics(self) -> dict[str, float]:
         """Metrics to merge into a Trainer log record that has ``loss``."""
@@ -324,7 +328,10 @@ def _wrap_accelerator(trainer: Trainer) -> None:
     def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
         for observer in observers_of(trainer):
             observer.before_clipping(trainer)
-        return original_clip(parameters, max_norm, *args, **kwargs)
+        gradient_norm = original_clip(parameters, max_norm, *args, **kwargs)
+        for observer in observers_of(trainer):
+            observer.after_clipping(trainer, gradient_norm)
+        return gradient_norm
 
     accelerator.backward = backward
     accelerator.clip_grad_norm_ = clip_grad_norm_
