@@ -11,7 +11,8 @@ On resume, before anything of it is used:
 * :func:`check_saved_state`: every value has the type and range it was written with (a whole number of
   examples, finite EMAs, a position in the Trainer's loop); otherwise :class:`~hf_gns_spam.errors.CheckpointError`
   naming the file and the key. Keys that older versions did not write (``run``, the groups' and the whole
-  model's estimates, ``samples_from_start``) may be missing; any other missing key is damage.
+  model's estimates, ``samples_from_start``, ``nonfinite_grad_steps``) may be missing; any other missing key is
+  damage.
 * :func:`check_run_shape`: the processes and the per-device batch are the checkpoint's. The saved position counts
   micro-batches of P × b examples in the Trainer's epoch, whose order also depends on P; another shape is refused,
   naming it (the way out: resume with the saved shape, or start a new run from the checkpoint's weights).
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 # options a resumed run cannot change: they fix the reference batch its budget and position are counted in
 FIXED_OPTIONS = ("schedule", "min_batch_size")
 _COUNTS = ("samples", "last_batch_size", "last_accumulation", "steps_since_verified")
+_LATER_COUNTS = ("nonfinite_grad_steps",)  # counts older checkpoints lack
 _POSITION = {"accumulation": 1, "epoch": -1, "position": 0, "fetch": 0, "last_fetch": 0}  # key -> its least value
 _ESTIMATES = ("estimator_state", "total_estimator_state", "total_no_embeddings_estimator_state")
 _ESTIMATOR_FIELDS = tuple(name for name in GradientNoiseScale.__dataclass_fields__ if name not in HYPERPARAMETERS)
@@ -119,7 +121,7 @@ def check_saved_state(saved: Any, where: str) -> None:
     for key, least in _POSITION.items():
         if not _whole(position.get(key), least):
             raise _damaged(where, f"attributes.controller_state.{key}", position.get(key), f"a whole number >= {least}")
-    for key in _COUNTS:
+    for key in (*_COUNTS, *(key for key in _LATER_COUNTS if key in attributes)):
         if not _whole(attributes.get(key), 0):
             raise _damaged(where, f"attributes.{key}", attributes.get(key), "a whole number >= 0")
     tokens = attributes.get("tokens_per_example")
