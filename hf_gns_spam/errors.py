@@ -11,6 +11,7 @@ __all__ = [
     "TRANSFORMERS_REQUIREMENT",
     "AccumulationError",
     "CPURepackingError",
+    "CheckpointError",
     "ExampleWeightError",
     "LaunchOptionError",
     "TrainerIntegrationError",
@@ -31,6 +32,11 @@ class AccumulationError(RuntimeError):
 class CPURepackingError(RuntimeError):
     """A bitsandbytes 4-bit layer is, or would be, repacked for CPU inference, which training cannot survive
     (:mod:`hf_gns_spam.integrations.bitsandbytes_cpu`)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed by this run as it is: a damaged file, or one saved with options or a run shape
+    this run cannot continue (:mod:`hf_gns_spam.gns.saved_state`)."""
 
 
 class ExampleWeightError(ValueError):

@@ -11,8 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_gns_spam import GNSCallback, StableSPAM, patch_model, per_example_grad_stats
 from hf_gns_spam.gns.arguments import GNSConfig
-from hf_gns_spam.gns.callback import METRIC_NAMES
-from hf_gns_spam.gns.estimates import TOTAL_METRIC_NAMES
+from hf_gns_spam.gns.estimates import METRIC_NAMES, TOTAL_METRIC_NAMES
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.whole_model import StoredMicroBatch, embedding_parameters, weighted_squared_norms
 from tests import model_zoo

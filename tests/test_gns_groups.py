@@ -16,6 +16,7 @@ from hf_gns_spam.cli import main as cli_main
 from hf_gns_spam.gns.arguments import CALLBACK_DEFAULTS, NORM_GROUPS, GNSConfig
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.groups import norm_groups
+from hf_gns_spam.gns.saved_state import RunShape, check_resume
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
 from tests import model_zoo
 from tests.test_gns_callback import first_trainer_step, make_trainer, per_example_gradients, weighted_small_big
@@ -217,7 +218,7 @@ def test_checkpoint_state_round_trips_the_group_estimates_and_old_checkpoints_lo
     old["args"].update(schedule="gns", min_batch_size=4, max_batch_size=16)
     for signal, warned in (("block", True), ("all", False)):
         restored = GNSCallback(**{**old["args"], "gns_signal": signal})
-        with caplog.at_level(logging.WARNING, logger="hf_gns_spam.gns.callback"):
+        with caplog.at_level(logging.WARNING, logger="hf_gns_spam.gns.saved_state"):
             caplog.clear()
-            restored._restore(old["attributes"])
+            check_resume(old, restored.config, RunShape(**old["run"]), "checkpoint-2/trainer_state.json")
         assert ("its batch followed the GNS of every patched norm (gns_signal='all')" in caplog.text) is warned

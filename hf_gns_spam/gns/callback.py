@@ -38,11 +38,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 
 from hf_gns_spam.gns.accumulation import EpochLoop
@@ -50,8 +52,8 @@ from hf_gns_spam.gns.arguments import NORM_GROUPS, GNSConfig, NormGroup
 from hf_gns_spam.gns.driver import ScheduleDriver
 from hf_gns_spam.gns.estimates import NoiseScaleEstimates
 from hf_gns_spam.gns.estimator import GradientNoiseScale
-from hf_gns_spam.gns.example_weights import LossWeighting
 from hf_gns_spam.gns.groups import norm_groups
+from hf_gns_spam.gns.saved_state import RunShape, check_resume
 from hf_gns_spam.gns.schedule import follows_gns
 from hf_gns_spam.gns.step_sums import StepSums
 from hf_gns_spam.gns.weight_observer import ExampleWeightObserver
@@ -71,10 +73,6 @@ from hf_gns_spam.stats import per_example_grad_stats, reset_per_example_grad_sta
 __all__ = ["GNSCallback"]
 
 logger = logging.getLogger(__name__)
-
-METRIC_NAMES = (
-    "gns", "gns_tokens", "gns_grad_sq", "gns_trace_sigma", "batch_size", "grad_accum_steps", "examples_seen",
-)  # fmt: skip
 
 
 class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
@@ -175,16 +173,25 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
     ) -> None:
         self.driver.start(EpochLoop(steps_in_epoch, fetches_per_epoch, max_steps, data_ends_with_epoch=has_length))
 
-    def resume_position(self, trainer: Trainer, epochs_trained: int, skip: int, resuming: bool) -> tuple[int, int]:
+    def resume_position(
+        self, trainer: Trainer, epochs_trained: int, skip: int, checkpoint: str | None
+    ) -> tuple[int, int]:
         """Where to restart: the saved (epoch, micro-batch), which the Trainer cannot compute once the accumulation
-        has changed; the Trainer's own values for a checkpoint without this callback's state."""
-        saved = saved_callback_state(trainer, type(self).__name__) if resuming else None
-        attributes = saved.get("attributes", {}) if saved is not None else {}
-        position = attributes.get("controller_state")
-        if position is None:
-            self.samples_from_start = not resuming  # the checkpoint's examples are unknown: counted from here on
-        else:
-            self._restore(attributes)
+        has changed, after checking the saved state against this run (:mod:`hf_gns_spam.gns.saved_state`); the
+        Trainer's own values for a checkpoint without this callback's state."""
+        saved = saved_callback_state(trainer, type(self).__name__) if checkpoint is not None else None
+        if saved is None:
+            self.samples_from_start = checkpoint is None  # the checkpoint's examples are unknown: counted from here on
+            return self.driver.resume(trainer.args, None, epochs_trained, skip)
+        where = os.path.join(checkpoint, TRAINER_STATE_NAME)
+        changes = check_resume(saved, self.config, RunShape.of(trainer.args), where)
+        if changes and trainer.state.is_world_process_zero:
+            logger.warning(
+                "GNSCallback: resuming from %s with other options than it was saved with; from step %d on: %s.",
+                where, trainer.state.global_step, ", ".join(changes),
+            )  # fmt: skip
+        self._restore(saved["attributes"])
+        position = saved["attributes"]["controller_state"]
         return self.driver.resume(trainer.args, position, epochs_trained, skip, trainer.args.ignore_data_skip)
 
     # ------------------------------------------------------------------------------------------ the schedule
@@ -245,11 +252,6 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
     def observe_backward(self, trainer: Trainer, loss: torch.Tensor, loss_scale: float) -> None:
         self.step.add_weights(self.weights.observe_backward(trainer, loss, loss_scale, self.step.unusable))
 
-    @property
-    def weighting(self) -> LossWeighting | None:
-        """How the loss weights its examples, once identified (:mod:`hf_gns_spam.gns.weight_observer`)."""
-        return self.weights.weighting
-
     def _groups_of(self, names) -> dict[str, NormGroup]:
         """The group of each statistics key (a patched norm's parameter name), classified once per module."""
         if any(name not in self._groups for name in names):
@@ -257,6 +259,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             for name in names:
                 self._groups.setdefault(name, modules[name.rpartition(".")[0]])
         return self._groups
+
+    def after_clipping(self, trainer: Trainer, gradient_norm: Any) -> None:
+        self.step.gradient_norm = gradient_norm
 
     def before_clipping(self, trainer: Trainer) -> None:
         """‖G‖² of the accumulated gradient, after the all-reduce and before clipping."""
@@ -274,7 +279,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             per_example_grad_stats(model),
             self._groups_of,
             trainer.accelerator,
-            self.weighting,
+            self.weights.weighting,
             label_smoothing(trainer) if step.validating else 0.0,
         )
         if totals.big is None:
@@ -314,6 +319,9 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
         }
 
     def log_metrics(self) -> dict[str, float]:
+        report = self.estimates.nonfinite_report(self._trainer.state.global_step)
+        if report is not None and self._trainer.state.is_world_process_zero:
+            logger.warning(report)
         metrics = self.metrics() if self.last_accumulation else {}
         metrics.update(self.estimates.unlogged_total_metrics())  # the first record at or after a validation step
         return metrics
@@ -321,6 +329,7 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
     def state(self) -> dict:
         return {
             "args": self.config.as_dict(),
+            "run": RunShape.of(self._trainer.args).as_dict() if self._trainer is not None else None,
             "attributes": {
                 **self.estimates.state_dict(),
                 "controller_state": self.driver.state_dict() if self.driver else None,
@@ -338,10 +347,3 @@ class GNSCallback(TrainerCallback, ExportableState, TrainerLoopObserver):
             setattr(self, name, attributes[name])
         self.weights.steps_since_verified = attributes["steps_since_verified"]
         self.samples_from_start = attributes.get("samples_from_start", True)  # checkpoints from before it lack it
-        if "group_estimator_states" not in attributes and follows_gns(self.schedule) and self.gns_signal != "all":
-            logger.warning(
-                "GNSCallback: the checkpoint was saved before the norm groups existed; its batch followed the GNS of "
-                "every patched norm (gns_signal='all'). From here on it follows gns_signal=%r, whose estimate starts "
-                "afresh (pass gns_signal='all' to keep the old signal).",
-                self.gns_signal,
-            )

@@ -5,7 +5,8 @@ From a step's :class:`~hf_gns_spam.gns.step_sums.StepTotals` (weights α_b, Σ_b
 :class:`~hf_gns_spam.gns.estimator.StepWeights`:
 
 * ``estimator``: over every patched norm, logged as ``gns``, ``gns_grad_sq``, ``gns_trace_sigma`` (and ``gns_tokens``
-  = gns × label tokens per example);
+  = gns × label tokens per example); beside them ``nonfinite_grad_steps``, the optimizer steps so far whose
+  gradient had a NaN or ±inf entry (said once in a warning at the first log record after one);
 * ``group_estimators``: per norm group (``"block"``, ``"final"``, ``"other"``: :mod:`hf_gns_spam.gns.groups`), the
   same formulas on the group's share of the sums, with the same EMA and skips, logged as ``gns/<group>``,
   ``gns/<group>_grad_sq``, ``gns/<group>_trace_sigma`` for the groups the model has (a group whose norms had no
@@ -33,9 +34,14 @@ from hf_gns_spam.gns.arguments import NORM_GROUPS, NormGroup
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.step_sums import StepTotals
 
-__all__ = ["HISTORY_LENGTH", "TOTAL_METRIC_NAMES", "NoiseScaleEstimates"]
+__all__ = ["HISTORY_LENGTH", "METRIC_NAMES", "TOTAL_METRIC_NAMES", "NoiseScaleEstimates"]
 
 HISTORY_LENGTH = 10_000
+# the keys of GNSCallback.metrics(), in every log record with a loss
+METRIC_NAMES = (
+    "gns", "gns_tokens", "gns_grad_sq", "gns_trace_sigma", "nonfinite_grad_steps", "batch_size", "grad_accum_steps",
+    "examples_seen",
+)  # fmt: skip
 # logged with validate_every, in the first record at or after each validation step
 TOTAL_METRIC_NAMES = (
     "gns_total", "gns_total_grad_sq", "gns_total_trace_sigma",
@@ -59,11 +65,14 @@ class NoiseScaleEstimates:
         self.total_history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_LENGTH)
         self.tokens_per_example = math.nan
         self.total_unlogged = False  # a validation step ran since the latest log record
+        self.nonfinite_grad_steps = 0  # optimizer steps whose gradient had a NaN or ±inf entry, all processes
+        self.nonfinite_reported = False  # the one warning about them was given
 
     def update(self, totals: StepTotals, step: int, validating: bool) -> None:
         """One optimizer step (``step``, counted from 1) into the norms' estimates, and on a validation step into
         the whole model's."""
         self.groups_present = totals.groups_present
+        self.nonfinite_grad_steps += totals.nonfinite
         if totals.label_tokens > 0:
             self.tokens_per_example = totals.label_tokens / totals.examples
         weights = totals.weights
@@ -139,6 +148,7 @@ class NoiseScaleEstimates:
             "gns_tokens": gns * self.tokens_per_example,
             "gns_grad_sq": self.estimator.grad_sq,
             "gns_trace_sigma": self.estimator.trace_sigma,
+            "nonfinite_grad_steps": self.nonfinite_grad_steps,
             **self.group_metrics(),
         }
 
@@ -174,6 +184,17 @@ class NoiseScaleEstimates:
         self.total_unlogged = False
         return self.total_metrics()
 
+    def nonfinite_report(self, step: int) -> str | None:
+        """The one warning, at the first log record after a step whose gradient was not finite."""
+        if self.nonfinite_reported or not self.nonfinite_grad_steps:
+            return None
+        self.nonfinite_reported = True
+        return (
+            f"GNSCallback: {self.nonfinite_grad_steps} optimizer step(s) up to step {step} had a gradient with NaN or "
+            "±inf entries (counted in the logs as nonfinite_grad_steps; their GNS estimates were skipped). Stable-SPAM "
+            "treats such entries as zero; other optimizers apply them. Look for the loss or the data that caused it."
+        )
+
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -183,6 +204,7 @@ class NoiseScaleEstimates:
             "total_no_embeddings_estimator_state": self.total_no_embeddings_estimator.state_dict(),
             "group_estimator_states": {g: e.state_dict() for g, e in self.group_estimators.items()},
             "groups_present": list(self.groups_present),
+            "nonfinite_grad_steps": self.nonfinite_grad_steps,
         }
 
     def load_state_dict(self, attributes: dict[str, Any]) -> None:
@@ -197,3 +219,4 @@ class NoiseScaleEstimates:
         for group, saved in (attributes.get("group_estimator_states") or {}).items():
             self.group_estimators[group] = GradientNoiseScale(ema_decay=self.ema_decay, **saved)
         self.groups_present = tuple(attributes.get("groups_present", ()))
+        self.nonfinite_grad_steps = attributes.get("nonfinite_grad_steps", 0)  # older checkpoints lack it

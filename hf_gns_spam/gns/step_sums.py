@@ -12,6 +12,9 @@ averages), :class:`StepSums` collects
 * ‖G‖² of the accumulated gradient after the all-reduce and before clipping, in all and per group (replicated
   gradients summed here; FSDP2's shards summed locally and over the processes with the rest;
   :mod:`hf_gns_spam.gns.group_gradients`);
+* whether the gradient had a NaN or ±inf entry: the norm of the whole gradient before clipping, which the Trainer
+  computes with ``clip_grad_norm_`` (with ``max_norm=inf`` when it does not clip, transformers 5.25), is not finite;
+  where it computes none, only the norms' ‖G‖² is looked at. No host read of its own (the step's all-reduce);
 * on a validation step (``validate_every``), the micro-batches' inputs, and ‖G‖² of all trainable parameters and of
   all but the embeddings (:mod:`hf_gns_spam.gns.whole_model`), whose per-example counterparts Σ_e α_e²‖g_e‖² are
   recomputed at :meth:`StepSums.reduce`.
@@ -73,6 +76,7 @@ class StepTotals:
     total: tuple[float, float]  # (Σ_e α_e²‖g_e‖², ‖G‖²) over all trainable parameters
     no_embeddings: tuple[float, float]  # ... and over all but the embeddings (nan: every one is an embedding)
     norms_sq: float  # the norms' Σ_e α_e²‖g_e‖², recomputed from the whole model's per-example gradients
+    nonfinite: bool  # the step's gradient had a NaN or ±inf on some process
 
 
 class StepSums:
@@ -94,6 +98,7 @@ class StepSums:
         self.group_measured = [False] * len(NORM_GROUPS)
         self.total_big: torch.Tensor | None = None  # a validation step's ‖G‖² over all trainable parameters
         self.total_big_no_embeddings: torch.Tensor | None = None  # ... and over all but the embeddings
+        self.gradient_norm: torch.Tensor | None = None  # the whole gradient's norm before clipping
 
     def add_micro_batch(self, observed: ObservedMicroBatch, inputs: Mapping[str, Any]) -> None:
         """Count one micro-batch (already counted in ``micro_batches``); keep it on a validation step."""
@@ -158,6 +163,9 @@ class StepSums:
         group_sum_sq = [
             sum((s.sum_sq for n, s in named_stats.items() if groups[n] == group), zero) for group in NORM_GROUPS
         ]
+        # a non-finite gradient: the whole gradient's norm where the Trainer computed one, else the norms' ‖G‖²
+        checked = self.gradient_norm if isinstance(self.gradient_norm, torch.Tensor) else self.big
+        nonfinite = zero if checked is None else (~torch.isfinite(checked.to(device, torch.float32))).float()
         local = torch.stack(
             [
                 sum((s.sum_sq for s in stats), zero),
@@ -172,15 +180,17 @@ class StepSums:
                 no_embeddings_sq,
                 norms_sq,
                 zero + float(validated),
+                nonfinite,
                 *group_sum_sq,
                 *self.group_big_shards.to(device),
             ]
         )
         totals = accelerator.reduce(local, reduction="sum").tolist()  # the step's one all-reduce
         (sum_sq, weight_sum, weight_sq_sum, micro, rows, label_tokens, measured, big_shards, total_sq,
-         no_embeddings_sq, norms_sq, validated_processes) = (float(v) for v in totals[:12])  # fmt: skip
+         no_embeddings_sq, norms_sq, validated_processes,
+         nonfinite_processes) = (float(v) for v in totals[:13])  # fmt: skip
         count = len(NORM_GROUPS)
-        group_sum_sq, group_big_shards = totals[12 : 12 + count], totals[12 + count :]
+        group_sum_sq, group_big_shards = totals[13 : 13 + count], totals[13 + count :]
         processes = accelerator.num_processes
         if round(micro) != processes * self.micro_batches:
             raise AccumulationError(
@@ -206,4 +216,5 @@ class StepSums:
             # nan (the estimator skips the step) when every trainable parameter is an embedding
             no_embeddings=(no_embeddings_sq, big_no_embeddings),
             norms_sq=norms_sq,
+            nonfinite=nonfinite_processes > 0,
         )

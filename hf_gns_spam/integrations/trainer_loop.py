@@ -13,8 +13,10 @@ a pass-through for Trainers that have no observer among their callbacks:
   ``num_update_steps_per_epoch``, ``max_steps``), which no event passes. This is also where an observer is attached
   to the Trainer, whichever way it was added (``callbacks=[...]``, ``add_callback``).
 * ``_init_training_state(...)``: on resume the Trainer computes where to restart assuming a constant accumulation,
-  and with ``restore_callback_states_from_checkpoint`` it replaces each callback by a new instance; the wrapper
-  attaches the observers present afterwards and lets them give the exact (epoch, micro-batch) to restart from.
+  and with ``restore_callback_states_from_checkpoint`` it replaces each callback by a new instance made from the
+  saved options; the wrapper puts the user's observer back (it restores its own state and checks the user's
+  options against the saved ones), names the checkpoint's ``trainer_state.json`` when the saved options do not
+  make a callback, and lets the observers give the exact (epoch, micro-batch) to restart from.
 
 Installed on the Trainer instance being trained (:func:`_attach`):
 
@@ -25,7 +27,8 @@ Installed on the Trainer instance being trained (:func:`_attach`):
   computes its loss through a fused LM head without logits and runs a second forward pass to return them.
 * ``trainer.accelerator.backward``: the loss actually back-propagated (after the Trainer's division by the
   accumulation for losses not normalised by ``num_items_in_batch``) and the fp16 loss scale.
-* ``trainer.accelerator.clip_grad_norm_``: the accumulated gradient after the all-reduce and before clipping;
+* ``trainer.accelerator.clip_grad_norm_``: the accumulated gradient after the all-reduce and before clipping, and
+  the norm of the whole gradient it returns (which the Trainer logs only at logging steps);
   ``on_pre_optimizer_step`` comes after clipping.
 * ``trainer.log``: extra metrics merged into the Trainer's own log record (reporting integrations run before user
   callbacks, so ``on_log`` is too late for them).
@@ -57,16 +60,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import has_length
 
-from hf_gns_spam.errors import TRANSFORMERS_CHECKED, TRANSFORMERS_REQUIREMENT, TrainerIntegrationError
+from hf_gns_spam.errors import TRANSFORMERS_CHECKED, TRANSFORMERS_REQUIREMENT, CheckpointError, TrainerIntegrationError
 
 # the start of the FutureWarning TRL's SFTTrainer (1.16) gives for compute_loss(return_outputs=True)
 TRL_RETURN_OUTPUTS_NOTICE = r"`return_outputs=True`, and the logits it passes to `compute_metrics`"
@@ -103,8 +108,11 @@ class TrainerLoopObserver:
         """The loop bounds the Trainer computed for this ``train()``; ``has_length``: the data ends with each epoch
         (map-style), rather than going on (an iterable dataset, whose "epoch" the Trainer sizes from max_steps)."""
 
-    def resume_position(self, trainer: Trainer, epochs_trained: int, skip: int, resuming: bool) -> tuple[int, int]:
-        """(epoch, micro-batches to skip in it) to restart from; the Trainer's own values come in."""
+    def resume_position(
+        self, trainer: Trainer, epochs_trained: int, skip: int, checkpoint: str | None
+    ) -> tuple[int, int]:
+        """(epoch, micro-batches to skip in it) to restart from the checkpoint directory ``checkpoint`` (None: a fresh
+        run); the Trainer's own values come in."""
         return epochs_trained, skip
 
     def wants_outputs(self, trainer: Trainer) -> bool:
@@ -123,6 +131,9 @@ class TrainerLoopObserver:
 
     def before_clipping(self, trainer: Trainer) -> None:
         """The step's gradient is accumulated and all-reduced; clipping comes next."""
+
+    def after_clipping(self, trainer: Trainer, gradient_norm: Any) -> None:
+        """The norm of the step's whole gradient before clipping, as ``clip_grad_norm_`` returned it (a tensor)."""
 
     def log_metrics(self) -> dict[str, float]:
         """Metrics to merge into a Trainer log record that has ``loss``."""
@@ -317,7 +328,10 @@ def _wrap_accelerator(trainer: Trainer) -> None:
     def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
         for observer in observers_of(trainer):
             observer.before_clipping(trainer)
-        return original_clip(parameters, max_norm, *args, **kwargs)
+        gradient_norm = original_clip(parameters, max_norm, *args, **kwargs)
+        for observer in observers_of(trainer):
+            observer.after_clipping(trainer, gradient_norm)
+        return gradient_norm
 
     accelerator.backward = backward
     accelerator.clip_grad_norm_ = clip_grad_norm_
@@ -365,19 +379,34 @@ def _set_initial_training_values(original):
 def _init_training_state(original):
     @functools.wraps(original)
     def wrapper(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial):
-        epochs_trained, skip = original(
-            self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
-        )
-        # restore_callback_states_from_checkpoint may have replaced the observers by new instances: attach those
-        # and give them the loop bounds their predecessors saw
+        users = observers_of(self)
+        try:
+            epochs_trained, skip = original(
+                self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+            )
+        except (ValueError, TypeError) as error:  # restore_callback_states_from_checkpoint: saved options refused
+            if resume_from_checkpoint is None or not users:
+                raise
+            where = os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
+            raise CheckpointError(f"{where} cannot be resumed ({error}): resume from another checkpoint") from error
+        _keep_users_observers(self, users)
         for observer in _attach(self):
             observer.loop_bounds(self, *self._gns_loop_bounds)
-            epochs_trained, skip = observer.resume_position(
-                self, epochs_trained, skip, resume_from_checkpoint is not None
-            )
+            epochs_trained, skip = observer.resume_position(self, epochs_trained, skip, resume_from_checkpoint)
         return epochs_trained, skip
 
     return wrapper
+
+
+def _keep_users_observers(trainer: Trainer, users: list[TrainerLoopObserver]) -> None:
+    """``restore_callback_states_from_checkpoint=True`` replaces each callback by a new instance made from the
+    options saved in the checkpoint; an observer restores its state itself (``resume_position``) and checks the
+    options the user passes against the saved ones, so the user's instance is put back in the replacement's place."""
+    callbacks = trainer.callback_handler.callbacks
+    for user in users:
+        for index, callback in enumerate(callbacks):
+            if type(callback) is type(user) and callback is not user and user not in callbacks:
+                callbacks[index] = user
 
 
 def wrap_trainer_class(trainer_class: type) -> None:

@@ -1,6 +1,7 @@
-"""Run by tests/test_gns_ddp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): train a tiny patched LLaMA with
-GNSCallback and write this rank's logged GNS values (all norms and per norm group), batch sizes, final parameters,
-and each optimizer step's micro-batches and the parameters they saw to OUTPUT_DIR/rank{R}.pt."""
+"""Run by tests/test_gns_ddp.py (and test_gns_resume.py) under ``torchrun --nproc_per_node 2`` (gloo, CPU): train a
+tiny patched LLaMA with GNSCallback (arguments: OUTPUT_DIR [SCHEDULE] [frozen] [save]) and write this rank's logged
+GNS values (all norms and per norm group), batch sizes, final parameters, and each optimizer step's micro-batches
+and the parameters they saw to OUTPUT_DIR/rank{R}.pt."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ class DistributedStepAuditor(TrainerCallback):
 def main() -> None:
     output_dir = Path(sys.argv[1])
     schedule = sys.argv[2] if len(sys.argv) > 2 else "none"
-    frozen_norms = sys.argv[3:] == ["frozen"]
+    frozen_norms = "frozen" in sys.argv[3:]
+    save = "save" in sys.argv[3:]  # a checkpoint every 3 steps (tests/test_gns_resume.py resumes one elsewhere)
     model = model_zoo.build("llama")
     patch_model(model)
     if frozen_norms:  # as peft's LoRA leaves them: measured through their sinks, averaged over the processes
@@ -84,7 +86,8 @@ def main() -> None:
         learning_rate=1e-3,
         optim="stable_spam",
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if save else "no",
+        save_steps=3,
         logging_steps=1,
         seed=0,
         use_cpu=True,
