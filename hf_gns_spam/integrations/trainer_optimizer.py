@@ -19,6 +19,10 @@ itself succeeds, and ``StableSPAM`` stays usable through ``Trainer(optimizer_cls
 the first use of one of the package's names instead would miss the documented use, ``import hf_gns_spam`` and then
 only transformers' ``TrainingArguments(optim="stable_spam")``.
 
+With the handlers, (c) ``Trainer._load_optimizer_and_scheduler`` is wrapped so that resuming a StableSPAM run from a
+checkpoint without its optimizer or scheduler state, or with a state StableSPAM refuses, is an error that names the
+file (:func:`_check_resumed_states`).
+
 The handler builds :class:`~hf_gns_spam.StableSPAM` on the Trainer's own parameter groups (no weight decay on biases
 and norms), with ``lr``, ``betas`` and ``eps`` from ``learning_rate``, ``adam_beta1``/``adam_beta2`` and
 ``adam_epsilon``, and every other constructor keyword from ``optim_args``. It imports the optimizer (and torch) when
@@ -29,15 +33,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from hf_gns_spam.errors import TRANSFORMERS_CHECKED, TRANSFORMERS_REQUIREMENT, TrainerIntegrationError
+from hf_gns_spam.errors import TRANSFORMERS_CHECKED, TRANSFORMERS_REQUIREMENT, CheckpointError, TrainerIntegrationError
 from hf_gns_spam.kernels.step_contract import STATE_FORMATS
 
 if TYPE_CHECKING:
@@ -169,6 +175,53 @@ def _register_handlers(trainer_module: ModuleType) -> None:
     _register_names(training_args)  # done already when training_args was executed; a member is needed as the key
     for value, fixed_kwargs in TRAINER_OPTIMIZER_NAMES.items():
         handlers[training_args.OptimizerNames(value)] = _make_handler(fixed_kwargs)
+    _check_resumed_states(trainer_module)
+
+
+def _check_resumed_states(trainer_module: ModuleType) -> None:
+    """(c) Wrap ``Trainer._load_optimizer_and_scheduler(checkpoint)`` (idempotent): for a StableSPAM optimizer, a
+    checkpoint saved after step 0 without ``optimizer.pt`` or ``scheduler.pt`` (transformers would then go on with a
+    fresh optimizer state and learning-rate schedule, silently), or whose optimizer state StableSPAM refuses (a
+    layout that does not fit, non-finite values), is a :class:`CheckpointError` naming the file."""
+    trainer_class = trainer_module.Trainer
+    original = getattr(trainer_class, "_load_optimizer_and_scheduler", None)
+    names = [getattr(trainer_module, name, None) for name in ("OPTIMIZER_NAME", "OPTIMIZER_NAME_BIN", "SCHEDULER_NAME")]
+    if original is None or not all(isinstance(name, str) for name in names):
+        raise _unsupported("Trainer._load_optimizer_and_scheduler or the checkpoint file names are missing")
+    if getattr(original, "_hf_gns_spam", False):
+        return
+    optimizer_name, optimizer_bin, scheduler_name = names
+
+    @functools.wraps(original)
+    def load(trainer: Any, checkpoint: str | None) -> None:
+        optimizer = getattr(getattr(trainer, "optimizer", None), "optimizer", getattr(trainer, "optimizer", None))
+        if checkpoint is None or type(optimizer).__name__ != "StableSPAM" or trainer.is_deepspeed_enabled:
+            return original(trainer, checkpoint)
+        saved_optimizer = any(
+            os.path.isfile(os.path.join(checkpoint, name)) for name in (optimizer_name, optimizer_bin)
+        ) or any(  # FSDP's sharded optimizer folders, as the Trainer looks for them
+            optimizer_bin.split(".")[0] in entry.name for entry in os.scandir(checkpoint) if entry.is_dir()
+        )
+        saved_scheduler = os.path.isfile(os.path.join(checkpoint, scheduler_name))
+        saved = {optimizer_name: saved_optimizer, scheduler_name: saved_scheduler}
+        missing = [name for name, present in saved.items() if not present]
+        if missing and trainer.state.global_step > 0:
+            raise CheckpointError(
+                f"{checkpoint} has no {' and no '.join(missing)}, though it was saved at step "
+                f"{trainer.state.global_step}: transformers would go on with a fresh StableSPAM state (moments, "
+                "AdaClip and AdaGN statistics at zero) and learning-rate schedule, silently. Restore the file from "
+                "the run that saved it or resume from another checkpoint; to start a fresh optimizer deliberately, "
+                "load the model's weights from the checkpoint and train without resume_from_checkpoint."
+            )
+        try:
+            return original(trainer, checkpoint)
+        except ValueError as error:
+            if not str(error).startswith("StableSPAM.load_state_dict"):
+                raise
+            raise CheckpointError(f"{os.path.join(checkpoint, optimizer_name)}: {error}") from error
+
+    load._hf_gns_spam = True
+    trainer_class._load_optimizer_and_scheduler = load
 
 
 # the transformers module after whose execution each part of the registration runs

@@ -4,9 +4,9 @@ it loads anything, and how it restores a parameter's saved state.
 * :func:`check_loaded_groups`: every hyperparameter of the checkpoint's groups is valid (the table of
   :mod:`hf_gns_spam.optim.hyperparameters`), its step counter is an integer >= 0 and its ``state_bits`` is this
   optimizer's (moments are not converted between formats); returns the other hyperparameters that differ;
-* :func:`check_loaded_states` and :func:`state_layout_problem`: every saved per-tensor state has the buffers the
-  parameter's format (:data:`~hf_gns_spam.kernels.step_contract.STATE_FORMATS`) gives it, with their dtypes and
-  lengths, for the rank's shard of a DTensor parameter;
+* :func:`check_loaded_states`, :func:`state_layout_problem` and :func:`nonfinite_problem`: every saved per-tensor
+  state has the buffers the parameter's format (:data:`~hf_gns_spam.kernels.step_contract.STATE_FORMATS`) gives it,
+  with their dtypes and lengths, for the rank's shard of a DTensor parameter, and no NaN or ±inf in them;
 * :func:`restored_state`: the saved tensors on the parameter's device in their saved dtype, statistics of earlier
   versions converted.
 
@@ -31,7 +31,13 @@ from hf_gns_spam.optim.hyperparameters import HYPERPARAMETERS, check_hyperparame
 from hf_gns_spam.optim.sharded_step import loaded_local, local_tensor
 from hf_gns_spam.optim.torch_step import stat_dtype
 
-__all__ = ["check_loaded_groups", "check_loaded_states", "restored_state", "state_layout_problem"]
+__all__ = [
+    "check_loaded_groups",
+    "check_loaded_states",
+    "nonfinite_problem",
+    "restored_state",
+    "state_layout_problem",
+]
 
 
 def check_loaded_groups(saved_groups: list[dict[str, Any]], param_groups: list[dict[str, Any]]) -> list[str]:
@@ -85,14 +91,33 @@ def check_loaded_states(state_dict: dict[str, Any], param_groups: list[dict[str,
             saved_state = state_dict["state"].get(saved_id)
             if not saved_state:
                 continue
-            problem = state_layout_problem(saved_state, param, bits)
+            problem = state_layout_problem(saved_state, param, bits) or nonfinite_problem(saved_state, param)
             if problem is not None:
                 raise ValueError(
                     f"StableSPAM.load_state_dict: the state of parameter {saved_id} (group {index}, shape "
                     f"{tuple(param.shape)}) does not fit this optimizer with state_bits={bits}: {problem}. "
                     "Build the optimizer as the checkpoint's run did (same state_bits, same parameters, and for "
                     "sharded parameters the same sharding and world size), or start a fresh optimizer state."
+                    + (_FRESH_STATE if problem.startswith("non-finite") else "")
                 )
+
+
+_FRESH_STATE = (
+    " A step from non-finite moments or statistics makes the parameter non-finite: resume from an earlier "
+    "checkpoint, or start a fresh optimizer state deliberately (load the model's weights from the checkpoint and "
+    "train without resume_from_checkpoint)."
+)
+
+
+def nonfinite_problem(saved_state: dict[str, Any], param: torch.Tensor) -> str | None:
+    """Which floating-point tensor of a saved state holds NaN or ±inf (None if none does), for the rank's shard."""
+    for key, value in saved_state.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            local = local_tensor(loaded_local(key, value, param, saved_state))
+            bad = local.numel() - int(torch.isfinite(local).sum())
+            if bad:
+                return f"non-finite values in {key!r} ({bad} of {local.numel()} elements)"
+    return None
 
 
 def state_layout_problem(saved_state: dict[str, Any], param: torch.Tensor, bits: int) -> str | None:

@@ -39,7 +39,7 @@ counter k, a host integer; (b) one bad entry (an overflow in one position, one b
 tensor's other gradients; (c) AdamW lets such an entry poison its own parameter for good, zeroing keeps even that
 entry finite. Each step in which a tensor had a non-finite entry adds 1 to ``state[p]["nonfinite_grad_steps"]`` (an
 int64 0-dim tensor, saved with the state dict). Reading that counter needs the host, so it is read lazily: every
-:attr:`StableSPAM.nonfinite_check_interval` (100) steps; on the CPU it is read then, on CUDA the check starts a
+:attr:`StableSPAM.nonfinite_check_interval` (10) steps; on the CPU it is read then, on CUDA the check starts a
 non-blocking copy to pinned memory and reads it at a later check once it has arrived (no synchronisation; the warning
 then comes one or two intervals late); other devices read it every interval. The first time a counter is non-zero
 the optimizer warns (``RuntimeWarning``, once per optimizer) and training goes on.
@@ -184,7 +184,7 @@ class StableSPAM(torch.optim.Optimizer):
     """
 
     #: Steps between two looks at the non-finite counters (each look reads them on the host; see the module docstring).
-    nonfinite_check_interval: int = 100
+    nonfinite_check_interval: int = 10  # a 20-step NaN storm in a short run is said within 10 steps
 
     def __init__(
         self,
