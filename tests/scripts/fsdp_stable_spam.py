@@ -62,6 +62,7 @@ SETTINGS = {
     "8-clean-resume-torch": {"state_bits": 8, "mode": "clean", "resume": "torch"},
     "32-faithful-resume-dcp": {"state_bits": 32, "mode": "faithful", "resume": "dcp"},
     "4-faithful-resume-full": {"state_bits": 4, "mode": "faithful", "resume": "full"},
+    "32-faithful-resume-full": {"state_bits": 32, "mode": "faithful", "resume": "full"},  # resumed by 1 process too
 }
 NAN_STEP, NAN_ROW, NAN_COLUMN = 3, 40, 7  # fc2.weight[40, 7], in rank 1's shard, gets a NaN gradient at step 3
 
