@@ -17,9 +17,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hf_gns_spam import GNSCallback, patch_model, unpatch_model
-from tests import model_zoo
-from tests.test_gns_callback import padded_dataset
-from tests.test_per_example_stats import token_losses
+from tests.end_to_end.test_gns_callback import padded_dataset
+from tests.support import model_zoo
+from tests.unit.test_per_example_stats import token_losses
 
 
 class DistributedStepAuditor(TrainerCallback):

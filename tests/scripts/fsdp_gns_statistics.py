@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hf_gns_spam import GNSCallback, patch_model, per_example_grad_stats
 from hf_gns_spam.gns.arguments import NORM_GROUPS
-from tests import model_zoo
-from tests.test_per_example_stats import token_losses
+from tests.support import model_zoo
+from tests.unit.test_per_example_stats import token_losses
 
 
 def main() -> None:
