@@ -7,53 +7,18 @@ import math
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from hf_gns_spam import GNSCallback, StableSPAM, patch_model, per_example_grad_stats
 from hf_gns_spam.gns.arguments import GNSConfig
 from hf_gns_spam.gns.estimates import METRIC_NAMES, TOTAL_METRIC_NAMES
 from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.whole_model import StoredMicroBatch, embedding_parameters, weighted_squared_norms
-from tests.conftest import column_dataset
 from tests.support import model_zoo
-from tests.unit.test_per_example_stats import token_losses
-
-
-def padded_dataset(size: int = 16, length: int = 8, seed: int = 0):
-    """Right-padded sequences with 3..length real tokens; padded labels are -100."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, model_zoo.VOCAB, (size, length), generator=generator)
-    lengths = torch.randint(3, length + 1, (size,), generator=generator)
-    attention_mask = (torch.arange(length) < lengths[:, None]).long()
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return column_dataset(
-        {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": labels.tolist()}
-    )
-
-
-def make_trainer(tmp_path, model, callback, eval_dataset=None, **overrides) -> Trainer:
-    settings = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "learning_rate": 1e-3,
-        "optim": "stable_spam",
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "seed": 0,
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "max_grad_norm": 0.05,  # clipping is active: big must be read before it
-    }
-    settings.update(overrides)
-    return Trainer(
-        model=model,
-        args=TrainingArguments(**settings),
-        train_dataset=padded_dataset(),
-        eval_dataset=eval_dataset,
-        callbacks=[callback],
-    )
+from tests.support.data import padded_dataset
+from tests.support.first_step import first_trainer_step
+from tests.support.references import per_example_gradients, per_example_norm_gradients, weighted_small_big
+from tests.support.trainers import make_trainer
 
 
 def test_metrics_are_merged_into_the_trainers_log_records(tmp_path):
@@ -115,65 +80,7 @@ def test_the_torch_free_checks_take_the_callbacks_arguments():
             GNSCallback(**kwargs)
 
 
-def per_example_norm_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B, P] float64: the gradient of each example's own mean-token loss w.r.t. the norm parameters (torch.func)."""
-    return per_example_gradients(model, batch, [n for n, _ in model.named_parameters() if "norm" in n or ".ln_" in n])
-
-
-def per_example_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    """[B, P] float64: the gradient of each example's own mean-token loss w.r.t. the parameters ``names``."""
-    reference = copy.deepcopy(model).double()
-    params = {n: p.detach() for n, p in reference.named_parameters()}
-
-    def own_loss(tracked, b):
-        example = {k: batch[k][b : b + 1] for k in ("input_ids", "attention_mask")}
-        logits = torch.func.functional_call(reference, {**params, **tracked}, args=(), kwargs=example).logits
-        losses = token_losses(logits, batch["labels"][b : b + 1])
-        return losses.sum() / (batch["labels"][b, 1:] != -100).sum()
-
-    tracked = {n: params[n] for n in names}
-    rows = [
-        torch.cat([g.flatten() for g in torch.func.grad(own_loss)(tracked, b).values()])
-        for b in range(len(batch["labels"]))
-    ]
-    return torch.stack(rows)
-
-
-def weighted_small_big(per_example: torch.Tensor, weights: torch.Tensor) -> tuple[float, float, float]:
-    """The callback's inputs to the estimator from per-example own-loss gradients g_b [B, D] and their weights a_b
-    in the loss: Σ a_b²‖g_b‖² / Σ a_b², ‖Σ a_b g_b‖² / (Σ a_b)², and (Σ a_b)² / Σ a_b²."""
-    weights = weights.double()
-    small = (weights.square() * per_example.square().sum(1)).sum() / weights.square().sum()
-    big = (weights[:, None] * per_example).sum(0).square().sum() / weights.sum().square()
-    return small.item(), big.item(), (weights.sum().square() / weights.square().sum()).item()
-
-
-def first_trainer_step(tmp_path, architecture: str) -> tuple:
-    """One optimizer step (2 micro-batches) of a patched ``architecture`` through the real Trainer with a
-    GNSCallback: (the model before the step, the callback, the trainer, the step's whole batch, each example's weight
-    in the loss). The Trainer's loss is Σ token losses / num_items_in_batch (which, for GPT-2, counts labels without
-    the shift), so an example's weight is its label count after the shift over num_items_in_batch."""
-    model = model_zoo.build(architecture)
-    initial = copy.deepcopy(model)
-    patch_model(model)
-    callback = GNSCallback()
-    trainer = make_trainer(tmp_path, model, callback, max_steps=1)
-    micro_batches, micro_batches_num_items = [], []
-
-    def record(module, args, kwargs):
-        micro_batches.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")})
-        micro_batches_num_items.append(float(kwargs["num_items_in_batch"]))
-
-    hook = model.register_forward_pre_hook(record, with_kwargs=True)
-    trainer.train()
-    hook.remove()
-    assert len(micro_batches) == 2 and len(callback.estimates.history) == 1
-    batch = {k: torch.cat([m[k] for m in micro_batches]) for k in micro_batches[0]}
-    weights = (batch["labels"][:, 1:] != -100).sum(1).double() / micro_batches_num_items[0]
-    return initial, callback, trainer, batch, weights
-
-
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize("architecture", model_zoo.BOTH_NORM_KINDS)
 def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
     """The first optimizer step's small and big from the callback, recomputed from per-example gradients."""
     initial, callback, _, batch, weights = first_trainer_step(tmp_path, architecture)
@@ -189,7 +96,7 @@ def test_first_step_small_and_big_equal_torch_func(tmp_path, architecture):
 @pytest.mark.slow
 def test_qlora_trains_with_stable_spam_and_the_callback(tmp_path, has_avx512bf16):
     """bitsandbytes 4-bit base weights + LoRA through the real Trainer, evaluated after every step: the patched norms
-    are frozen there and measured all the same (tests/test_gns_frozen_norms.py checks the values)."""
+    are frozen there and measured all the same (tests/end_to_end/test_gns_frozen_norms.py checks the values)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -450,8 +357,8 @@ def test_recomputed_gradients_reproduce_the_norms_statistics(tmp_path, case):
     if case == "label_smoothing":
         model, overrides = model_zoo.build("llama"), {"label_smoothing_factor": 0.1}
     else:
-        pytest.importorskip("datasets")  # remove_columns/map below; test_gns_trainer_paths imports datasets
-        from tests.end_to_end.test_gns_trainer_paths import classification_model
+        pytest.importorskip("datasets")  # remove_columns/map below
+        from tests.support.model_zoo import classification_model
 
         data = data.remove_columns("labels").map(lambda row, i: {"labels": i % 3}, with_indices=True)
         model = classification_model()

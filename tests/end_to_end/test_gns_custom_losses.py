@@ -12,10 +12,10 @@ import torch
 from transformers import Trainer
 
 from hf_gns_spam.gns.example_weights import ExampleWeightError
-from tests.end_to_end.test_gns_callback import padded_dataset, per_example_norm_gradients, weighted_small_big
-from tests.end_to_end.test_gns_trainer_paths import assert_split_invariant, first_step
 from tests.support import model_zoo
-from tests.unit.test_per_example_stats import token_losses
+from tests.support.data import padded_dataset
+from tests.support.first_step import assert_split_invariant, first_step
+from tests.support.references import per_example_norm_gradients, token_losses, weighted_small_big
 
 
 def label_tokens(labels: torch.Tensor) -> torch.Tensor:

@@ -3,33 +3,14 @@ and each norm group's, and it equals one computed from per-example gradients of 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from hf_gns_spam.gns.estimator import GradientNoiseScale
-from tests.end_to_end.test_gns_callback import per_example_gradients, per_example_norm_gradients, weighted_small_big
-from tests.end_to_end.test_launch import failure_report
 from tests.support import model_zoo
-from tests.support.paths import TEST_SCRIPTS
-from tests.support.ports import free_port
-from tests.unit.gns.test_gns_groups import group_parameters
-
-SCRIPT = TEST_SCRIPTS / "ddp_gns_train.py"
-
-
-def torchrun(tmp_path, *arguments: str) -> list[dict]:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(SCRIPT), str(tmp_path), *arguments],
-        capture_output=True, text=True, env=environment, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, failure_report(result.stderr)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+from tests.support.model_zoo import group_parameters
+from tests.support.processes import torchrun
+from tests.support.references import per_example_gradients, per_example_norm_gradients, weighted_small_big
 
 
 @pytest.mark.slow

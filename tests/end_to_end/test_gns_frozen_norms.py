@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_gns_spam import GNSCallback, patch_model
-from tests.end_to_end.test_gns_callback import padded_dataset, weighted_small_big
 from tests.support import model_zoo
-from tests.unit.test_per_example_stats import token_losses
+from tests.support.data import padded_dataset
+from tests.support.references import token_losses, weighted_small_big
 
 LLAMA_NORMS = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
 LLAMA_NORMS.append("model.norm")
@@ -132,7 +132,7 @@ def test_a_model_whose_backward_reaches_no_norm_is_reported_once_and_refused_by_
     and there is no GNS. Measuring only, the first step says so once; a "gns" schedule stops at the first step."""
     from peft import LoraConfig, get_peft_model
 
-    from tests.end_to_end.test_gns_callback import make_trainer
+    from tests.support.trainers import make_trainer
 
     def head_only():
         model = get_peft_model(model_zoo.build("llama"), LoraConfig(r=4, target_modules=["lm_head"]))

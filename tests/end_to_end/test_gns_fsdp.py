@@ -16,10 +16,10 @@ import torch
 from hf_gns_spam import patch_model, per_example_grad_stats
 from hf_gns_spam.gns.arguments import NORM_GROUPS
 from tests.support import model_zoo
+from tests.support.model_zoo import EXPECTED_GROUPS
 from tests.support.paths import TEST_SCRIPTS
 from tests.support.ports import free_port
-from tests.unit.gns.test_gns_groups import EXPECTED_GROUPS
-from tests.unit.test_per_example_stats import token_losses
+from tests.support.references import token_losses
 
 SCRIPT = TEST_SCRIPTS / "fsdp_gns_statistics.py"
 

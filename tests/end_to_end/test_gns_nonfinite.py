@@ -10,8 +10,8 @@ import torch
 from transformers import TrainerCallback
 
 from hf_gns_spam import GNSCallback, patch_model
-from tests.end_to_end.test_gns_callback import make_trainer
 from tests.support import model_zoo
+from tests.support.trainers import make_trainer
 
 pytestmark = pytest.mark.slow
 

@@ -17,28 +17,13 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from hf_gns_spam import GNSCallback, patch_model
-from tests.end_to_end.test_gns_callback import weighted_small_big
 from tests.support import model_zoo
+from tests.support.data import preference_data
+from tests.support.references import weighted_small_big
 
 trl = pytest.importorskip("trl")
 
 BETA = 0.1
-
-
-def preference_data(size: int = 8, seed: int = 0) -> Dataset:
-    """Prompts and completions of unequal lengths, as word-level strings of the test tokenizer."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def words(length: int) -> str:
-        return " ".join(f"t{int(i)}" for i in torch.randint(3, model_zoo.VOCAB, (length,), generator=generator))
-
-    rows = {"prompt": [], "chosen": [], "rejected": []}
-    for _ in range(size):
-        lengths = torch.randint(1, 6, (3,), generator=generator).tolist()
-        rows["prompt"].append(words(lengths[0] + 1))
-        rows["chosen"].append(" " + words(lengths[1]))
-        rows["rejected"].append(" " + words(lengths[2]))
-    return Dataset.from_dict(rows)
 
 
 def settings(tmp_path, accumulation: int) -> dict:

@@ -20,9 +20,9 @@ import pytest
 
 from hf_gns_spam import GNSCallback
 from hf_gns_spam.errors import CheckpointError
-from tests.end_to_end.test_gns_ddp import torchrun
-from tests.end_to_end.test_gns_schedule import rows, run
 from tests.support import model_zoo
+from tests.support.processes import torchrun
+from tests.support.schedule_runs import rows, run
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ from transformers.trainer_callback import ProgressCallback
 
 from hf_gns_spam import GNSCallback, patch_model
 from hf_gns_spam.gns.accumulation import AccumulationError
-from tests.end_to_end.test_gns_callback import padded_dataset
 from tests.support import model_zoo
+from tests.support.data import padded_dataset
 from tests.support.paths import TEST_SCRIPTS
 from tests.support.ports import free_port
 

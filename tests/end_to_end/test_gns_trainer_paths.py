@@ -10,14 +10,16 @@ import math
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_gns_spam import GNSCallback, patch_model
 from hf_gns_spam.gns.example_weights import ExampleWeightError
-from tests.end_to_end.test_gns_callback import padded_dataset
-from tests.end_to_end.test_gns_schedule import rows, run
 from tests.support import model_zoo
-from tests.unit.test_per_example_stats import token_losses
+from tests.support.data import padded_dataset
+from tests.support.first_step import assert_split_invariant, first_step
+from tests.support.model_zoo import classification_model
+from tests.support.references import token_losses
+from tests.support.schedule_runs import rows, run
 
 
 def sorted_rows(dataset) -> list[tuple[int, ...]]:
@@ -125,40 +127,6 @@ def test_resumed_from_a_checkpoint_without_the_callback_the_examples_seen_are_un
 # the same examples as 8x1, 4x2 and 2x4 micro-batches: the same first-step estimate, whoever computes the loss
 
 
-def first_step(
-    tmp_path, model, accumulation: int, dataset, trainer_class=Trainer, args_class=TrainingArguments,
-    trainer_kwargs=None, **overrides,
-) -> dict[str, float]:  # fmt: skip
-    patch_model(model)
-    callback = GNSCallback()
-    settings = {
-        "output_dir": str(tmp_path / f"out{accumulation}"),
-        "per_device_train_batch_size": 8 // accumulation,
-        "gradient_accumulation_steps": accumulation,
-        "max_steps": 1,
-        "learning_rate": 1e-3,
-        "optim": "stable_spam",
-        "report_to": "none",
-        "save_strategy": "no",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-        **overrides,
-    }
-    trainer = trainer_class(
-        model=model, args=args_class(**settings), train_dataset=dataset, callbacks=[callback], **(trainer_kwargs or {})
-    )
-    trainer.train()
-    assert len(callback.estimates.history) == 1 and callback.last_batch_size == 8
-    return callback.estimates.history[0]
-
-
-def assert_split_invariant(measured: list[dict[str, float]], rel: float = 1e-4) -> None:
-    for key in ("small", "big", "effective_batch"):
-        values = [m[key] for m in measured]
-        assert values == pytest.approx([values[0]] * len(values), rel=rel), key
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_causal_lm_split_invariance_with_and_without_label_smoothing(tmp_path, smoothing):
@@ -243,17 +211,6 @@ def test_a_compute_loss_override_that_ignores_return_outputs_is_a_clear_error_at
 
     with pytest.raises(TypeError, match=r"LossOnlyTrainer.compute_loss\(..., return_outputs=True\) returned Tensor"):
         first_step(tmp_path, model_zoo.build("llama"), 2, padded_dataset(size=8), trainer_class=LossOnlyTrainer)
-
-
-def classification_model():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=model_zoo.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForSequenceClassification(config).eval()
 
 
 @pytest.mark.slow

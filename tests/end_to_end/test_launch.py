@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +24,11 @@ from hf_gns_spam.integrations.known_warnings import (
 )
 from hf_gns_spam.launch import LaunchOptionError, LaunchOptions, TrainerLauncher
 from hf_gns_spam.patching import is_patched
-from tests.conftest import counting_dataset
 from tests.support import model_zoo
 from tests.support.paths import TEST_SCRIPTS
 from tests.support.ports import free_port
+from tests.support.processes import failure_report
+from tests.support.tiny_llama import counting_dataset
 
 SCRIPTS = TEST_SCRIPTS
 PLAIN_SCRIPT = SCRIPTS / "plain_trainer.py"
@@ -270,13 +270,6 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def failure_report(stderr: str) -> str:
-    """What a failed multi-process run said: every line that names an error or an abort (a rank's own message is
-    far above torchrun's summary), then the end of stderr."""
-    clues = [line for line in stderr.splitlines() if re.search(r"terminate|abort|Error|Traceback|Signal", line)]
-    return "\n".join(clues[-40:]) + "\n---- end of stderr ----\n" + stderr[-3000:]
-
-
 def logged_steps(trainer_state: Path) -> list[dict]:
     return [r for r in json.loads(trainer_state.read_text())["log_history"] if "loss" in r]
 
@@ -352,7 +345,8 @@ def test_trl_sft_script_as_a_module_with_a_model_trl_loads_itself(tmp_path):
 def test_trl_dpo_script_as_a_module_gives_a_gns_and_grows_the_batch(tmp_path):
     """DPO through TRL's own script (it loads the policy and the reference model): an example is a pair of rows, the
     GNS is logged every step and a "gns" schedule grows the batch of pairs; both epochs' pairs are all trained."""
-    from tests.end_to_end.test_gns_preference import preference_data
+    pytest.importorskip("trl")  # TRL's own DPO script
+    from tests.support.data import preference_data
 
     model_dir, data_dir, out = tmp_path / "model", tmp_path / "data", tmp_path / "dpo"
     model_zoo.build("llama").save_pretrained(model_dir)

@@ -7,7 +7,8 @@ import torch
 
 from hf_gns_spam.ops.gns_norm import NormSpec, gns_norm, norm_backend
 from hf_gns_spam.ops.norm_reference import STATISTICS_SIZE
-from tests.conftest import GPU_ONLY
+from tests.support import model_zoo
+from tests.support.marks import GPU_ONLY
 
 pytestmark = GPU_ONLY
 
@@ -157,14 +158,13 @@ def model_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple
     return loss.item(), grads, stats
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2", "gemma"])
+@pytest.mark.parametrize("architecture", model_zoo.BOTH_NORM_KINDS_AND_OFFSET)
 def test_patched_model_on_cuda_equals_the_cpu_path(architecture):
     """A patched model (padded batch) on CUDA, Triton kernels, against the same model on the CPU, torch path, both
     float32: loss, the norms' gradients and their per-example statistics agree to float32 rounding."""
     import copy
 
     from hf_gns_spam import patch_model
-    from tests.support import model_zoo
 
     model = model_zoo.build(architecture)
     patch_model(model)
@@ -187,7 +187,6 @@ def test_patched_bf16_model_kernels_equal_the_torch_path_on_cuda():
     import copy
 
     from hf_gns_spam import patch_model
-    from tests.support import model_zoo
 
     model = model_zoo.build("llama").to("cuda", torch.bfloat16)
     patch_model(model)
@@ -208,7 +207,6 @@ def test_torch_compile_of_a_patched_llama_on_cuda():
     import copy
 
     from hf_gns_spam import patch_model
-    from tests.support import model_zoo
 
     model = model_zoo.build("llama").cuda()
     patch_model(model)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_gns_spam import StableSPAM
-from tests.conftest import GPU_ONLY
-from tests.unit.optim.test_stable_spam import initial_params, make_gradient_stream, max_relative_error, run_reference
+from tests.support.marks import GPU_ONLY
+from tests.support.optimizer_runs import initial_params, make_gradient_stream, max_relative_error, run_reference
 
 pytestmark = GPU_ONLY
 
@@ -70,7 +70,7 @@ def test_fused_step_matches_the_torch_path_on_cuda(mode, state_bits, param_dtype
     """The Triton step (multi-tensor launches) against the torch path on the same GPU, 12 steps with resets, a zero
     gradient, a spike and non-finite entries: the tolerances of the interpreter tests (rounding-level float32
     differences; a half-precision parameter or a bfloat16/quantized moment can round the other way after one)."""
-    from tests.unit.kernels.test_stable_spam_kernel import assert_close_scaled
+    from tests.support.optimizer_runs import assert_close_scaled
 
     actual = run_on_cuda(True, param_dtype, monkeypatch, mode=mode, state_bits=state_bits)
     expected = run_on_cuda(False, param_dtype, monkeypatch, mode=mode, state_bits=state_bits)

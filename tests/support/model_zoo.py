@@ -1,9 +1,13 @@
-"""Tiny randomly initialised Hugging Face models of many architectures, built from configs (no downloads)."""
+"""The one table of model families the tests use: tiny randomly initialised Hugging Face models of many
+architectures, built from configs (no downloads).
+
+``ARCHITECTURES`` (each family's config), what each family must give (``EXPECTED_NORMS``, ``EXPECTED_GROUPS``), the
+named subsets of families that tests run on, and builders of a model, a batch and a tokenizer. Imports torch alone
+at the top (transformers when a builder is called), so that the GPU tests can read the table cheaply."""
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 VOCAB = 96
 _DECODER = {
@@ -56,9 +60,60 @@ EXPECTED_NORMS = {
     "t5": 12,
 }
 
+# the norm group ("block", "final" or "other") of each norm module of these architectures (2 layers), by the
+# architectures' own names, written out independently of the rule in hf_gns_spam.gns.groups
+EXPECTED_GROUPS = {
+    "llama": {
+        **{f"model.layers.{i}.{n}": "block" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")},
+        "model.norm": "final",
+    },
+    "gpt2": {
+        **{f"transformer.h.{i}.{n}": "block" for i in range(2) for n in ("ln_1", "ln_2")},
+        "transformer.ln_f": "final",
+    },
+    "qwen3": {
+        **{f"model.layers.{i}.{n}": "block" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")},
+        **{f"model.layers.{i}.self_attn.{n}": "other" for i in range(2) for n in ("q_norm", "k_norm")},
+        "model.norm": "final",
+    },
+    "opt": {
+        **{
+            f"model.decoder.layers.{i}.{n}": "block"
+            for i in range(2)
+            for n in ("self_attn_layer_norm", "final_layer_norm")
+        },
+        "model.decoder.final_layer_norm": "final",
+    },
+    "t5": {
+        **{f"encoder.block.{i}.layer.{j}.layer_norm": "block" for i in range(2) for j in range(2)},
+        **{f"decoder.block.{i}.layer.{j}.layer_norm": "block" for i in range(2) for j in range(3)},
+        "encoder.final_layer_norm": "final",
+        "decoder.final_layer_norm": "final",
+    },
+    "bert": {
+        "bert.embeddings.LayerNorm": "other",
+        **{f"bert.encoder.layer.{i}.{n}.LayerNorm": "block" for i in range(2) for n in ("attention.output", "output")},
+        "cls.predictions.transform.LayerNorm": "other",
+    },
+}  # fmt: skip
+
+# Named subsets of the families, for tests that cannot afford all of them (per-example gradients in float64 with
+# torch.func, real Trainer steps, the GPU). Each is chosen for what its families have, not for speed alone.
+
+#: the two norm kinds: RMSNorm without bias (LLaMA) and LayerNorm with weight and bias (GPT-2); every patched norm of
+#: both is in the "block" or "final" group (no "other"), so their groups' sums add up to the all-norm sums
+BOTH_NORM_KINDS = ("llama", "gpt2")
+#: the three formulas of the norm variant table: rms_norm(w), layer_norm, and Gemma's zero-centred rms_norm(1+w)
+BOTH_NORM_KINDS_AND_OFFSET = (*BOTH_NORM_KINDS, "gemma")
+#: a family for each row of the norm variant table (hf_gns_spam/kernels/norm_variants.py): LLaMA's, OLMo 2's, T5's
+#: and Gemma's RMSNorms, and LayerNorm (nn.LayerNorm in both GPT-2 and OPT)
+ONE_PER_NORM_VARIANT = ("llama", "gemma", "olmo2", "t5", "gpt2", "opt")
+
 
 def build(architecture: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
     """A tiny ``architecture`` from its config (``config_overrides`` on top, e.g. ``tie_word_embeddings=True``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
     config = AutoConfig.for_model(architecture, **{**_DECODER, **ARCHITECTURES[architecture], **config_overrides})
     torch.manual_seed(seed)
     if architecture == "t5":
@@ -97,3 +152,21 @@ def tokenizer():
     backend = Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t2"))
     backend.pre_tokenizer = WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t1", unk_token="t2")
+
+
+def group_parameters(model: torch.nn.Module, architecture: str, group: str) -> list[str]:
+    """The parameter names of the group's norms (from EXPECTED_GROUPS, not from the classification under test)."""
+    modules = {m for m, g in EXPECTED_GROUPS[architecture].items() if g == group}
+    return [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in modules]
+
+
+def classification_model():
+    """A 2-layer LlamaForSequenceClassification with 3 labels over VOCAB (no download), in eval mode."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0,
+    )  # fmt: skip
+    return LlamaForSequenceClassification(config).eval()

@@ -8,10 +8,9 @@ import torch
 
 from hf_gns_spam import patch_model
 from hf_gns_spam.sequences import sequence_ids
-from tests.end_to_end.test_gns_trainer_paths import assert_split_invariant, first_step
 from tests.support import model_zoo
-from tests.unit.test_patch_robustness import assert_same_statistics
-from tests.unit.test_per_example_stats import snapshot
+from tests.support.first_step import assert_split_invariant, first_step
+from tests.support.references import assert_same_statistics, snapshot
 
 LENGTHS = (5, 1, 7, 3)
 
@@ -51,7 +50,7 @@ def test_sequence_ids_from_position_ids_and_cumulative_lengths():
         sequence_ids({"input_ids": batch["input_ids"], "cu_seq_lens_q": torch.tensor([0, 5, 6, 13, 15])})
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize("architecture", model_zoo.BOTH_NORM_KINDS)
 def test_packed_row_statistics_equal_the_padded_batch(architecture):
     """The sum of the squared per-sequence gradients of Σ(logits·R) over the packed row equals the padded batch's
     (R fixed random weights per token, the same for a token wherever it sits)."""

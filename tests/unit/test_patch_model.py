@@ -62,7 +62,7 @@ def test_patched_model_equals_original(architecture, dtype):
     assert all(s.count.item() == 3 and s.sum_sq.item() > 0 for s in stats.values())
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gemma", "olmo2", "t5", "gpt2", "opt"])
+@pytest.mark.parametrize("architecture", model_zoo.ONE_PER_NORM_VARIANT)
 def test_each_norm_module_matches_its_original_exactly(architecture):
     """Module by module, in bf16 activations with fp32 and bf16 weights: same output dtype and values."""
     model = model_zoo.build(architecture)

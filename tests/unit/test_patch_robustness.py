@@ -16,13 +16,7 @@ from hf_gns_spam import patch_model, per_example_grad_stats, reset_per_example_g
 from hf_gns_spam.patching import is_patched
 from tests.support import model_zoo
 from tests.support.paths import REPO_ROOT
-from tests.unit.test_per_example_stats import snapshot
-
-
-def assert_same_statistics(measured: dict[str, tuple[float, float]], expected: dict[str, tuple[float, float]]):
-    assert measured.keys() == expected.keys()
-    for name, (sum_sq, count) in measured.items():
-        assert count == expected[name][1] and sum_sq == pytest.approx(expected[name][0], rel=1e-6), name
+from tests.support.references import assert_same_statistics, snapshot
 
 
 def test_a_patched_model_pickles_and_loads_in_a_fresh_process(tmp_path):

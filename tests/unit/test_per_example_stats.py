@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hf_gns_spam import patch_model, per_example_grad_stats, reset_per_example_grad_stats
@@ -14,13 +13,7 @@ from hf_gns_spam.integrations.bitsandbytes_cpu import disable_cpu_weight_repacki
 from hf_gns_spam.ops.gns_norm import norm_backend
 from hf_gns_spam.stats import norm_gradients
 from tests.support import model_zoo
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Causal-LM cross entropy per position (shifted), 0 where the label is -100: shape [B, T-1]."""
-    shifted_logits, shifted_labels = logits[:, :-1].float(), labels[:, 1:]
-    losses = F.cross_entropy(shifted_logits.transpose(1, 2), shifted_labels.clamp_min(0), reduction="none")
-    return losses * (shifted_labels != -100)
+from tests.support.references import expected_sum_sq, snapshot, token_losses
 
 
 def batch_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -28,30 +21,6 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> to
     if reduction == "tokens":  # the Trainer's loss: mean over all label tokens of the batch
         return losses.sum() / (labels[:, 1:] != -100).sum()
     return (losses.sum(1) / (labels[:, 1:] != -100).sum(1)).mean()  # mean over examples of their mean
-
-
-def expected_sum_sq(model: nn.Module, inputs: dict, reduction: str, names: list[str]) -> dict[str, float]:
-    """Σ_b ‖∂(weight_b · loss_b)/∂p‖² from torch.func.grad, one example at a time (float64)."""
-    model = copy.deepcopy(model).double()
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    labels = inputs["labels"]
-    batch_size = labels.shape[0]
-    total_tokens = (labels[:, 1:] != -100).sum()
-
-    def contribution(tracked: dict[str, torch.Tensor], b: int) -> torch.Tensor:
-        example = {k: v[b : b + 1] for k, v in inputs.items() if k != "labels"}
-        logits = torch.func.functional_call(model, {**params, **tracked}, args=(), kwargs=example).logits
-        losses = token_losses(logits, labels[b : b + 1])
-        if reduction == "tokens":
-            return losses.sum() / total_tokens
-        return losses.sum() / (labels[b, 1:] != -100).sum() / batch_size
-
-    totals = dict.fromkeys(names, 0.0)
-    for b in range(batch_size):
-        grads = torch.func.grad(contribution)({n: params[n] for n in names}, b)
-        for n in names:
-            totals[n] += grads[n].square().sum().item()
-    return totals
 
 
 CASES = [("llama", "tokens"), ("llama", "examples"), ("gemma", "tokens"), ("gpt2", "tokens"), ("opt", "examples")]
@@ -93,10 +62,6 @@ def test_statistics_through_the_triton_kernels():
 
 def run_backward(model: nn.Module, inputs: dict) -> None:
     model(**inputs).loss.backward()
-
-
-def snapshot(model: nn.Module) -> dict[str, tuple[float, float]]:
-    return {n: (s.sum_sq.item(), s.count.item()) for n, s in per_example_grad_stats(model).items()}
 
 
 def test_statistics_accumulate_over_backward_passes_until_reset():
@@ -154,7 +119,7 @@ def test_gradient_checkpointing_gives_the_same_statistics():
         assert sum_sq == pytest.approx(expected[name][0], rel=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize("architecture", model_zoo.BOTH_NORM_KINDS)
 def test_autocast(architecture):
     reference = model_zoo.build(architecture)
     model = copy.deepcopy(reference)

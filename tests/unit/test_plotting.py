@@ -234,7 +234,7 @@ def test_a_growing_batch_without_token_counts_from_a_real_trainer(tmp_path, inte
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_gns_spam import GNSCallback, patch_model
-    from tests.conftest import counting_dataset, tiny_llama
+    from tests.support.tiny_llama import counting_dataset, tiny_llama
 
     class ExamplesPerStep(TrainerCallback):
         def __init__(self, gns: GNSCallback):

@@ -14,7 +14,7 @@ import torch
 from hf_gns_spam import patch_model, per_example_grad_stats, reset_per_example_grad_stats
 from hf_gns_spam.gns import GradientNoiseScale, effective_batch_size, unbiased_estimates
 from tests.support import model_zoo
-from tests.unit.test_per_example_stats import token_losses
+from tests.support.references import token_losses
 
 
 def weighted_step(per_example: torch.Tensor, weights: torch.Tensor) -> tuple[float, float, float]:

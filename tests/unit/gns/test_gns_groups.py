@@ -9,7 +9,6 @@ import math
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from hf_gns_spam import GNSCallback, patch_model, per_example_grad_stats
 from hf_gns_spam.cli import main as cli_main
@@ -18,50 +17,11 @@ from hf_gns_spam.gns.estimator import GradientNoiseScale, unbiased_estimates
 from hf_gns_spam.gns.groups import norm_groups
 from hf_gns_spam.gns.saved_state import RunShape, check_resume
 from hf_gns_spam.gns.schedule import BatchSizeSchedule
-from tests.end_to_end.test_gns_callback import (
-    first_trainer_step,
-    make_trainer,
-    per_example_gradients,
-    weighted_small_big,
-)
 from tests.support import model_zoo
-from tests.unit.test_per_example_stats import expected_sum_sq
-
-# the groups by the architectures' own names, written out independently of the rule in hf_gns_spam.gns.groups
-EXPECTED_GROUPS = {
-    "llama": {
-        **{f"model.layers.{i}.{n}": "block" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")},
-        "model.norm": "final",
-    },
-    "gpt2": {
-        **{f"transformer.h.{i}.{n}": "block" for i in range(2) for n in ("ln_1", "ln_2")},
-        "transformer.ln_f": "final",
-    },
-    "qwen3": {
-        **{f"model.layers.{i}.{n}": "block" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")},
-        **{f"model.layers.{i}.self_attn.{n}": "other" for i in range(2) for n in ("q_norm", "k_norm")},
-        "model.norm": "final",
-    },
-    "opt": {
-        **{
-            f"model.decoder.layers.{i}.{n}": "block"
-            for i in range(2)
-            for n in ("self_attn_layer_norm", "final_layer_norm")
-        },
-        "model.decoder.final_layer_norm": "final",
-    },
-    "t5": {
-        **{f"encoder.block.{i}.layer.{j}.layer_norm": "block" for i in range(2) for j in range(2)},
-        **{f"decoder.block.{i}.layer.{j}.layer_norm": "block" for i in range(2) for j in range(3)},
-        "encoder.final_layer_norm": "final",
-        "decoder.final_layer_norm": "final",
-    },
-    "bert": {
-        "bert.embeddings.LayerNorm": "other",
-        **{f"bert.encoder.layer.{i}.{n}.LayerNorm": "block" for i in range(2) for n in ("attention.output", "output")},
-        "cls.predictions.transform.LayerNorm": "other",
-    },
-}  # fmt: skip
+from tests.support.first_step import first_trainer_step
+from tests.support.model_zoo import EXPECTED_GROUPS, group_parameters
+from tests.support.references import expected_sum_sq, per_example_gradients, weighted_small_big
+from tests.support.trainers import make_trainer
 
 
 @pytest.mark.parametrize("architecture", sorted(EXPECTED_GROUPS))
@@ -72,13 +32,7 @@ def test_each_patched_norm_is_classified_by_structure(architecture):
     assert sorted(norm_groups(model)) == sorted(p.name for p in report.patched)
 
 
-def group_parameters(model: torch.nn.Module, architecture: str, group: str) -> list[str]:
-    """The parameter names of the group's norms (from EXPECTED_GROUPS, not from the classification under test)."""
-    modules = {m for m, g in EXPECTED_GROUPS[architecture].items() if g == group}
-    return [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in modules]
-
-
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize("architecture", model_zoo.BOTH_NORM_KINDS)
 def test_group_statistics_equal_torch_func_per_example_gradients(architecture):
     """Σ_b ‖G_b‖² over each group's norm parameters (the sums the callback adds per group) against float64
     torch.func per-example gradients of that group's parameters."""
@@ -97,7 +51,7 @@ def test_group_statistics_equal_torch_func_per_example_gradients(architecture):
         assert measured == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize("architecture", model_zoo.BOTH_NORM_KINDS)
 def test_first_step_group_estimates_equal_torch_func(tmp_path, architecture):
     """A real Trainer step (accumulation 2, clipping on): each group's small, big, |G|², tr Σ and logged gns/<group>,
     gns/<group>_grad_sq and gns/<group>_trace_sigma equal the estimates from per-example gradients of that group's

@@ -11,8 +11,8 @@ import pytest
 
 from hf_gns_spam.gns.arguments import GNSConfig
 from hf_gns_spam.gns.schedule import RULES, BatchSizeSchedule
+from tests.support.accumulation_properties import check_run
 from tests.support.trainer_loop_simulation import simulate
-from tests.unit.gns.test_accumulation_controller import check_run
 
 
 def gns_schedule(**overrides) -> BatchSizeSchedule:

@@ -14,32 +14,9 @@ from transformers.training_args import OptimizerNames
 import hf_gns_spam
 from hf_gns_spam import StableSPAM
 from hf_gns_spam.integrations import trainer_optimizer
-from tests.conftest import counting_dataset, tiny_llama
 from tests.support.paths import REPO_ROOT
-
-
-def training_args(tmp_path, **overrides) -> TrainingArguments:
-    settings = {
-        "output_dir": str(tmp_path / "out"),
-        "optim": "stable_spam",
-        "per_device_train_batch_size": 4,
-        "learning_rate": 3e-3,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "seed": 0,
-        "data_seed": 0,
-        "use_cpu": True,
-        "disable_tqdm": True,
-    }
-    settings.update(overrides)
-    return TrainingArguments(**settings)
-
-
-def built_optimizer(tmp_path, model=None, **overrides) -> StableSPAM:
-    trainer = Trainer(model=model or tiny_llama(), args=training_args(tmp_path, **overrides))
-    trainer.create_optimizer()
-    return trainer.optimizer
+from tests.support.tiny_llama import counting_dataset, tiny_llama
+from tests.support.trainers import built_optimizer, training_args
 
 
 def test_name_is_accepted_everywhere_transformers_reads_it(tmp_path):

@@ -26,6 +26,7 @@ from hf_gns_spam.kernels.step_contract import STATE_FORMATS, StepHyperparameters
 from hf_gns_spam.optim.quantized_state import dequantize, moment_format, quantize, unpack_indices
 from hf_gns_spam.optim.stable_spam import _update_tensor
 from tests.support.host_sync import forbid_host_sync
+from tests.support.optimizer_runs import assert_close_scaled
 
 SHAPES = [(), (7,), (33, 65), (3, 4, 129)]  # 2145 elements: two blocks of the default 2048
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "clip_max_ema", "norm_ema", "norm_sq_ema", "nonfinite_grad_steps")
@@ -85,16 +86,6 @@ def run(
                 [{"param": p.detach().clone(), **{k: opt.state[p][k].clone() for k in STATE_KEYS}} for p in params]
             )
     return history
-
-
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
-    """Same dtype and shape, and max|actual − expected| ≤ rtol · max|expected| (relative to the tensor's scale)."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    a, e = actual.double(), expected.double()
-    assert torch.isfinite(a).all() and torch.isfinite(e).all(), what
-    scale = e.abs().max().clamp_min(1e-30)
-    error = ((a - e).abs().max() / scale).item()
-    assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:g}"
 
 
 def compare(triton_history, torch_history, param_rtol: float, moment_rtol: float, stat_rtol: float) -> None:

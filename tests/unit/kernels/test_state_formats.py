@@ -192,7 +192,7 @@ HYPERPARAMETERS = StepHyperparameters(1e-3, 0.0, 0.9, 0.999, 0.7, 0.9, 0.999, 1e
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", BITS)
 def test_trainer_builds_each_format_from_its_name(bits, tmp_path):
-    from tests.unit.integrations.test_trainer_optimizer import built_optimizer
+    from tests.support.trainers import built_optimizer
 
     fmt = STATE_FORMATS[bits]
     if fmt.trainer_name is not None:

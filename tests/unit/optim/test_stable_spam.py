@@ -12,26 +12,7 @@ import torch
 from hf_gns_spam import StableSPAM
 from hf_gns_spam.optim import momentum_decay_factor
 from tests.support.host_sync import forbid_host_sync
-from tests.support.stable_spam_reference import ReferenceStableSPAM
-
-SHAPES = [(12, 7), (7,), (3, 4, 5), ()]
-
-
-def make_gradient_stream(steps: int, shapes=SHAPES, seed: int = 0) -> list[list[torch.Tensor | None]]:
-    """Gaussian gradients with injected single-entry spikes, an all-zero gradient and a missing gradient."""
-    gen = torch.Generator().manual_seed(seed)
-    stream = []
-    for t in range(steps):
-        grads: list[torch.Tensor | None] = []
-        for i, shape in enumerate(shapes):
-            g = torch.randn(shape, generator=gen, dtype=torch.float64) * (1 + 0.5 * math.sin(t / 7))
-            if t % 17 == 9:  # a 100x spike in one entry
-                g.view(-1)[(t + i) % g.numel()] *= 100.0
-            if t == 23 and i == 1:
-                g.zero_()
-            grads.append(None if (t == 31 and i == 2) else g)
-        stream.append(grads)
-    return stream
+from tests.support.optimizer_runs import initial_params, make_gradient_stream, max_relative_error, run_reference
 
 
 def run_optimizer(optimizer_params, stream, dtype=torch.float32, **kwargs) -> list[torch.Tensor]:
@@ -42,26 +23,6 @@ def run_optimizer(optimizer_params, stream, dtype=torch.float32, **kwargs) -> li
             p.grad = None if g is None else g.to(dtype)
         opt.step()
     return params
-
-
-def run_reference(initial, stream, **kwargs) -> list[torch.Tensor]:
-    params = [p.detach().clone().to(torch.float64) for p in initial]
-    ref = ReferenceStableSPAM(**kwargs)
-    for grads in stream:
-        ref.step(params, grads)
-    return params
-
-
-def initial_params(seed: int = 1) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in SHAPES]
-
-
-def max_relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
-    return max(
-        ((a.double() - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
-        for a, e in zip(actual, expected, strict=True)
-    )
 
 
 CONFIGS = [

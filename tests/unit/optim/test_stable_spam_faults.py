@@ -21,8 +21,8 @@ import hf_gns_spam.optim.stable_spam as stable_spam_module
 from hf_gns_spam import StableSPAM
 from hf_gns_spam.kernels.step_contract import STATE_FORMATS
 from hf_gns_spam.optim.quantized_state import moment_format, unpack_indices
-from tests.conftest import counting_dataset, tiny_llama
-from tests.unit.integrations.test_trainer_optimizer import training_args
+from tests.support.tiny_llama import counting_dataset, tiny_llama
+from tests.support.trainers import training_args
 
 WIDTHS = [32, 16, 8, 4]
 MODES = ["clean", "faithful"]
