@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 # the transformers versions the Trainer integrations are written for (pyproject.toml's requirement, which
-# tests/test_constraints.py compares with this), and those the suite has run against
+# tests/unit/test_constraints.py compares with this), and those the suite has run against
 TRANSFORMERS_REQUIREMENT = "transformers>=5.0,<6"
 TRANSFORMERS_CHECKED = "5.23, 5.24 and 5.25"
 

@@ -46,7 +46,7 @@ EOF
 section_tests() {
     local workers=()
     "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n 6)  # pytest-xdist: compile in parallel
-    "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs "${workers[@]}" tests/test_gns_norm_gpu.py tests/test_stable_spam_gpu.py
+    "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs "${workers[@]}" tests/gpu/test_gns_norm_gpu.py tests/gpu/test_stable_spam_gpu.py
 }
 
 section_kernels() {

@@ -1,6 +1,6 @@
 """Print the README's table of GNSCallback's options, made from :class:`hf_gns_spam.gns.arguments.GNSConfig`
 (each field's name, launcher option, default, schedules and help); ``--write`` puts it into README.md between its
-markers. ``tests/test_cli.py`` checks that README.md holds what this prints.
+markers. ``tests/unit/test_cli.py`` checks that README.md holds what this prints.
 
     python scripts/options_table.py [--write]
 """

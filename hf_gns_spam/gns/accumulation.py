@@ -1,7 +1,7 @@
 """Which ``gradient_accumulation_steps`` the Trainer must fetch with next, so that a growing batch stays exact.
 
 Pure bookkeeping (no transformers import), driven by :class:`hf_gns_spam.gns.callback.GNSCallback` and tested
-against a simulation of the Trainer's epoch loop (``tests/trainer_loop_simulation.py``).
+against a simulation of the Trainer's epoch loop (``tests/support/trainer_loop_simulation.py``).
 
 The Trainer's epoch loop (transformers 5.x ``Trainer._run_epoch``) with S micro-batches per epoch on each process
 (``steps_in_epoch``) and a loop of n fetches (``num_update_steps_per_epoch``, fixed when ``train()`` starts) does,

@@ -1,15 +1,15 @@
 """The batch schedule driven through the Trainer's loop: which accumulation each group is fetched with, where a
 resumed run restarts, when the run's budget ends, the expected number of steps and the learning rate's position.
 
-:class:`ScheduleDriver` owns the :class:`~hf_gns_spam.gns.accumulation.AccumulationController` (the exact
-bookkeeping of the Trainer's epoch loop), the schedule's rule (:class:`~hf_gns_spam.gns.schedule.BatchSizeSchedule`
-or anything with its two methods, :class:`ScheduleRule`) and the plan of the steps left. It imports nothing from
-transformers: its event methods take the Trainer's ``args``, ``state`` and ``control`` and read or set only their
-public fields ``args.gradient_accumulation_steps``, ``state.global_step``, ``state.max_steps`` and
-``control.should_training_stop``; the two things the Trainer has no public field for (the progress bar's total and
-the learning-rate schedule's position) go through the functions it is given. ``GNSCallback`` calls it from the
-Trainer's events; the property tests (``tests/trainer_loop_simulation.py``) call the same object from a simulation
-of the Trainer's loop, thousands of runs, so what they test is what ships.
+:class:`ScheduleDriver` owns the :class:`~hf_gns_spam.gns.accumulation.AccumulationController` (the exact bookkeeping of
+the Trainer's epoch loop), the schedule's rule (:class:`~hf_gns_spam.gns.schedule.BatchSizeSchedule` or anything with
+its two methods, :class:`ScheduleRule`) and the plan of the steps left. It imports nothing from transformers: its event
+methods take the Trainer's ``args``, ``state`` and ``control`` and read or set only their public fields
+``args.gradient_accumulation_steps``, ``state.global_step``, ``state.max_steps`` and ``control.should_training_stop``;
+the two things the Trainer has no public field for (the progress bar's total and the learning-rate schedule's position)
+go through the functions it is given. ``GNSCallback`` calls it from the Trainer's events; the property tests
+(``tests/support/trainer_loop_simulation.py``) call the same object from a simulation of the Trainer's loop, thousands
+of runs, so what they test is what ships.
 
 With a schedule the run's length is a budget in data: the Trainer's ``max_steps`` when ``train()`` starts (steps of
 the minimum batch, from ``max_steps`` or ``num_train_epochs``), used up in fewer optimizer steps as the batch grows.

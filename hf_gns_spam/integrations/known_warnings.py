@@ -1,5 +1,6 @@
-"""Silence exactly three messages other libraries print on every offline CPU training run, at their source, and
-nothing else. Each is checked against the pinned versions of ``constraints.txt`` (tests/test_known_warnings.py).
+"""Silence exactly three messages other libraries print on every offline CPU training run, at their source, and nothing
+else. Each is checked against the pinned versions of ``constraints.txt``
+(tests/unit/integrations/test_known_warnings.py).
 
 * bitsandbytes (0.49+, observed in 0.50.2) logs, once, when it is imported on a CPU with AVX512-BF16 (and
   transformers' ``Trainer`` imports peft, which imports bitsandbytes)::

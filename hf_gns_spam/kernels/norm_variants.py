@@ -28,20 +28,19 @@ x̂' ⊙ (offset + w) + b in float32; MULTIPLY: w ⊙ x̂' in float32, exact for
 is the module's half-precision multiply); the rounding of x̂ reaches the kernel as the dtype
 :meth:`Rounding.rounded_dtype` names (its ROUND_DTYPE constexpr, float32 for none).
 
-Everything that depends on a variant reads it here: :class:`~hf_gns_spam.kernels.norm_contract.NormSpec` accepts
-exactly the rows' (kind, offset, rounding); the reference (:mod:`hf_gns_spam.ops.norm_reference`) computes a row
-with its :class:`Kind` and :class:`Rounding` (no comparison with a name); the kernels' launchers take the AFFINE
-and ROUND_DTYPE constexprs from it; the probe of ``patch_model`` (:mod:`hf_gns_spam.patching`) tries the rows,
-grouped by formula, in this order; the operator's bias check, the report's description (:attr:`NormVariant.label`),
-the compile count of ``tests/test_kernel_compile.py`` and ``tests/test_norm_variants.py`` (which fails when a row
+Everything that depends on a variant reads it here: :class:`~hf_gns_spam.kernels.norm_contract.NormSpec` accepts exactly
+the rows' (kind, offset, rounding); the reference (:mod:`hf_gns_spam.ops.norm_reference`) computes a row with its
+:class:`Kind` and :class:`Rounding` (no comparison with a name); the kernels' launchers take the AFFINE and ROUND_DTYPE
+constexprs from it; the probe of ``patch_model`` (:mod:`hf_gns_spam.patching`) tries the rows, grouped by formula, in
+this order; the operator's bias check, the report's description (:attr:`NormVariant.label`), the compile count of
+``tests/unit/kernels/test_kernel_compile.py`` and ``tests/unit/kernels/test_norm_variants.py`` (which fails when a row
 and one of its users drift apart) read it too.
 
-Adding a variant touches at most two source files: this one (its row; a new :class:`Rounding` or :class:`Kind`
-here too) and :mod:`hf_gns_spam.kernels.gns_norm`, only when the kernels lack its maths: a product that is neither
-AFFINE form above (a branch of ``_affine``) or a rounding through a dtype ``_TRITON_DTYPES`` does not map. A row
-of an existing kind, offset form and rounding touches this file alone. ``tests/test_norm_variants.py`` then runs
-the row through everything above; it asks for one module of the new family (``MODULES``), which the probe must
-recognise.
+Adding a variant touches at most two source files: this one (its row; a new :class:`Rounding` or :class:`Kind` here too)
+and :mod:`hf_gns_spam.kernels.gns_norm`, only when the kernels lack its maths: a product that is neither AFFINE form
+above (a branch of ``_affine``) or a rounding through a dtype ``_TRITON_DTYPES`` does not map. A row of an existing
+kind, offset form and rounding touches this file alone. ``tests/unit/kernels/test_norm_variants.py`` then runs the row
+through everything above; it asks for one module of the new family (``MODULES``), which the probe must recognise.
 This module imports nothing but torch, so that the contracts load without triton.
 """
 

@@ -12,7 +12,7 @@ moment load/store (:mod:`hf_gns_spam.optim.stable_spam`), the torch quantizer
 DTensor state conversion (:mod:`hf_gns_spam.optim.sharded_step`), the fused step's launcher (buffer keys, dtypes,
 lengths, block size, code maps), the hyperparameter table (valid ``state_bits``) and the Trainer registration
 (:mod:`hf_gns_spam.integrations.trainer_optimizer`: the ``optim=`` names). It lives at the kernels' layer because the
-kernels may import nothing above it (``tests/test_layers.py``), and it imports torch only inside the functions that
+kernels may import nothing above it (``tests/unit/test_layers.py``), and it imports torch only inside the functions that
 need it, because the Trainer registration reads it during ``import hf_gns_spam``, which imports no torch.
 
 The rows (n = the tensor's number of elements):

@@ -1,7 +1,7 @@
-"""Run by tests/test_gns_ddp.py (and test_gns_resume.py) under ``torchrun --nproc_per_node 2`` (gloo, CPU): train a
-tiny patched LLaMA with GNSCallback (arguments: OUTPUT_DIR [SCHEDULE] [frozen] [save]) and write this rank's logged
-GNS values (all norms and per norm group), batch sizes, final parameters, and each optimizer step's micro-batches
-and the parameters they saw to OUTPUT_DIR/rank{R}.pt."""
+"""Run by tests/end_to_end/test_gns_ddp.py (and test_gns_resume.py) under ``torchrun --nproc_per_node 2`` (gloo,
+CPU): train a tiny patched LLaMA with GNSCallback (arguments: OUTPUT_DIR [SCHEDULE] [frozen] [save]) and write this
+rank's logged GNS values (all norms and per norm group), batch sizes, final parameters, and each optimizer step's
+micro-batches and the parameters they saw to OUTPUT_DIR/rank{R}.pt."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hf_gns_spam import GNSCallback, patch_model, unpatch_model
-from tests import model_zoo
-from tests.test_gns_callback import padded_dataset
-from tests.test_per_example_stats import token_losses
+from tests.support import model_zoo
+from tests.support.data import padded_dataset
+from tests.support.references import token_losses
 
 
 class DistributedStepAuditor(TrainerCallback):
@@ -66,7 +66,8 @@ def main() -> None:
     output_dir = Path(sys.argv[1])
     schedule = sys.argv[2] if len(sys.argv) > 2 else "none"
     frozen_norms = "frozen" in sys.argv[3:]
-    save = "save" in sys.argv[3:]  # a checkpoint every 3 steps (tests/test_gns_resume.py resumes one elsewhere)
+    # a checkpoint every 3 steps (tests/end_to_end/test_gns_resume.py resumes one elsewhere)
+    save = "save" in sys.argv[3:]
     model = model_zoo.build("llama")
     patch_model(model)
     if frozen_norms:  # as peft's LoRA leaves them: measured through their sinks, averaged over the processes

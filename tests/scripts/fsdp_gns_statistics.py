@@ -1,8 +1,8 @@
-"""Run by tests/test_gns_fsdp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): a patched tiny LLaMA sharded with
-FSDP2's ``fully_shard`` (DTensor parameters), one backward of each rank's half of a batch, and the statistics the
-GNS needs written to OUTPUT_DIR/rank{R}.pt: the per-example statistics of the norms (local), ‖G‖² of the norms'
-sharded gradient as GNSCallback measures it (its local shard part, summed over the ranks here), the same per norm
-group, and the group GNSCallback put each norm parameter in."""
+"""Run by tests/end_to_end/test_gns_fsdp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): a patched tiny LLaMA
+sharded with FSDP2's ``fully_shard`` (DTensor parameters), one backward of each rank's half of a batch, and the
+statistics the GNS needs written to OUTPUT_DIR/rank{R}.pt: the per-example statistics of the norms (local), ‖G‖² of
+the norms' sharded gradient as GNSCallback measures it (its local shard part, summed over the ranks here), the same
+per norm group, and the group GNSCallback put each norm parameter in."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hf_gns_spam import GNSCallback, patch_model, per_example_grad_stats
 from hf_gns_spam.gns.arguments import NORM_GROUPS
-from tests import model_zoo
-from tests.test_per_example_stats import token_losses
+from tests.support import model_zoo
+from tests.support.references import token_losses
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""StableSPAM on FSDP2 (``fully_shard``) parameters, 2 processes, gloo on CPU; driven by tests/test_stable_spam_fsdp.py.
+"""StableSPAM on FSDP2 (``fully_shard``) parameters, 2 processes, gloo on CPU; driven by
+tests/end_to_end/test_stable_spam_fsdp.py.
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/scripts/fsdp_stable_spam.py OUT_DIR [SETTING ...]``
 

@@ -1,8 +1,9 @@
 """A training script that knows nothing of hf_gns_spam, in the style of transformers' examples: HfArgumentParser,
 TrainingArguments and a Trainer, a tiny LLaMA built from a config and a learnable dataset (no downloads).
 
-tests/test_launch.py runs it through ``hf-gns-spam launch``; plain python would reject ``--optim stable_spam``.
-It imports a module from its own folder, as scripts do, which needs sys.path[0] to be that folder.
+tests/end_to_end/test_launch.py runs it through ``hf-gns-spam launch``; plain python would reject
+``--optim stable_spam``. It imports a module from its own folder, as scripts do, which needs sys.path[0] to be that
+folder.
 """
 
 from dataclasses import dataclass

@@ -1,0 +1,1 @@
+"""Tests on a CUDA device (compiled Triton); they skip without one."""
