@@ -17,6 +17,7 @@ from hf_gns_spam.gns.whole_model import StoredMicroBatch, embedding_parameters, 
 from tests.support import model_zoo
 from tests.support.data import padded_dataset
 from tests.support.first_step import first_trainer_step
+from tests.support.recording import TrainingForwards
 from tests.support.references import per_example_gradients, per_example_norm_gradients, weighted_small_big
 from tests.support.trainers import make_trainer
 
@@ -159,19 +160,6 @@ def test_validate_every_refuses_bad_values(value):
         GNSCallback(validate_every=value)
 
 
-def record_training_micro_batches(model: torch.nn.Module) -> tuple[list[dict], list[float]]:
-    """The Trainer's micro-batches (forwards with labels: the validation's recomputation calls without them)."""
-    micro_batches, num_items = [], []
-
-    def record(module, args, kwargs):
-        if "labels" in kwargs:
-            micro_batches.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")})
-            num_items.append(float(kwargs["num_items_in_batch"]))
-
-    model.register_forward_pre_hook(record, with_kwargs=True)
-    return micro_batches, num_items
-
-
 class SnapshotAfterStep(TrainerCallback):
     """The trainable parameters after optimizer step ``step`` (those the next step's examples see)."""
 
@@ -219,8 +207,9 @@ def test_whole_model_estimate_on_a_validation_step_equals_torch_func(tmp_path, v
     trainer = make_trainer(tmp_path, model, callback, max_steps=2)
     snapshot = SnapshotAfterStep(1)
     trainer.add_callback(snapshot)
-    micro_batches, num_items = record_training_micro_batches(model)
+    recorded = TrainingForwards(model)
     trainer.train()
+    micro_batches, num_items = recorded.forwards, recorded.num_items
     assert len(micro_batches) == 4 and len(callback.estimates.total_history) == 1
 
     reference = build_variant(variant)  # unpatched, at the parameters step 2 started from

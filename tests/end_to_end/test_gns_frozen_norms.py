@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from hf_gns_spam import GNSCallback, patch_model
 from tests.support import model_zoo
 from tests.support.data import padded_dataset
+from tests.support.recording import TrainingForwards
 from tests.support.references import token_losses, weighted_small_big
 
 LLAMA_NORMS = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
@@ -80,18 +81,12 @@ def first_step(tmp_path, model, accumulation: int) -> tuple[dict, dict, torch.Te
         max_grad_norm=0.05,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=padded_dataset(), callbacks=[callback])
-    micro_batches, num_items = [], []
-
-    def record(module, args, kwargs):
-        micro_batches.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")})
-        num_items.append(float(kwargs["num_items_in_batch"]))
-
-    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    recorded = TrainingForwards(model)
     trainer.train()
-    hook.remove()
-    assert len(micro_batches) == accumulation and len(callback.estimates.history) == 1
-    batch = {k: torch.cat([m[k] for m in micro_batches]) for k in micro_batches[0]}
-    weights = (batch["labels"][:, 1:] != -100).sum(1).double() / num_items[0]
+    recorded.remove()
+    assert len(recorded.forwards) == accumulation and len(callback.estimates.history) == 1
+    batch = recorded.batch()
+    weights = (batch["labels"][:, 1:] != -100).sum(1).double() / recorded.num_items[0]
     return callback.estimates.history[0], batch, weights, trainer
 
 

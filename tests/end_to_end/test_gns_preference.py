@@ -19,6 +19,7 @@ from datasets import Dataset
 from hf_gns_spam import GNSCallback, patch_model
 from tests.support import model_zoo
 from tests.support.data import preference_data
+from tests.support.recording import TrainingForwards
 from tests.support.references import weighted_small_big
 
 trl = pytest.importorskip("trl")
@@ -37,18 +38,12 @@ def settings(tmp_path, accumulation: int) -> dict:
 
 def run_first_step(trainer, model) -> tuple[dict, list[dict]]:
     """Train one step, recording every forward with gradients of ``model`` (its keyword arguments)."""
-    forwards = []
-
-    def record(module, args, kwargs):
-        if torch.is_grad_enabled():
-            forwards.append({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-
-    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    recorded = TrainingForwards(model, keys=None, labelled=False)
     trainer.train()
-    hook.remove()
+    recorded.remove()
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GNSCallback))
     assert len(callback.estimates.history) == 1 and callback.last_batch_size == 8
-    return callback.estimates.history[0], forwards
+    return callback.estimates.history[0], recorded.forwards
 
 
 def norm_names(model) -> list[str]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_gns_spam import GNSCallback, patch_model
 from tests.support import model_zoo
+from tests.support.recording import TrainingForwards
 from tests.support.trainers import make_trainer
 
 
@@ -27,18 +27,12 @@ def first_trainer_step(tmp_path, architecture: str) -> tuple:
     patch_model(model)
     callback = GNSCallback()
     trainer = make_trainer(tmp_path, model, callback, max_steps=1)
-    micro_batches, micro_batches_num_items = [], []
-
-    def record(module, args, kwargs):
-        micro_batches.append({k: kwargs[k] for k in ("input_ids", "attention_mask", "labels")})
-        micro_batches_num_items.append(float(kwargs["num_items_in_batch"]))
-
-    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    recorded = TrainingForwards(model)
     trainer.train()
-    hook.remove()
-    assert len(micro_batches) == 2 and len(callback.estimates.history) == 1
-    batch = {k: torch.cat([m[k] for m in micro_batches]) for k in micro_batches[0]}
-    weights = (batch["labels"][:, 1:] != -100).sum(1).double() / micro_batches_num_items[0]
+    recorded.remove()
+    assert len(recorded.forwards) == 2 and len(callback.estimates.history) == 1
+    batch = recorded.batch()
+    weights = (batch["labels"][:, 1:] != -100).sum(1).double() / recorded.num_items[0]
     return initial, callback, trainer, batch, weights
 
 
