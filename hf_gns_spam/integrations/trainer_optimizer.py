@@ -21,7 +21,8 @@ only transformers' ``TrainingArguments(optim="stable_spam")``.
 
 With the handlers, (c) ``Trainer._load_optimizer_and_scheduler`` is wrapped so that resuming a StableSPAM run from a
 checkpoint without its optimizer or scheduler state, or with a state StableSPAM refuses, is an error that names the
-file (:func:`_check_resumed_states`).
+file (:func:`_check_resumed_states`), and (d) ``Trainer.log`` so that a StableSPAM run's training records carry
+``nonfinite_grad_steps`` (:func:`_log_nonfinite_steps`); both pass through for other optimizers.
 
 The handler builds :class:`~hf_gns_spam.StableSPAM` on the Trainer's own parameter groups (no weight decay on biases
 and norms), with ``lr``, ``betas`` and ``eps`` from ``learning_rate``, ``adam_beta1``/``adam_beta2`` and
@@ -176,6 +177,34 @@ def _register_handlers(trainer_module: ModuleType) -> None:
     for value, fixed_kwargs in TRAINER_OPTIMIZER_NAMES.items():
         handlers[training_args.OptimizerNames(value)] = _make_handler(fixed_kwargs)
     _check_resumed_states(trainer_module)
+    _log_nonfinite_steps(trainer_module)
+
+
+def _stable_spam_of(trainer: Any) -> Any:
+    """The trainer's StableSPAM (inside accelerate's wrapper), or None."""
+    optimizer = getattr(trainer, "optimizer", None)
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return optimizer if type(optimizer).__name__ == "StableSPAM" else None
+
+
+def _log_nonfinite_steps(trainer_module: ModuleType) -> None:
+    """(d) Wrap ``Trainer.log`` (idempotent): a training record of a StableSPAM run gets ``nonfinite_grad_steps``,
+    the optimizer steps so far with a NaN or ±inf gradient entry (counted on the device; read at the logging step,
+    which reads the loss anyway), unless a GNSCallback put its own there first."""
+    trainer_class = trainer_module.Trainer
+    original = trainer_class.log
+    if getattr(original, "_hf_gns_spam", False):
+        return
+
+    @functools.wraps(original)
+    def log(trainer: Any, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        optimizer = _stable_spam_of(trainer)
+        if optimizer is not None and "loss" in logs and "nonfinite_grad_steps" not in logs:
+            logs = {**logs, "nonfinite_grad_steps": optimizer.nonfinite_grad_steps}
+        return original(trainer, logs, *args, **kwargs)
+
+    log._hf_gns_spam = True
+    trainer_class.log = log
 
 
 def _check_resumed_states(trainer_module: ModuleType) -> None:
@@ -194,8 +223,7 @@ def _check_resumed_states(trainer_module: ModuleType) -> None:
 
     @functools.wraps(original)
     def load(trainer: Any, checkpoint: str | None) -> None:
-        optimizer = getattr(getattr(trainer, "optimizer", None), "optimizer", getattr(trainer, "optimizer", None))
-        if checkpoint is None or type(optimizer).__name__ != "StableSPAM" or trainer.is_deepspeed_enabled:
+        if checkpoint is None or _stable_spam_of(trainer) is None or trainer.is_deepspeed_enabled:
             return original(trainer, checkpoint)
         saved_optimizer = any(
             os.path.isfile(os.path.join(checkpoint, name)) for name in (optimizer_name, optimizer_bin)

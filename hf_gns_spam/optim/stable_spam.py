@@ -222,6 +222,8 @@ class StableSPAM(torch.optim.Optimizer):
         self._nonfinite_warned = False
         self._steps_since_check = 0
         self._pending_checks: list[tuple[Any, torch.Tensor, list[tuple[int, int]]]] = []
+        self._nonfinite_totals: dict[torch.device, torch.Tensor] = {}  # Σ of the counters after the latest step
+        self._nonfinite_steps: dict[torch.device, torch.Tensor] = {}  # steps with a non-finite entry, per device
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Also called by ``load_state_dict`` and on unpickling (torch pickles only defaults, state and groups)."""
@@ -229,6 +231,8 @@ class StableSPAM(torch.optim.Optimizer):
         self.__dict__.setdefault("_nonfinite_warned", False)
         self.__dict__.setdefault("_steps_since_check", 0)
         self.__dict__.setdefault("_pending_checks", [])
+        self.__dict__.setdefault("_nonfinite_totals", {})
+        self.__dict__.setdefault("_nonfinite_steps", {})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validating every hyperparameter it sets or inherits; its step count starts at 0."""
@@ -263,6 +267,7 @@ class StableSPAM(torch.optim.Optimizer):
         for index, param in enumerate(params):
             if is_dtensor(param) and index in state_dict["state"]:
                 state_dict["state"][index] = state_as_dtensors(param, state_dict["state"][index])
+        state_dict[NONFINITE_GRAD_STEPS] = self.nonfinite_grad_steps
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -297,6 +302,12 @@ class StableSPAM(torch.optim.Optimizer):
             saved_state = state_dict["state"].get(saved_id)
             if saved_state:
                 self.state[param].update(restored_state(saved_state, param))
+        self._nonfinite_totals = self._nonfinite_counter_totals()  # the next step counts from the loaded counters
+        saved_steps = state_dict.get(NONFINITE_GRAD_STEPS, 0)  # state dicts from before it lack it
+        self._nonfinite_steps = {
+            device: torch.full((), int(saved_steps), dtype=torch.int64, device=device)
+            for device in self._nonfinite_totals
+        }
         if changes:
             warnings.warn(
                 "StableSPAM.load_state_dict: the checkpoint's hyperparameters differ from this optimizer's; the "
@@ -461,7 +472,36 @@ class StableSPAM(torch.optim.Optimizer):
     # non-finite gradients: lazy warning
     # ----------------------------------------------------------------------------------------------------------------
 
+    @property
+    def nonfinite_grad_steps(self) -> int:
+        """Optimizer steps in which some gradient entry was NaN or ±inf (the most on any one device), since the
+        optimizer was made (or the state dict it loaded was): counted on the device every step, read here (a host
+        read). Saved in the state dict."""
+        return max((int(steps) for steps in self._nonfinite_steps.values()), default=0)
+
+    def _nonfinite_counter_totals(self) -> dict[torch.device, torch.Tensor]:
+        """Σ of the per-tensor non-finite counters, per device (device tensors; no host read)."""
+        counters: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for group in self.param_groups:
+            for param in group["params"]:
+                counter = self.state.get(param, {}).get(NONFINITE_GRAD_STEPS)
+                if counter is not None:
+                    counters[counter.device].append(counter)
+        return {device: torch.stack(values).sum() for device, values in counters.items()}
+
+    def _count_nonfinite_step(self) -> None:
+        """A step whose counters' sum grew on a device had a non-finite entry there (each counter grows by at most 1
+        a step): counted on the device, without a host read."""
+        totals = self._nonfinite_counter_totals()
+        for device, total in totals.items():
+            previous = self._nonfinite_totals.get(device)
+            grew = (total > previous) if previous is not None else (total > 0)
+            steps = self._nonfinite_steps.get(device)
+            self._nonfinite_steps[device] = grew.long() if steps is None else steps + grew
+        self._nonfinite_totals = totals
+
     def _after_step(self) -> None:
+        self._count_nonfinite_step()
         if self._nonfinite_warned:
             return
         self._steps_since_check += 1

@@ -56,3 +56,25 @@ def test_a_nan_storm_is_logged_at_the_next_logging_step_and_warned_once(tmp_path
     assert "2 optimizer step(s) up to step 12" in caplog.text
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert math.isfinite(records[48]["gns"])  # the estimate goes on after the storm
+
+
+def test_a_stable_spam_run_without_the_callback_logs_the_storm_and_keeps_the_count_across_a_resume(tmp_path):
+    """StableSPAM alone: the same storm gives the same counts in the records (the optimizer counts the steps on the
+    device; the Trainer's log reads it), its own warning comes by step 20, and a run resumed from step 32 (after the
+    storm) goes on from 20: the count is in the optimizer's state dict."""
+    model = model_zoo.build("llama")
+    trainer = make_trainer(
+        tmp_path, model, NaNStorm(model, 11, 30), max_steps=50, logging_steps=4, gradient_accumulation_steps=1,
+        save_strategy="steps", save_steps=32,
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="StableSPAM: gradients with non-finite entries"):
+        trainer.train()
+    counts = {r["step"]: r["nonfinite_grad_steps"] for r in trainer.state.log_history if "loss" in r}
+    assert counts == {step: min(max(step - 10, 0), 20) for step in range(4, 51, 4)}
+    again = model_zoo.build("llama", seed=1)
+    resumed = make_trainer(
+        tmp_path / "again", again, NaNStorm(again, 0, -1), max_steps=50, logging_steps=4, gradient_accumulation_steps=1
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-32"))
+    after = {r["step"]: r["nonfinite_grad_steps"] for r in resumed.state.log_history if "loss" in r and r["step"] > 32}
+    assert after == {step: 20 for step in range(36, 51, 4)}
