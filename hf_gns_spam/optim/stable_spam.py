@@ -302,7 +302,8 @@ class StableSPAM(torch.optim.Optimizer):
             saved_state = state_dict["state"].get(saved_id)
             if saved_state:
                 self.state[param].update(restored_state(saved_state, param))
-        self._nonfinite_totals = self._nonfinite_counter_totals()  # the next step counts from the loaded counters
+        # the next step counts from the loaded counters
+        self._nonfinite_totals = {device: counters.sum() for device, (_, counters) in self._stacked_counters().items()}
         saved_steps = state_dict.get(NONFINITE_GRAD_STEPS, 0)  # state dicts from before it lack it
         self._nonfinite_steps = {
             device: torch.full((), int(saved_steps), dtype=torch.int64, device=device)
@@ -479,20 +480,23 @@ class StableSPAM(torch.optim.Optimizer):
         read). Saved in the state dict."""
         return max((int(steps) for steps in self._nonfinite_steps.values()), default=0)
 
-    def _nonfinite_counter_totals(self) -> dict[torch.device, torch.Tensor]:
-        """Σ of the per-tensor non-finite counters, per device (device tensors; no host read)."""
-        counters: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for group in self.param_groups:
-            for param in group["params"]:
+    def _stacked_counters(self) -> dict[torch.device, tuple[list[tuple[int, int]], torch.Tensor]]:
+        """The per-tensor non-finite counters, per device: each one's (group, index) and the counters stacked (a
+        device tensor; no host read)."""
+        by_device: dict[torch.device, tuple[list[tuple[int, int]], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
+        for group_index, group in enumerate(self.param_groups):
+            for index, param in enumerate(group["params"]):
                 counter = self.state.get(param, {}).get(NONFINITE_GRAD_STEPS)
                 if counter is not None:
-                    counters[counter.device].append(counter)
-        return {device: torch.stack(values).sum() for device, values in counters.items()}
+                    positions, counters = by_device[counter.device]
+                    positions.append((group_index, index))
+                    counters.append(counter)
+        return {device: (positions, torch.stack(counters)) for device, (positions, counters) in by_device.items()}
 
-    def _count_nonfinite_step(self) -> None:
+    def _count_nonfinite_step(self, stacked: dict[torch.device, tuple[list[tuple[int, int]], torch.Tensor]]) -> None:
         """A step whose counters' sum grew on a device had a non-finite entry there (each counter grows by at most 1
         a step): counted on the device, without a host read."""
-        totals = self._nonfinite_counter_totals()
+        totals = {device: counters.sum() for device, (_, counters) in stacked.items()}
         for device, total in totals.items():
             previous = self._nonfinite_totals.get(device)
             grew = (total > previous) if previous is not None else (total > 0)
@@ -501,15 +505,16 @@ class StableSPAM(torch.optim.Optimizer):
         self._nonfinite_totals = totals
 
     def _after_step(self) -> None:
-        self._count_nonfinite_step()
+        stacked = self._stacked_counters()
+        self._count_nonfinite_step(stacked)
         if self._nonfinite_warned:
             return
         self._steps_since_check += 1
         if self._steps_since_check >= self.nonfinite_check_interval:
             self._steps_since_check = 0
-            self._check_nonfinite()
+            self._check_nonfinite(stacked)
 
-    def _check_nonfinite(self) -> None:
+    def _check_nonfinite(self, stacked: dict[torch.device, tuple[list[tuple[int, int]], torch.Tensor]]) -> None:
         """Warn if a non-finite counter is non-zero: counters of CPU tensors are read now; for CUDA a non-blocking
         copy started at an earlier check is read once it has arrived, and a new one is started (no synchronisation);
         other devices are read now (a host read every ``nonfinite_check_interval`` steps)."""
@@ -522,16 +527,7 @@ class StableSPAM(torch.optim.Optimizer):
             else:
                 pending.append((event, host, positions))
         self._pending_checks = pending
-        by_device: dict[torch.device, tuple[list[tuple[int, int]], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
-        for group_index, group in enumerate(self.param_groups):
-            for index, param in enumerate(group["params"]):
-                counter = self.state.get(param, {}).get(NONFINITE_GRAD_STEPS)
-                if counter is not None:
-                    positions, counters = by_device[counter.device]
-                    positions.append((group_index, index))
-                    counters.append(counter)
-        for device, (positions, counters) in by_device.items():
-            values = torch.stack(counters)
+        for device, (positions, values) in stacked.items():
             if device.type == "cuda":
                 host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
                 with torch.cuda.device(device):
