@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_gns_spam import GNSCallback, patch_model
 from tests.support import model_zoo
 from tests.support.data import padded_dataset
 from tests.support.references import token_losses
+from tests.support.trainers import training_args
 
 
 class StepAuditor(TrainerCallback):
@@ -55,25 +56,16 @@ def run(tmp_path, callback: GNSCallback, dataset=None, model=None, trainer_kwarg
     patch_model(model)
     auditor = StepAuditor(model)
     settings = {
-        "output_dir": str(tmp_path / "out"),
         "per_device_train_batch_size": 1,
         "learning_rate": 1e-3,
-        "optim": "stable_spam",
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0.1,
         "max_grad_norm": 0.0,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "seed": 0,
-        "data_seed": 0,
-        "use_cpu": True,
-        "disable_tqdm": True,
+        **overrides,
     }
-    settings.update(overrides)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(**settings),
+        args=training_args(tmp_path, **settings),
         train_dataset=dataset if dataset is not None else padded_dataset(size=24),
         callbacks=[callback, auditor],
         **(trainer_kwargs or {}),

@@ -42,23 +42,16 @@ def make_trainer(tmp_path, model, callback, eval_dataset=None, **overrides) -> T
     """A Trainer of ``model`` with ``callback`` (a GNSCallback) on 16 padded rows: micro-batches of 2, accumulation 2,
     StableSPAM, gradient clipping on, a log record every step (``overrides`` on top)."""
     settings = {
-        "output_dir": str(tmp_path / "out"),
         "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 2,
         "learning_rate": 1e-3,
-        "optim": "stable_spam",
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "seed": 0,
-        "use_cpu": True,
-        "disable_tqdm": True,
+        "data_seed": None,
         "max_grad_norm": 0.05,  # clipping is active: big must be read before it
+        **overrides,
     }
-    settings.update(overrides)
     return Trainer(
         model=model,
-        args=TrainingArguments(**settings),
+        args=training_args(tmp_path, **settings),
         train_dataset=padded_dataset(),
         eval_dataset=eval_dataset,
         callbacks=[callback],
