@@ -29,6 +29,7 @@ from hf_gns_spam.integrations.known_warnings import (
 )
 from hf_gns_spam.launch import GNS_OPTIONS
 from tests.support.paths import REPO_ROOT
+from tests.support.processes import run_torchrun
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 # the third-party messages every offline CPU run printed, which a first contact must not show
@@ -179,8 +180,7 @@ def test_main_job_script_under_torchrun_two_processes(tmp_path):
     """accelerate launch cannot start several CPU processes without MPI (it falls back to one), so the suite runs
     the main job's script the way torchrun users do: 2 processes, gloo."""
     output_dir = tmp_path / "ddp"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29542",
+    arguments = [
         str(REPO_ROOT / "examples" / "pretrain_clm.py"),
         "--output_dir", str(output_dir), "--max_corpus_bytes", "60000", "--vocab_size", "512",
         "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--intermediate_size", "64",
@@ -189,8 +189,7 @@ def test_main_job_script_under_torchrun_two_processes(tmp_path):
         "--use_cpu", "true", "--ddp_backend", "gloo", "--baseline", "none", "--quantize", "int4",
         "--quantize_group_size", "16", "--eval_points", "2", "--max_eval_examples", "16",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_torchrun(arguments, cwd=REPO_ROOT)
     assert result.stdout.count("written to") == 1  # one process writes the outputs
     assert result.stdout.count("run 1/1: GNS schedule") == 1 and result.stdout.count("run 1/1 done") == 1
     metrics = json.loads((output_dir / "metrics.json").read_text())

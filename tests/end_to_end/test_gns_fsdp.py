@@ -6,10 +6,6 @@ The Trainer cannot drive FSDP2 on CPU (accelerate ignores FSDP without GPUs), so
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -18,7 +14,7 @@ from hf_gns_spam.gns.arguments import NORM_GROUPS
 from tests.support import model_zoo
 from tests.support.model_zoo import EXPECTED_GROUPS
 from tests.support.paths import TEST_SCRIPTS
-from tests.support.ports import free_port
+from tests.support.processes import run_torchrun
 from tests.support.references import token_losses
 
 SCRIPT = TEST_SCRIPTS / "fsdp_gns_statistics.py"
@@ -29,13 +25,7 @@ SCRIPT = TEST_SCRIPTS / "fsdp_gns_statistics.py"
 def test_fsdp2_statistics_and_sharded_gradient_norm_equal_one_process(tmp_path, norms):
     """Trained norms: their gradients are DTensor shards summed over the processes. Frozen norms (LoRA): their
     sinks are local, full and averaged over the processes. Both give one process's statistics and ‖G‖²."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(SCRIPT), str(tmp_path), norms],
-        capture_output=True, text=True, env=environment, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_torchrun([str(SCRIPT), str(tmp_path), norms])
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 
     model = model_zoo.build("llama")

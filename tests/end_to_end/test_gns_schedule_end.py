@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from hf_gns_spam.gns.accumulation import AccumulationError
 from tests.support import model_zoo
 from tests.support.data import padded_dataset
 from tests.support.paths import TEST_SCRIPTS
-from tests.support.ports import free_port
+from tests.support.processes import run_offline, run_torchrun
 
 EXPLANATION = "with a batch schedule the run's length is a budget in data"
 PLAIN_SCRIPT = TEST_SCRIPTS / "plain_trainer.py"
@@ -175,18 +173,17 @@ def test_the_launcher_saves_the_final_checkpoint_of_a_scheduled_run(tmp_path, pr
     """The report: ``--max_steps`` without a schedule saves its last step; with ``--gns-schedule gns`` the run ended
     in fewer steps and saved nothing. The explanation is logged by the main process only."""
     out = tmp_path / "run"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(free_port())]  # fmt: skip
-    command = [*(torchrun if processes > 1 else [sys.executable]), "-m", "hf_gns_spam.cli", "launch",
-               "--gns-schedule", "gns", "--max-batch-size", str(8 * processes), "--gns-warmup-steps", "2",
-               "--gns-update-interval", "2", "--gns-multiplier", "1e6",
-               str(PLAIN_SCRIPT), "--output_dir", str(out), "--optim", "stable_spam", "--learning_rate", "1e-3",
-               "--per_device_train_batch_size", "2", "--max_steps", "12", "--save_strategy", "steps",
-               "--save_steps", "1000", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true",
-               "--disable_tqdm", "true", *(["--ddp_backend", "gloo"] if processes > 1 else [])]  # fmt: skip
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=environment)
-    assert result.returncode == 0, result.stderr[-4000:]
+    arguments = ["-m", "hf_gns_spam.cli", "launch",
+                 "--gns-schedule", "gns", "--max-batch-size", str(8 * processes), "--gns-warmup-steps", "2",
+                 "--gns-update-interval", "2", "--gns-multiplier", "1e6",
+                 str(PLAIN_SCRIPT), "--output_dir", str(out), "--optim", "stable_spam", "--learning_rate", "1e-3",
+                 "--per_device_train_batch_size", "2", "--max_steps", "12", "--save_strategy", "steps",
+                 "--save_steps", "1000", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true",
+                 "--disable_tqdm", "true", *(["--ddp_backend", "gloo"] if processes > 1 else [])]  # fmt: skip
+    if processes > 1:
+        result = run_torchrun(arguments, processes=processes, cwd=tmp_path)
+    else:
+        result = run_offline([sys.executable, *arguments], tmp_path)
     state = json.loads((out / "trainer_state.json").read_text())
     sizes = [r["batch_size"] for r in state["log_history"] if "loss" in r]
     last = state["global_step"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,8 +25,7 @@ from hf_gns_spam.launch import LaunchOptionError, LaunchOptions, TrainerLauncher
 from hf_gns_spam.patching import is_patched
 from tests.support import model_zoo
 from tests.support.paths import TEST_SCRIPTS
-from tests.support.ports import free_port
-from tests.support.processes import failure_report
+from tests.support.processes import run_offline, run_torchrun
 from tests.support.tiny_llama import counting_dataset
 
 SCRIPTS = TEST_SCRIPTS
@@ -263,13 +261,6 @@ def test_the_check_before_the_script_runs_says_what_the_trainers_construction_sa
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment)
-    assert result.returncode == 0, failure_report(result.stderr)
-    return result
-
-
 def logged_steps(trainer_state: Path) -> list[dict]:
     return [r for r in json.loads(trainer_state.read_text())["log_history"] if "loss" in r]
 
@@ -295,7 +286,7 @@ def test_plain_trainer_script_through_the_console_script_reports_to_tensorboard(
     command = [str(CONSOLE_SCRIPT), "launch", "--gns-schedule", "linear", "--max-batch-size", "8",
                str(PLAIN_SCRIPT), "--output_dir", str(out), "--report_to", "tensorboard", "--save_strategy", "epoch",
                *PLAIN_FLAGS]  # fmt: skip
-    result = run(command, tmp_path)
+    result = run_offline(command, tmp_path)
     assert result.stderr.count("patch_model: patched 5 normalization module(s)") == 1
     assert set(optimizer_hyperparameters(out)) >= STABLE_SPAM_KEYS  # optim="stable_spam" parsed and used
     steps = logged_steps(out / "trainer_state.json")
@@ -331,7 +322,7 @@ def test_trl_sft_script_as_a_module_with_a_model_trl_loads_itself(tmp_path):
                "--optim", "stable_spam_8bit", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
                "2", "--num_train_epochs", "2", "--logging_steps", "1", "--save_strategy", "epoch", "--report_to",
                "none", "--disable_tqdm", "true", "--learning_rate", "1e-3", "--bf16", "false"]  # fmt: skip
-    result = run(command, tmp_path)
+    result = run_offline(command, tmp_path)
     assert result.stderr.count("patch_model: patched 5 normalization module(s)") == 1
     hyperparameters = optimizer_hyperparameters(out)
     assert set(hyperparameters) >= STABLE_SPAM_KEYS and hyperparameters["state_bits"] == 8
@@ -362,7 +353,7 @@ def test_trl_dpo_script_as_a_module_gives_a_gns_and_grows_the_batch(tmp_path):
                "--num_train_epochs", "2", "--logging_steps", "1", "--save_strategy", "epoch", "--report_to", "none",
                "--disable_tqdm", "true", "--learning_rate", "1e-3", "--bf16", "false",
                "--max_length", "64"]  # fmt: skip
-    result = run(command, tmp_path)
+    result = run_offline(command, tmp_path)
     assert result.stderr.count("patch_model: patched 5 normalization module(s)") >= 1
     steps = logged_steps(latest_checkpoint(out) / "trainer_state.json")
     sizes = [s["batch_size"] for s in steps]
@@ -374,11 +365,10 @@ def test_trl_dpo_script_as_a_module_gives_a_gns_and_grows_the_batch(tmp_path):
 @pytest.mark.slow
 def test_two_processes_under_torchrun(tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), "-m", "hf_gns_spam.cli", "launch", "--gns-schedule", "linear",
-               "--max-batch-size", "16", str(PLAIN_SCRIPT), "--output_dir", str(out), "--report_to", "none",
-               "--save_strategy", "no", "--ddp_backend", "gloo", *PLAIN_FLAGS]  # fmt: skip
-    result = run(command, tmp_path)
+    arguments = ["-m", "hf_gns_spam.cli", "launch", "--gns-schedule", "linear", "--max-batch-size", "16",
+                 str(PLAIN_SCRIPT), "--output_dir", str(out), "--report_to", "none", "--save_strategy", "no",
+                 "--ddp_backend", "gloo", *PLAIN_FLAGS]  # fmt: skip
+    result = run_torchrun(arguments, cwd=tmp_path)
     assert result.stderr.count("patch_model: patched 5 normalization module(s)") == 1  # the main process only
     steps = logged_steps(out / "trainer_state.json")
     sizes = [s["batch_size"] for s in steps]

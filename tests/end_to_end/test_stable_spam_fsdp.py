@@ -17,15 +17,11 @@ Tolerances are relative to how far each tensor moved in the single-process run (
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from tests.support.paths import TEST_SCRIPTS
-from tests.support.ports import free_port
+from tests.support.processes import run_torchrun
 
 SCRIPT = TEST_SCRIPTS / "fsdp_stable_spam.py"
 NAMES = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
@@ -34,13 +30,7 @@ NAMES = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp")
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(SCRIPT), str(out)],
-        capture_output=True, text=True, env=environment, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-6000:]
+    run_torchrun([str(SCRIPT), str(out)], environment={"TRITON_INTERPRET": "1"})
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 

@@ -12,8 +12,6 @@ fresh StableSPAM (``set_optimizer_state_dict``, full state dict) and runs steps 
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimi
 
 from hf_gns_spam import StableSPAM
 from tests.support.paths import TEST_SCRIPTS
-from tests.support.ports import free_port
+from tests.support.processes import run_torchrun
 
 SCRIPT = TEST_SCRIPTS / "fsdp_stable_spam.py"
 SETTINGS = ("32-faithful-resume-full", "4-faithful-resume-full")
@@ -35,13 +33,7 @@ pytestmark = pytest.mark.slow
 def saved(tmp_path_factory):
     """(the script's module, the output folder, rank 0's results) of one 2-process run of both settings."""
     out = tmp_path_factory.mktemp("fsdp_resume")
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(SCRIPT), str(out), *SETTINGS],
-        capture_output=True, text=True, env=environment, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-6000:]
+    run_torchrun([str(SCRIPT), str(out), *SETTINGS], environment={"TRITON_INTERPRET": "1"})
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         import fsdp_stable_spam as script

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from hf_gns_spam import GNSCallback, patch_model, unpatch_model
 from tests.support import model_zoo
 from tests.support.data import padded_dataset
+from tests.support.processes import exit_distributed_script
 from tests.support.references import token_losses
 
 
@@ -133,6 +134,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # the Trainer's gloo group, left to the interpreter's shutdown, can abort the process after a successful run
-    # ("terminate called without an active exception", seen once in 4 fresh-clone CI runs)
-    dist.destroy_process_group()
+    exit_distributed_script()  # the Trainer's gloo group

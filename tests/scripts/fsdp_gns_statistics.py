@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from hf_gns_spam import GNSCallback, patch_model, per_example_grad_stats
 from hf_gns_spam.gns.arguments import NORM_GROUPS
 from tests.support import model_zoo
+from tests.support.processes import exit_distributed_script
 from tests.support.references import token_losses
 
 
@@ -66,8 +67,8 @@ def main() -> None:
         },
         output_dir / f"rank{rank}.pt",
     )
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_distributed_script()

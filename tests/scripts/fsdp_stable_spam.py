@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton settings run the kernels on CPU tensors
 
@@ -41,10 +42,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import hf_gns_spam.optim.stable_spam as stable_spam_module
 from hf_gns_spam import StableSPAM
 from hf_gns_spam.kernels.step_contract import STATE_FORMATS
 from hf_gns_spam.optim.quantized_state import MIN_QUANTIZED_NUMEL, dequantize, quantize
+from tests.support.processes import exit_distributed_script
 
 STEPS = 5
 SAVE_AFTER = 2
@@ -256,9 +260,8 @@ def main() -> None:
     results["world_size"] = dist.get_world_size()
     results["seconds"] = time.perf_counter() - started
     torch.save(results, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_distributed_script()
