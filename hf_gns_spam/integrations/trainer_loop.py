@@ -7,6 +7,10 @@ what it expects, raising :class:`~hf_gns_spam.errors.TrainerIntegrationError` ot
 Installed on the ``Trainer`` class once (:func:`install_trainer_hooks`, called when the first observer is created),
 a pass-through for Trainers that have no observer among their callbacks:
 
+* ``train(resume_from_checkpoint, ...)``: ``Trainer.train`` reads the checkpoint's ``trainer_state.json`` (where the
+  observers' saved state lives) before any other hook or event, and a truncated or otherwise unreadable file fails
+  there with json's own error, which names no file; the wrapper reads it first and raises
+  :class:`~hf_gns_spam.errors.CheckpointError` naming the file and the earlier checkpoints beside it.
 * ``set_initial_training_values(args, dataloader)``: the Trainer sizes its epoch loop from
   ``args.gradient_accumulation_steps`` here, before any callback event of ``train()``; an observer must set the
   accumulation it starts with before that, and needs the loop bounds computed here (``steps_in_epoch``,
@@ -60,16 +64,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import has_length
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from hf_gns_spam.errors import TRANSFORMERS_CHECKED, TRANSFORMERS_REQUIREMENT, CheckpointError, TrainerIntegrationError
 
@@ -80,6 +87,7 @@ __all__ = ["TrainerLoopObserver", "install_trainer_hooks", "observers_of", "show
 
 # name -> the parameters (after self) the wrapper passes on; checked when the hooks are installed
 _CLASS_METHODS = {
+    "train": ("resume_from_checkpoint", "trial", "ignore_keys_for_eval"),
     "set_initial_training_values": ("args", "dataloader"),
     "_init_training_state": (
         "max_steps",
@@ -357,6 +365,52 @@ def _wrap_log(trainer: Trainer) -> None:
     trainer.log = log
 
 
+def _train(original):
+    @functools.wraps(original)
+    def wrapper(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint not in (None, False) and observers_of(self):
+            _check_trainer_state_file(self, resume_from_checkpoint)
+        return original(self, resume_from_checkpoint, *args, **kwargs)
+
+    return wrapper
+
+
+def _check_trainer_state_file(trainer: Trainer, resume_from_checkpoint: str | os.PathLike | bool) -> None:
+    """The ``trainer_state.json`` of the checkpoint ``train(resume_from_checkpoint=...)`` will load (``True``: the
+    last one in ``args.output_dir``, as transformers finds it) holds a JSON object; a missing file or folder is left
+    to transformers, whose errors name them."""
+    if resume_from_checkpoint is True:
+        checkpoint = get_last_checkpoint(trainer.args.output_dir) if os.path.isdir(trainer.args.output_dir) else None
+    else:
+        checkpoint = os.fspath(resume_from_checkpoint)
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME) if checkpoint is not None else None
+    if path is None or not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as file:
+            state = json.load(file)
+        problem = None if isinstance(state, dict) else f"it holds a JSON {type(state).__name__}, not an object"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"it is not valid JSON ({error}): cut short by an interrupted save, or damaged"
+    if problem is not None:
+        others = _other_checkpoints(checkpoint)
+        beside = f" (beside it: {', '.join(others)})" if others else ""
+        raise CheckpointError(
+            f"{path} cannot be read: {problem}. Resume from another checkpoint{beside} with "
+            "trainer.train(resume_from_checkpoint=<its folder>)"
+        )
+
+
+def _other_checkpoints(checkpoint: str) -> list[str]:
+    """The names of the Trainer's checkpoint folders beside ``checkpoint``, the latest step first."""
+    steps = {}
+    for folder in Path(checkpoint).parent.iterdir():
+        found = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", folder.name)
+        if found and folder.is_dir() and folder.name != Path(checkpoint).name:
+            steps[folder.name] = int(found.group(1))
+    return sorted(steps, key=steps.__getitem__, reverse=True)
+
+
 def _set_initial_training_values(original):
     @functools.wraps(original)
     def wrapper(self, args, dataloader):
@@ -410,7 +464,7 @@ def _keep_users_observers(trainer: Trainer, users: list[TrainerLoopObserver]) ->
 
 
 def wrap_trainer_class(trainer_class: type) -> None:
-    """Wrap the two methods above on ``trainer_class``, after checking that they take what the wrappers pass."""
+    """Wrap the three methods above on ``trainer_class``, after checking that they take what the wrappers pass."""
     for name, parameters in _CLASS_METHODS.items():
         method = getattr(trainer_class, name, None)
         if method is None:
@@ -418,6 +472,7 @@ def wrap_trainer_class(trainer_class: type) -> None:
         found = tuple(inspect.signature(method).parameters)[1:]
         if found != parameters:
             raise _unsupported(f"Trainer.{name} takes {found}, not {parameters}")
+    trainer_class.train = _train(trainer_class.train)
     trainer_class.set_initial_training_values = _set_initial_training_values(trainer_class.set_initial_training_values)
     trainer_class._init_training_state = _init_training_state(trainer_class._init_training_state)
 

@@ -129,7 +129,10 @@ def test_a_trainer_with_other_internals_is_refused_when_the_hooks_are_installed(
     from hf_gns_spam.integrations.trainer_loop import wrap_trainer_class
     from hf_gns_spam.integrations.trainer_optimizer import TrainerIntegrationError
 
-    class RenamedArguments:
+    class Trains:
+        def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None): ...
+
+    class RenamedArguments(Trains):
         def set_initial_training_values(self, training_args, dataloader): ...
 
         def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume, trial): ...
@@ -137,11 +140,17 @@ def test_a_trainer_with_other_internals_is_refused_when_the_hooks_are_installed(
     with pytest.raises(TrainerIntegrationError, match=r"set_initial_training_values takes \('training_args'"):
         wrap_trainer_class(RenamedArguments)
 
-    class Missing:
+    class Missing(Trains):
         def set_initial_training_values(self, args, dataloader): ...
 
     with pytest.raises(TrainerIntegrationError, match=r"Trainer._init_training_state does not exist"):
         wrap_trainer_class(Missing)
+
+    class TrainsWithOtherArguments(Missing):
+        def train(self, checkpoint=None, trial=None, ignore_keys_for_eval=None): ...
+
+    with pytest.raises(TrainerIntegrationError, match=r"Trainer.train takes \('checkpoint'"):
+        wrap_trainer_class(TrainsWithOtherArguments)
 
 
 def test_deepspeed_is_a_clear_error_not_a_silent_missing_estimate(tmp_path):

@@ -4,8 +4,8 @@ One run (24 rows, 2 epochs, a linear schedule from 1 to 4 examples, a checkpoint
 its step 10, where the batch has grown to 2: with changed options (applied from there with a warning listing old
 and new values, every example of each epoch still trained exactly once; or refused naming the option and both
 values), with ``restore_callback_states_from_checkpoint=True``, with another run shape, and from damaged copies of
-the checkpoint (each an error naming ``trainer_state.json`` and the key). A truncated ``trainer_state.json`` is not
-among them: ``Trainer.train`` itself reads it before any callback code runs, and fails with json's own error.
+the checkpoint (each an error naming ``trainer_state.json`` and the key; a truncated file, which ``Trainer.train``
+reads before any callback event, is named too).
 """
 
 from __future__ import annotations
@@ -144,6 +144,28 @@ def test_a_damaged_callback_state_names_the_file_and_the_key(first_run, tmp_path
     with pytest.raises(CheckpointError, match="damaged") as raised:
         resume(tmp_path, damaged, schedule())
     assert str(damaged / "trainer_state.json") in str(raised.value) and key in str(raised.value)
+
+
+@pytest.mark.parametrize("how", ["path", "last-in-output-dir"])
+def test_a_truncated_trainer_state_names_the_file_and_the_other_checkpoints(first_run, tmp_path, how):
+    """Cut short as an interrupted save leaves it; resumed by its path or as the last checkpoint of output_dir."""
+    checkpoint, _ = first_run
+    output_dir = tmp_path / "out"  # run()'s output_dir
+    shutil.copytree(checkpoint.parent / "checkpoint-5", output_dir / "checkpoint-5")
+    damaged = edited_copy(output_dir, checkpoint, lambda state: json.dumps(state)[:500])
+    trainer, _ = run(tmp_path, schedule(), num_train_epochs=2)
+    with pytest.raises(CheckpointError, match="is not valid JSON") as raised:
+        trainer.train(resume_from_checkpoint=str(damaged) if how == "path" else True)
+    message = str(raised.value)
+    assert str(damaged / "trainer_state.json") in message and "beside it: checkpoint-5)" in message
+
+
+def test_a_trainer_state_that_is_not_an_object_names_the_file(first_run, tmp_path):
+    checkpoint, _ = first_run
+    damaged = edited_copy(tmp_path, checkpoint, lambda state: "[]")
+    with pytest.raises(CheckpointError, match="holds a JSON list, not an object") as raised:
+        resume(tmp_path, damaged, schedule())
+    assert str(damaged / "trainer_state.json") in str(raised.value)
 
 
 @pytest.mark.parametrize("restore", [False, True], ids=["user-instance", "restore_callback_states"])

@@ -8,7 +8,7 @@ import copy
 import torch
 from transformers import Trainer, TrainerCallback
 
-from hf_gns_spam import GNSCallback, patch_model
+from hf_gns_spam import GNSCallback, patch_model, unpatch_model
 from tests.support import model_zoo
 from tests.support.data import padded_dataset
 from tests.support.references import token_losses
@@ -38,6 +38,7 @@ class StepAuditor(TrainerCallback):
             return
         reference = copy.deepcopy(model)
         reference._forward_pre_hooks.clear()  # the copy must not record (nor count) its own forwards
+        unpatch_model(reference)  # the original norms: an independent computation (and no statistics)
         reference.zero_grad(set_to_none=True)
         tokens = sum((m["labels"][:, 1:] != -100).sum() for m in micro_batches)
         for m in micro_batches:
