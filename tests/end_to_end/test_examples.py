@@ -189,7 +189,7 @@ def test_main_job_script_under_torchrun_two_processes(tmp_path):
         "--use_cpu", "true", "--ddp_backend", "gloo", "--baseline", "none", "--quantize", "int4",
         "--quantize_group_size", "16", "--eval_points", "2", "--max_eval_examples", "16",
     ]  # fmt: skip
-    result = run_torchrun(arguments, cwd=REPO_ROOT)
+    result = run_torchrun(arguments, outputs=output_dir, cwd=REPO_ROOT)
     assert result.stdout.count("written to") == 1  # one process writes the outputs
     assert result.stdout.count("run 1/1: GNS schedule") == 1 and result.stdout.count("run 1/1 done") == 1
     metrics = json.loads((output_dir / "metrics.json").read_text())

@@ -25,7 +25,7 @@ SCRIPT = TEST_SCRIPTS / "fsdp_gns_statistics.py"
 def test_fsdp2_statistics_and_sharded_gradient_norm_equal_one_process(tmp_path, norms):
     """Trained norms: their gradients are DTensor shards summed over the processes. Frozen norms (LoRA): their
     sinks are local, full and averaged over the processes. Both give one process's statistics and ‖G‖²."""
-    run_torchrun([str(SCRIPT), str(tmp_path), norms])
+    run_torchrun([str(SCRIPT), str(tmp_path), norms], outputs=tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 
     model = model_zoo.build("llama")

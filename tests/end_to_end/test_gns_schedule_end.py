@@ -181,7 +181,7 @@ def test_the_launcher_saves_the_final_checkpoint_of_a_scheduled_run(tmp_path, pr
                  "--save_steps", "1000", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true",
                  "--disable_tqdm", "true", *(["--ddp_backend", "gloo"] if processes > 1 else [])]  # fmt: skip
     if processes > 1:
-        result = run_torchrun(arguments, processes=processes, cwd=tmp_path)
+        result = run_torchrun(arguments, outputs=out, processes=processes, cwd=tmp_path)
     else:
         result = run_offline([sys.executable, *arguments], tmp_path)
     state = json.loads((out / "trainer_state.json").read_text())

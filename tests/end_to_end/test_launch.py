@@ -368,7 +368,7 @@ def test_two_processes_under_torchrun(tmp_path):
     arguments = ["-m", "hf_gns_spam.cli", "launch", "--gns-schedule", "linear", "--max-batch-size", "16",
                  str(PLAIN_SCRIPT), "--output_dir", str(out), "--report_to", "none", "--save_strategy", "no",
                  "--ddp_backend", "gloo", *PLAIN_FLAGS]  # fmt: skip
-    result = run_torchrun(arguments, cwd=tmp_path)
+    result = run_torchrun(arguments, outputs=out, cwd=tmp_path)
     assert result.stderr.count("patch_model: patched 5 normalization module(s)") == 1  # the main process only
     steps = logged_steps(out / "trainer_state.json")
     sizes = [s["batch_size"] for s in steps]

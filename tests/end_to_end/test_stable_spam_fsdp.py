@@ -30,7 +30,7 @@ NAMES = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp")
-    run_torchrun([str(SCRIPT), str(out)], environment={"TRITON_INTERPRET": "1"})
+    run_torchrun([str(SCRIPT), str(out)], outputs=out, environment={"TRITON_INTERPRET": "1"})
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 def saved(tmp_path_factory):
     """(the script's module, the output folder, rank 0's results) of one 2-process run of both settings."""
     out = tmp_path_factory.mktemp("fsdp_resume")
-    run_torchrun([str(SCRIPT), str(out), *SETTINGS], environment={"TRITON_INTERPRET": "1"})
+    run_torchrun([str(SCRIPT), str(out), *SETTINGS], outputs=out, environment={"TRITON_INTERPRET": "1"})
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         import fsdp_stable_spam as script

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -45,11 +46,18 @@ MACHINE_FAILURES = {
 
 
 def run_torchrun(
-    arguments: list[str], *, processes: int = 2, cwd: Path | None = None, environment: dict[str, str] | None = None
+    arguments: list[str],
+    *,
+    outputs: Path | None,
+    processes: int = 2,
+    cwd: Path | None = None,
+    environment: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node PROCESSES --master_port <free> *arguments``, one thread a
     process, the Hub offline (``environment`` adds to or overrides that); asserts that it exited with 0 and returns
-    it. A machine failure (:data:`MACHINE_FAILURES`) is rerun once, on a fresh port."""
+    it. A machine failure (:data:`MACHINE_FAILURES`) is rerun once, on a fresh port, after emptying ``outputs``
+    (the folder the run writes, so that the rerun starts as the first run did: a script that continues what it finds
+    there would otherwise do less)."""
     settings = {**OFFLINE_ONE_THREAD, **(environment or {})}
 
     def attempt() -> subprocess.CompletedProcess:
@@ -61,6 +69,9 @@ def run_torchrun(
     machine_failure = result.returncode != 0 and _machine_failure(result.stderr)
     if machine_failure:
         warnings.warn(f"torchrun {' '.join(map(str, arguments))}: rerun once after {machine_failure}", stacklevel=2)
+        if outputs is not None:
+            shutil.rmtree(outputs, ignore_errors=True)
+            outputs.mkdir(parents=True)
         result = attempt()
     assert result.returncode == 0, failure_report(result.stderr)
     return result
@@ -81,7 +92,7 @@ def _machine_failure(stderr: str) -> str | None:
 def torchrun(tmp_path, *arguments: str) -> list[dict]:
     """tests/scripts/ddp_gns_train.py (arguments: OUTPUT_DIR=tmp_path, then ``arguments``) in 2 processes under
     torchrun; each rank's results, from the files it wrote."""
-    run_torchrun([str(SCRIPT), str(tmp_path), *arguments])
+    run_torchrun([str(SCRIPT), str(tmp_path), *arguments], outputs=tmp_path)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
