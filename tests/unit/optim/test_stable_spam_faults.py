@@ -51,6 +51,18 @@ def regression_loss(inputs, targets, params):
     return (torch.tanh(inputs @ params[0].T) @ params[1] - targets.squeeze(1)).square().mean()
 
 
+def faulty_backward(inputs, targets, params, step: int, fault: float | None) -> float:
+    """Step ``step``'s gradient of :func:`regression_loss` into ``params``' ``.grad``, with ``fault`` in one entry at
+    FAULT_STEP; returns the loss before the step."""
+    for param in params:
+        param.grad = None
+    loss = regression_loss(inputs, targets, params)
+    loss.backward()
+    if step == FAULT_STEP and fault is not None:
+        params[0].grad[3, 5] = fault
+    return loss.item()
+
+
 def train(bits: int, mode: str, fault: float | None, use_triton: bool, monkeypatch, steps: int = STEPS):
     """(losses before each step, parameters, optimizer) of a run whose step FAULT_STEP gets ``fault`` in one entry."""
     inputs, targets, initial = regression_problem()
@@ -59,12 +71,7 @@ def train(bits: int, mode: str, fault: float | None, use_triton: bool, monkeypat
     monkeypatch.setattr(stable_spam_module, "_use_triton", lambda param: use_triton)
     losses = []
     for t in range(1, steps + 1):
-        optimizer.zero_grad()
-        loss = regression_loss(inputs, targets, params)
-        loss.backward()
-        losses.append(loss.item())
-        if t == FAULT_STEP and fault is not None:
-            params[0].grad[3, 5] = fault
+        losses.append(faulty_backward(inputs, targets, params, t, fault))
         optimizer.step()
     losses.append(regression_loss(inputs, targets, params).item())
     return losses, params, optimizer
@@ -110,12 +117,7 @@ def lockstep(bits: int, mode: str, fault: float | None, monkeypatch, steps: int 
     twin_optimizer = StableSPAM(twins, lr=2e-2, state_bits=bits, mode=mode, reset_interval=8)
     losses, history = [], []
     for t in range(1, steps + 1):
-        optimizer.zero_grad()
-        loss = regression_loss(inputs, targets, params)
-        loss.backward()
-        losses.append(loss.item())
-        if t == FAULT_STEP and fault is not None:
-            params[0].grad[3, 5] = fault
+        losses.append(faulty_backward(inputs, targets, params, t, fault))
         for param, twin in zip(params, twins, strict=True):
             twin.copy_(param.detach())
             twin.grad = param.grad.clone()
